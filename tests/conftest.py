@@ -1,0 +1,64 @@
+"""Shared fixtures: the real MNIST copy, a quick checkpoint, a properly trained model, exports."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def mnist_dir() -> str:
+    """The read-only MNIST copy: $MNIST_DATA_DIR, else ../shared/mnist beside the checkout."""
+    candidate = os.environ.get("MNIST_DATA_DIR") or str(REPO_ROOT.parent / "shared" / "mnist")
+    if not (Path(candidate) / "MNIST" / "raw").is_dir():
+        pytest.fail(f"tests need a local MNIST copy: none at {candidate}; set MNIST_DATA_DIR")
+    return candidate
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+    return mnist_dir()
+
+
+@pytest.fixture(scope="session")
+def mnist_test_set(data_dir):
+    from training.data import load_mnist
+    return load_mnist(data_dir, train=False)
+
+
+@pytest.fixture(scope="session")
+def quick_checkpoint(tmp_path_factory, data_dir) -> Path:
+    """A real but tiny training run (1024 images, 2 epochs): a valid checkpoint in seconds."""
+    from training.train import TrainConfig, train
+    out = tmp_path_factory.mktemp("quick") / "mnist_cnn.pt"
+    train(TrainConfig(quick=True, data_dir=data_dir, out=str(out)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory, data_dir) -> Path:
+    """Two real epochs on all 60,000 images (about a minute here): accurate enough (~99%)
+    that serving tests can check predictions against the true labels."""
+    from training.train import TrainConfig, train
+    out = tmp_path_factory.mktemp("trained") / "mnist_cnn.pt"
+    train(TrainConfig(epochs=2, warmup_epochs=0.3, data_dir=data_dir, out=str(out)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, trained_checkpoint, data_dir) -> Path:
+    """TorchScript + ONNX of the trained model, through the real export stage."""
+    from export.run import ExportConfig, run_export
+    out_dir = tmp_path_factory.mktemp("exported")
+    run_export(ExportConfig(checkpoint=str(trained_checkpoint), out_dir=str(out_dir), data_dir=data_dir))
+    return out_dir
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,111 @@
+"""MNIST loading, the normalization constants, and whole-batch augmentation.
+
+The constants here are the single source of truth: training copies them into the
+checkpoint, export copies them into every artifact, serving reads them from there.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+MNIST_MEAN = 0.1307  # pixel mean of the 60,000 training images, scaled to [0, 1]
+MNIST_STD = 0.3081   # their standard deviation
+INPUT_SHAPE = (1, 28, 28)
+CLASS_LABELS = [str(digit) for digit in range(10)]
+DATA_DIR_ENV = "MNIST_DATA_DIR"
+DEFAULT_DOWNLOAD_DIR = Path("data")
+
+
+class DataError(Exception):
+    """The MNIST data could not be found, downloaded or read."""
+
+
+def preprocess_metadata() -> dict:
+    """What a consumer of an artifact needs to turn pixels into model input."""
+    return {"mean": MNIST_MEAN, "std": MNIST_STD, "input_shape": list(INPUT_SHAPE),
+            "labels": CLASS_LABELS}
+
+
+def load_mnist(data_dir: str | os.PathLike | None, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (images uint8 [N, 28, 28], labels int64 [N]).
+
+    data_dir None: use $MNIST_DATA_DIR if set, else download into ./data.
+    An explicit directory (or the env var) is read as it is and never written to.
+    """
+    dataset = open_mnist_dataset(data_dir, train)
+    return dataset.data.contiguous(), dataset.targets.long().contiguous()
+
+
+def open_mnist_dataset(data_dir: str | os.PathLike | None, train: bool, transform=None):
+    """The torchvision MNIST dataset; see load_mnist for how data_dir is resolved."""
+    from torchvision.datasets import MNIST  # imported here: only training needs torchvision
+
+    if data_dir is None:
+        data_dir = os.environ.get(DATA_DIR_ENV) or None
+    download = data_dir is None
+    root = Path(data_dir) if data_dir is not None else DEFAULT_DOWNLOAD_DIR
+    if not download and not (root / "MNIST" / "raw").is_dir():
+        raise DataError(
+            f"no MNIST copy at {root}: expected {root}/MNIST/raw with the IDX files "
+            f"(torchvision layout); leave --data-dir and ${DATA_DIR_ENV} unset to download")
+    try:
+        return MNIST(str(root), train=train, download=download, transform=transform)
+    except RuntimeError as error:  # torchvision: 'Dataset not found' or a failed download
+        hint = "check the network" if download else "the IDX files are missing or incomplete"
+        raise DataError(f"could not load MNIST from {root} ({hint}): {error}") from None
+    except OSError as error:
+        raise DataError(f"could not read or download MNIST into {root}: {error}") from None
+
+
+def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 28, 28] or [N, 1, 28, 28] -> float [N, 1, 28, 28], normalized."""
+    images = images_uint8.float().div_(255.0)
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    return images.sub_(MNIST_MEAN).div_(MNIST_STD)
+
+
+def augment(images: torch.Tensor, *, max_rotation_deg: float, max_shift_px: float,
+            generator: torch.Generator) -> torch.Tensor:
+    """Random rotation and translation of a whole batch in one grid_sample call.
+
+    images: float [N, 1, H, W] in [0, 1] pixel space, so zero padding is background ink-free.
+    """
+    n, _, height, width = images.shape
+    angles = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(max_rotation_deg)
+    # affine_grid works in [-1, 1] coordinates: one pixel is 2 / size of them.
+    shifts = (torch.rand(n, 2, generator=generator) * 2 - 1) * max_shift_px
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    theta = torch.stack([
+        torch.stack([cos, -sin, shifts[:, 0] * 2 / width], dim=1),
+        torch.stack([sin, cos, shifts[:, 1] * 2 / height], dim=1),
+    ], dim=1).to(images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def check_data(data_dir: str | os.PathLike | None) -> str:
+    """Load both splits (downloading when no copy is given) and describe what was found."""
+    try:
+        train_images, _ = load_mnist(data_dir, train=True)
+        test_images, _ = load_mnist(data_dir, train=False)
+    except DataError as error:
+        if data_dir is None and not os.environ.get(DATA_DIR_ENV):
+            raise DataError(f"MNIST is not in ./{DEFAULT_DOWNLOAD_DIR} and the download failed (no network?). "
+                            f"Point DATA_DIR=... (make) or ${DATA_DIR_ENV} at a local copy. Details: {error}") from None
+        raise
+    source = data_dir or os.environ.get(DATA_DIR_ENV) or DEFAULT_DOWNLOAD_DIR
+    return f"MNIST ready: {len(train_images)} training and {len(test_images)} test images from {source}"
+
+
+if __name__ == "__main__":
+    import sys
+
+    try:
+        print(check_data(sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] else None))
+    except DataError as error:
+        sys.exit(f"error: {error}")
