@@ -1,0 +1,130 @@
+"""Checkpoint -> TorchScript and ONNX, each carrying the metadata a consumer needs.
+
+Every artifact is written to a temporary name first; export.cli renames them into
+place only after the parity check passed, so a failed export leaves nothing behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import onnx
+import torch
+
+from training.checkpoint import CheckpointError, load_checkpoint
+from training.model import build_model
+
+METADATA_FILE = "meta.json"     # TorchScript _extra_files entry
+ONNX_METADATA_KEY = "digitserve"  # ONNX metadata_props key holding the same JSON
+ONNX_OPSET = 17
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+
+
+def load_model(checkpoint_path: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the network from the checkpoint's own config and load its best weights."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    model = build_model(checkpoint["model_config"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise CheckpointError(f"weights in {checkpoint_path} do not fit the model config: "
+                              f"{str(error).splitlines()[0]}") from None
+    return model.eval(), checkpoint
+
+
+def weights_digest(state_dict: dict) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        digest.update(name.encode())
+        digest.update(state_dict[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def build_metadata(checkpoint: dict, model_version: str) -> dict:
+    """The model card shipped inside every artifact: plain JSON types only."""
+    preprocess = checkpoint["preprocess"]
+    metrics = checkpoint["metrics"]
+    return {
+        "model_name": "mnist_cnn",
+        "model_version": model_version,
+        "weights_sha256": weights_digest(checkpoint["model"]),
+        "checkpoint_format_version": checkpoint["format_version"],
+        "labels": preprocess["labels"],
+        "mean": preprocess["mean"],
+        "std": preprocess["std"],
+        "input_shape": preprocess["input_shape"],
+        "checkpoint_test_acc": metrics["best_test_acc"],
+        "best_epoch": metrics["best_epoch"],
+        "model_config": checkpoint["model_config"],
+        "train_config": checkpoint["train_config"],
+    }
+
+
+def example_input(metadata: dict, batch_size: int = 2) -> torch.Tensor:
+    return torch.zeros(batch_size, *metadata["input_shape"])
+
+
+@contextmanager
+def quiet_torchscript_deprecation():
+    # TorchScript is deprecated upstream, but TorchServe's BaseHandler still loads it natively.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit")
+        yield
+
+
+def export_torchscript(model: torch.nn.Module, metadata: dict, path: str | os.PathLike) -> Path:
+    with quiet_torchscript_deprecation():
+        scripted = torch.jit.script(model.eval())
+    return save_torchscript(scripted, metadata, path)
+
+
+def save_torchscript(scripted: torch.jit.ScriptModule, metadata: dict, path: str | os.PathLike) -> Path:
+    with quiet_torchscript_deprecation():
+        torch.jit.save(scripted, str(path), _extra_files={METADATA_FILE: json.dumps(metadata)})
+    return Path(path)
+
+
+def load_torchscript(path: str | os.PathLike) -> tuple[torch.jit.ScriptModule, dict]:
+    extra_files = {METADATA_FILE: ""}
+    with quiet_torchscript_deprecation():
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra_files)
+    return module.eval(), json.loads(extra_files[METADATA_FILE])
+
+
+def export_onnx(model: torch.nn.Module, metadata: dict, path: str | os.PathLike,
+                opset: int = ONNX_OPSET) -> Path:
+    # dynamo=False: the TorchScript-based exporter handles this plain CNN fully and needs no
+    # onnxscript; passed explicitly because the default changed to the dynamo exporter.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model.eval(), (example_input(metadata),), str(path), dynamo=False,
+                          opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+    set_onnx_metadata(path, metadata)
+    return Path(path)
+
+
+def set_onnx_metadata(path: str | os.PathLike, metadata: dict) -> None:
+    """Write the model card into metadata_props and run the full checker (shape inference too)."""
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: json.dumps(metadata)})
+    proto.producer_name = "digitserve"
+    proto.model_version = int(metadata["weights_sha256"][:7], 16)  # ONNX wants an int64 version
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+
+
+def read_onnx_metadata(path_or_session) -> dict:
+    """Metadata from an ONNX file path or an onnxruntime.InferenceSession."""
+    if hasattr(path_or_session, "get_modelmeta"):
+        props = path_or_session.get_modelmeta().custom_metadata_map
+    else:
+        props = {prop.key: prop.value for prop in onnx.load(str(path_or_session)).metadata_props}
+    if ONNX_METADATA_KEY not in props:
+        raise ValueError("ONNX model carries no digitserve metadata")
+    return json.loads(props[ONNX_METADATA_KEY])

@@ -1,0 +1,40 @@
+"""`mnist-export` / `python -m export`: options map onto ExportConfig, then run_export() runs."""
+from __future__ import annotations
+
+import click
+
+from training.checkpoint import CheckpointError
+from training.data import DATA_DIR_ENV, DataError
+
+from .parity import ParityError, format_report
+from .run import ExportConfig, ExportError, run_export
+
+DEFAULTS = ExportConfig()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=DEFAULTS.checkpoint,
+              help="Training checkpoint (from mnist-train).")
+@click.option("--out-dir", type=click.Path(file_okay=False), default=DEFAULTS.out_dir,
+              help="Where the TorchScript, ONNX and parity report files go.")
+@click.option("--data-dir", type=click.Path(file_okay=False), envvar=DATA_DIR_ENV, default=None,
+              help=f"MNIST copy for the parity check on the 10,000 test images. Env: {DATA_DIR_ENV}.")
+@click.option("--model-version", default=DEFAULTS.model_version, help="Version string stored in the artifacts.")
+@click.option("--opset", type=click.IntRange(13, 21), default=DEFAULTS.opset, help="ONNX opset.")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=DEFAULTS.tolerance,
+              help="Largest allowed |logit difference| against eager PyTorch.")
+def main(**options) -> None:
+    """Export the checkpoint to TorchScript and ONNX and prove parity with eager PyTorch.
+
+    \b
+    mnist-export --data-dir ../shared/mnist
+    """
+    try:
+        report = run_export(ExportConfig(**options))
+    except (CheckpointError, DataError, ExportError) as error:
+        raise click.ClickException(str(error)) from None
+    except ParityError as error:
+        raise click.ClickException(f"parity check failed, no artifact written:\n{error}") from None
+    click.echo(format_report(report))
+    for kind, path in report["artifacts"].items():
+        click.echo(f"wrote {path} ({kind})")

@@ -1,0 +1,96 @@
+"""The export stage: checkpoint -> TorchScript + ONNX, parity-checked, then renamed into place.
+
+    python -m export --data-dir ../shared/mnist
+
+prints the parity table and writes artifacts/mnist_cnn.torchscript.pt,
+artifacts/mnist_cnn.onnx and artifacts/parity_report.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training.data import load_mnist
+
+from .artifacts import (ONNX_OPSET, build_metadata, export_onnx, export_torchscript, load_model,
+                        load_torchscript, save_torchscript, set_onnx_metadata)
+from .parity import (DEFAULT_BATCH_SIZES, DEFAULT_TOLERANCE, ParityError, check_parity, format_report,
+                     onnx_backend, onnx_session, torch_backend)
+
+TORCHSCRIPT_NAME = "mnist_cnn.torchscript.pt"  # BaseHandler loads TorchScript only from *.pt
+ONNX_NAME = "mnist_cnn.onnx"
+REPORT_NAME = "parity_report.json"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    checkpoint: str = "artifacts/mnist_cnn.pt"
+    out_dir: str = "artifacts"
+    data_dir: str | None = None
+    model_version: str = "1.0"
+    opset: int = ONNX_OPSET
+    tolerance: float = DEFAULT_TOLERANCE
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+
+
+class ExportError(Exception):
+    """The output directory cannot be written."""
+
+
+def normalized_images(images_uint8: torch.Tensor, metadata: dict) -> np.ndarray:
+    """uint8 [N, 28, 28] -> float32 [N, 1, 28, 28] with the artifact's own mean and std."""
+    pixels = images_uint8.numpy().astype(np.float32)[:, None] / 255.0
+    return (pixels - np.float32(metadata["mean"])) / np.float32(metadata["std"])
+
+
+def temp_path(out_dir: Path, final_name: str, stack: ExitStack) -> Path:
+    """A temp file beside the final one (same filesystem, so the rename is atomic), removed
+    on the way out unless it was renamed into place."""
+    handle, name = tempfile.mkstemp(prefix=f".{final_name}.", suffix=Path(final_name).suffix, dir=out_dir)
+    os.close(handle)
+    os.chmod(name, 0o644)  # mkstemp creates 0600; artifacts are meant to be shared
+    path = Path(name)
+    stack.callback(path.unlink, missing_ok=True)
+    return path
+
+
+def run_export(config: ExportConfig) -> dict:
+    model, checkpoint = load_model(config.checkpoint)
+    metadata = build_metadata(checkpoint, config.model_version)
+    images, labels = load_mnist(config.data_dir, train=False)
+    inputs = normalized_images(images, metadata)
+    out_dir = Path(config.out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.TemporaryFile(dir=out_dir)
+        probe.close()
+    except OSError as error:
+        raise ExportError(f"cannot write to {out_dir}: {error.strerror or error}") from None
+
+    with ExitStack() as stack:
+        torchscript_tmp = export_torchscript(model, metadata, temp_path(out_dir, TORCHSCRIPT_NAME, stack))
+        onnx_tmp = export_onnx(model, metadata, temp_path(out_dir, ONNX_NAME, stack), opset=config.opset)
+        scripted, _ = load_torchscript(torchscript_tmp)
+        backends = {"eager": torch_backend(model), "torchscript": torch_backend(scripted),
+                    "onnxruntime": onnx_backend(onnx_session(onnx_tmp))}
+        report = check_parity(backends, inputs, labels.numpy(), tolerance=config.tolerance,
+                              batch_sizes=config.batch_sizes)
+        report["artifacts"] = {"torchscript": str(out_dir / TORCHSCRIPT_NAME), "onnx": str(out_dir / ONNX_NAME)}
+        (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
+        if not report["passed"]:
+            raise ParityError(format_report(report))
+        # The accuracy measured on the exported graph travels with both artifacts.
+        metadata["test_acc"] = report["accuracy"]["onnxruntime"]
+        metadata["parity_max_abs_diff"] = max(value for entry in report["batches"]
+                                              for value in entry["max_abs_diff"].values())
+        save_torchscript(scripted, metadata, torchscript_tmp)
+        set_onnx_metadata(onnx_tmp, metadata)
+        os.replace(torchscript_tmp, out_dir / TORCHSCRIPT_NAME)
+        os.replace(onnx_tmp, out_dir / ONNX_NAME)
+    return report
