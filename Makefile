@@ -1,0 +1,78 @@
+# digitserve: train -> export -> archive -> serve. `make help` lists the targets.
+# Every target installs what it needs first, so each one works on a fresh clone.
+
+PYTHON      ?= python3
+VENV        := .venv
+BIN         := $(VENV)/bin
+DATA_DIR    ?=
+ARTIFACTS   := artifacts
+CHECKPOINT  := $(ARTIFACTS)/mnist_cnn.pt
+TORCHSCRIPT := $(ARTIFACTS)/mnist_cnn.torchscript.pt
+ONNX        := $(ARTIFACTS)/mnist_cnn.onnx
+MODEL_STORE := model_store
+MAR         := $(MODEL_STORE)/mnist.mar
+RUN_DIR     := .run/torchserve
+SAMPLES     := samples
+INSTALLED   := $(VENV)/.installed
+TRAIN_ARGS  ?=
+PYTEST_ARGS ?=
+IMG         ?= $(SAMPLES)/digit_7.png
+
+DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+
+.DEFAULT_GOAL := help
+.PHONY: help install data train export archive serve stop predict samples test clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+	@echo "  Variables: DATA_DIR=path/to/mnist (local copy; unset: download), TRAIN_ARGS='--epochs 5', IMG=file.png"
+
+install: $(INSTALLED) ## Create .venv and install the project with test extras
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+data: $(INSTALLED) ## Check MNIST is readable (DATA_DIR) or download it into ./data
+	$(BIN)/python -m training.data $(DATA_DIR)
+
+train: $(INSTALLED) data ## Train the CNN; writes $(CHECKPOINT)
+	$(BIN)/mnist-train $(DATA_FLAG) --out $(CHECKPOINT) $(TRAIN_ARGS)
+
+# File targets: `make serve` rebuilds only what is missing or older than its inputs.
+$(CHECKPOINT): $(wildcard training/*.py) | $(INSTALLED) data
+	$(BIN)/mnist-train $(DATA_FLAG) --out $@ $(TRAIN_ARGS)
+
+$(TORCHSCRIPT) $(ONNX) &: $(CHECKPOINT) $(wildcard export/*.py)
+	$(BIN)/mnist-export $(DATA_FLAG) --checkpoint $(CHECKPOINT) --out-dir $(ARTIFACTS)
+
+export: $(TORCHSCRIPT) $(ONNX) ## Export TorchScript + ONNX with the parity check
+
+$(MAR): $(TORCHSCRIPT) serving/handler.py serving/preprocess.py serving/model-config.yaml
+	mkdir -p $(MODEL_STORE)
+	$(BIN)/torch-model-archiver --force --model-name mnist --version 1.0 \
+	  --serialized-file $(TORCHSCRIPT) --handler serving/handler.py \
+	  --extra-files serving/preprocess.py --config-file serving/model-config.yaml \
+	  --export-path $(MODEL_STORE)
+
+archive: $(MAR) ## Build $(MAR) for TorchServe
+
+samples: | $(INSTALLED) ## Write real MNIST test digits as PNG into samples/
+	$(BIN)/python -m serving.samples $(DATA_FLAG) --out $(SAMPLES)
+
+serve: $(MAR) samples ## Everything above as needed, then start TorchServe and wait until it answers
+	$(BIN)/python -m serving.server start --config config.properties --run-dir $(RUN_DIR)
+
+stop: ## Stop the TorchServe started by `make serve`
+	$(BIN)/python -m serving.server stop --run-dir $(RUN_DIR)
+
+predict: ## curl one image to the running server: make predict IMG=samples/digit_7.png
+	curl -s -T $(IMG) http://127.0.0.1:8080/predictions/mnist; echo
+
+test: $(INSTALLED) ## Run the test suite (uses ../shared/mnist or MNIST_DATA_DIR)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean: ## Remove artifacts, archives and server state (keeps .venv and data)
+	rm -rf $(ARTIFACTS) $(MODEL_STORE) .run $(SAMPLES) logs

@@ -1,0 +1,190 @@
+"""TorchServe handler for the digit CNN.
+
+Self-contained: it imports the standard library, NumPy, Pillow, torch, onnxruntime, `ts`,
+and the preprocessing module that the archive ships beside it. Mean, std and labels come
+from the artifact's own metadata, never from a copy here.
+
+Accepts per request: raw image bytes (curl -T / --data-binary), multipart form files
+(curl -F data=@digit.png), or JSON {"image": "<base64>"} / {"images": ["<base64>", ...]}.
+Answers per image: {"digit", "label", "confidence", "probabilities", "top_k"}; per bad
+request a 4xx status with {"error", "code"}. Good and bad requests can share a batch.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+
+import numpy as np
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+if __package__:  # imported from the source tree (tests, mnist-predict)
+    from .preprocess import ImageError, preprocess_bytes
+else:  # inside the model archive, preprocess.py sits beside this file
+    from preprocess import ImageError, preprocess_bytes
+
+logger = logging.getLogger(__name__)
+
+TORCHSCRIPT_METADATA = "meta.json"
+ONNX_METADATA_KEY = "digitserve"
+TOP_K = 3
+HTTP_STATUS = {"empty": 400, "invalid_json": 400, "invalid_base64": 400, "no_image_field": 400,
+               "corrupt_image": 400, "not_an_image": 415, "unsupported_image": 415,
+               "too_large": 413, "no_digit": 422}
+
+
+def load_torchscript(path: str, device: torch.device):
+    extra_files = {TORCHSCRIPT_METADATA: ""}
+    module = torch.jit.load(path, map_location=device, _extra_files=extra_files).eval()
+    metadata = json.loads(extra_files[TORCHSCRIPT_METADATA])
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(batch).to(device)).float().cpu().numpy()
+    return run, metadata
+
+
+def load_onnx(path: str, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    metadata = json.loads(session.get_modelmeta().custom_metadata_map[ONNX_METADATA_KEY])
+    input_name = session.get_inputs()[0].name
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return session.run(None, {input_name: batch})[0]
+    return run, metadata
+
+
+def load_model(path: str, device: torch.device, threads: int):
+    """(run(batch) -> logits, metadata) for a TorchScript (*.pt) or ONNX (*.onnx) artifact."""
+    if path.endswith(".onnx"):
+        return load_onnx(path, threads)
+    return load_torchscript(path, device)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def predictions(logits: np.ndarray, labels: list[str]) -> list[dict]:
+    """Logits [N, 10] -> the JSON answer for each image."""
+    probabilities = softmax(logits.astype(np.float64))
+    answers = []
+    for row in probabilities:
+        order = np.argsort(row)[::-1]
+        digit = int(order[0])
+        answers.append({
+            "digit": digit, "label": labels[digit], "confidence": float(row[digit]),
+            "probabilities": [float(value) for value in row],
+            "top_k": [{"digit": int(k), "probability": float(row[k])} for k in order[:TOP_K]],
+        })
+    return answers
+
+
+def decode_base64(text) -> bytes:
+    if not isinstance(text, str):
+        raise ImageError("invalid_base64", "image field must be a base64 string")
+    if text.startswith("data:") and "," in text:  # data URL: data:image/png;base64,....
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("invalid_base64", "image field is not valid base64") from None
+
+
+def images_from_json(document) -> tuple[list[bytes], bool]:
+    if isinstance(document, dict) and "image" in document:
+        return [decode_base64(document["image"])], False
+    if isinstance(document, dict) and isinstance(document.get("images"), list) and document["images"]:
+        return [decode_base64(item) for item in document["images"]], True
+    raise ImageError("no_image_field", 'JSON body needs "image": "<base64>" or "images": ["<base64>", ...]')
+
+
+def images_from_request(request: dict) -> tuple[list[bytes], bool]:
+    """The encoded images in one TorchServe request, and whether it asked for several."""
+    values = [value for value in request.values() if value is not None]
+    if not values:
+        raise ImageError("empty", "empty body: send the image bytes")
+    if len(values) > 1:  # multipart with several files
+        return [bytes(value) for value in values if isinstance(value, (bytes, bytearray))], True
+    value = values[0]
+    if isinstance(value, (dict, list)):  # TorchServe already parsed an application/json body
+        return images_from_json(value)
+    if isinstance(value, str):  # text/* bodies arrive decoded
+        value = value.encode()
+    value = bytes(value)
+    if value[:1] in (b"{", b"["):  # JSON sent without (or with a broken) application/json
+        try:
+            return images_from_json(json.loads(value))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ImageError("invalid_json", "body looks like JSON but does not parse") from None
+    return [value], False
+
+
+def error_body(error: ImageError) -> dict:
+    return {"error": str(error), "code": error.code}
+
+
+class DigitHandler(BaseHandler):
+    def initialize(self, context):
+        properties = context.system_properties
+        config = (getattr(context, "model_yaml_config", None) or {}).get("handler", {}) or {}
+        threads = int(config.get("threads", 0)) or torch.get_num_threads()
+        torch.set_num_threads(threads)
+        gpu_id = properties.get("gpu_id")
+        self.device = torch.device(f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None
+                                   else "cpu")
+        self.manifest = context.manifest
+        path = os.path.join(properties["model_dir"], self.manifest["model"]["serializedFile"])
+        self.run_model, self.metadata = load_model(path, self.device, threads)
+        self.mean, self.std = float(self.metadata["mean"]), float(self.metadata["std"])
+        self.labels = list(self.metadata["labels"])
+        self.run_model(np.zeros((1, *self.metadata["input_shape"]), dtype=np.float32))  # warm-up
+        self.initialized = True
+        logger.info("digit model %s loaded from %s, %d threads", self.metadata.get("model_version"), path, threads)
+
+    def describe_handle(self):
+        return json.dumps(self.metadata)
+
+    def handle(self, data, context):
+        """One answer per request: JSON text, with a per-request status for bad ones."""
+        self.context = context
+        if self._is_describe():
+            return [self.describe_handle()]
+        # Per image: an input array or the ImageError that explains why there is none.
+        parsed = []
+        for request in data:
+            try:
+                encoded, several = images_from_request(request)
+                items = []
+                for image_bytes in encoded:
+                    try:
+                        items.append(preprocess_bytes(image_bytes, self.mean, self.std))
+                    except ImageError as error:
+                        if not several:
+                            raise
+                        items.append(error)
+                parsed.append((items, several))
+            except ImageError as error:
+                parsed.append((error, False))
+        good = [item for items, _ in parsed if isinstance(items, list) for item in items
+                if not isinstance(item, ImageError)]
+        answers = iter(predictions(self.run_model(np.stack(good)), self.labels) if good else [])
+        responses = []
+        for index, (items, several) in enumerate(parsed):
+            context.set_response_content_type(index, "application/json")
+            if isinstance(items, ImageError):
+                context.set_response_status(HTTP_STATUS.get(items.code, 400), items.code, index)
+                responses.append(json.dumps(error_body(items)))
+                continue
+            results = [error_body(item) if isinstance(item, ImageError) else next(answers) for item in items]
+            responses.append(json.dumps({"predictions": results} if several else results[0]))
+        return responses

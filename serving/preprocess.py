@@ -1,0 +1,166 @@
+"""Turn the images people really send into MNIST-like model input.
+
+Shared by the TorchServe handler and the mnist-predict CLI (one implementation). The
+model archive ships this file beside the handler, so it imports only the standard
+library, NumPy and Pillow. Mean and std are parameters: callers read them from the
+artifact's metadata, never from a copy typed here.
+
+MNIST digits are white ink on black, scaled to fit a 20x20 box and centred by centre of
+mass in 28x28. A photo or drawing is brought to that form the same way:
+decode -> grayscale (transparency composited) -> invert a light background ->
+crop to the ink -> fit into 20x20 keeping the aspect ratio -> centre of mass to the middle.
+
+Every failure is an ImageError with a short machine-readable `code`; no other exception
+escapes preprocess_bytes for any input bytes.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MNIST_SIZE = 28
+DIGIT_BOX = 20             # MNIST scaled each digit to fit 20x20 ...
+MAX_PIXELS = 40_000_000    # ... larger images are refused from the header, before decoding
+MIN_INK_CONTRAST = 0.15    # ink must differ from the background by this much (0..1 scale)
+INK_THRESHOLD = 0.2        # after contrast stretch, pixels above this count as ink for cropping
+
+
+class ImageError(ValueError):
+    """The bytes are not an image we can read a digit from. `code` names the reason."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Bytes -> a decoded PIL image: first frame, EXIF orientation applied."""
+    if not data:
+        raise ImageError("empty", "empty body: send the image bytes")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (and raises past 2x) for big images; we apply our own limit below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise ImageError("too_large", f"image is {width}x{height} pixels; the limit is "
+                                              f"{MAX_PIXELS:,} pixels")
+            if width < 1 or height < 1:
+                raise ImageError("not_an_image", "image has no pixels")
+            image.seek(0)  # first frame of an animation
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError) as error:
+        code = "too_large" if isinstance(error, Image.DecompressionBombError) else "not_an_image"
+        raise ImageError(code, "body is not an image in a format we read (PNG, JPEG, BMP, GIF, WebP, TIFF)") \
+            from None
+    except MemoryError:
+        raise ImageError("too_large", "image too large to decode") from None
+    except Exception as error:  # Pillow's decoders raise OSError, SyntaxError, struct.error, ... on bad data
+        raise ImageError("corrupt_image", f"image data is truncated or corrupt ({type(error).__name__})") from None
+
+
+def to_grayscale(image: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> float32 [H, W] luminance in [0, 1].
+
+    Transparency is composited onto a background that contrasts with the ink: dark
+    strokes on a transparent canvas land on white, light strokes on black.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        if image.mode == "F":
+            top = max(1.0, float(values.max(initial=1.0)))
+        return np.clip(values / top, 0, 1).astype(np.float32)
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info)
+    if not has_alpha:
+        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
+    luma = rgba[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    alpha = rgba[..., 3]
+    if alpha.sum() == 0:
+        return np.zeros_like(luma)
+    ink_luma = float((luma * alpha).sum() / alpha.sum())
+    background = 1.0 if ink_luma < 0.5 else 0.0
+    return luma * alpha + background * (1.0 - alpha)
+
+
+def border_level(gray: np.ndarray) -> float:
+    """Median of the outermost pixels: the background, for any digit that leaves a margin."""
+    frame = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    return float(np.median(frame))
+
+
+def to_white_on_black(gray: np.ndarray) -> np.ndarray:
+    """Invert dark-ink-on-light-paper images, then stretch so background is 0 and ink 1."""
+    if border_level(gray) > 0.5:
+        gray = 1.0 - gray
+    background = border_level(gray)
+    peak = float(gray.max())
+    if peak - background < MIN_INK_CONTRAST:
+        raise ImageError("no_digit", "no digit found: the image is blank or has almost no contrast")
+    return np.clip((gray - background) / (peak - background), 0.0, 1.0)
+
+
+def fit_digit(ink: np.ndarray) -> np.ndarray:
+    """Crop to the ink, scale the longer side to 20 px keeping the aspect ratio, and place
+    it in 28x28 with its centre of mass in the middle, as MNIST was made."""
+    rows = np.flatnonzero((ink > INK_THRESHOLD).any(axis=1))
+    cols = np.flatnonzero((ink > INK_THRESHOLD).any(axis=0))
+    crop = ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    height, width = crop.shape
+    scale = DIGIT_BOX / max(height, width)
+    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    # Mode "F" keeps full precision; LANCZOS antialiases big downscales like MNIST's own.
+    digit = np.asarray(Image.fromarray(crop.astype(np.float32), mode="F").resize(new_size, Image.LANCZOS))
+    digit = np.clip(digit, 0.0, 1.0)
+    total = digit.sum()
+    if total <= 0:
+        raise ImageError("no_digit", "no digit found after scaling")
+    row_centre = (digit.sum(axis=1) * np.arange(digit.shape[0])).sum() / total
+    col_centre = (digit.sum(axis=0) * np.arange(digit.shape[1])).sum() / total
+    centre = (MNIST_SIZE - 1) / 2
+    top = int(np.clip(round(centre - row_centre), 0, MNIST_SIZE - digit.shape[0]))
+    left = int(np.clip(round(centre - col_centre), 0, MNIST_SIZE - digit.shape[1]))
+    canvas = np.zeros((MNIST_SIZE, MNIST_SIZE), dtype=np.float32)
+    canvas[top:top + digit.shape[0], left:left + digit.shape[1]] = digit
+    return canvas
+
+
+def is_mnist_like(gray: np.ndarray) -> bool:
+    """Already in MNIST form: 28x28 with a dark background. Such images pass through
+    untouched, so a real MNIST digit gets exactly the tensor the model was tested on."""
+    return gray.shape == (MNIST_SIZE, MNIST_SIZE) and border_level(gray) <= 0.5
+
+
+def to_mnist(gray: np.ndarray) -> np.ndarray:
+    """Grayscale [H, W] in [0, 1] -> MNIST-like [28, 28] in [0, 1], white ink on black."""
+    if is_mnist_like(gray):
+        if float(gray.max()) - border_level(gray) < MIN_INK_CONTRAST:
+            raise ImageError("no_digit", "no digit found: the image is blank or has almost no contrast")
+        return gray.astype(np.float32)
+    return fit_digit(to_white_on_black(gray))
+
+
+def normalize(pixels: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """[28, 28] in [0, 1] -> float32 [1, 28, 28] model input."""
+    return ((pixels - np.float32(mean)) / np.float32(std)).astype(np.float32)[None]
+
+
+def preprocess_bytes(data: bytes, mean: float, std: float) -> np.ndarray:
+    """Encoded image bytes -> float32 [1, 28, 28], or ImageError."""
+    image = decode_image(data)
+    try:
+        return normalize(to_mnist(to_grayscale(image)), mean, std)
+    except ImageError:
+        raise
+    except Exception as error:  # e.g. an exotic mode Pillow cannot convert: still the image's fault
+        raise ImageError("unsupported_image", f"cannot convert this image ({image.mode}): "
+                                              f"{type(error).__name__}") from None
