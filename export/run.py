@@ -63,8 +63,6 @@ def temp_path(out_dir: Path, final_name: str, stack: ExitStack) -> Path:
 def run_export(config: ExportConfig) -> dict:
     model, checkpoint = load_model(config.checkpoint)
     metadata = build_metadata(checkpoint, config.model_version)
-    images, labels = load_mnist(config.data_dir, train=False)
-    inputs = normalized_images(images, metadata)
     out_dir = Path(config.out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -72,6 +70,8 @@ def run_export(config: ExportConfig) -> dict:
         probe.close()
     except OSError as error:
         raise ExportError(f"cannot write to {out_dir}: {error.strerror or error}") from None
+    images, labels = load_mnist(config.data_dir, train=False)
+    inputs = normalized_images(images, metadata)
 
     with ExitStack() as stack:
         torchscript_tmp = export_torchscript(model, metadata, temp_path(out_dir, TORCHSCRIPT_NAME, stack))

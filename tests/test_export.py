@@ -1,0 +1,143 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from export.artifacts import (build_metadata, export_onnx, export_torchscript, load_model, load_torchscript,
+                              read_onnx_metadata)
+from export.cli import main as export_cli
+from export.parity import check_parity, onnx_backend, onnx_session, torch_backend
+from export.run import ONNX_NAME, REPORT_NAME, TORCHSCRIPT_NAME, ExportConfig, normalized_images, run_export
+from training.checkpoint import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def quick_export(tmp_path_factory, quick_checkpoint, data_dir):
+    out_dir = tmp_path_factory.mktemp("quick_export")
+    report = run_export(ExportConfig(checkpoint=str(quick_checkpoint), out_dir=str(out_dir), data_dir=data_dir))
+    return out_dir, report
+
+
+@pytest.fixture(scope="module")
+def test_inputs(mnist_test_set):
+    images, labels = mnist_test_set
+    return normalized_images(images[:600], {"mean": 0.1307, "std": 0.3081}), labels[:600].numpy()
+
+
+def test_export_writes_both_artifacts_and_a_passing_report(quick_export):
+    out_dir, report = quick_export
+    assert (out_dir / TORCHSCRIPT_NAME).is_file() and (out_dir / ONNX_NAME).is_file()
+    saved = json.loads((out_dir / REPORT_NAME).read_text())
+    assert saved["passed"] and report["passed"]
+    assert saved["images"] == 10_000
+    sizes = {entry["batch_size"]: entry for entry in saved["batches"]}
+    assert set(sizes) == {1, 7, 256}
+    assert sizes[256]["images"] == 10_000
+    for entry in saved["batches"]:
+        for backend in ("torchscript", "onnxruntime"):
+            assert entry["max_abs_diff"][backend] <= 1e-4
+            assert entry["disagreements"][backend] == 0
+    accuracy = saved["accuracy"]
+    assert accuracy["eager"] == accuracy["torchscript"] == accuracy["onnxruntime"]
+    assert not [p for p in out_dir.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_metadata_in_both_artifacts_equals_the_checkpoint(quick_export, quick_checkpoint):
+    out_dir, report = quick_export
+    checkpoint = load_checkpoint(quick_checkpoint)
+    _, ts_meta = load_torchscript(out_dir / TORCHSCRIPT_NAME)
+    onnx_meta = read_onnx_metadata(out_dir / ONNX_NAME)
+    assert ts_meta == onnx_meta
+    assert ts_meta["mean"] == checkpoint["preprocess"]["mean"]
+    assert ts_meta["std"] == checkpoint["preprocess"]["std"]
+    assert ts_meta["labels"] == [str(d) for d in range(10)]
+    assert ts_meta["model_config"] == checkpoint["model_config"]
+    assert ts_meta["train_config"] == checkpoint["train_config"]
+    assert ts_meta["checkpoint_test_acc"] == checkpoint["metrics"]["best_test_acc"]
+    assert ts_meta["test_acc"] == report["accuracy"]["onnxruntime"]
+    assert ts_meta["model_version"] == "1.0"
+
+
+def test_onnx_graph_passes_full_checker_with_explicit_opset(quick_export):
+    out_dir, _ = quick_export
+    model = onnx.load(str(out_dir / ONNX_NAME))
+    onnx.checker.check_model(model, full_check=True)
+    assert [op.version for op in model.opset_import if op.domain in ("", "ai.onnx")] == [17]
+    assert model.graph.input[0].name == "image" and model.graph.output[0].name == "logits"
+
+
+def test_onnx_batch_dimension_is_dynamic(quick_export, test_inputs):
+    out_dir, _ = quick_export
+    session = onnx_session(out_dir / ONNX_NAME)
+    images, _ = test_inputs
+    for batch in (1, 3, 50, 513):
+        logits = session.run(None, {"image": np.resize(images, (batch, 1, 28, 28))})[0]
+        assert logits.shape == (batch, 10)
+
+
+def test_parity_on_a_seeded_random_model(tmp_path, quick_checkpoint, test_inputs):
+    torch.manual_seed(123)
+    model, checkpoint = load_model(quick_checkpoint)
+    model.reset_parameters()   # random weights: parity must not depend on training
+    metadata = build_metadata(checkpoint, "test")
+    export_onnx(model, metadata, tmp_path / "random.onnx")
+    scripted, _ = load_torchscript(export_torchscript(model, metadata, tmp_path / "random.pt"))
+    images, labels = test_inputs
+    report = check_parity({"eager": torch_backend(model), "torchscript": torch_backend(scripted),
+                           "onnxruntime": onnx_backend(onnx_session(tmp_path / "random.onnx"))},
+                          images, labels, batch_sizes=(1, 7, 256))
+    assert report["passed"], report["failures"]
+
+
+def test_a_perturbed_onnx_model_fails_parity(tmp_path, quick_checkpoint, test_inputs):
+    model, checkpoint = load_model(quick_checkpoint)
+    path = export_onnx(model, build_metadata(checkpoint, "test"), tmp_path / "model.onnx")
+    proto = onnx.load(str(path))
+    weights = max(proto.graph.initializer, key=lambda t: len(t.raw_data))   # the 3136x256 layer
+    values = onnx.numpy_helper.to_array(weights).copy()
+    values[0, :] += 0.05
+    weights.CopyFrom(onnx.numpy_helper.from_array(values, weights.name))
+    onnx.save(proto, str(path))
+    images, labels = test_inputs
+    report = check_parity({"eager": torch_backend(model), "onnxruntime": onnx_backend(onnx_session(path))},
+                          images, labels, batch_sizes=(7,))
+    assert not report["passed"]
+    assert any("onnxruntime at batch 7" in failure for failure in report["failures"])
+
+
+def test_cli_fails_clearly_and_leaves_nothing_when_parity_fails(tmp_path, quick_checkpoint, data_dir):
+    result = CliRunner().invoke(export_cli, ["--checkpoint", str(quick_checkpoint), "--out-dir", str(tmp_path),
+                                             "--data-dir", data_dir, "--tolerance", "0"])
+    # A zero tolerance cannot hold for ONNX Runtime's kernels: the check must refuse.
+    assert result.exit_code == 1
+    assert "parity check failed" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / ONNX_NAME).exists() and not (tmp_path / TORCHSCRIPT_NAME).exists()
+    assert [p.name for p in tmp_path.iterdir()] == [REPORT_NAME]
+
+
+@pytest.mark.parametrize("make_bad,message", [
+    (lambda p, good: None, "checkpoint not found"),
+    (lambda p, good: p.write_bytes(b"garbage"), "cannot read checkpoint"),
+    (lambda p, good: torch.save({**load_checkpoint(good), "format_version": 7}, p), "format_version 7"),
+])
+def test_cli_rejects_bad_checkpoints(tmp_path, quick_checkpoint, data_dir, make_bad, message):
+    bad = tmp_path / "bad.pt"
+    make_bad(bad, quick_checkpoint)
+    out_dir = tmp_path / "out"
+    result = CliRunner().invoke(export_cli, ["--checkpoint", str(bad), "--out-dir", str(out_dir),
+                                             "--data-dir", data_dir])
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+    assert not out_dir.exists()
+
+
+def test_cli_rejects_an_unwritable_output_dir(tmp_path, quick_checkpoint, data_dir):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a directory should be")
+    result = CliRunner().invoke(export_cli, ["--checkpoint", str(quick_checkpoint), "--out-dir",
+                                             str(blocker / "sub"), "--data-dir", data_dir])
+    assert result.exit_code == 1
+    assert "cannot write to" in result.output and "Traceback" not in result.output
