@@ -50,12 +50,8 @@ $(TORCHSCRIPT) $(ONNX) &: $(CHECKPOINT) $(wildcard export/*.py)
 
 export: $(TORCHSCRIPT) $(ONNX) ## Export TorchScript + ONNX with the parity check
 
-$(MAR): $(TORCHSCRIPT) serving/handler.py serving/preprocess.py serving/model-config.yaml
-	mkdir -p $(MODEL_STORE)
-	$(BIN)/torch-model-archiver --force --model-name mnist --version 1.0 \
-	  --serialized-file $(TORCHSCRIPT) --handler serving/handler.py \
-	  --extra-files serving/preprocess.py --config-file serving/model-config.yaml \
-	  --export-path $(MODEL_STORE)
+$(MAR): $(TORCHSCRIPT) serving/handler.py serving/preprocess.py serving/model-config.yaml serving/archive.py
+	$(BIN)/python -m serving.archive --serialized-file $(TORCHSCRIPT) --export-path $(MODEL_STORE)
 
 archive: $(MAR) ## Build $(MAR) for TorchServe
 

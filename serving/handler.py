@@ -16,6 +16,7 @@ import binascii
 import json
 import logging
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -33,12 +34,14 @@ ONNX_METADATA_KEY = "digitserve"
 TOP_K = 3
 HTTP_STATUS = {"empty": 400, "invalid_json": 400, "invalid_base64": 400, "no_image_field": 400,
                "corrupt_image": 400, "not_an_image": 415, "unsupported_image": 415,
-               "too_large": 413, "no_digit": 422}
+               "too_large": 413, "no_digit": 422, "form_encoded": 415}
 
 
 def load_torchscript(path: str, device: torch.device):
     extra_files = {TORCHSCRIPT_METADATA: ""}
-    module = torch.jit.load(path, map_location=device, _extra_files=extra_files).eval()
+    with warnings.catch_warnings():  # TorchScript is deprecated upstream; TorchServe still runs it natively
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit")
+        module = torch.jit.load(path, map_location=device, _extra_files=extra_files).eval()
     metadata = json.loads(extra_files[TORCHSCRIPT_METADATA])
 
     def run(batch: np.ndarray) -> np.ndarray:
@@ -100,21 +103,30 @@ def decode_base64(text) -> bytes:
         raise ImageError("invalid_base64", "image field is not valid base64") from None
 
 
-def images_from_json(document) -> tuple[list[bytes], bool]:
+def try_decode_base64(text) -> bytes | ImageError:
+    try:
+        return decode_base64(text)
+    except ImageError as error:
+        return error
+
+
+def images_from_json(document) -> tuple[list, bool]:
     if isinstance(document, dict) and "image" in document:
         return [decode_base64(document["image"])], False
     if isinstance(document, dict) and isinstance(document.get("images"), list) and document["images"]:
-        return [decode_base64(item) for item in document["images"]], True
+        return [try_decode_base64(item) for item in document["images"]], True
     raise ImageError("no_image_field", 'JSON body needs "image": "<base64>" or "images": ["<base64>", ...]')
 
 
-def images_from_request(request: dict) -> tuple[list[bytes], bool]:
-    """The encoded images in one TorchServe request, and whether it asked for several."""
+def images_from_request(request: dict) -> tuple[list, bool]:
+    """The encoded images in one TorchServe request (bytes, or the ImageError that one of
+    several images got), and whether the request asked for several."""
     values = [value for value in request.values() if value is not None]
     if not values:
         raise ImageError("empty", "empty body: send the image bytes")
     if len(values) > 1:  # multipart with several files
-        return [bytes(value) for value in values if isinstance(value, (bytes, bytearray))], True
+        return [bytes(value) if isinstance(value, (bytes, bytearray))
+                else ImageError("not_an_image", "form field is not a file") for value in values], True
     value = values[0]
     if isinstance(value, (dict, list)):  # TorchServe already parsed an application/json body
         return images_from_json(value)
@@ -127,6 +139,20 @@ def images_from_request(request: dict) -> tuple[list[bytes], bool]:
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise ImageError("invalid_json", "body looks like JSON but does not parse") from None
     return [value], False
+
+
+def content_type(context, index: int) -> str:
+    headers = context.get_all_request_header(index) or {}
+    return next((str(value).lower() for key, value in headers.items()
+                 if isinstance(key, str) and key.lower() == "content-type"), "")
+
+
+def reject_form_encoding(context, index: int) -> None:
+    """curl -d / --data-binary default to x-www-form-urlencoded; TorchServe then parses the
+    image bytes as form fields and they are lost. Say so instead of "empty body"."""
+    if content_type(context, index).startswith("application/x-www-form-urlencoded"):
+        raise ImageError("form_encoded", "body was sent as application/x-www-form-urlencoded, which mangles "
+                                         "image bytes: use curl -T FILE, or add -H 'Content-Type: image/png'")
 
 
 def error_body(error: ImageError) -> dict:
@@ -154,6 +180,18 @@ class DigitHandler(BaseHandler):
     def describe_handle(self):
         return json.dumps(self.metadata)
 
+    def preprocess_one(self, item, several: bool):
+        """Model input for one image; an ImageError raises for a single-image request (the
+        whole request fails) and is kept in place within a several-image request."""
+        try:
+            if isinstance(item, ImageError):
+                raise item
+            return preprocess_bytes(item, self.mean, self.std)
+        except ImageError as error:
+            if not several:
+                raise
+            return error
+
     def handle(self, data, context):
         """One answer per request: JSON text, with a per-request status for bad ones."""
         self.context = context
@@ -161,17 +199,11 @@ class DigitHandler(BaseHandler):
             return [self.describe_handle()]
         # Per image: an input array or the ImageError that explains why there is none.
         parsed = []
-        for request in data:
+        for index, request in enumerate(data):
             try:
+                reject_form_encoding(context, index)
                 encoded, several = images_from_request(request)
-                items = []
-                for image_bytes in encoded:
-                    try:
-                        items.append(preprocess_bytes(image_bytes, self.mean, self.std))
-                    except ImageError as error:
-                        if not several:
-                            raise
-                        items.append(error)
+                items = [self.preprocess_one(item, several) for item in encoded]
                 parsed.append((items, several))
             except ImageError as error:
                 parsed.append((error, False))

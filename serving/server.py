@@ -59,7 +59,9 @@ def wait_until_answering(inference_address: str, timeout_s: float = 180.0, model
     deadline = time.monotonic() + timeout_s
     body, last_error = probe_image(), "no answer yet"
     while time.monotonic() < deadline:
-        request = urllib.request.Request(f"{inference_address}/predictions/{model}", data=body, method="POST")
+        # An explicit content type: urllib would otherwise send form-urlencoded, which TorchServe parses as a form.
+        request = urllib.request.Request(f"{inference_address}/predictions/{model}", data=body, method="POST",
+                                         headers={"Content-Type": "application/octet-stream"})
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 answer = json.loads(response.read())

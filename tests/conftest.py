@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests_paths import REPO_ROOT
 
 
 def mnist_dir() -> str:

@@ -1,0 +1,145 @@
+"""The TorchServe handler without a server: ts's own Context stands in for the frontend."""
+import base64
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from ts.context import Context, RequestProcessor
+
+from export.artifacts import load_model
+from export.run import ONNX_NAME, TORCHSCRIPT_NAME, normalized_images
+from imaging import as_paper_photo, encode
+from serving.handler import DigitHandler
+from test_preprocess import all_formats
+
+
+def make_context(model_dir, serialized_file, batch_size=8, yaml_config=None):
+    manifest = {"model": {"modelName": "mnist", "serializedFile": serialized_file, "handler": "handler.py"}}
+    return Context("mnist", str(model_dir), manifest, batch_size, None, "0.12.0",
+                   model_yaml_config=yaml_config or {"handler": {"threads": 1}})
+
+
+@pytest.fixture(scope="module", params=[TORCHSCRIPT_NAME, ONNX_NAME])
+def handler(request, exported):
+    handler = DigitHandler()
+    handler.initialize(make_context(exported, request.param))
+    return handler
+
+
+def call(handler, requests, headers=None):
+    """Run one batch; return [(status, body dict)] per request."""
+    context = make_context(".", "unused")
+    context.request_processor = [RequestProcessor(dict(headers[i]) if headers else {}) for i in range(len(requests))]
+    responses = handler.handle(requests, context)
+    assert len(responses) == len(requests)
+    return [(context.get_response_status(i)[0] or 200, json.loads(body)) for i, body in enumerate(responses)]
+
+
+@pytest.fixture(scope="module")
+def real_digits(mnist_test_set):
+    images, labels = mnist_test_set
+    return images[:64].numpy(), labels[:64].numpy()
+
+
+def test_response_schema(handler, real_digits):
+    images, labels = real_digits
+    [(status, body)] = call(handler, [{"body": encode(Image.fromarray(images[0]))}])
+    assert status == 200
+    assert set(body) >= {"digit", "label", "confidence", "probabilities", "top_k"}
+    assert isinstance(body["digit"], int) and 0 <= body["digit"] <= 9
+    assert len(body["probabilities"]) == 10
+    assert sum(body["probabilities"]) == pytest.approx(1.0, abs=1e-6)
+    assert body["confidence"] == pytest.approx(max(body["probabilities"]))
+    assert body["top_k"][0]["digit"] == body["digit"] and len(body["top_k"]) == 3
+    assert body["label"] == str(body["digit"])
+
+
+def test_predictions_agree_with_the_eager_model(handler, real_digits, trained_checkpoint):
+    images, _ = real_digits
+    model, _ = load_model(trained_checkpoint)
+    with torch.inference_mode():
+        eager = model(torch.from_numpy(normalized_images(torch.from_numpy(images), {"mean": 0.1307, "std": 0.3081})))
+    eager_probabilities = torch.softmax(eager, dim=1).numpy()
+    answers = call(handler, [{"body": encode(Image.fromarray(image))} for image in images])
+    for (status, body), expected in zip(answers, eager_probabilities):
+        assert status == 200
+        assert body["digit"] == int(expected.argmax())
+        np.testing.assert_allclose(body["probabilities"], expected, atol=1e-5)
+
+
+def test_every_format_gets_the_right_digit(handler, real_digits):
+    images, labels = real_digits
+    for image, label in list(zip(images, labels))[:3]:
+        formats = all_formats(image)
+        answers = call(handler, [{"body": data} for data in formats.values()])
+        for name, (status, body) in zip(formats, answers):
+            assert status == 200, (name, body)
+            assert body["digit"] == label, (name, body)
+
+
+def test_large_off_centre_paper_photos_keep_their_label(handler, real_digits):
+    images, labels = real_digits
+    photos = [encode(as_paper_photo(image, size=(400, 300), scale=9, offset=(150, 20)), "JPEG", quality=92)
+              for image in images[:32]]
+    answers = call(handler, [{"body": photo} for photo in photos])
+    correct = sum(body["digit"] == label for (_, body), label in zip(answers, labels[:32]))
+    assert correct >= 30, correct   # the model itself gets ~99% of the originals
+
+
+def test_request_formats_raw_multipart_json(handler, real_digits):
+    images, labels = real_digits
+    png = encode(Image.fromarray(images[0]))
+    b64 = base64.b64encode(png).decode()
+    requests = [
+        {"body": png},                                              # curl -T / --data-binary
+        {"data": png},                                              # curl -F data=@digit.png
+        {"body": {"image": b64}},                                   # JSON, parsed by TorchServe
+        {"body": json.dumps({"image": "data:image/png;base64," + b64}).encode()},  # JSON as bytes
+    ]
+    for status, body in call(handler, requests):
+        assert status == 200 and body["digit"] == labels[0]
+
+
+def test_several_images_in_one_request(handler, real_digits):
+    images, labels = real_digits
+    encoded = [base64.b64encode(encode(Image.fromarray(image))).decode() for image in images[:5]]
+    [(status, body)] = call(handler, [{"body": {"images": encoded + ["not base64!"]}}])
+    assert status == 200
+    digits = [item.get("digit") for item in body["predictions"]]
+    assert digits[:5] == list(labels[:5])
+    assert body["predictions"][5]["code"] == "invalid_base64"
+
+
+def test_mixed_batch_each_request_gets_its_own_answer(handler, real_digits):
+    images, labels = real_digits
+    good = lambda i: {"body": encode(Image.fromarray(images[i]))}
+    requests = [good(0), {"body": b""}, good(1), {"body": b"plain text"}, {"body": {"image": "%%%"}},
+                {"body": b'{"broken json'}, {"body": encode(Image.new("L", (50, 50), 255))},
+                {"body": {"nothing": 1}}, good(2)]
+    answers = call(handler, requests)
+    expected = [(200, labels[0]), (400, "empty"), (200, labels[1]), (415, "not_an_image"),
+                (400, "invalid_base64"), (400, "invalid_json"), (422, "no_digit"), (400, "no_image_field"),
+                (200, labels[2])]
+    for (status, body), (want_status, want) in zip(answers, expected):
+        assert status == want_status, body
+        if status == 200:
+            assert body["digit"] == want
+        else:
+            assert body["code"] == want and body["error"]
+
+
+def test_form_encoded_requests_are_refused_with_a_hint(handler, real_digits):
+    images, labels = real_digits
+    png = encode(Image.fromarray(images[0]))
+    answers = call(handler, [{"body": b""}, {"body": png}],
+                   headers=[{"Content-Type": "application/x-www-form-urlencoded"}, {"content-type": "image/png"}])
+    assert answers[0][0] == 415 and answers[0][1]["code"] == "form_encoded"
+    assert answers[1][0] == 200 and answers[1][1]["digit"] == labels[0]
+
+
+def test_describe_returns_the_model_card(handler):
+    card = json.loads(handler.describe_handle())
+    assert card["mean"] == pytest.approx(0.1307) and card["labels"][7] == "7"
+    assert 0.9 < card["test_acc"] <= 1.0 and "train_config" in card

@@ -1,0 +1,72 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from export.run import ONNX_NAME, TORCHSCRIPT_NAME
+from imaging import as_paper_photo
+from serving.predict import main as predict_cli
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory, mnist_test_set):
+    images, labels = mnist_test_set
+    folder = tmp_path_factory.mktemp("images")
+    expected = {}
+    for index in range(20):
+        path = folder / f"{index:02d}.png"
+        Image.fromarray(images[index].numpy()).save(path)
+        expected[str(path)] = int(labels[index])
+    photo = folder / "photo.jpg"
+    as_paper_photo(images[20].numpy()).save(photo)
+    expected[str(photo)] = int(labels[20])
+    return folder, expected
+
+
+def run(args):
+    result = CliRunner().invoke(predict_cli, args)
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return result, lines
+
+
+@pytest.mark.parametrize("model_name,backend", [(ONNX_NAME, "auto"), (TORCHSCRIPT_NAME, "torchscript")])
+def test_folder_prediction_is_correct_and_batched(exported, image_folder, model_name, backend):
+    folder, expected = image_folder
+    result, lines = run(["--model", str(exported / model_name), "--backend", backend, "--batch-size", "8",
+                         str(folder)])
+    assert result.exit_code == 0, result.output
+    assert [line["file"] for line in lines] == sorted(expected)
+    correct = sum(line["digit"] == expected[line["file"]] for line in lines)
+    assert correct >= len(expected) - 1
+    assert all(abs(sum(line["probabilities"]) - 1) < 1e-6 for line in lines)
+
+
+def test_onnx_and_torchscript_agree(exported, image_folder):
+    folder, _ = image_folder
+    _, onnx_lines = run(["--model", str(exported / ONNX_NAME), str(folder)])
+    _, ts_lines = run(["--model", str(exported / TORCHSCRIPT_NAME), str(folder)])
+    assert [line["digit"] for line in onnx_lines] == [line["digit"] for line in ts_lines]
+    for a, b in zip(onnx_lines, ts_lines):
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-5)
+
+
+def test_bad_files_are_reported_without_stopping_the_rest(exported, image_folder, tmp_path):
+    folder, expected = image_folder
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    missing = tmp_path / "missing.png"
+    good = sorted(expected)[:2]
+    result, lines = run(["--model", str(exported / ONNX_NAME), good[0], str(bad), str(missing), good[1]])
+    assert result.exit_code == 1
+    assert [line.get("code") for line in lines] == [None, "not_an_image", "unreadable", None]
+    assert lines[0]["digit"] == expected[good[0]] and lines[3]["digit"] == expected[good[1]]
+    assert "2 of 4 file(s) failed" in result.stderr and "Traceback" not in result.output
+
+
+def test_missing_model_and_backend_mismatch(exported, image_folder, tmp_path):
+    folder, _ = image_folder
+    result, _ = run(["--model", str(tmp_path / "none.onnx"), str(folder)])
+    assert result.exit_code == 1 and "model not found" in result.output
+    result, _ = run(["--model", str(exported / ONNX_NAME), "--backend", "torchscript", str(folder)])
+    assert result.exit_code == 2 and "does not match" in result.output

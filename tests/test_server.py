@@ -1,0 +1,190 @@
+"""End to end: build the archive, start a real TorchServe from config.properties on free
+ports, send real MNIST digits the way curl does, check answers and error statuses, stop it."""
+import base64
+import json
+import re
+import shutil
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from PIL import Image
+
+from export.run import TORCHSCRIPT_NAME
+from imaging import as_paper_photo, encode
+from serving import server
+from serving.archive import build_archive
+from tests_paths import REPO_ROOT
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def server_config(tmp_path, model_store):
+    """The repository's config.properties with this test's own ports and model store."""
+    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
+    text = (REPO_ROOT / "config.properties").read_text()
+    replacements = {"inference_address": f"http://127.0.0.1:{inference}",
+                    "management_address": f"http://127.0.0.1:{management}",
+                    "metrics_address": f"http://127.0.0.1:{metrics}",
+                    "grpc_inference_port": str(grpc_inference), "grpc_management_port": str(grpc_management),
+                    "model_store": str(model_store)}
+    for key, value in replacements.items():
+        text, count = re.subn(rf"^{key}=.*$", f"{key}={value}", text, flags=re.M)
+        assert count == 1, key
+    # Worker sockets are named after their port: keep clear of another server on this machine.
+    text += f"\ninitial_worker_port={free_ports(1)[0]}\n"
+    path = tmp_path / "config.properties"
+    path.write_text(text)
+    return path, f"http://127.0.0.1:{inference}", f"http://127.0.0.1:{management}"
+
+
+@pytest.fixture(scope="module")
+def running_server(tmp_path_factory, exported):
+    if shutil.which("java") is None:
+        pytest.fail("TorchServe needs Java 17 (`.ci/run` installs openjdk-17-jre-headless)")
+    tmp_path = tmp_path_factory.mktemp("torchserve")
+    model_store = tmp_path / "model_store"
+    build_archive(exported / TORCHSCRIPT_NAME, model_store)
+    config, inference, management = server_config(tmp_path, model_store)
+    run_dir = tmp_path / "run"
+    server.start(str(config), run_dir, timeout_s=180)
+    yield inference, management, run_dir
+    server.stop(run_dir)
+
+
+def request(url, data=None, method="POST", headers=None):
+    # urllib's default for a body is form-urlencoded; a client sending an image says what it is.
+    headers = headers or ({"Content-Type": "application/octet-stream"} if data is not None else {})
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def curl(*args):
+    run = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", *args], capture_output=True, text=True, timeout=60)
+    body, _, status = run.stdout.rpartition("\n")
+    return int(status), json.loads(body)
+
+
+@pytest.fixture(scope="module")
+def digit_files(tmp_path_factory, mnist_test_set):
+    images, labels = mnist_test_set
+    folder = tmp_path_factory.mktemp("digits")
+    paths = []
+    for index in range(300):
+        path = folder / f"{index}.png"
+        Image.fromarray(images[index].numpy()).save(path)
+        paths.append((path, int(labels[index])))
+    return paths
+
+
+def test_accuracy_on_300_real_test_digits_with_concurrent_clients(running_server, digit_files):
+    inference, _, _ = running_server
+
+    def predict(item):
+        path, label = item
+        status, body = request(f"{inference}/predictions/mnist", path.read_bytes())
+        return status, json.loads(body), label
+
+    with ThreadPoolExecutor(8) as pool:    # concurrent clients exercise server-side batching
+        results = list(pool.map(predict, digit_files))
+    assert all(status == 200 for status, _, _ in results)
+    correct = sum(body["digit"] == label for _, body, label in results)
+    assert correct / len(results) >= 0.99, correct
+    for _, body, _ in results:
+        assert abs(sum(body["probabilities"]) - 1) < 1e-6
+
+
+def test_curl_upload_styles(running_server, digit_files):
+    inference, _, _ = running_server
+    path, label = digit_files[0]
+    url = f"{inference}/predictions/mnist"
+    b64 = base64.b64encode(path.read_bytes()).decode()
+    for args in (["-T", str(path), url],
+                 ["--data-binary", f"@{path}", "-H", "Content-Type: image/png", url],
+                 ["-F", f"data=@{path}", url],
+                 ["-H", "Content-Type: application/json", "-d", json.dumps({"image": b64}), url]):
+        status, body = curl(*args)
+        assert status == 200 and body["digit"] == label, (args[0], body)
+
+
+def test_form_encoded_binary_gets_a_hint_not_empty(running_server, digit_files):
+    inference, _, _ = running_server
+    status, body = curl("--data-binary", f"@{digit_files[0][0]}", f"{inference}/predictions/mnist")
+    assert status == 415 and body["code"] == "form_encoded" and "curl -T" in body["error"]
+
+
+def test_paper_photo_jpeg(running_server, mnist_test_set, tmp_path):
+    inference, _, _ = running_server
+    images, labels = mnist_test_set
+    photo = tmp_path / "photo.jpg"
+    as_paper_photo(images[3].numpy(), size=(640, 480), scale=12, offset=(300, 60)).save(photo, quality=90)
+    status, body = curl("-T", str(photo), f"{inference}/predictions/mnist")
+    assert status == 200 and body["digit"] == int(labels[3])
+
+
+@pytest.mark.parametrize("name,body,headers,status,code", [
+    ("empty", b"", {}, 400, "empty"),
+    ("text", b"this is not an image", {"Content-Type": "text/plain"}, 415, "not_an_image"),
+    ("truncated png", None, {}, 400, "corrupt_image"),
+    ("invalid base64", json.dumps({"image": "@@@"}).encode(), {"Content-Type": "application/json"}, 400,
+     "invalid_base64"),
+    ("blank", encode(Image.new("L", (64, 64), 255)), {}, 422, "no_digit"),
+])
+def test_bad_requests_get_4xx_json_and_the_next_good_one_succeeds(running_server, digit_files, name, body,
+                                                                  headers, status, code):
+    inference, _, _ = running_server
+    path, label = digit_files[1]
+    if body is None:
+        body = path.read_bytes()[:100]
+    got_status, got_body = request(f"{inference}/predictions/mnist", body, headers=headers)
+    assert got_status == status, got_body
+    assert json.loads(got_body)["code"] == code
+    ok_status, ok_body = request(f"{inference}/predictions/mnist", path.read_bytes())
+    assert ok_status == 200 and json.loads(ok_body)["digit"] == label
+
+
+def test_body_over_the_size_limit_is_refused(running_server, digit_files, tmp_path):
+    inference, _, _ = running_server
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG" + b"\x00" * (5 * 1024 * 1024))   # over max_request_size (4 MiB)
+    run = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-T", str(big),
+                          f"{inference}/predictions/mnist"], capture_output=True, text=True, timeout=60)
+    assert run.stdout == "413"
+    path, label = digit_files[2]
+    ok_status, ok_body = request(f"{inference}/predictions/mnist", path.read_bytes())
+    assert ok_status == 200 and json.loads(ok_body)["digit"] == label
+
+
+def test_model_card_via_management_api(running_server):
+    _, management, _ = running_server
+    status, body = request(f"{management}/models/mnist?customized=true", method="GET")
+    assert status == 200
+    description = json.loads(body)[0]
+    card = description["customizedMetadata"]   # TorchServe inlines the handler's JSON text
+    card = json.loads(card) if isinstance(card, str) else card
+    assert card["model_version"] == "1.0" and card["labels"][3] == "3"
+    assert card["mean"] == pytest.approx(0.1307) and card["std"] == pytest.approx(0.3081)
+    assert card["test_acc"] > 0.98 and card["train_config"]["epochs"] == 2
+
+
+def test_model_registration_is_disabled(running_server):
+    _, management, _ = running_server
+    status, _ = request(f"{management}/models?url=mnist.mar", method="POST")
+    assert 400 <= status < 500
