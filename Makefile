@@ -50,7 +50,7 @@ $(TORCHSCRIPT) $(ONNX) &: $(CHECKPOINT) $(wildcard export/*.py)
 
 export: $(TORCHSCRIPT) $(ONNX) ## Export TorchScript + ONNX with the parity check
 
-$(MAR): $(TORCHSCRIPT) serving/handler.py serving/preprocess.py serving/model-config.yaml serving/archive.py
+$(MAR): $(TORCHSCRIPT) $(wildcard serving/*.py) serving/model-config.yaml
 	$(BIN)/python -m serving.archive --serialized-file $(TORCHSCRIPT) --export-path $(MODEL_STORE)
 
 archive: $(MAR) ## Build $(MAR) for TorchServe

@@ -15,11 +15,10 @@ from pathlib import Path
 import onnx
 import torch
 
+from serving.runtime import ONNX_METADATA_KEY, TORCHSCRIPT_METADATA as METADATA_FILE
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.model import build_model
 
-METADATA_FILE = "meta.json"     # TorchScript _extra_files entry
-ONNX_METADATA_KEY = "digitserve"  # ONNX metadata_props key holding the same JSON
 ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 

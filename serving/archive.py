@@ -2,7 +2,7 @@
 
     python -m serving.archive --serialized-file artifacts/mnist_cnn.torchscript.pt --export-path model_store
 
-packs the model (its metadata inside), handler.py, preprocess.py and model-config.yaml
+packs the model (its metadata inside), handler.py, preprocess.py, runtime.py and model-config.yaml
 into model_store/mnist.mar. The archive version is the artifact's own model_version.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ def archive_command(serialized_file: str, export_path: str, version: str) -> lis
             "--model-name", MODEL_NAME, "--version", version,
             "--serialized-file", serialized_file,
             "--handler", str(SERVING_DIR / "handler.py"),
-            "--extra-files", str(SERVING_DIR / "preprocess.py"),
+            "--extra-files", f"{SERVING_DIR / 'preprocess.py'},{SERVING_DIR / 'runtime.py'}",
             "--config-file", str(SERVING_DIR / "model-config.yaml"),
             "--export-path", export_path]
 

@@ -16,80 +16,23 @@ import binascii
 import json
 import logging
 import os
-import warnings
 
 import numpy as np
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-if __package__:  # imported from the source tree (tests, mnist-predict)
+if __package__:  # imported from the source tree (tests)
     from .preprocess import ImageError, preprocess_bytes
-else:  # inside the model archive, preprocess.py sits beside this file
+    from .runtime import load_model, predictions
+else:  # inside the model archive, preprocess.py and runtime.py sit beside this file
     from preprocess import ImageError, preprocess_bytes
+    from runtime import load_model, predictions
 
 logger = logging.getLogger(__name__)
 
-TORCHSCRIPT_METADATA = "meta.json"
-ONNX_METADATA_KEY = "digitserve"
-TOP_K = 3
 HTTP_STATUS = {"empty": 400, "invalid_json": 400, "invalid_base64": 400, "no_image_field": 400,
                "corrupt_image": 400, "not_an_image": 415, "unsupported_image": 415,
                "too_large": 413, "no_digit": 422, "form_encoded": 415}
-
-
-def load_torchscript(path: str, device: torch.device):
-    extra_files = {TORCHSCRIPT_METADATA: ""}
-    with warnings.catch_warnings():  # TorchScript is deprecated upstream; TorchServe still runs it natively
-        warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit")
-        module = torch.jit.load(path, map_location=device, _extra_files=extra_files).eval()
-    metadata = json.loads(extra_files[TORCHSCRIPT_METADATA])
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return module(torch.from_numpy(batch).to(device)).float().cpu().numpy()
-    return run, metadata
-
-
-def load_onnx(path: str, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    metadata = json.loads(session.get_modelmeta().custom_metadata_map[ONNX_METADATA_KEY])
-    input_name = session.get_inputs()[0].name
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        return session.run(None, {input_name: batch})[0]
-    return run, metadata
-
-
-def load_model(path: str, device: torch.device, threads: int):
-    """(run(batch) -> logits, metadata) for a TorchScript (*.pt) or ONNX (*.onnx) artifact."""
-    if path.endswith(".onnx"):
-        return load_onnx(path, threads)
-    return load_torchscript(path, device)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
-def predictions(logits: np.ndarray, labels: list[str]) -> list[dict]:
-    """Logits [N, 10] -> the JSON answer for each image."""
-    probabilities = softmax(logits.astype(np.float64))
-    answers = []
-    for row in probabilities:
-        order = np.argsort(row)[::-1]
-        digit = int(order[0])
-        answers.append({
-            "digit": digit, "label": labels[digit], "confidence": float(row[digit]),
-            "probabilities": [float(value) for value in row],
-            "top_k": [{"digit": int(k), "probability": float(row[k])} for k in order[:TOP_K]],
-        })
-    return answers
 
 
 def decode_base64(text) -> bytes:

@@ -17,7 +17,7 @@ import click
 import numpy as np
 import torch
 
-from .handler import load_model, predictions
+from .runtime import load_model, predictions
 from .preprocess import ImageError, preprocess_bytes
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
