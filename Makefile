@@ -21,7 +21,7 @@ IMG         ?= $(SAMPLES)/digit_7.png
 DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 .DEFAULT_GOAL := help
-.PHONY: help install data train export archive serve stop predict samples test clean
+.PHONY: help install data train export archive serve stop predict samples test reliability clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -69,6 +69,9 @@ predict: ## curl one image to the running server: make predict IMG=samples/digit
 
 test: $(INSTALLED) ## Run the test suite (uses ../shared/mnist or MNIST_DATA_DIR)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+reliability: $(INSTALLED) ## Hostile inputs, fuzzing, 20,000-request load, killed workers and ranks: a table
+	RELIABILITY_REQUESTS=6667 $(BIN)/python -m pytest -m reliability -s -q $(PYTEST_ARGS)
 
 clean: ## Remove artifacts, archives and server state (keeps .venv and data)
 	rm -rf $(ARTIFACTS) $(MODEL_STORE) .run $(SAMPLES) logs

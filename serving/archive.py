@@ -17,17 +17,18 @@ SERVING_DIR = Path(__file__).resolve().parent
 MODEL_NAME = "mnist"
 
 
-def archive_command(serialized_file: str, export_path: str, version: str) -> list[str]:
+def archive_command(serialized_file: str, export_path: str, version: str, model_config: str) -> list[str]:
     return [str(Path(sys.executable).with_name("torch-model-archiver")), "--force",
             "--model-name", MODEL_NAME, "--version", version,
             "--serialized-file", serialized_file,
             "--handler", str(SERVING_DIR / "handler.py"),
             "--extra-files", f"{SERVING_DIR / 'preprocess.py'},{SERVING_DIR / 'runtime.py'}",
-            "--config-file", str(SERVING_DIR / "model-config.yaml"),
+            "--config-file", model_config,
             "--export-path", export_path]
 
 
-def build_archive(serialized_file: str | Path, export_path: str | Path) -> Path:
+def build_archive(serialized_file: str | Path, export_path: str | Path,
+                  model_config: str | Path = SERVING_DIR / "model-config.yaml") -> Path:
     """Returns the path of the .mar; raises click.ClickException with the archiver's message."""
     from export.artifacts import load_torchscript
 
@@ -36,7 +37,8 @@ def build_archive(serialized_file: str | Path, export_path: str | Path) -> Path:
         raise click.ClickException(f"no exported model at {serialized_file}: run `make export` first")
     _, metadata = load_torchscript(serialized_file)   # refuses a file that is not our TorchScript
     export_path.mkdir(parents=True, exist_ok=True)
-    run = subprocess.run(archive_command(str(serialized_file), str(export_path), metadata["model_version"]),
+    command = archive_command(str(serialized_file), str(export_path), metadata["model_version"], str(model_config))
+    run = subprocess.run(command,
                          capture_output=True, text=True)
     if run.returncode != 0:
         raise click.ClickException(f"torch-model-archiver failed: {run.stderr.strip() or run.stdout.strip()}")

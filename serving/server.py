@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -35,6 +36,38 @@ def read_properties(path: str | os.PathLike) -> dict:
     return properties
 
 
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def instance_config(base_config: str | os.PathLike, directory: str | os.PathLike,
+                    model_store: str | os.PathLike) -> tuple[Path, str, str]:
+    """A copy of base_config on free loopback ports with its own model store, for a second
+    server beside any other (tests, benchmarks). Returns (path, inference URL, management URL)."""
+    inference, management, metrics, grpc_inference, grpc_management, worker = free_ports(6)
+    text = Path(base_config).read_text()
+    settings = {"inference_address": f"http://127.0.0.1:{inference}",
+                "management_address": f"http://127.0.0.1:{management}",
+                "metrics_address": f"http://127.0.0.1:{metrics}",
+                "grpc_inference_port": str(grpc_inference), "grpc_management_port": str(grpc_management),
+                "model_store": str(model_store)}
+    for key, value in settings.items():
+        text, count = re.subn(rf"^{key}=.*$", f"{key}={value}", text, flags=re.M)
+        if count != 1:
+            raise ValueError(f"{base_config} has no single {key}= line")
+    # Worker sockets are named after their port: keep clear of another server's workers.
+    text += f"\ninitial_worker_port={worker}\n"
+    path = Path(directory) / "config.properties"
+    path.write_text(text)
+    return path, settings["inference_address"], settings["management_address"]
+
+
 def probe_image() -> bytes:
     """A drawn '1' as PNG: enough to prove the model loads, preprocesses and predicts."""
     from PIL import Image, ImageDraw
@@ -53,15 +86,37 @@ def server_env(run_dir: Path) -> dict:
     return env
 
 
-def wait_until_answering(inference_address: str, timeout_s: float = 180.0, model: str = MODEL_NAME) -> dict:
+def token_auth_enabled(properties: dict) -> bool:
+    # TorchServe 0.12 enables token authorization unless it is explicitly disabled.
+    return properties.get("disable_token_authorization", "false").lower() != "true"
+
+
+def inference_key(key_file: Path) -> str | None:
+    """The inference bearer key from TorchServe's key_file.json, once it exists."""
+    try:
+        return json.loads(key_file.read_text())["inference"]["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def wait_until_answering(inference_address: str, timeout_s: float = 180.0, model: str = MODEL_NAME,
+                         key_file: Path | None = None) -> dict:
     """POST a real image until the model returns a prediction (/ping alone says too little:
-    it is Healthy before any worker has loaded the model)."""
+    it is Healthy before any worker has loaded the model). With key_file, authorize with its key."""
     deadline = time.monotonic() + timeout_s
     body, last_error = probe_image(), "no answer yet"
     while time.monotonic() < deadline:
         # An explicit content type: urllib would otherwise send form-urlencoded, which TorchServe parses as a form.
+        headers = {"Content-Type": "application/octet-stream"}
+        if key_file is not None:
+            key = inference_key(key_file)
+            if key is None:
+                last_error = f"no key in {key_file} yet"
+                time.sleep(0.5)
+                continue
+            headers["Authorization"] = f"Bearer {key}"
         request = urllib.request.Request(f"{inference_address}/predictions/{model}", data=body, method="POST",
-                                         headers={"Content-Type": "application/octet-stream"})
+                                         headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 answer = json.loads(response.read())
@@ -75,8 +130,10 @@ def wait_until_answering(inference_address: str, timeout_s: float = 180.0, model
 
 
 def start(config: str, run_dir: str | os.PathLike, model_store: str | None = None,
-          timeout_s: float = 180.0) -> dict:
-    """Start TorchServe in the background and return once the model answers."""
+          timeout_s: float = 180.0, cwd: str | os.PathLike | None = None) -> dict:
+    """Start TorchServe in the background and return once the model answers.
+    cwd: the server's working directory, where it writes key_file.json when token
+    authorization is on (relative paths in the config resolve from there too)."""
     if shutil.which("java") is None:
         raise click.ClickException("TorchServe needs Java 17: install openjdk-17-jre-headless")
     run_dir = Path(run_dir).resolve()
@@ -87,10 +144,12 @@ def start(config: str, run_dir: str | os.PathLike, model_store: str | None = Non
     # TorchServe's Java process inherits stdout: send it to a file, or a caller's pipe never closes.
     with open(run_dir / "logs" / "torchserve.out", "ab") as log:
         subprocess.run(command, env=server_env(run_dir), stdout=log, stderr=subprocess.STDOUT,
-                       stdin=subprocess.DEVNULL, check=True)
-    address = read_properties(config).get("inference_address", "http://127.0.0.1:8080")
+                       stdin=subprocess.DEVNULL, check=True, cwd=cwd)
+    properties = read_properties(config)
+    address = properties.get("inference_address", "http://127.0.0.1:8080")
+    key_file = Path(cwd or ".").resolve() / "key_file.json" if token_auth_enabled(properties) else None
     try:
-        return wait_until_answering(address, timeout_s)
+        return wait_until_answering(address, timeout_s, key_file=key_file)
     except TimeoutError as error:
         stop(run_dir)
         raise click.ClickException(f"{error}; see {run_dir}/logs/") from None

@@ -62,3 +62,54 @@ def _restore_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+def launch_server(tmp_path, exported_dir, base_config="config.properties"):
+    """Archive the exported model and start a TorchServe of our own on free ports, in its
+    own working directory. Returns (inference URL, management URL, run dir, working dir)."""
+    import shutil
+
+    from export.run import TORCHSCRIPT_NAME
+    from serving import server
+    from serving.archive import build_archive
+
+    if shutil.which("java") is None:
+        pytest.fail("TorchServe needs Java 17 (`.ci/run` installs openjdk-17-jre-headless)")
+    model_store = tmp_path / "model_store"
+    build_archive(exported_dir / TORCHSCRIPT_NAME, model_store)
+    config, inference, management = server.instance_config(REPO_ROOT / base_config, tmp_path, model_store)
+    run_dir = tmp_path / "run"
+    server.start(str(config), run_dir, timeout_s=180, cwd=tmp_path)
+    return inference, management, run_dir, tmp_path
+
+
+@pytest.fixture(scope="session")
+def running_server(tmp_path_factory, exported):
+    """One shared server for the tests that only send requests."""
+    from serving import server
+
+    inference, management, run_dir, _ = launch_server(tmp_path_factory.mktemp("torchserve"), exported)
+    yield inference, management, run_dir
+    server.stop(run_dir)
+
+
+# --- reliability summary: tests append rows, the table prints at the end of the run ------------
+
+RELIABILITY_ROWS: list[dict] = []
+
+
+@pytest.fixture(scope="session")
+def reliability_log():
+    return RELIABILITY_ROWS
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not RELIABILITY_ROWS:
+        return
+    columns = ["check", "cases", "passed", "requests", "5xx", "worker restarts", "lost"]
+    widths = [max(len(str(row.get(c, ""))) for row in RELIABILITY_ROWS + [dict(zip(columns, columns))])
+              for c in columns]
+    terminalreporter.section("reliability")
+    terminalreporter.write_line("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in RELIABILITY_ROWS:
+        terminalreporter.write_line("  ".join(str(row.get(c, "")).ljust(w) for c, w in zip(columns, widths)))

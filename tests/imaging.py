@@ -20,3 +20,64 @@ def as_paper_photo(digit: np.ndarray, size=(300, 220), scale=7, offset=(40, 30),
     canvas = Image.new("L", size, 255)
     canvas.paste(big, offset)
     return canvas.convert(mode)
+
+
+def png_bomb(side: int = 50_000) -> bytes:
+    """A valid PNG header declaring side x side pixels, with almost no data behind it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 100))
+            + chunk(b"IEND", b""))
+
+
+def animated_gif(first: np.ndarray, second: np.ndarray) -> bytes:
+    frames = [Image.fromarray(first).convert("P"), Image.fromarray(second).convert("P")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buffer.getvalue()
+
+
+def exif_rotated_jpeg(digit: np.ndarray) -> bytes:
+    """Stored sideways, with EXIF orientation 6 saying 'rotate 90 degrees clockwise to view'."""
+    upright = as_paper_photo(digit, size=(200, 200), scale=5, offset=(30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(upright.rotate(90, expand=True), "JPEG", exif=exif, quality=95)
+
+
+def hostile_corpus(digit: np.ndarray, other: np.ndarray) -> list[tuple[str, bytes, dict, int, str | None]]:
+    """(name, body, headers, expected status, expected error code or None for a correct digit)
+    for one real MNIST digit `digit`: the inputs a public endpoint meets.
+
+    Not here: binary bodies labelled application/x-www-form-urlencoded. TorchServe's Java
+    frontend decodes those itself and, for many images, answers 500 ErrorDataDecoderException
+    before the handler runs (see README); the handler's hint for the rest is unit-tested."""
+    png, jpeg = encode(as_paper_photo(digit)), encode(as_paper_photo(digit), "JPEG")
+    octet = {"Content-Type": "application/octet-stream"}
+    sixteen = Image.fromarray((np.asarray(as_paper_photo(digit).convert("L"), dtype=np.uint16) * 257))
+    return [
+        ("empty body", b"", octet, 400, "empty"),
+        ("text", b"hello, I am not an image", {"Content-Type": "text/plain"}, 415, "not_an_image"),
+        ("json without image", b'{"foo": 1}', {"Content-Type": "application/json"}, 400, "no_image_field"),
+        ("truncated png", png[: len(png) // 2], octet, 400, "corrupt_image"),
+        ("truncated jpeg", jpeg[: len(jpeg) // 2], octet, 400, "corrupt_image"),
+        ("1x1 image", encode(Image.new("L", (1, 1), 128)), octet, 422, "no_digit"),
+        ("all white", encode(Image.new("RGB", (200, 200), "white")), octet, 422, "no_digit"),
+        ("all black", encode(Image.new("L", (28, 28), 0)), octet, 422, "no_digit"),
+        ("decompression bomb", png_bomb(), octet, 413, "too_large"),
+        ("invalid base64", b'{"image": "%%% not base64"}', {"Content-Type": "application/json"}, 400,
+         "invalid_base64"),
+        ("broken json", b'{"image": ', {"Content-Type": "application/json"}, 400, "invalid_json"),
+        ("unknown content type, image", png, {"Content-Type": "application/x-unknown"}, 200, None),
+        ("unknown content type, garbage", b"\x00\x01\x02" * 50, {"Content-Type": "application/x-unknown"}, 415,
+         "not_an_image"),
+        ("animated gif", animated_gif(digit, other), octet, 200, None),
+        ("cmyk jpeg", encode(as_paper_photo(digit).convert("CMYK"), "JPEG", quality=92), octet, 200, None),
+        ("16-bit png", encode(sixteen), octet, 200, None),
+        ("exif rotated jpeg", exif_rotated_jpeg(digit), octet, 200, None),
+    ]

@@ -2,9 +2,6 @@
 ports, send real MNIST digits the way curl does, check answers and error statuses, stop it."""
 import base64
 import json
-import re
-import shutil
-import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -13,56 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image
 
-from export.run import TORCHSCRIPT_NAME
-from imaging import as_paper_photo, encode
-from serving import server
-from serving.archive import build_archive
-from tests_paths import REPO_ROOT
+from imaging import as_paper_photo, encode, hostile_corpus
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
-
-
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def server_config(tmp_path, model_store):
-    """The repository's config.properties with this test's own ports and model store."""
-    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
-    text = (REPO_ROOT / "config.properties").read_text()
-    replacements = {"inference_address": f"http://127.0.0.1:{inference}",
-                    "management_address": f"http://127.0.0.1:{management}",
-                    "metrics_address": f"http://127.0.0.1:{metrics}",
-                    "grpc_inference_port": str(grpc_inference), "grpc_management_port": str(grpc_management),
-                    "model_store": str(model_store)}
-    for key, value in replacements.items():
-        text, count = re.subn(rf"^{key}=.*$", f"{key}={value}", text, flags=re.M)
-        assert count == 1, key
-    # Worker sockets are named after their port: keep clear of another server on this machine.
-    text += f"\ninitial_worker_port={free_ports(1)[0]}\n"
-    path = tmp_path / "config.properties"
-    path.write_text(text)
-    return path, f"http://127.0.0.1:{inference}", f"http://127.0.0.1:{management}"
-
-
-@pytest.fixture(scope="module")
-def running_server(tmp_path_factory, exported):
-    if shutil.which("java") is None:
-        pytest.fail("TorchServe needs Java 17 (`.ci/run` installs openjdk-17-jre-headless)")
-    tmp_path = tmp_path_factory.mktemp("torchserve")
-    model_store = tmp_path / "model_store"
-    build_archive(exported / TORCHSCRIPT_NAME, model_store)
-    config, inference, management = server_config(tmp_path, model_store)
-    run_dir = tmp_path / "run"
-    server.start(str(config), run_dir, timeout_s=180)
-    yield inference, management, run_dir
-    server.stop(run_dir)
 
 
 def request(url, data=None, method="POST", headers=None):
@@ -139,25 +89,33 @@ def test_paper_photo_jpeg(running_server, mnist_test_set, tmp_path):
     assert status == 200 and body["digit"] == int(labels[3])
 
 
-@pytest.mark.parametrize("name,body,headers,status,code", [
-    ("empty", b"", {}, 400, "empty"),
-    ("text", b"this is not an image", {"Content-Type": "text/plain"}, 415, "not_an_image"),
-    ("truncated png", None, {}, 400, "corrupt_image"),
-    ("invalid base64", json.dumps({"image": "@@@"}).encode(), {"Content-Type": "application/json"}, 400,
-     "invalid_base64"),
-    ("blank", encode(Image.new("L", (64, 64), 255)), {}, 422, "no_digit"),
-])
-def test_bad_requests_get_4xx_json_and_the_next_good_one_succeeds(running_server, digit_files, name, body,
-                                                                  headers, status, code):
+@pytest.mark.reliability
+def test_hostile_corpus_gets_4xx_json_and_the_next_good_request_succeeds(running_server, mnist_test_set,
+                                                                       digit_files, reliability_log):
     inference, _, _ = running_server
-    path, label = digit_files[1]
-    if body is None:
-        body = path.read_bytes()[:100]
-    got_status, got_body = request(f"{inference}/predictions/mnist", body, headers=headers)
-    assert got_status == status, got_body
-    assert json.loads(got_body)["code"] == code
-    ok_status, ok_body = request(f"{inference}/predictions/mnist", path.read_bytes())
-    assert ok_status == 200 and json.loads(ok_body)["digit"] == label
+    images, labels = mnist_test_set
+    url = f"{inference}/predictions/mnist"
+    good_path, good_label = digit_files[1]
+    failures, requests_sent, server_errors = [], 0, 0
+    for name, body, headers, status, code in hostile_corpus(images[0].numpy(), images[1].numpy()):
+        got_status, got_body = request(url, body, headers=headers)
+        ok_status, ok_body = request(url, good_path.read_bytes())
+        requests_sent += 2
+        server_errors += (got_status >= 500) + (ok_status >= 500)
+        answer = json.loads(got_body)
+        expected = {"digit": int(labels[0])} if code is None else {"code": code}
+        if got_status != status or any(answer.get(k) != v for k, v in expected.items()):
+            failures.append((name, got_status, answer))
+        if code is not None and not answer.get("error"):
+            failures.append((name, "error message missing", answer))
+        if ok_status != 200 or json.loads(ok_body)["digit"] != good_label:
+            failures.append((name, "next good request failed", ok_status))
+    cases = len(hostile_corpus(images[0].numpy(), images[1].numpy()))
+    reliability_log.append({"check": "hostile input corpus (real server)", "cases": cases,
+                            "passed": cases - len({f[0] for f in failures}), "requests": requests_sent,
+                            "5xx": server_errors, "worker restarts": "", "lost": 0})
+    assert not failures, failures
+    assert server_errors == 0
 
 
 def test_body_over_the_size_limit_is_refused(running_server, digit_files, tmp_path):

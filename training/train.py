@@ -53,6 +53,7 @@ class TrainConfig:
     device: str = "auto"
     threads_per_rank: int = 0        # 0: the machine's cores divided by the ranks on this node
     eval_batch_size: int = 1000
+    train_subset: int = 0            # train on the first N images only; 0: all
     quick: bool = False
     resume: bool = False
 
@@ -84,6 +85,7 @@ def validate(config: TrainConfig) -> None:
         (config.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
         (config.threads_per_rank >= 0, "threads per rank must be >= 0"),
         (config.eval_batch_size >= 1, "eval batch size must be >= 1"),
+        (config.train_subset >= 0, "train subset must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:
@@ -252,7 +254,7 @@ def run_training(config: TrainConfig, context: dist.DistContext) -> TrainResult:
     amp_dtype = resolve_amp_dtype(config, context.device)
     torch.manual_seed(config.seed)
 
-    train_subset = QUICK_TRAIN_IMAGES if config.quick else None
+    train_subset = config.train_subset or (QUICK_TRAIN_IMAGES if config.quick else None)
     test_images, test_labels = load_mnist(config.data_dir, train=False)
     if config.pipeline == "tensor":
         train_images, train_labels = load_mnist(config.data_dir, train=True)

@@ -1,0 +1,142 @@
+"""Serving load test: a real TorchServe on free loopback ports, loaded by wrk with keep-alive.
+
+    python -m benchmarks.serve_load --batch-size 16 --max-batch-delay 5 --connections 16
+
+builds an archive with the given batching/worker settings, starts the server, POSTs a real
+MNIST test digit for --duration seconds per connection count, and prints (and with --json
+writes) requests/s, latency percentiles and non-2xx counts. wrk must be installed
+(`apt-get install wrk`); requests only go to 127.0.0.1.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+import yaml
+
+from serving import server
+from serving.archive import SERVING_DIR, build_archive
+from serving.samples import write_samples
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WRK_SCRIPT = """
+local file = io.open("{image}", "rb")
+wrk.method = "POST"
+wrk.body = file:read("*a")
+file:close()
+wrk.headers["Content-Type"] = "image/png"
+"""
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    workers: int = 1
+    threads_per_worker: int = 2
+    batch_size: int = 16
+    max_batch_delay_ms: int = 5
+    serialized_file: str = "artifacts/mnist_cnn.torchscript.pt"
+
+
+@dataclass
+class LoadResult:
+    connections: int
+    duration_s: float
+    requests: int
+    requests_per_s: float
+    latency_ms: dict
+    non_2xx: int
+    socket_errors: int
+
+
+def model_config_for(settings: ServeSettings, path: Path) -> Path:
+    config = yaml.safe_load((SERVING_DIR / "model-config.yaml").read_text())
+    config.update(minWorkers=settings.workers, maxWorkers=settings.workers, batchSize=settings.batch_size,
+                  maxBatchDelay=settings.max_batch_delay_ms)
+    config.setdefault("handler", {})["threads"] = settings.threads_per_worker
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def parse_wrk(output: str, connections: int, duration_s: float) -> LoadResult:
+    latency = {}
+    for percentile, value, unit in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s)\s*$", output, re.M):
+        latency[f"p{percentile}"] = float(value) * UNITS[unit]
+    requests = int(re.search(r"(\d+) requests in", output).group(1))
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    return LoadResult(connections, duration_s, requests, float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),
+                      latency, int(non_2xx.group(1)) if non_2xx else 0,
+                      sum(map(int, errors.groups())) if errors else 0)
+
+
+def run_wrk(url: str, image: Path, connections: int, duration_s: float, workdir: Path) -> LoadResult:
+    script = workdir / "post_digit.lua"
+    script.write_text(WRK_SCRIPT.format(image=image))
+    threads = min(2, connections)
+    output = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration_s}s",
+                             "--timeout", "10s", "--latency", "-s", str(script), url],
+                            capture_output=True, text=True, check=True, timeout=duration_s + 60).stdout
+    return parse_wrk(output, connections, duration_s)
+
+
+def measure(settings: ServeSettings, connection_counts=(1, 16), duration_s: float = 10.0,
+            data_dir: str | None = None, base_config: Path = REPO_ROOT / "config.properties") -> list[LoadResult]:
+    if shutil.which("wrk") is None:
+        raise click.ClickException("wrk is not installed: apt-get install wrk")
+    with tempfile.TemporaryDirectory(prefix="serve_load_") as temp:
+        workdir = Path(temp)
+        store = workdir / "model_store"
+        build_archive(settings.serialized_file, store, model_config_for(settings, workdir / "model-config.yaml"))
+        image = write_samples(data_dir, workdir / "samples")[7]
+        config, inference, _ = server.instance_config(base_config, workdir, store)
+        server.start(str(config), workdir / "run")
+        try:
+            run_wrk(f"{inference}/predictions/mnist", image, 4, 2, workdir)   # warm-up, discarded
+            return [run_wrk(f"{inference}/predictions/mnist", image, c, duration_s, workdir)
+                    for c in connection_counts]
+        finally:
+            server.stop(workdir / "run")
+
+
+def format_results(settings: ServeSettings, results: list[LoadResult]) -> str:
+    lines = [f"workers={settings.workers} threads/worker={settings.threads_per_worker} "
+             f"batch={settings.batch_size} delay={settings.max_batch_delay_ms}ms",
+             "clients  requests/s    p50 ms   p90 ms   p99 ms  non-2xx  socket errors"]
+    for r in results:
+        lines.append(f"{r.connections:>7}  {r.requests_per_s:>10.0f}  {r.latency_ms.get('p50', 0):>8.2f} "
+                     f"{r.latency_ms.get('p90', 0):>8.2f} {r.latency_ms.get('p99', 0):>8.2f}  {r.non_2xx:>7}  "
+                     f"{r.socket_errors:>13}")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--workers", type=click.IntRange(min=1), default=ServeSettings.workers, show_default=True)
+@click.option("--threads", "threads_per_worker", type=click.IntRange(min=1), default=ServeSettings.threads_per_worker,
+              show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=ServeSettings.batch_size, show_default=True)
+@click.option("--max-batch-delay", "max_batch_delay_ms", type=click.IntRange(min=0),
+              default=ServeSettings.max_batch_delay_ms, show_default=True)
+@click.option("--model", "serialized_file", default=ServeSettings.serialized_file, show_default=True)
+@click.option("--connections", default="1,16", show_default=True, help="Comma-separated client counts.")
+@click.option("--duration", type=float, default=10.0, show_default=True, help="Seconds per client count.")
+@click.option("--data-dir", envvar="MNIST_DATA_DIR", default=None)
+@click.option("--json", "json_path", default=None, help="Also write the results here.")
+def main(connections, duration, data_dir, json_path, **settings) -> None:
+    """Load-test TorchServe with the given batching and worker settings."""
+    settings = ServeSettings(**settings)
+    results = measure(settings, [int(c) for c in connections.split(",")], duration, data_dir)
+    click.echo(format_results(settings, results))
+    if json_path:
+        Path(json_path).write_text(json.dumps({"settings": asdict(settings),
+                                               "results": [asdict(r) for r in results]}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

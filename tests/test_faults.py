@@ -1,0 +1,83 @@
+"""Training faults with real processes: SIGKILL mid-epoch then --resume; one dead torchrun rank."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from training.checkpoint import load_checkpoint
+
+pytestmark = [pytest.mark.slow, pytest.mark.reliability]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def start(args, cwd, torchrun=False):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"] if torchrun \
+        else [sys.executable]
+    return subprocess.Popen(prefix + ["-m", "training", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_line(process, text, timeout_s=240):
+    deadline, seen = time.monotonic() + timeout_s, []
+    for line in process.stdout:
+        seen.append(line)
+        if text in line:
+            return seen
+        if time.monotonic() > deadline:
+            break
+    raise AssertionError(f"never saw {text!r}: {''.join(seen)[-2000:]}")
+
+
+def test_sigkill_mid_epoch_then_resume(tmp_path, data_dir, reliability_log):
+    out = tmp_path / "m.pt"
+    args = ["--train-subset", "8192", "--epochs", "3", "--data-dir", data_dir, "--out", str(out)]
+    process = start(args, tmp_path)
+    wait_for_line(process, "epoch  1/3")
+    time.sleep(1.0)                              # well inside epoch 2 (an epoch takes several seconds)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    assert load_checkpoint(out)["metrics"]["epoch"] == 1          # the last complete save survived
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp files
+    resumed = subprocess.run([sys.executable, "-m", "training", *args, "--resume"], cwd=tmp_path,
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout
+    checkpoint = load_checkpoint(out)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    ok = checkpoint["metrics"]["epoch"] == 3 and [r["epoch"] for r in rows] == [1, 2, 3]
+    reliability_log.append({"check": "SIGKILL training mid-epoch, --resume", "cases": 1, "passed": int(ok),
+                            "requests": "", "5xx": "", "worker restarts": "", "lost": 0 if ok else 1})
+    assert ok
+
+
+def test_killed_rank_fails_the_job_instead_of_hanging(tmp_path, data_dir, reliability_log):
+    import psutil
+
+    process = start(["--train-subset", "16384", "--epochs", "4", "--data-dir", data_dir,
+                     "--out", str(tmp_path / "m.pt")], tmp_path, torchrun=True)
+    try:
+        wait_for_line(process, "training on")
+        time.sleep(1.0)
+        ranks = {int(child.environ().get("RANK", -1)): child
+                 for child in psutil.Process(process.pid).children(recursive=True)
+                 if "RANK" in child.environ()}
+        ranks[1].kill()
+        killed_at = time.monotonic()
+        output, _ = process.communicate(timeout=120)
+        seconds = time.monotonic() - killed_at
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    print(f"torchrun exited {process.returncode} {seconds:.1f} s after rank 1 was killed")
+    reliability_log.append({"check": f"kill 1 of 2 torchrun ranks (job ended in {seconds:.0f} s)", "cases": 1,
+                            "passed": int(process.returncode != 0), "requests": "", "5xx": "",
+                            "worker restarts": "", "lost": ""})
+    assert process.returncode != 0
+    assert "Signal 9" in output or "SIGKILL" in output, output[-2000:]
+    assert seconds < 60

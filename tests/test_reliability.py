@@ -1,0 +1,200 @@
+"""Load and faults against a real TorchServe: bounded request counts, loopback only.
+
+RELIABILITY_REQUESTS sets the requests per concurrency level (default 2,000; `make
+reliability` sends 20,000 in all).
+"""
+import http.client
+import json
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import launch_server
+from export.run import TORCHSCRIPT_NAME
+from imaging import encode, hostile_corpus
+from serving import server
+from serving.preprocess import preprocess_bytes
+from serving.runtime import load_model
+
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.reliability]
+REQUESTS_PER_LEVEL = int(os.environ.get("RELIABILITY_REQUESTS", "2000"))
+
+
+def worker_pids(management: str) -> list[int]:
+    with urllib.request.urlopen(f"{management}/models/mnist", timeout=10) as response:
+        workers = json.loads(response.read())[0]["workers"]
+    return sorted(int(worker["pid"]) for worker in workers if worker.get("pid"))
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_workload(mnist_test_set, exported, count: int):
+    """count requests: 90% real test digits, 10% from the hostile corpus. A good request's
+    expected answer is what the exported model itself predicts locally: the server must
+    return exactly that (whether the model is right is the accuracy tests' business)."""
+    images, _ = mnist_test_set
+    pngs = [encode(Image.fromarray(images[i].numpy())) for i in range(500)]
+    run_model, metadata = load_model(str(exported / TORCHSCRIPT_NAME), torch.device("cpu"), 0)
+    batch = np.stack([preprocess_bytes(png, metadata["mean"], metadata["std"]) for png in pngs])
+    expected = run_model(batch).argmax(axis=1)
+    good = [(png, {"Content-Type": "image/png"}, 200, int(digit)) for png, digit in zip(pngs, expected)]
+    bad = [(body, headers, status, code) for _, body, headers, status, code
+           in hostile_corpus(images[0].numpy(), images[1].numpy()) if code is not None]
+    return [bad[i // 10 % len(bad)] if i % 10 == 9 else good[i % len(good)] for i in range(count)]
+
+
+def send_all(inference: str, workload, concurrency: int, timeout_s: float = 30.0):
+    """Each client thread keeps one keep-alive connection; returns [(status, body, expected, t)]."""
+    address = urllib.parse.urlsplit(inference)
+    results = [None] * len(workload)
+    cursor = iter(range(len(workload)))
+    lock = threading.Lock()
+
+    def client():
+        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=timeout_s)
+        while True:
+            with lock:
+                index = next(cursor, None)
+            if index is None:
+                break
+            body, headers, status, expected = workload[index]
+            try:
+                connection.request("POST", "/predictions/mnist", body=body, headers=headers)
+                response = connection.getresponse()
+                results[index] = (response.status, response.read(), (status, expected), time.monotonic())
+            except (OSError, http.client.HTTPException) as error:
+                connection.close()
+                connection = http.client.HTTPConnection(address.hostname, address.port, timeout=timeout_s)
+                results[index] = (0, str(error).encode(), (status, expected), time.monotonic())
+        connection.close()
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        for future in [pool.submit(client) for _ in range(concurrency)]:
+            future.result()
+    return results
+
+
+def answered_correctly(result) -> bool:
+    status, body, (want_status, expected), _ = result
+    if status != want_status:
+        return False
+    answer = json.loads(body)
+    return answer.get("digit") == expected if want_status == 200 else answer.get("code") == expected
+
+
+def test_bounded_load_mixed_good_and_bad(running_server, exported, mnist_test_set, reliability_log, record_property):
+    inference, management, _ = running_server
+    pids_before = worker_pids(management)
+    rss_before = [rss_mib(pid) for pid in pids_before]
+    total = failures = server_errors = 0
+    examples = []
+    for concurrency in (1, 8, 32):
+        workload = make_workload(mnist_test_set, exported, REQUESTS_PER_LEVEL)
+        started = time.monotonic()
+        results = send_all(inference, workload, concurrency)
+        elapsed = time.monotonic() - started
+        total += len(results)
+        server_errors += sum(1 for r in results if r[0] >= 500 or r[0] == 0)
+        wrong = [r for r in results if not answered_correctly(r)]
+        failures += len(wrong)
+        examples.extend((r[0], r[1][:200], r[2]) for r in wrong[:3])
+        print(f"concurrency {concurrency:>2}: {len(results)} requests in {elapsed:.1f} s "
+              f"({len(results) / elapsed:.0f}/s), {len(wrong)} wrong")
+    pids_after = worker_pids(management)
+    rss_after = [rss_mib(pid) for pid in pids_after]
+    print(f"worker RSS MiB before {rss_before} after {rss_after}")
+    record_property("worker_rss_mib", {"before": rss_before, "after": rss_after})
+    reliability_log.append({"check": f"load 1/8/32 clients, 10% bad (RSS {rss_before[0]:.0f}->{rss_after[0]:.0f} MiB)",
+                            "cases": 3, "passed": 3 if not failures else 0, "requests": total,
+                            "5xx": server_errors, "worker restarts": len(set(pids_after) - set(pids_before)),
+                            "lost": failures})
+    assert server_errors == 0, examples
+    assert failures == 0, examples
+    assert pids_after == pids_before                      # no worker restarted
+    assert rss_after[0] < rss_before[0] * 1.25 + 50         # memory flat (some allocator growth allowed)
+
+
+def test_killed_worker_is_restarted_and_nothing_hangs(tmp_path, exported, mnist_test_set, reliability_log):
+    inference, management, run_dir, _ = launch_server(tmp_path, exported)
+    try:
+        [pid] = worker_pids(management)
+        workload = [w for w in make_workload(mnist_test_set, exported, 3000) if w[2] == 200]
+        killed_at = {}
+
+        def kill_soon():
+            time.sleep(1.0)
+            killed_at["t"] = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_soon)
+        killer.start()
+        started = time.monotonic()
+        results = send_all(inference, workload, concurrency=8)
+        killer.join()
+        elapsed = time.monotonic() - started
+        failed = [r for r in results if not answered_correctly(r)]
+        after_kill_ok = [r[3] for r in results if r[3] > killed_at["t"] and answered_correctly(r)]
+        recovery_s = min(after_kill_ok) - killed_at["t"] if after_kill_ok else float("inf")
+        [new_pid] = worker_pids(management)
+        print(f"killed worker {pid} -> restarted as {new_pid}; {len(failed)} of {len(results)} requests failed; "
+              f"first success {recovery_s:.2f} s after the kill; all answered within {elapsed:.1f} s")
+        reliability_log.append({"check": f"kill worker under load (recovered in {recovery_s:.1f} s)", "cases": 1,
+                                "passed": int(new_pid != pid and recovery_s < 60), "requests": len(results),
+                                "5xx": sum(1 for r in results if r[0] >= 500), "worker restarts": 1,
+                                "lost": len(failed)})
+        assert new_pid != pid
+        assert recovery_s < 60
+        assert all(r is not None for r in results)               # every request got an answer: no hang
+        assert len(failed) < len(results) * 0.05                  # only the batch in flight is lost
+        last = results[-200:]
+        assert all(answered_correctly(r) for r in last)           # and serving is back to normal
+    finally:
+        server.stop(run_dir)
+
+
+def test_token_authorization_in_the_production_config(tmp_path, exported, mnist_test_set, reliability_log):
+    inference, management, run_dir, workdir = launch_server(tmp_path, exported, "config.production.properties")
+    try:
+        keys = json.loads((workdir / "key_file.json").read_text())
+        images, labels = mnist_test_set
+        png = encode(Image.fromarray(images[0].numpy()))
+
+        def post(headers):
+            request = urllib.request.Request(f"{inference}/predictions/mnist", data=png, method="POST",
+                                             headers={"Content-Type": "image/png", **headers})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return response.status, response.read()
+            except urllib.error.HTTPError as error:
+                return error.code, error.read()
+
+        # TorchServe 0.12 refuses with 400 InvalidKeyException (not 401/403), before any handler runs.
+        refusals = [post({}), post({"Authorization": "Bearer not-the-key"})]
+        refused = [status == 400 and json.loads(body)["type"] == "InvalidKeyException" for status, body in refusals]
+        status, body = post({"Authorization": f"Bearer {keys['inference']['key']}"})
+        served = status == 200 and json.loads(body)["digit"] == int(labels[0])
+        key_file_private = (workdir / "key_file.json").stat().st_mode & 0o077 == 0
+        reliability_log.append({"check": "token auth: no/wrong key refused, right key served", "cases": 3,
+                                "passed": sum(refused) + served, "requests": 3, "5xx": 0, "worker restarts": "",
+                                "lost": 0})
+        assert all(refused), refusals
+        assert served, (status, body)
+        assert key_file_private
+    finally:
+        server.stop(run_dir)
