@@ -9,6 +9,9 @@ ARTIFACTS   := artifacts
 CHECKPOINT  := $(ARTIFACTS)/mnist_cnn.pt
 TORCHSCRIPT := $(ARTIFACTS)/mnist_cnn.torchscript.pt
 ONNX        := $(ARTIFACTS)/mnist_cnn.onnx
+INT8        := $(ARTIFACTS)/mnist_cnn.int8.onnx
+# What the archive serves: the TorchScript model, or SERVE_MODEL=$(INT8) (or $(ONNX)) for ONNX Runtime.
+SERVE_MODEL ?= $(TORCHSCRIPT)
 MODEL_STORE := model_store
 MAR         := $(MODEL_STORE)/mnist.mar
 RUN_DIR     := .run/torchserve
@@ -21,7 +24,7 @@ IMG         ?= $(SAMPLES)/digit_7.png
 DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 .DEFAULT_GOAL := help
-.PHONY: help install data train export archive serve stop predict samples test reliability clean
+.PHONY: help install data train export archive serve stop predict samples test reliability bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -32,7 +35,7 @@ install: $(INSTALLED) ## Create .venv and install the project with test extras
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,bench]'
 	touch $@
 
 data: $(INSTALLED) ## Check MNIST is readable (DATA_DIR) or download it into ./data
@@ -45,15 +48,15 @@ train: $(INSTALLED) data ## Train the CNN; writes $(CHECKPOINT)
 $(CHECKPOINT): $(wildcard training/*.py) | $(INSTALLED) data
 	$(BIN)/mnist-train $(DATA_FLAG) --out $@ $(TRAIN_ARGS)
 
-$(TORCHSCRIPT) $(ONNX) &: $(CHECKPOINT) $(wildcard export/*.py)
-	$(BIN)/mnist-export $(DATA_FLAG) --checkpoint $(CHECKPOINT) --out-dir $(ARTIFACTS)
+$(TORCHSCRIPT) $(ONNX) $(INT8) &: $(CHECKPOINT) $(wildcard export/*.py)
+	$(BIN)/mnist-export $(DATA_FLAG) --checkpoint $(CHECKPOINT) --out-dir $(ARTIFACTS) --quantize
 
-export: $(TORCHSCRIPT) $(ONNX) ## Export TorchScript + ONNX with the parity check
+export: $(TORCHSCRIPT) $(ONNX) $(INT8) ## Export TorchScript + ONNX (+ int8 ONNX) with the parity check
 
-$(MAR): $(TORCHSCRIPT) $(wildcard serving/*.py) serving/model-config.yaml
-	$(BIN)/python -m serving.archive --serialized-file $(TORCHSCRIPT) --export-path $(MODEL_STORE)
+$(MAR): $(SERVE_MODEL) $(wildcard serving/*.py) serving/model-config.yaml
+	$(BIN)/python -m serving.archive --serialized-file $(SERVE_MODEL) --export-path $(MODEL_STORE)
 
-archive: $(MAR) ## Build $(MAR) for TorchServe
+archive: $(MAR) ## Build $(MAR) for TorchServe (SERVE_MODEL=$(INT8) to serve int8 ONNX)
 
 samples: | $(INSTALLED) ## Write real MNIST test digits as PNG into samples/
 	$(BIN)/python -m serving.samples $(DATA_FLAG) --out $(SAMPLES)
@@ -72,6 +75,10 @@ test: $(INSTALLED) ## Run the test suite (uses ../shared/mnist or MNIST_DATA_DIR
 
 reliability: $(INSTALLED) ## Hostile inputs, fuzzing, 20,000-request load, killed workers and ranks: a table
 	RELIABILITY_REQUESTS=6667 $(BIN)/python -m pytest -m reliability -s -q $(PYTEST_ARGS)
+
+bench: $(INSTALLED) export ## Measure training, inference and serving against baselines: benchmarks/RESULTS.md
+	@command -v wrk >/dev/null || apt-get install -y -q wrk || { echo "bench needs wrk: apt-get install wrk"; exit 1; }
+	$(BIN)/python -m benchmarks.run $(DATA_FLAG)
 
 clean: ## Remove artifacts, archives and server state (keeps .venv and data)
 	rm -rf $(ARTIFACTS) $(MODEL_STORE) .run $(SAMPLES) logs

@@ -37,11 +37,20 @@ UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 @dataclass(frozen=True)
 class ServeSettings:
-    workers: int = 1
-    threads_per_worker: int = 2
-    batch_size: int = 16
-    max_batch_delay_ms: int = 5
+    workers: int
+    threads_per_worker: int
+    batch_size: int
+    max_batch_delay_ms: int
     serialized_file: str = "artifacts/mnist_cnn.torchscript.pt"
+
+    @classmethod
+    def shipped(cls) -> "ServeSettings":
+        """The settings the archive ships with (serving/model-config.yaml)."""
+        config = yaml.safe_load((SERVING_DIR / "model-config.yaml").read_text())
+        return cls(config["minWorkers"], config["handler"]["threads"], config["batchSize"], config["maxBatchDelay"])
+
+
+SHIPPED = ServeSettings.shipped()
 
 
 @dataclass
@@ -80,7 +89,7 @@ def run_wrk(url: str, image: Path, connections: int, duration_s: float, workdir:
     script = workdir / "post_digit.lua"
     script.write_text(WRK_SCRIPT.format(image=image))
     threads = min(2, connections)
-    output = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration_s}s",
+    output = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration_s:g}s",
                              "--timeout", "10s", "--latency", "-s", str(script), url],
                             capture_output=True, text=True, check=True, timeout=duration_s + 60).stdout
     return parse_wrk(output, connections, duration_s)
@@ -117,13 +126,13 @@ def format_results(settings: ServeSettings, results: list[LoadResult]) -> str:
 
 
 @click.command()
-@click.option("--workers", type=click.IntRange(min=1), default=ServeSettings.workers, show_default=True)
-@click.option("--threads", "threads_per_worker", type=click.IntRange(min=1), default=ServeSettings.threads_per_worker,
+@click.option("--workers", type=click.IntRange(min=1), default=SHIPPED.workers, show_default=True)
+@click.option("--threads", "threads_per_worker", type=click.IntRange(min=1), default=SHIPPED.threads_per_worker,
               show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=ServeSettings.batch_size, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=SHIPPED.batch_size, show_default=True)
 @click.option("--max-batch-delay", "max_batch_delay_ms", type=click.IntRange(min=0),
-              default=ServeSettings.max_batch_delay_ms, show_default=True)
-@click.option("--model", "serialized_file", default=ServeSettings.serialized_file, show_default=True)
+              default=SHIPPED.max_batch_delay_ms, show_default=True)
+@click.option("--model", "serialized_file", default=SHIPPED.serialized_file, show_default=True)
 @click.option("--connections", default="1,16", show_default=True, help="Comma-separated client counts.")
 @click.option("--duration", type=float, default=10.0, show_default=True, help="Seconds per client count.")
 @click.option("--data-dir", envvar="MNIST_DATA_DIR", default=None)

@@ -7,6 +7,7 @@ from training.checkpoint import CheckpointError
 from training.data import DATA_DIR_ENV, DataError
 
 from .parity import ParityError, format_report
+from .quantize import format_int8
 from .run import ExportConfig, ExportError, run_export
 
 DEFAULTS = ExportConfig()
@@ -23,6 +24,9 @@ DEFAULTS = ExportConfig()
 @click.option("--opset", type=click.IntRange(13, 21), default=DEFAULTS.opset, help="ONNX opset.")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=DEFAULTS.tolerance,
               help="Largest allowed |logit difference| against eager PyTorch.")
+@click.option("--quantize", is_flag=True,
+              help="Also write mnist_cnn.int8.onnx: static int8, calibrated on 2,048 training images, "
+                   "with its accuracy and speed next to fp32.")
 def main(**options) -> None:
     """Export the checkpoint to TorchScript and ONNX and prove parity with eager PyTorch.
 
@@ -36,5 +40,7 @@ def main(**options) -> None:
     except ParityError as error:
         raise click.ClickException(f"parity check failed, no artifact written:\n{error}") from None
     click.echo(format_report(report))
+    if "int8" in report:
+        click.echo(format_int8(report["int8"]))
     for kind, path in report["artifacts"].items():
         click.echo(f"wrote {path} ({kind})")

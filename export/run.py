@@ -25,6 +25,7 @@ from .parity import (DEFAULT_BATCH_SIZES, DEFAULT_TOLERANCE, ParityError, check_
 
 TORCHSCRIPT_NAME = "mnist_cnn.torchscript.pt"  # BaseHandler loads TorchScript only from *.pt
 ONNX_NAME = "mnist_cnn.onnx"
+INT8_NAME = "mnist_cnn.int8.onnx"
 REPORT_NAME = "parity_report.json"
 
 
@@ -37,6 +38,7 @@ class ExportConfig:
     opset: int = ONNX_OPSET
     tolerance: float = DEFAULT_TOLERANCE
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    quantize: bool = False           # also write a static int8 ONNX model (export/quantize.py)
 
 
 class ExportError(Exception):
@@ -93,4 +95,22 @@ def run_export(config: ExportConfig) -> dict:
         set_onnx_metadata(onnx_tmp, metadata)
         os.replace(torchscript_tmp, out_dir / TORCHSCRIPT_NAME)
         os.replace(onnx_tmp, out_dir / ONNX_NAME)
+        if config.quantize:
+            report["int8"] = export_int8(config, out_dir, metadata, inputs, labels.numpy(), stack)
+            report["artifacts"]["int8"] = str(out_dir / INT8_NAME)
+            (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def export_int8(config: ExportConfig, out_dir: Path, metadata: dict, test_inputs: np.ndarray,
+                test_labels: np.ndarray, stack: ExitStack) -> dict:
+    """Quantize the fp32 ONNX model on real training images; measure it against fp32."""
+    from .quantize import CALIBRATION_IMAGES, compare, quantize_int8, record_in_metadata
+
+    train_images, _ = load_mnist(config.data_dir, train=True)
+    calibration = normalized_images(train_images[:CALIBRATION_IMAGES], metadata)
+    int8_tmp = quantize_int8(out_dir / ONNX_NAME, temp_path(out_dir, INT8_NAME, stack), calibration)
+    comparison = compare(out_dir / ONNX_NAME, int8_tmp, test_inputs, test_labels)
+    record_in_metadata(int8_tmp, metadata, comparison)
+    os.replace(int8_tmp, out_dir / INT8_NAME)
+    return comparison

@@ -1,4 +1,5 @@
-"""Build the TorchServe model archive (.mar) from the exported TorchScript artifact.
+"""Build the TorchServe model archive (.mar) from an exported artifact (TorchScript, or ONNX
+for ONNX Runtime, e.g. the int8 model).
 
     python -m serving.archive --serialized-file artifacts/mnist_cnn.torchscript.pt --export-path model_store
 
@@ -30,12 +31,17 @@ def archive_command(serialized_file: str, export_path: str, version: str, model_
 def build_archive(serialized_file: str | Path, export_path: str | Path,
                   model_config: str | Path = SERVING_DIR / "model-config.yaml") -> Path:
     """Returns the path of the .mar; raises click.ClickException with the archiver's message."""
-    from export.artifacts import load_torchscript
+    import torch
+
+    from .runtime import load_model
 
     serialized_file, export_path = Path(serialized_file), Path(export_path)
     if not serialized_file.is_file():
         raise click.ClickException(f"no exported model at {serialized_file}: run `make export` first")
-    _, metadata = load_torchscript(serialized_file)   # refuses a file that is not our TorchScript
+    try:  # the handler will load it the same way: refuse a file that is not one of our artifacts now
+        _, metadata = load_model(str(serialized_file), torch.device("cpu"), 1)
+    except Exception as error:
+        raise click.ClickException(f"{serialized_file} is not a digitserve model: {error}") from None
     export_path.mkdir(parents=True, exist_ok=True)
     command = archive_command(str(serialized_file), str(export_path), metadata["model_version"], str(model_config))
     run = subprocess.run(command,

@@ -50,10 +50,11 @@ def trained_checkpoint(tmp_path_factory, data_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, trained_checkpoint, data_dir) -> Path:
-    """TorchScript + ONNX of the trained model, through the real export stage."""
+    """TorchScript, ONNX and int8 ONNX of the trained model, through the real export stage."""
     from export.run import ExportConfig, run_export
     out_dir = tmp_path_factory.mktemp("exported")
-    run_export(ExportConfig(checkpoint=str(trained_checkpoint), out_dir=str(out_dir), data_dir=data_dir))
+    run_export(ExportConfig(checkpoint=str(trained_checkpoint), out_dir=str(out_dir), data_dir=data_dir,
+                            quantize=True))
     return out_dir
 
 

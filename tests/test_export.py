@@ -10,7 +10,8 @@ from export.artifacts import (build_metadata, export_onnx, export_torchscript, l
                               read_onnx_metadata)
 from export.cli import main as export_cli
 from export.parity import check_parity, onnx_backend, onnx_session, torch_backend
-from export.run import ONNX_NAME, REPORT_NAME, TORCHSCRIPT_NAME, ExportConfig, normalized_images, run_export
+from export.run import (INT8_NAME, ONNX_NAME, REPORT_NAME, TORCHSCRIPT_NAME, ExportConfig, normalized_images,
+                        run_export)
 from training.checkpoint import load_checkpoint
 
 
@@ -141,3 +142,13 @@ def test_cli_rejects_an_unwritable_output_dir(tmp_path, quick_checkpoint, data_d
                                              str(blocker / "sub"), "--data-dir", data_dir])
     assert result.exit_code == 1
     assert "cannot write to" in result.output and "Traceback" not in result.output
+
+
+def test_int8_model_is_faster_and_as_accurate(exported):
+    """The quantized model of the trained network: metadata, accuracy and speed recorded."""
+    report = json.loads((exported / REPORT_NAME).read_text())["int8"]
+    assert report["accuracy_drop_points"] <= 0.3
+    assert report["int8"]["images_per_s_batch256"] > 0 and report["speedup_batch256"] > 0
+    metadata = read_onnx_metadata(exported / INT8_NAME)
+    assert "int8" in metadata["quantization"] and metadata["test_acc"] == report["int8"]["test_acc"]
+    onnx.checker.check_model(onnx.load(str(exported / INT8_NAME)), full_check=True)

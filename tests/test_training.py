@@ -127,3 +127,21 @@ def test_cli_resume_from_corrupt_checkpoint(tmp_path, data_dir):
     result = CliRunner().invoke(train_cli, ["--quick", "--resume", "--data-dir", data_dir, "--out", str(out)])
     assert result.exit_code == 1
     assert "cannot resume" in result.output and "Traceback" not in result.output
+
+
+def test_data_step_without_copy_or_network_says_so(tmp_path, monkeypatch):
+    from torchvision.datasets import MNIST
+
+    from training.data import DataError, check_data
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MNIST_DATA_DIR", raising=False)
+    monkeypatch.setattr(MNIST, "mirrors", ["http://127.0.0.1:9/"])   # a closed local port: no network
+    with pytest.raises(DataError, match="download failed .no network.*DATA_DIR"):
+        check_data(None)
+
+
+def test_data_step_reads_the_local_copy(data_dir):
+    from training.data import check_data
+
+    assert check_data(data_dir) == f"MNIST ready: 60000 training and 10000 test images from {data_dir}"

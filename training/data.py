@@ -96,7 +96,8 @@ def check_data(data_dir: str | os.PathLike | None) -> str:
     except DataError as error:
         if data_dir is None and not os.environ.get(DATA_DIR_ENV):
             raise DataError(f"MNIST is not in ./{DEFAULT_DOWNLOAD_DIR} and the download failed (no network?). "
-                            f"Point DATA_DIR=... (make) or ${DATA_DIR_ENV} at a local copy. Details: {error}") from None
+                            f"Point DATA_DIR=... (make) or ${DATA_DIR_ENV} at a local copy. "
+                            f"({str(error).splitlines()[0]})") from None
         raise
     source = data_dir or os.environ.get(DATA_DIR_ENV) or DEFAULT_DOWNLOAD_DIR
     return f"MNIST ready: {len(train_images)} training and {len(test_images)} test images from {source}"

@@ -1,0 +1,280 @@
+"""`make bench`: every speed figure of the project, measured in one run, with its baseline.
+
+    python -m benchmarks.run --data-dir ../shared/mnist
+
+writes benchmarks/results.json, benchmarks/RESULTS.md and PNG plots in benchmarks/. Needs the
+artifacts of `make train` and `make export` (the int8 model too: `mnist-export --quantize`)
+and wrk for the serving part. Bounded: about 10 minutes on a 2-core CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from export.parity import onnx_session
+from export.run import INT8_NAME, ONNX_NAME, TORCHSCRIPT_NAME, normalized_images
+from training.data import load_mnist
+from training.model import build_model
+
+from .serve_load import ServeSettings, measure as measure_serving
+
+HERE = Path(__file__).resolve().parent
+FORWARD_MFLOP = 38.2        # per image: convs 36.5 + linears 1.6 (multiply-adds x 2)
+TRAIN_MFLOP = 3 * FORWARD_MFLOP   # forward + backward (about twice the forward)
+BATCH_SIZES = (1, 8, 32, 128, 256)
+
+
+def spread(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "runs": len(values)}
+
+
+def machine() -> dict:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(cores)
+    gemm = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+        torch.mm(a, b)
+        rates = []
+        for _ in range(5):
+            started = time.perf_counter()
+            for _ in range(10):
+                torch.mm(a, b)
+            rates.append(10 * 2 * 1024 ** 3 / (time.perf_counter() - started) / 1e9)
+        gemm[str(dtype).removeprefix("torch.")] = spread(rates)
+    return {"cpu": model, "cores": cores, "torch": torch.__version__, "gemm_gflops": gemm}
+
+
+def train_images_per_s(args: list[str], data_dir: str, torchrun: bool = False) -> float:
+    """Run the real training CLI on a subset for one epoch; its metrics.jsonl says images/s."""
+    with tempfile.TemporaryDirectory() as temp:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"] \
+            if torchrun else [sys.executable]
+        subprocess.run(launcher + ["-m", "training", "--epochs", "1", "--warmup-epochs", "0", "--data-dir",
+                                   data_dir, "--out", f"{temp}/m.pt", *args],
+                       check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+        return json.loads(Path(temp, "metrics.jsonl").read_text().splitlines()[-1])["images_per_s"]
+
+
+def training(data_dir: str, repeats: int) -> dict:
+    configs = {
+        "textbook: per-image PIL transforms, DataLoader 2 workers, batch 128, fp32":
+            (["--pipeline", "torchvision", "--num-workers", "2", "--batch-size", "128", "--no-amp",
+              "--train-subset", "6400"], False),
+        "ours: in-memory tensors, batch augmentation, fp32":
+            (["--no-amp", "--train-subset", "12800"], False),
+        "ours: in-memory tensors, batch augmentation, bf16 (default)":
+            (["--train-subset", "12800"], False),
+        "ours, DDP 2 processes x 1 thread (gloo), bf16":
+            (["--train-subset", "12800"], True),
+    }
+    results = {}
+    for name, (args, torchrun) in configs.items():
+        rates = [train_images_per_s(args, data_dir, torchrun) for _ in range(repeats)]
+        results[name] = {"images_per_s": spread(rates), "epoch_s": 60000 / statistics.median(rates)}
+    return results
+
+
+def training_curve(metrics_path: Path) -> dict | None:
+    if not metrics_path.is_file():
+        return None
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    elapsed, curve = 0.0, []
+    for row in rows:
+        elapsed += row["epoch_s"]
+        curve.append({"epoch": row["epoch"], "wall_s": elapsed, "test_acc": row["test_acc"],
+                      "train_loss": row["train_loss"], "test_loss": row["test_loss"]})
+    first = lambda target: next((p["wall_s"] for p in curve if p["test_acc"] >= target), None)
+    return {"curve": curve, "seconds_to_99.0": first(0.990), "seconds_to_99.5": first(0.995),
+            "final_test_acc": curve[-1]["test_acc"]}
+
+
+def time_backend(run, images: np.ndarray, batch_size: int, repeats: int) -> dict:
+    count = 256 if batch_size == 1 else 4096
+    batches = [images[i:i + batch_size] for i in range(0, count, batch_size)]
+    run(batches[0])
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for batch in batches:
+            run(batch)
+        rates.append(count / (time.perf_counter() - started))
+    return spread(rates)
+
+
+def inference(artifacts: Path, images: np.ndarray, repeats: int) -> dict:
+    from export.artifacts import load_model, load_torchscript
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    eager, _ = load_model(artifacts / "mnist_cnn.pt")
+    scripted, _ = load_torchscript(artifacts / TORCHSCRIPT_NAME)
+
+    def torch_runner(module):
+        def run(batch):
+            with torch.inference_mode():
+                return module(torch.from_numpy(batch))
+        return run
+
+    def onnx_runner(path):
+        session = onnx_session(path)
+        return lambda batch: session.run(None, {"image": batch})
+
+    backends = {"eager fp32": torch_runner(eager), "TorchScript fp32": torch_runner(scripted),
+                "ONNX Runtime fp32": onnx_runner(artifacts / ONNX_NAME)}
+    if (artifacts / INT8_NAME).is_file():
+        backends["ONNX Runtime int8"] = onnx_runner(artifacts / INT8_NAME)
+    return {name: {str(b): time_backend(run, images, b, repeats) for b in BATCH_SIZES}
+            for name, run in backends.items()}
+
+
+def serving(data_dir: str, duration_s: float) -> dict:
+    tuned = ServeSettings.shipped()
+    baseline = ServeSettings(workers=2, threads_per_worker=2, batch_size=1, max_batch_delay_ms=0)
+    results = {}
+    for name, settings in (("baseline: TorchServe defaults (2 workers x 2 threads, no batching)", baseline),
+                           ("ours: serving/model-config.yaml", tuned)):
+        runs = measure_serving(settings, (1, 16), duration_s, data_dir)
+        results[name] = {"settings": settings.__dict__, "runs": [run.__dict__ for run in runs]}
+    return results
+
+
+def plot(results: dict, out_dir: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name, by_batch in results["inference"].items():
+        sizes = [int(b) for b in by_batch]
+        axis.plot(sizes, [by_batch[str(b)]["median"] for b in sizes], marker="o", label=name)
+    axis.set(xscale="log", xlabel="batch size", ylabel="images/s (median)", title="Inference throughput, 2 CPU cores")
+    axis.set_xticks(list(BATCH_SIZES), [str(b) for b in BATCH_SIZES])
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out_dir / "inference_throughput.png", dpi=120)
+    written.append("inference_throughput.png")
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name, entry in results["serving"].items():
+        run = next(r for r in entry["runs"] if r["connections"] == 16)
+        points = sorted((float(p[1:]), v) for p, v in run["latency_ms"].items())
+        axis.plot([p for p, _ in points], [v for _, v in points], marker="o",
+                  label=f"{name.split(':')[0]} ({run['requests_per_s']:.0f} req/s)")
+    axis.set(xlabel="percentile", ylabel="latency ms", yscale="log",
+             title="TorchServe latency under load (16 keep-alive clients)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out_dir / "serving_latency.png", dpi=120)
+    written.append("serving_latency.png")
+
+    curve = results.get("training_curve")
+    if curve:
+        figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        wall = [p["wall_s"] for p in curve["curve"]]
+        left.plot(wall, [100 * p["test_acc"] for p in curve["curve"]], marker="o")
+        left.set(xlabel="wall time s", ylabel="test accuracy %", title="make train: test accuracy")
+        left.axhline(99.5, color="grey", linestyle=":")
+        right.plot(wall, [p["train_loss"] for p in curve["curve"]], marker="o", label="train")
+        right.plot(wall, [p["test_loss"] for p in curve["curve"]], marker="o", label="test")
+        right.set(xlabel="wall time s", ylabel="cross-entropy", yscale="log", title="loss")
+        right.legend()
+        for axis in (left, right):
+            axis.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(out_dir / "training_curves.png", dpi=120)
+        written.append("training_curves.png")
+    return written
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    fp32_peak = m["gemm_gflops"]["float32"]["median"]
+    bf16_peak = m["gemm_gflops"]["bfloat16"]["median"]
+    lines = [f"# Benchmark results ({results['date']})", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}. Measured GEMM (1024^2, "
+             f"{m['cores']} threads): fp32 {fp32_peak:.0f} GFLOP/s, bf16 {bf16_peak:.0f} GFLOP/s.",
+             f"Reproduce: `{results['command']}`. Figures are min / median / max over "
+             f"{results['repeats']} runs unless noted.", "", "## Training (one epoch = 60,000 images)", "",
+             "| pipeline | images/s (min / median / max) | s per epoch | vs textbook | share of compute limit |",
+             "|---|---|---:|---:|---:|"]
+    training = results["training"]
+    baseline = next(iter(training.values()))["images_per_s"]["median"]
+    for name, entry in training.items():
+        s = entry["images_per_s"]
+        peak = bf16_peak if "bf16" in name else fp32_peak
+        lines.append(f"| {name} | {s['min']:.0f} / {s['median']:.0f} / {s['max']:.0f} | {entry['epoch_s']:.1f} | "
+                     f"{s['median'] / baseline:.1f}x | {s['median'] * TRAIN_MFLOP / 1e3 / peak:.0%} |")
+    curve = results.get("training_curve")
+    if curve:
+        lines += ["", f"`make train` (artifacts/metrics.jsonl): {curve['final_test_acc']:.2%} final test accuracy; "
+                      f"99.0% after {curve['seconds_to_99.0']:.0f} s, 99.5% after {curve['seconds_to_99.5']:.0f} s "
+                      "of training time. ![training curves](training_curves.png)"]
+    lines += ["", "## Inference (images/s, median; 2 threads)", "",
+              "| backend | " + " | ".join(f"batch {b}" for b in BATCH_SIZES) + " | batch-1 latency ms | "
+              "share of fp32 limit @256 |", "|---|" + "---:|" * (len(BATCH_SIZES) + 2)]
+    for name, by_batch in results["inference"].items():
+        rates = [by_batch[str(b)]["median"] for b in BATCH_SIZES]
+        share = rates[-1] * FORWARD_MFLOP / 1e3 / fp32_peak
+        lines.append(f"| {name} | " + " | ".join(f"{r:.0f}" for r in rates) +
+                     f" | {1000 / rates[0]:.3f} | {share:.0%} |")
+    lines += ["", "![inference throughput](inference_throughput.png)", "",
+              "## Serving (TorchServe, wrk, keep-alive, one run each)", "",
+              "| configuration | clients | requests/s | p50 ms | p99 ms | non-2xx |", "|---|---:|---:|---:|---:|---:|"]
+    for name, entry in results["serving"].items():
+        for run in entry["runs"]:
+            lines.append(f"| {name} | {run['connections']} | {run['requests_per_s']:.0f} | "
+                         f"{run['latency_ms'].get('p50', 0):.1f} | {run['latency_ms'].get('p99', 0):.1f} | "
+                         f"{run['non_2xx']} |")
+    lines += ["", "![serving latency](serving_latency.png)", ""]
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--data-dir", envvar="MNIST_DATA_DIR", required=True, help="MNIST copy (env MNIST_DATA_DIR).")
+@click.option("--artifacts", default="artifacts", show_default=True, type=click.Path(file_okay=False))
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--serve-seconds", type=float, default=10.0, show_default=True)
+@click.option("--out-dir", default=str(HERE), show_default=True)
+def main(data_dir, artifacts, repeats, serve_seconds, out_dir) -> None:
+    """Measure training, inference and serving speed against their baselines."""
+    artifacts, out_dir = Path(artifacts), Path(out_dir)
+    for needed in ("mnist_cnn.pt", TORCHSCRIPT_NAME, ONNX_NAME):
+        if not (artifacts / needed).is_file():
+            raise click.ClickException(f"{artifacts / needed} missing: run `make train export` first")
+    images, _ = load_mnist(data_dir, train=False)
+    inputs = normalized_images(images[:4096], {"mean": 0.1307, "std": 0.3081})
+    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "repeats": repeats,
+               "command": f"make bench DATA_DIR={data_dir}"}
+    steps = [("machine", machine), ("inference", lambda: inference(artifacts, inputs, repeats)),
+             ("training", lambda: training(data_dir, repeats)),
+             ("training_curve", lambda: training_curve(artifacts / "metrics.jsonl")),
+             ("serving", lambda: serving(data_dir, serve_seconds))]
+    for name, step in steps:
+        started = time.perf_counter()
+        results[name] = step()
+        click.echo(f"{name}: {time.perf_counter() - started:.0f} s", err=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, out_dir)
+    (out_dir / "RESULTS.md").write_text(markdown(results))
+    click.echo(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
