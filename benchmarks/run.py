@@ -25,7 +25,6 @@ import torch
 from export.parity import onnx_session
 from export.run import INT8_NAME, ONNX_NAME, TORCHSCRIPT_NAME, normalized_images
 from training.data import load_mnist
-from training.model import build_model
 
 from .serve_load import ServeSettings, measure as measure_serving
 

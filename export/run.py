@@ -45,7 +45,7 @@ class ExportError(Exception):
     """The output directory cannot be written."""
 
 
-def normalized_images(images_uint8: torch.Tensor, metadata: dict) -> np.ndarray:
+def normalized_images(images_uint8, metadata: dict) -> np.ndarray:
     """uint8 [N, 28, 28] -> float32 [N, 1, 28, 28] with the artifact's own mean and std."""
     pixels = images_uint8.numpy().astype(np.float32)[:, None] / 255.0
     return (pixels - np.float32(metadata["mean"])) / np.float32(metadata["std"])

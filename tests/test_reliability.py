@@ -9,7 +9,6 @@ import os
 import signal
 import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ from PIL import Image
 
 from conftest import launch_server
 from export.run import TORCHSCRIPT_NAME
+from http_client import request
 from imaging import encode, hostile_corpus
 from serving import server
 from serving.preprocess import preprocess_bytes
@@ -194,13 +194,7 @@ def test_token_authorization_in_the_production_config(tmp_path, exported, mnist_
         png = encode(Image.fromarray(images[0].numpy()))
 
         def post(headers):
-            request = urllib.request.Request(f"{inference}/predictions/mnist", data=png, method="POST",
-                                             headers={"Content-Type": "image/png", **headers})
-            try:
-                with urllib.request.urlopen(request, timeout=10) as response:
-                    return response.status, response.read()
-            except urllib.error.HTTPError as error:
-                return error.code, error.read()
+            return request(f"{inference}/predictions/mnist", png, headers={"Content-Type": "image/png", **headers})
 
         # TorchServe 0.12 refuses with 400 InvalidKeyException (not 401/403), before any handler runs.
         refusals = [post({}), post({"Authorization": "Bearer not-the-key"})]

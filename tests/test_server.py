@@ -3,27 +3,15 @@ ports, send real MNIST digits the way curl does, check answers and error statuse
 import base64
 import json
 import subprocess
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
 
-from imaging import as_paper_photo, encode, hostile_corpus
+from http_client import request
+from imaging import as_paper_photo, hostile_corpus
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
-
-
-def request(url, data=None, method="POST", headers=None):
-    # urllib's default for a body is form-urlencoded; a client sending an image says what it is.
-    headers = headers or ({"Content-Type": "application/octet-stream"} if data is not None else {})
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=30) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
 
 
 def curl(*args):

@@ -41,7 +41,7 @@ DEFAULTS = TrainConfig()
               help="Torch threads per process; 0: cores divided by the processes on this machine.")
 @click.option("--train-subset", type=click.IntRange(min=0), default=DEFAULTS.train_subset,
               help="Train on the first N training images only; 0: all 60,000.")
-@click.option("--quick", is_flag=True, help=f"Smoke run: 1024 training and 512 test images, at most 2 epochs.")
+@click.option("--quick", is_flag=True, help="Smoke run: 1024 training and 512 test images, at most 2 epochs.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run whose checkpoint is at --out.")
 def main(**options) -> None:
     """Train the digit CNN on MNIST and write a self-describing checkpoint.
