@@ -24,7 +24,7 @@ IMG         ?= $(SAMPLES)/digit_7.png
 DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 .DEFAULT_GOAL := help
-.PHONY: help install data train export archive serve stop predict samples test reliability bench clean
+.PHONY: help install java data train export archive serve stop predict samples test reliability bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -37,6 +37,14 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	touch $@
+
+java: ## Install Java 17 (TorchServe needs it) with apt-get when missing
+	@major=$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n1); \
+	if [ -z "$$major" ] || [ "$$major" -lt 17 ]; then \
+	  echo "installing openjdk-17-jre-headless for TorchServe"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	    openjdk-17-jre-headless || { echo "install Java 17 (openjdk-17-jre-headless) and rerun"; exit 1; }; \
+	fi
 
 data: $(INSTALLED) ## Check MNIST is readable (DATA_DIR) or download it into ./data
 	$(BIN)/python -m training.data $(DATA_DIR)
@@ -61,7 +69,7 @@ archive: $(MAR) ## Build $(MAR) for TorchServe (SERVE_MODEL=$(INT8) to serve int
 samples: | $(INSTALLED) ## Write real MNIST test digits as PNG into samples/
 	$(BIN)/python -m serving.samples $(DATA_FLAG) --out $(SAMPLES)
 
-serve: $(MAR) samples ## Everything above as needed, then start TorchServe and wait until it answers
+serve: java $(MAR) samples ## Everything above as needed, then start TorchServe and wait until it answers
 	$(BIN)/python -m serving.server start --config config.properties --run-dir $(RUN_DIR)
 
 stop: ## Stop the TorchServe started by `make serve`
@@ -70,13 +78,13 @@ stop: ## Stop the TorchServe started by `make serve`
 predict: ## curl one image to the running server: make predict IMG=samples/digit_7.png
 	curl -s -T $(IMG) http://127.0.0.1:8080/predictions/mnist; echo
 
-test: $(INSTALLED) ## Run the test suite (uses ../shared/mnist or MNIST_DATA_DIR)
+test: $(INSTALLED) java ## Run the test suite (uses ../shared/mnist or MNIST_DATA_DIR)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-reliability: $(INSTALLED) ## Hostile inputs, fuzzing, 20,000-request load, killed workers and ranks: a table
+reliability: $(INSTALLED) java ## Hostile inputs, fuzzing, 20,000-request load, killed workers and ranks: a table
 	RELIABILITY_REQUESTS=6667 $(BIN)/python -m pytest -m reliability -s -q $(PYTEST_ARGS)
 
-bench: $(INSTALLED) export ## Measure training, inference and serving against baselines: benchmarks/RESULTS.md
+bench: $(INSTALLED) java export ## Measure training, inference and serving against baselines: benchmarks/RESULTS.md
 	@command -v wrk >/dev/null || apt-get install -y -q wrk || { echo "bench needs wrk: apt-get install wrk"; exit 1; }
 	$(BIN)/python -m benchmarks.run $(DATA_FLAG)
 
