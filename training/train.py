@@ -13,6 +13,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -244,6 +245,52 @@ def log(context: dist.DistContext, message: str) -> None:
         print(message, flush=True)
 
 
+def load_datasets(config: TrainConfig, context: dist.DistContext):
+    """(training batches, test images, test labels), cut down for --quick / --train-subset."""
+    train_subset = config.train_subset or (QUICK_TRAIN_IMAGES if config.quick else None)
+    test_images, test_labels = load_mnist(config.data_dir, train=False)
+    if config.pipeline == "tensor":
+        train_images, train_labels = load_mnist(config.data_dir, train=True)
+        batches = TensorBatches(train_images[:train_subset], train_labels[:train_subset], config, context)
+    else:
+        batches = textbook_loader(config, context, train_subset)
+    if config.quick:
+        test_images, test_labels = test_images[:QUICK_TEST_IMAGES], test_labels[:QUICK_TEST_IMAGES]
+    return batches, test_images, test_labels
+
+
+def train_one_epoch(model, batches, optimizer, scaler, config: TrainConfig, context: dist.DistContext,
+                    amp_dtype: torch.dtype, step: int, lr_for) -> tuple[list[float], int, float]:
+    """One pass over this rank's batches. Returns ([loss sum, correct, images] summed over all
+    ranks, the next global step, the last learning rate)."""
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=context.device)
+    correct = torch.zeros((), dtype=torch.float64, device=context.device)
+    seen, lr = 0, lr_for(step)
+    for pixels, labels in batches:
+        pixels = pixels.to(context.device, memory_format=torch.channels_last, non_blocking=True)
+        labels = labels.to(context.device, non_blocking=True)
+        lr = lr_for(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(context.device.type, dtype=amp_dtype, enabled=config.amp):
+            logits = model(pixels)
+            loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if config.grad_clip_norm:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.detach().double() * len(labels)
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += len(labels)
+        step += 1
+    totals = torch.stack([loss_sum, correct, torch.tensor(float(seen), dtype=torch.float64, device=context.device)])
+    return dist.all_reduce_sum(totals, context).tolist(), step, lr
+
+
 def run_training(config: TrainConfig, context: dist.DistContext) -> TrainResult:
     checkpoint = None
     if config.resume:
@@ -254,16 +301,7 @@ def run_training(config: TrainConfig, context: dist.DistContext) -> TrainResult:
     amp_dtype = resolve_amp_dtype(config, context.device)
     torch.manual_seed(config.seed)
 
-    train_subset = config.train_subset or (QUICK_TRAIN_IMAGES if config.quick else None)
-    test_images, test_labels = load_mnist(config.data_dir, train=False)
-    if config.pipeline == "tensor":
-        train_images, train_labels = load_mnist(config.data_dir, train=True)
-        train_images, train_labels = train_images[:train_subset], train_labels[:train_subset]
-        batches = TensorBatches(train_images, train_labels, config, context)
-    else:
-        batches = textbook_loader(config, context, train_subset)
-    if config.quick:
-        test_images, test_labels = test_images[:QUICK_TEST_IMAGES], test_labels[:QUICK_TEST_IMAGES]
+    batches, test_images, test_labels = load_datasets(config, context)
     epochs = min(config.epochs, QUICK_MAX_EPOCHS) if config.quick else config.epochs
 
     model_config = ModelConfig()
@@ -275,6 +313,7 @@ def run_training(config: TrainConfig, context: dist.DistContext) -> TrainResult:
         raise ConfigError(f"batch size {config.batch_size} is larger than the training set")
     total_steps = epochs * steps_per_epoch
     warmup_steps = min(total_steps, round(config.warmup_epochs * steps_per_epoch))
+    lr_for = partial(lr_at, base_lr=config.lr, total_steps=total_steps, warmup_steps=warmup_steps)
 
     start_epoch, step, best_acc, best_epoch, best_state, best_report = 0, 0, -1.0, 0, None, None
     if checkpoint is not None:
@@ -300,36 +339,10 @@ def run_training(config: TrainConfig, context: dist.DistContext) -> TrainResult:
     metrics = checkpoint["metrics"] if checkpoint is not None else {}
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
-        model.train()
         batches.set_epoch(epoch)
         torch.manual_seed(epoch_seed(config.seed, epoch, context.rank))  # dropout masks
-        loss_sum = torch.zeros((), dtype=torch.float64, device=context.device)
-        correct = torch.zeros((), dtype=torch.float64, device=context.device)
-        seen = 0
-        for pixels, labels in batches:
-            pixels = pixels.to(context.device, memory_format=torch.channels_last, non_blocking=True)
-            labels = labels.to(context.device, non_blocking=True)
-            lr = lr_at(step, base_lr=config.lr, total_steps=total_steps, warmup_steps=warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with torch.autocast(context.device.type, dtype=amp_dtype, enabled=config.amp):
-                logits = model(pixels)
-                loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if config.grad_clip_norm:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach().double() * len(labels)
-            correct += (logits.detach().argmax(1) == labels).sum()
-            seen += len(labels)
-            step += 1
+        totals, step, lr = train_one_epoch(model, batches, optimizer, scaler, config, context, amp_dtype, step, lr_for)
         train_seconds = time.perf_counter() - started
-        totals = dist.all_reduce_sum(torch.stack([loss_sum, correct,
-                                                  torch.tensor(float(seen), device=context.device).double()]),
-                                     context).tolist()
         raw_model = unwrap(model)
         dist.broadcast_buffers(raw_model, context)
         report = evaluate(raw_model, test_images, test_labels, config, context)
