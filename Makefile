@@ -24,13 +24,13 @@ IMG         ?= $(SAMPLES)/digit_7.png
 DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 .DEFAULT_GOAL := help
-.PHONY: help install java data train export archive serve stop predict samples test reliability bench clean
+.PHONY: help install java data train export archive serve stop predict samples test reliability bench clean FORCE
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 	@echo "  Variables: DATA_DIR=path/to/mnist (local copy; unset: download), TRAIN_ARGS='--epochs 5', IMG=file.png"
 
-install: $(INSTALLED) ## Create .venv and install the project with test extras
+install: $(INSTALLED) ## Create .venv and install the project with test and bench extras
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,11 +49,12 @@ java: ## Install Java 17 (TorchServe needs it) with apt-get when missing
 data: $(INSTALLED) ## Check MNIST is readable (DATA_DIR) or download it into ./data
 	$(BIN)/python -m training.data $(DATA_DIR)
 
-train: $(INSTALLED) data ## Train the CNN; writes $(CHECKPOINT)
+train: $(INSTALLED) data ## Train the CNN; writes artifacts/mnist_cnn.pt
 	$(BIN)/mnist-train $(DATA_FLAG) --out $(CHECKPOINT) $(TRAIN_ARGS)
 
 # File targets: `make serve` rebuilds only what is missing or older than its inputs.
-$(CHECKPOINT): $(wildcard training/*.py) | $(INSTALLED) data
+$(CHECKPOINT): $(wildcard training/*.py) | $(INSTALLED)
+	$(BIN)/python -m training.data $(DATA_DIR)
 	$(BIN)/mnist-train $(DATA_FLAG) --out $@ $(TRAIN_ARGS)
 
 $(TORCHSCRIPT) $(ONNX) $(INT8) &: $(CHECKPOINT) $(wildcard export/*.py)
@@ -61,15 +62,22 @@ $(TORCHSCRIPT) $(ONNX) $(INT8) &: $(CHECKPOINT) $(wildcard export/*.py)
 
 export: $(TORCHSCRIPT) $(ONNX) $(INT8) ## Export TorchScript + ONNX (+ int8 ONNX) with the parity check
 
-$(MAR): $(SERVE_MODEL) $(wildcard serving/*.py) serving/model-config.yaml
+# Rewritten only when SERVE_MODEL changes, so switching models rebuilds the archive.
+SERVE_STAMP := $(MODEL_STORE)/.serve_model
+$(SERVE_STAMP): FORCE
+	@mkdir -p $(MODEL_STORE); echo '$(SERVE_MODEL)' | cmp -s - $@ || echo '$(SERVE_MODEL)' > $@
+
+$(MAR): $(SERVE_MODEL) $(SERVE_STAMP) $(wildcard serving/*.py) serving/model-config.yaml
 	$(BIN)/python -m serving.archive --serialized-file $(SERVE_MODEL) --export-path $(MODEL_STORE)
 
-archive: $(MAR) ## Build $(MAR) for TorchServe (SERVE_MODEL=$(INT8) to serve int8 ONNX)
+archive: $(MAR) ## Build model_store/mnist.mar (SERVE_MODEL=artifacts/mnist_cnn.int8.onnx: int8 via ONNX Runtime)
 
-samples: | $(INSTALLED) ## Write real MNIST test digits as PNG into samples/
+$(SAMPLES)/digit_9.png: | $(INSTALLED)
 	$(BIN)/python -m serving.samples $(DATA_FLAG) --out $(SAMPLES)
 
-serve: java $(MAR) samples ## Everything above as needed, then start TorchServe and wait until it answers
+samples: $(SAMPLES)/digit_9.png ## Write real MNIST test digits as PNG into samples/
+
+serve: java $(MAR) $(SAMPLES)/digit_9.png ## Everything above as needed, then start TorchServe and wait until it answers
 	$(BIN)/python -m serving.server start --config config.properties --run-dir $(RUN_DIR)
 
 stop: ## Stop the TorchServe started by `make serve`
