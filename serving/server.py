@@ -129,8 +129,8 @@ def wait_until_answering(inference_address: str, timeout_s: float = 180.0, model
     raise TimeoutError(f"model {model} did not answer within {timeout_s:.0f} s: {last_error}")
 
 
-def start(config: str, run_dir: str | os.PathLike, model_store: str | None = None,
-          timeout_s: float = 180.0, cwd: str | os.PathLike | None = None) -> dict:
+def start(config: str, run_dir: str | os.PathLike, timeout_s: float = 180.0,
+          cwd: str | os.PathLike | None = None) -> dict:
     """Start TorchServe in the background and return once the model answers.
     cwd: the server's working directory, where it writes key_file.json when token
     authorization is on (relative paths in the config resolve from there too)."""
@@ -139,8 +139,6 @@ def start(config: str, run_dir: str | os.PathLike, model_store: str | None = Non
     run_dir = Path(run_dir).resolve()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     command = [str(Path(sys.executable).with_name("torchserve")), "--start", "--ncs", "--ts-config", config]
-    if model_store:
-        command += ["--model-store", model_store]
     # TorchServe's Java process inherits stdout: send it to a file, or a caller's pipe never closes.
     with open(run_dir / "logs" / "torchserve.out", "ab") as log:
         subprocess.run(command, env=server_env(run_dir), stdout=log, stderr=subprocess.STDOUT,
