@@ -24,7 +24,7 @@ import torch
 
 from export.parity import onnx_session
 from export.run import INT8_NAME, ONNX_NAME, TORCHSCRIPT_NAME, normalized_images
-from training.data import load_mnist
+from training.data import load_mnist, preprocess_metadata
 
 from .serve_load import ServeSettings, measure as measure_serving
 
@@ -270,7 +270,7 @@ def main(data_dir, artifacts, repeats, serve_seconds, out_dir, report_only) -> N
         if not (artifacts / needed).is_file():
             raise click.ClickException(f"{artifacts / needed} missing: run `make train export` first")
     images, _ = load_mnist(data_dir, train=False)
-    inputs = normalized_images(images[:4096], {"mean": 0.1307, "std": 0.3081})
+    inputs = normalized_images(images[:4096], preprocess_metadata())
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "repeats": repeats,
                "command": f"make bench DATA_DIR={data_dir}"}
     steps = [("machine", machine), ("inference", lambda: inference(artifacts, inputs, repeats)),

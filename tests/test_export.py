@@ -13,6 +13,7 @@ from export.parity import check_parity, onnx_backend, onnx_session, torch_backen
 from export.run import (INT8_NAME, ONNX_NAME, REPORT_NAME, TORCHSCRIPT_NAME, ExportConfig, normalized_images,
                         run_export)
 from training.checkpoint import load_checkpoint
+from training.data import preprocess_metadata
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def quick_export(tmp_path_factory, quick_checkpoint, data_dir):
 @pytest.fixture(scope="module")
 def test_inputs(mnist_test_set):
     images, labels = mnist_test_set
-    return normalized_images(images[:600], {"mean": 0.1307, "std": 0.3081}), labels[:600].numpy()
+    return normalized_images(images[:600], preprocess_metadata()), labels[:600].numpy()
 
 
 def test_export_writes_both_artifacts_and_a_passing_report(quick_export):

@@ -9,9 +9,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from serving.preprocess import ImageError, preprocess_bytes
+from training.data import MNIST_MEAN, MNIST_STD
 
 pytestmark = pytest.mark.reliability
-MEAN, STD = 0.1307, 0.3081
+MEAN, STD = MNIST_MEAN, MNIST_STD
 FORMATS = ["PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP"]
 MODES = ["L", "RGB", "RGBA", "LA", "P", "1", "CMYK", "I;16", "I", "F"]
 

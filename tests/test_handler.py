@@ -13,6 +13,7 @@ from export.run import INT8_NAME, ONNX_NAME, TORCHSCRIPT_NAME, normalized_images
 from imaging import as_paper_photo, encode
 from serving.handler import DigitHandler
 from test_preprocess import all_formats
+from training.data import preprocess_metadata
 
 
 def make_context(model_dir, serialized_file, batch_size=8, yaml_config=None):
@@ -60,7 +61,7 @@ def test_predictions_agree_with_the_eager_model(handler, real_digits, trained_ch
     images, _ = real_digits
     model, _ = load_model(trained_checkpoint)
     with torch.inference_mode():
-        eager = model(torch.from_numpy(normalized_images(torch.from_numpy(images), {"mean": 0.1307, "std": 0.3081})))
+        eager = model(torch.from_numpy(normalized_images(torch.from_numpy(images), preprocess_metadata())))
     eager_probabilities = torch.softmax(eager, dim=1).numpy()
     answers = call(handler, [{"body": encode(Image.fromarray(image))} for image in images])
     int8 = handler.metadata.get("quantization") is not None

@@ -6,8 +6,9 @@ from PIL import Image
 
 from imaging import as_paper_photo, encode
 from serving.preprocess import MAX_PIXELS, ImageError, preprocess_bytes, to_mnist
+from training.data import MNIST_MEAN, MNIST_STD
 
-MEAN, STD = 0.1307, 0.3081
+MEAN, STD = MNIST_MEAN, MNIST_STD
 
 
 def model_input(pixels: np.ndarray) -> np.ndarray:
