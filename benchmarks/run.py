@@ -22,8 +22,9 @@ import click
 import numpy as np
 import torch
 
-from export.parity import onnx_session
-from export.run import INT8_NAME, ONNX_NAME, TORCHSCRIPT_NAME, normalized_images
+from export.run import normalized_images
+from serving.artifact import (ARTIFACTS_DIR, CHECKPOINT_NAME, INT8_NAME, METRICS_NAME, ONNX_NAME, TORCHSCRIPT_NAME,
+                              load, time_batched, torch_runner)
 from training.data import load_mnist, preprocess_metadata
 
 from .serve_load import ServeSettings, measure as measure_serving
@@ -101,42 +102,18 @@ def training_curve(metrics_path: Path) -> dict | None:
             "final_test_acc": curve[-1]["test_acc"]}
 
 
-def time_backend(run, images: np.ndarray, batch_size: int, repeats: int) -> dict:
-    count = 256 if batch_size == 1 else 4096
-    batches = [images[i:i + batch_size] for i in range(0, count, batch_size)]
-    run(batches[0])
-    rates = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for batch in batches:
-            run(batch)
-        rates.append(count / (time.perf_counter() - started))
-    return spread(rates)
-
-
 def inference(artifacts: Path, images: np.ndarray, repeats: int) -> dict:
-    from export.artifacts import load_model, load_torchscript
+    from export.artifacts import load_model
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    eager, _ = load_model(artifacts / "mnist_cnn.pt")
-    scripted, _ = load_torchscript(artifacts / TORCHSCRIPT_NAME)
-
-    def torch_runner(module):
-        def run(batch):
-            with torch.inference_mode():
-                return module(torch.from_numpy(batch))
-        return run
-
-    def onnx_runner(path):
-        session = onnx_session(path)
-        return lambda batch: session.run(None, {"image": batch})
-
-    backends = {"eager fp32": torch_runner(eager), "TorchScript fp32": torch_runner(scripted),
-                "ONNX Runtime fp32": onnx_runner(artifacts / ONNX_NAME)}
+    eager, _ = load_model(artifacts / CHECKPOINT_NAME)
+    backends = {"eager fp32": torch_runner(eager), "TorchScript fp32": load(artifacts / TORCHSCRIPT_NAME)[0],
+                "ONNX Runtime fp32": load(artifacts / ONNX_NAME)[0]}
     if (artifacts / INT8_NAME).is_file():
-        backends["ONNX Runtime int8"] = onnx_runner(artifacts / INT8_NAME)
-    return {name: {str(b): time_backend(run, images, b, repeats) for b in BATCH_SIZES}
-            for name, run in backends.items()}
+        backends["ONNX Runtime int8"] = load(artifacts / INT8_NAME)[0]
+    # Batch 1 on 256 images, larger batches on 4,096.
+    return {name: {str(b): spread(time_batched(run, images[:256 if b == 1 else 4096], b, repeats))
+                   for b in BATCH_SIZES} for name, run in backends.items()}
 
 
 def serving(data_dir: str, duration_s: float) -> dict:
@@ -253,7 +230,7 @@ def markdown(results: dict) -> str:
 
 @click.command()
 @click.option("--data-dir", envvar="MNIST_DATA_DIR", required=True, help="MNIST copy (env MNIST_DATA_DIR).")
-@click.option("--artifacts", default="artifacts", show_default=True, type=click.Path(file_okay=False))
+@click.option("--artifacts", default=ARTIFACTS_DIR, show_default=True, type=click.Path(file_okay=False))
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--serve-seconds", type=float, default=10.0, show_default=True)
 @click.option("--out-dir", default=str(HERE), show_default=True)
@@ -266,7 +243,7 @@ def main(data_dir, artifacts, repeats, serve_seconds, out_dir, report_only) -> N
         plot(results, out_dir)
         (out_dir / "RESULTS.md").write_text(markdown(results))
         return
-    for needed in ("mnist_cnn.pt", TORCHSCRIPT_NAME, ONNX_NAME):
+    for needed in (CHECKPOINT_NAME, TORCHSCRIPT_NAME, ONNX_NAME):
         if not (artifacts / needed).is_file():
             raise click.ClickException(f"{artifacts / needed} missing: run `make train export` first")
     images, _ = load_mnist(data_dir, train=False)
@@ -275,7 +252,7 @@ def main(data_dir, artifacts, repeats, serve_seconds, out_dir, report_only) -> N
                "command": f"make bench DATA_DIR={data_dir}"}
     steps = [("machine", machine), ("inference", lambda: inference(artifacts, inputs, repeats)),
              ("training", lambda: training(data_dir, repeats)),
-             ("training_curve", lambda: training_curve(artifacts / "metrics.jsonl")),
+             ("training_curve", lambda: training_curve(artifacts / METRICS_NAME)),
              ("serving", lambda: serving(data_dir, serve_seconds))]
     for name, step in steps:
         started = time.perf_counter()

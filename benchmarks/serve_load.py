@@ -21,6 +21,7 @@ import click
 import yaml
 
 from serving import server
+from serving.artifact import MODEL_NAME, TORCHSCRIPT_NAME, artifact_path
 from serving.archive import SERVING_DIR, build_archive
 from serving.samples import write_samples
 
@@ -41,7 +42,7 @@ class ServeSettings:
     threads_per_worker: int
     batch_size: int
     max_batch_delay_ms: int
-    serialized_file: str = "artifacts/mnist_cnn.torchscript.pt"
+    serialized_file: str = artifact_path(TORCHSCRIPT_NAME)
 
     @classmethod
     def shipped(cls) -> "ServeSettings":
@@ -107,8 +108,8 @@ def measure(settings: ServeSettings, connection_counts=(1, 16), duration_s: floa
         config, inference, _ = server.instance_config(base_config, workdir, store)
         server.start(str(config), workdir / "run")
         try:
-            run_wrk(f"{inference}/predictions/mnist", image, 4, 2, workdir)   # warm-up, discarded
-            return [run_wrk(f"{inference}/predictions/mnist", image, c, duration_s, workdir)
+            run_wrk(f"{inference}/predictions/{MODEL_NAME}", image, 4, 2, workdir)   # warm-up, discarded
+            return [run_wrk(f"{inference}/predictions/{MODEL_NAME}", image, c, duration_s, workdir)
                     for c in connection_counts]
         finally:
             server.stop(workdir / "run")

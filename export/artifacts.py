@@ -9,18 +9,17 @@ import hashlib
 import json
 import os
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
 import torch
 
-from serving.runtime import ONNX_METADATA_KEY, TORCHSCRIPT_METADATA as METADATA_FILE
+from serving.artifact import (INPUT_NAME, MODEL_CARD_NAME, ONNX_METADATA_KEY, OUTPUT_NAME, TORCHSCRIPT_METADATA,
+                              quiet_torchscript_deprecation)
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.model import build_model
 
 ONNX_OPSET = 17
-INPUT_NAME, OUTPUT_NAME = "image", "logits"
 
 
 def load_model(checkpoint_path: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
@@ -48,7 +47,7 @@ def build_metadata(checkpoint: dict, model_version: str) -> dict:
     preprocess = checkpoint["preprocess"]
     metrics = checkpoint["metrics"]
     return {
-        "model_name": "mnist_cnn",
+        "model_name": MODEL_CARD_NAME,
         "model_version": model_version,
         "weights_sha256": weights_digest(checkpoint["model"]),
         "checkpoint_format_version": checkpoint["format_version"],
@@ -67,14 +66,6 @@ def example_input(metadata: dict, batch_size: int = 2) -> torch.Tensor:
     return torch.zeros(batch_size, *metadata["input_shape"])
 
 
-@contextmanager
-def quiet_torchscript_deprecation():
-    # TorchScript is deprecated upstream, but TorchServe's BaseHandler still loads it natively.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit")
-        yield
-
-
 def export_torchscript(model: torch.nn.Module, metadata: dict, path: str | os.PathLike) -> Path:
     with quiet_torchscript_deprecation():
         scripted = torch.jit.script(model.eval())
@@ -83,15 +74,8 @@ def export_torchscript(model: torch.nn.Module, metadata: dict, path: str | os.Pa
 
 def save_torchscript(scripted: torch.jit.ScriptModule, metadata: dict, path: str | os.PathLike) -> Path:
     with quiet_torchscript_deprecation():
-        torch.jit.save(scripted, str(path), _extra_files={METADATA_FILE: json.dumps(metadata)})
+        torch.jit.save(scripted, str(path), _extra_files={TORCHSCRIPT_METADATA: json.dumps(metadata)})
     return Path(path)
-
-
-def load_torchscript(path: str | os.PathLike) -> tuple[torch.jit.ScriptModule, dict]:
-    extra_files = {METADATA_FILE: ""}
-    with quiet_torchscript_deprecation():
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra_files)
-    return module.eval(), json.loads(extra_files[METADATA_FILE])
 
 
 def export_onnx(model: torch.nn.Module, metadata: dict, path: str | os.PathLike,
@@ -116,14 +100,3 @@ def set_onnx_metadata(path: str | os.PathLike, metadata: dict) -> None:
     proto.model_version = int(metadata["weights_sha256"][:7], 16)  # ONNX wants an int64 version
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))
-
-
-def read_onnx_metadata(path_or_session) -> dict:
-    """Metadata from an ONNX file path or an onnxruntime.InferenceSession."""
-    if hasattr(path_or_session, "get_modelmeta"):
-        props = path_or_session.get_modelmeta().custom_metadata_map
-    else:
-        props = {prop.key: prop.value for prop in onnx.load(str(path_or_session)).metadata_props}
-    if ONNX_METADATA_KEY not in props:
-        raise ValueError("ONNX model carries no digitserve metadata")
-    return json.loads(props[ONNX_METADATA_KEY])

@@ -5,50 +5,20 @@ agree with eager within an absolute tolerance and every predicted digit must mat
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
-import onnxruntime as ort
-import torch
 
-from .artifacts import INPUT_NAME
+from serving.artifact import Runner, run_batched
 
 DEFAULT_TOLERANCE = 1e-4       # max |logit difference|; fp32 kernels differ by ~1e-6 here
 DEFAULT_BATCH_SIZES = (1, 7, 256)
 SMALL_BATCH_IMAGES = 256       # batch sizes below the largest run on this many images, to stay fast
-
-Backend = Callable[[np.ndarray], np.ndarray]
 
 
 class ParityError(Exception):
     """The exported artifacts do not compute what the trained model computes."""
 
 
-def torch_backend(module) -> Backend:
-    def run(batch: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return module(torch.from_numpy(batch)).float().numpy()
-    return run
-
-
-def onnx_session(path, threads: int = 0) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def onnx_backend(session: ort.InferenceSession) -> Backend:
-    def run(batch: np.ndarray) -> np.ndarray:
-        return session.run(None, {INPUT_NAME: batch})[0]
-    return run
-
-
-def run_batched(backend: Backend, images: np.ndarray, batch_size: int) -> np.ndarray:
-    return np.concatenate([backend(images[start:start + batch_size])
-                           for start in range(0, len(images), batch_size)])
-
-
-def check_parity(backends: dict[str, Backend], images: np.ndarray, labels: np.ndarray, *,
+def check_parity(backends: dict[str, Runner], images: np.ndarray, labels: np.ndarray, *,
                  reference: str = "eager", tolerance: float = DEFAULT_TOLERANCE,
                  batch_sizes=DEFAULT_BATCH_SIZES) -> dict:
     """Compare every backend against the reference; return the report (passed: bool).

@@ -8,7 +8,6 @@ MinMax calibration) with the same metadata plus its own measured accuracy and sp
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,9 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
                                       quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from .artifacts import INPUT_NAME, set_onnx_metadata
-from .parity import onnx_session, run_batched
+from serving.artifact import INPUT_NAME, onnx_runner, onnx_session, run_batched, time_batched
+
+from .artifacts import set_onnx_metadata
 
 CALIBRATION_IMAGES = 2048
 CALIBRATION_BATCH = 128
@@ -42,27 +42,17 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration_images: np.ndarra
     return out_path
 
 
-def images_per_second(session, images: np.ndarray, batch_size: int, repeats: int = 3) -> float:
-    """Best of a few timed passes (the machine's other work only ever slows a pass down)."""
-    run_batched(lambda b: session.run(None, {INPUT_NAME: b})[0], images[:batch_size], batch_size)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run_batched(lambda b: session.run(None, {INPUT_NAME: b})[0], images, batch_size)
-        best = min(best, time.perf_counter() - started)
-    return len(images) / best
-
-
 def compare(fp32_path: Path, int8_path: Path, test_images: np.ndarray, test_labels: np.ndarray) -> dict:
     """Accuracy on the whole test set and speed (batch 256 throughput, batch 1 latency) of both."""
     report = {}
     for name, path in (("fp32", fp32_path), ("int8", int8_path)):
-        session = onnx_session(path)
-        logits = run_batched(lambda b: session.run(None, {INPUT_NAME: b})[0], test_images, 256)
+        run = onnx_runner(onnx_session(path))
+        logits = run_batched(run, test_images, 256)
+        # Best of a few passes: the machine's other work only ever slows a pass down.
         report[name] = {
             "test_acc": float((logits.argmax(1) == test_labels).mean()),
-            "images_per_s_batch256": images_per_second(session, test_images[:4096], 256),
-            "batch1_ms": 1000 / images_per_second(session, test_images[:500], 1),
+            "images_per_s_batch256": max(time_batched(run, test_images[:4096], 256)),
+            "batch1_ms": 1000 / max(time_batched(run, test_images[:500], 1)),
         }
     report["speedup_batch256"] = report["int8"]["images_per_s_batch256"] / report["fp32"]["images_per_s_batch256"]
     report["accuracy_drop_points"] = 100 * (report["fp32"]["test_acc"] - report["int8"]["test_acc"])

@@ -16,23 +16,20 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.artifact import (ARTIFACTS_DIR, CHECKPOINT_NAME, INT8_NAME, ONNX_NAME, PARITY_REPORT_NAME,
+                              TORCHSCRIPT_NAME, artifact_path, load_torchscript_module, onnx_runner, onnx_session,
+                              torch_runner)
 from training.data import load_mnist
 
-from .artifacts import (ONNX_OPSET, build_metadata, export_onnx, export_torchscript, load_model,
-                        load_torchscript, save_torchscript, set_onnx_metadata)
-from .parity import (DEFAULT_BATCH_SIZES, DEFAULT_TOLERANCE, ParityError, check_parity, format_report,
-                     onnx_backend, onnx_session, torch_backend)
-
-TORCHSCRIPT_NAME = "mnist_cnn.torchscript.pt"  # BaseHandler loads TorchScript only from *.pt
-ONNX_NAME = "mnist_cnn.onnx"
-INT8_NAME = "mnist_cnn.int8.onnx"
-REPORT_NAME = "parity_report.json"
+from .artifacts import (ONNX_OPSET, build_metadata, export_onnx, export_torchscript, load_model, save_torchscript,
+                        set_onnx_metadata)
+from .parity import DEFAULT_BATCH_SIZES, DEFAULT_TOLERANCE, ParityError, check_parity, format_report
 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    checkpoint: str = "artifacts/mnist_cnn.pt"
-    out_dir: str = "artifacts"
+    checkpoint: str = artifact_path(CHECKPOINT_NAME)
+    out_dir: str = ARTIFACTS_DIR
     data_dir: str | None = None
     model_version: str = "1.0"
     opset: int = ONNX_OPSET
@@ -78,13 +75,13 @@ def run_export(config: ExportConfig) -> dict:
     with ExitStack() as stack:
         torchscript_tmp = export_torchscript(model, metadata, temp_path(out_dir, TORCHSCRIPT_NAME, stack))
         onnx_tmp = export_onnx(model, metadata, temp_path(out_dir, ONNX_NAME, stack), opset=config.opset)
-        scripted, _ = load_torchscript(torchscript_tmp)
-        backends = {"eager": torch_backend(model), "torchscript": torch_backend(scripted),
-                    "onnxruntime": onnx_backend(onnx_session(onnx_tmp))}
+        scripted, _ = load_torchscript_module(torchscript_tmp)
+        backends = {"eager": torch_runner(model), "torchscript": torch_runner(scripted),
+                    "onnxruntime": onnx_runner(onnx_session(onnx_tmp))}
         report = check_parity(backends, inputs, labels.numpy(), tolerance=config.tolerance,
                               batch_sizes=config.batch_sizes)
         report["artifacts"] = {"torchscript": str(out_dir / TORCHSCRIPT_NAME), "onnx": str(out_dir / ONNX_NAME)}
-        (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
+        (out_dir / PARITY_REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
         if not report["passed"]:
             raise ParityError(format_report(report))
         # The accuracy measured on the exported graph travels with both artifacts.
@@ -98,7 +95,7 @@ def run_export(config: ExportConfig) -> dict:
         if config.quantize:
             report["int8"] = export_int8(config, out_dir, metadata, inputs, labels.numpy(), stack)
             report["artifacts"]["int8"] = str(out_dir / INT8_NAME)
-            (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
+            (out_dir / PARITY_REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
     return report
 
 

@@ -16,17 +16,18 @@ import binascii
 import json
 import logging
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 if __package__:  # imported from the source tree (tests)
+    from .artifact import load, predictions
     from .preprocess import ImageError, preprocess_bytes
-    from .runtime import load_model, predictions
-else:  # inside the model archive, preprocess.py and runtime.py sit beside this file
+else:  # inside the model archive, preprocess.py and artifact.py sit beside this file
+    from artifact import load, predictions
     from preprocess import ImageError, preprocess_bytes
-    from runtime import load_model, predictions
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,19 @@ def error_body(error: ImageError) -> dict:
     return {"error": str(error), "code": error.code}
 
 
+@dataclass
+class ParsedBatch:
+    """What preprocess hands to inference: the stacked inputs of every good image, and per
+    request either its ImageError or its list of slots (an image index into inputs, or the
+    ImageError of one image among several)."""
+    inputs: np.ndarray | None
+    requests: list          # per request: ImageError, or (slots, several)
+
+
 class DigitHandler(BaseHandler):
+    """BaseHandler's own handle() runs the cycle (HandlerTime metric, profiler, describe);
+    this class fills its hooks: preprocess -> inference -> postprocess."""
+
     def initialize(self, context):
         properties = context.system_properties
         config = (getattr(context, "model_yaml_config", None) or {}).get("handler", {}) or {}
@@ -113,7 +126,7 @@ class DigitHandler(BaseHandler):
                                    else "cpu")
         self.manifest = context.manifest
         path = os.path.join(properties["model_dir"], self.manifest["model"]["serializedFile"])
-        self.run_model, self.metadata = load_model(path, self.device, threads)
+        self.run_model, self.metadata = load(path, self.device, threads)
         self.mean, self.std = float(self.metadata["mean"]), float(self.metadata["std"])
         self.labels = list(self.metadata["labels"])
         self.run_model(np.zeros((1, *self.metadata["input_shape"]), dtype=np.float32))  # warm-up
@@ -135,31 +148,48 @@ class DigitHandler(BaseHandler):
                 raise
             return error
 
-    def handle(self, data, context):
-        """One answer per request: JSON text, with a per-request status for bad ones."""
-        self.context = context
-        if self._is_describe():
-            return [self.describe_handle()]
-        # Per image: an input array or the ImageError that explains why there is none.
-        parsed = []
-        for index, request in enumerate(data):
-            try:
-                reject_form_encoding(context, index)
-                encoded, several = images_from_request(request)
-                items = [self.preprocess_one(item, several) for item in encoded]
-                parsed.append((items, several))
-            except ImageError as error:
-                parsed.append((error, False))
-        good = [item for items, _ in parsed if isinstance(items, list) for item in items
-                if not isinstance(item, ImageError)]
-        answers = iter(predictions(self.run_model(np.stack(good)), self.labels) if good else [])
+    def parse_request(self, index: int, request: dict, inputs: list):
+        """Append this request's good images to inputs; return its slots or its ImageError."""
+        try:
+            reject_form_encoding(self.context, index)
+            encoded, several = images_from_request(request)
+            arrays = [self.preprocess_one(item, several) for item in encoded]
+        except ImageError as error:
+            return error
+        slots = []
+        for array in arrays:
+            if isinstance(array, ImageError):
+                slots.append(array)
+            else:
+                slots.append(len(inputs))
+                inputs.append(array)
+        return slots, several
+
+    def preprocess(self, data) -> ParsedBatch:
+        inputs: list[np.ndarray] = []
+        requests = [self.parse_request(index, request, inputs) for index, request in enumerate(data)]
+        return ParsedBatch(np.stack(inputs) if inputs else None, requests)
+
+    def inference(self, batch: ParsedBatch, *args, **kwargs):
+        logits = self.run_model(batch.inputs) if batch.inputs is not None else None
+        return batch, logits
+
+    def postprocess(self, inference_output) -> list[str]:
+        """One JSON answer per request; a refused request gets its 4xx status."""
+        batch, logits = inference_output
+        answers = predictions(logits, self.labels) if logits is not None else []
         responses = []
-        for index, (items, several) in enumerate(parsed):
-            context.set_response_content_type(index, "application/json")
-            if isinstance(items, ImageError):
-                context.set_response_status(HTTP_STATUS.get(items.code, 400), items.code, index)
-                responses.append(json.dumps(error_body(items)))
+        for index, parsed in enumerate(batch.requests):
+            self.context.set_response_content_type(index, "application/json")
+            if isinstance(parsed, ImageError):
+                self.context.set_response_status(HTTP_STATUS.get(parsed.code, 400), parsed.code, index)
+                responses.append(json.dumps(error_body(parsed)))
                 continue
-            results = [error_body(item) if isinstance(item, ImageError) else next(answers) for item in items]
+            slots, several = parsed
+            results = [error_body(slot) if isinstance(slot, ImageError) else answers[slot] for slot in slots]
             responses.append(json.dumps({"predictions": results} if several else results[0]))
         return responses
+
+    def explain_handle(self, data_preprocess, raw_data):
+        # No explanations for this model: an `explain: True` header gets the usual answer.
+        return self.postprocess(self.inference(data_preprocess))

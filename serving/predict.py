@@ -17,11 +17,11 @@ import click
 import numpy as np
 import torch
 
-from .runtime import load_model, predictions
+from .artifact import ONNX_NAME, TORCHSCRIPT_NAME, artifact_path, is_onnx, load, predictions
 from .preprocess import ImageError, preprocess_bytes
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
-DEFAULT_MODELS = {"onnx": "artifacts/mnist_cnn.onnx", "torchscript": "artifacts/mnist_cnn.torchscript.pt"}
+DEFAULT_MODELS = {"onnx": artifact_path(ONNX_NAME), "torchscript": artifact_path(TORCHSCRIPT_NAME)}
 
 
 def collect_files(paths: tuple[str, ...]) -> list[Path]:
@@ -38,7 +38,7 @@ def collect_files(paths: tuple[str, ...]) -> list[Path]:
 def resolve_model(model: str | None, backend: str) -> tuple[str, str]:
     if model is None:
         return DEFAULT_MODELS["onnx" if backend == "auto" else backend], ("onnx" if backend == "auto" else backend)
-    actual = "onnx" if model.endswith(".onnx") else "torchscript"
+    actual = "onnx" if is_onnx(model) else "torchscript"
     if backend not in ("auto", actual):
         raise click.UsageError(f"--backend {backend} does not match the model file {model}")
     return model, actual
@@ -71,8 +71,8 @@ def predict_files(files: list[Path], run_model, metadata: dict, batch_size: int)
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--model", default=None, help="Artifact to run (.onnx or .pt). Default: artifacts/mnist_cnn.onnx, "
-                                            "or the TorchScript file with --backend torchscript.")
+@click.option("--model", default=None, help=f"Artifact to run (.onnx or .pt). Default: {DEFAULT_MODELS['onnx']}, "
+                                            f"or {DEFAULT_MODELS['torchscript']} with --backend torchscript.")
 @click.option("--backend", type=click.Choice(["auto", "onnx", "torchscript"]), default="auto",
               help="auto: from the model file's extension.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Images per model call.")
@@ -85,7 +85,7 @@ def main(paths, model, backend, batch_size, threads) -> None:
     if threads:
         torch.set_num_threads(threads)
     try:
-        run_model, metadata = load_model(model_path, torch.device("cpu"), threads)
+        run_model, metadata = load(model_path, "cpu", threads)
     except Exception as error:  # onnxruntime and torch.jit raise many types for a bad file
         raise click.ClickException(f"cannot load model {model_path}: {str(error).splitlines()[0]}") from None
     files = collect_files(paths)

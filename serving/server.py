@@ -23,7 +23,7 @@ from pathlib import Path
 
 import click
 
-MODEL_NAME = "mnist"
+from .artifact import MODEL_NAME
 
 
 def read_properties(path: str | os.PathLike) -> dict:

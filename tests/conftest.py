@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests_paths import REPO_ROOT
+from repo import REPO_ROOT
+from serving.artifact import CHECKPOINT_NAME
 
 
 def mnist_dir() -> str:
@@ -33,7 +34,7 @@ def mnist_test_set(data_dir):
 def quick_checkpoint(tmp_path_factory, data_dir) -> Path:
     """A real but tiny training run (1024 images, 2 epochs): a valid checkpoint in seconds."""
     from training.train import TrainConfig, train
-    out = tmp_path_factory.mktemp("quick") / "mnist_cnn.pt"
+    out = tmp_path_factory.mktemp("quick") / CHECKPOINT_NAME
     train(TrainConfig(quick=True, data_dir=data_dir, out=str(out)))
     return out
 
@@ -43,7 +44,7 @@ def trained_checkpoint(tmp_path_factory, data_dir) -> Path:
     """Two real epochs on all 60,000 images (about a minute here): accurate enough (~99%)
     that serving tests can check predictions against the true labels."""
     from training.train import TrainConfig, train
-    out = tmp_path_factory.mktemp("trained") / "mnist_cnn.pt"
+    out = tmp_path_factory.mktemp("trained") / CHECKPOINT_NAME
     train(TrainConfig(epochs=2, warmup_epochs=0.3, data_dir=data_dir, out=str(out)))
     return out
 
@@ -65,29 +66,11 @@ def _restore_torch_threads():
     torch.set_num_threads(threads)
 
 
-def launch_server(tmp_path, exported_dir, base_config="config.properties"):
-    """Archive the exported model and start a TorchServe of our own on free ports, in its
-    own working directory. Returns (inference URL, management URL, run dir, working dir)."""
-    import shutil
-
-    from export.run import TORCHSCRIPT_NAME
-    from serving import server
-    from serving.archive import build_archive
-
-    if shutil.which("java") is None:
-        pytest.fail("TorchServe needs Java 17 (`.ci/run` installs openjdk-17-jre-headless)")
-    model_store = tmp_path / "model_store"
-    build_archive(exported_dir / TORCHSCRIPT_NAME, model_store)
-    config, inference, management = server.instance_config(REPO_ROOT / base_config, tmp_path, model_store)
-    run_dir = tmp_path / "run"
-    server.start(str(config), run_dir, timeout_s=180, cwd=tmp_path)
-    return inference, management, run_dir, tmp_path
-
-
 @pytest.fixture(scope="session")
 def running_server(tmp_path_factory, exported):
     """One shared server for the tests that only send requests."""
     from serving import server
+    from servers import launch_server
 
     inference, management, run_dir, _ = launch_server(tmp_path_factory.mktemp("torchserve"), exported)
     yield inference, management, run_dir

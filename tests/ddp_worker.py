@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from serving.artifact import CHECKPOINT_NAME
 from training import train as train_module
 from training.train import TrainConfig, train
 
@@ -24,7 +25,7 @@ def recording_save(obj, path):
 
 
 train_module.save_atomic = recording_save
-result = train(TrainConfig(quick=True, epochs=2, data_dir=data_dir, out=str(report_dir / "mnist_cnn.pt")))
+result = train(TrainConfig(quick=True, epochs=2, data_dir=data_dir, out=str(report_dir / CHECKPOINT_NAME)))
 digest = hashlib.sha256()
 for name, tensor in sorted(result.model.state_dict().items()):
     digest.update(name.encode() + tensor.detach().contiguous().numpy().tobytes())

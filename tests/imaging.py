@@ -42,12 +42,44 @@ def animated_gif(first: np.ndarray, second: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def upright_photo(digit: np.ndarray) -> Image.Image:
+    return as_paper_photo(digit, size=(200, 200), scale=5, offset=(30, 30))
+
+
 def exif_rotated_jpeg(digit: np.ndarray) -> bytes:
-    """Stored sideways, with EXIF orientation 6 saying 'rotate 90 degrees clockwise to view'."""
-    upright = as_paper_photo(digit, size=(200, 200), scale=5, offset=(30, 30))
+    """upright_photo stored sideways, with EXIF orientation 6 saying 'rotate 90 degrees clockwise to view'."""
     exif = Image.Exif()
     exif[0x0112] = 6
-    return encode(upright.rotate(90, expand=True), "JPEG", exif=exif, quality=95)
+    return encode(upright_photo(digit).rotate(90, expand=True), "JPEG", exif=exif, quality=95)
+
+
+def all_formats(image: np.ndarray) -> dict[str, bytes]:
+    """One digit in every format and pixel mode the server accepts."""
+    paper = as_paper_photo(image, size=(120, 100), scale=3, offset=(20, 10))
+    ink = Image.fromarray(image)
+    black = Image.new("L", ink.size, 0)
+    dark_ink_on_transparent = Image.merge("RGBA", [black, black, black, ink])   # a canvas drawing
+    light_ink_on_transparent = Image.merge("RGBA", [Image.new("L", ink.size, 255)] * 3 + [ink])
+    palette_transparent = paper.convert("P")
+    sixteen_bit = Image.fromarray((np.asarray(paper.convert("L"), dtype=np.uint16) * 257).astype(np.uint16))
+    return {
+        "png_gray_28x28": encode(ink),
+        "png_rgb_paper": encode(paper),
+        "png_rgba_dark_ink_on_transparent": encode(dark_ink_on_transparent),
+        "png_rgba_light_ink_on_transparent": encode(light_ink_on_transparent),
+        "png_la": encode(dark_ink_on_transparent.convert("LA")),
+        "png_palette": encode(paper.convert("P")),
+        "png_palette_with_transparency": encode(palette_transparent, transparency=palette_transparent.getpixel((0, 0))),
+        "png_16bit": encode(sixteen_bit),
+        "png_1bit": encode(paper.convert("L").point(lambda v: 255 if v > 128 else 0).convert("1")),
+        "jpeg_rgb": encode(paper, "JPEG", quality=90),
+        "jpeg_gray": encode(paper.convert("L"), "JPEG", quality=90),
+        "jpeg_cmyk": encode(paper.convert("CMYK"), "JPEG", quality=90),
+        "bmp": encode(paper, "BMP"),
+        "gif": encode(paper.convert("P"), "GIF"),
+        "tiff": encode(paper, "TIFF"),
+        "webp": encode(paper, "WEBP", quality=95),
+    }
 
 
 def hostile_corpus(digit: np.ndarray, other: np.ndarray) -> list[tuple[str, bytes, dict, int, str | None]]:

@@ -1,33 +1,30 @@
 """Real torchrun with two CPU processes (gloo)."""
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from repo import TESTS_DIR, subprocess_env, torchrun_command
+from serving.artifact import CHECKPOINT_NAME
 from training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
-TESTS = Path(__file__).resolve().parent
 
 
 def torchrun(*args, cwd, timeout=300):
-    env = {**os.environ, "PYTHONPATH": str(TESTS.parent), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(torchrun_command(*args), cwd=cwd, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def test_two_ranks_end_identical_and_only_rank0_saves(tmp_path, data_dir):
-    run = torchrun(str(TESTS / "ddp_worker.py"), str(tmp_path), data_dir, cwd=tmp_path)
+    run = torchrun(str(TESTS_DIR / "ddp_worker.py"), str(tmp_path), data_dir, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["weights"] == ranks[1]["weights"]          # params and BN buffers agree
     assert ranks[0]["test_acc"] == ranks[1]["test_acc"]        # metrics were all-reduced
     assert len(ranks[0]["saves"]) == 2 and ranks[1]["saves"] == []
-    checkpoint = load_checkpoint(tmp_path / "mnist_cnn.pt")
+    checkpoint = load_checkpoint(tmp_path / CHECKPOINT_NAME)
     assert checkpoint["metrics"]["world_size"] == 2
     assert "x2 rank(s), 1 thread(s) each" in run.stdout       # threads split so cores are not oversubscribed
     assert run.stdout.count("epoch  2/2") == 1                 # only rank 0 logs

@@ -6,12 +6,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from export.artifacts import (build_metadata, export_onnx, export_torchscript, load_model, load_torchscript,
-                              read_onnx_metadata)
+from export.artifacts import build_metadata, export_onnx, export_torchscript, load_model
 from export.cli import main as export_cli
-from export.parity import check_parity, onnx_backend, onnx_session, torch_backend
-from export.run import (INT8_NAME, ONNX_NAME, REPORT_NAME, TORCHSCRIPT_NAME, ExportConfig, normalized_images,
-                        run_export)
+from export.parity import check_parity
+from export.run import ExportConfig, normalized_images, run_export
+from serving.artifact import (INPUT_NAME, INT8_NAME, ONNX_NAME, PARITY_REPORT_NAME, TORCHSCRIPT_NAME, load_torchscript_module,
+                              onnx_runner, onnx_session, read_metadata, torch_runner)
 from training.checkpoint import load_checkpoint
 from training.data import preprocess_metadata
 
@@ -32,7 +32,7 @@ def test_inputs(mnist_test_set):
 def test_export_writes_both_artifacts_and_a_passing_report(quick_export):
     out_dir, report = quick_export
     assert (out_dir / TORCHSCRIPT_NAME).is_file() and (out_dir / ONNX_NAME).is_file()
-    saved = json.loads((out_dir / REPORT_NAME).read_text())
+    saved = json.loads((out_dir / PARITY_REPORT_NAME).read_text())
     assert saved["passed"] and report["passed"]
     assert saved["images"] == 10_000
     sizes = {entry["batch_size"]: entry for entry in saved["batches"]}
@@ -50,8 +50,8 @@ def test_export_writes_both_artifacts_and_a_passing_report(quick_export):
 def test_metadata_in_both_artifacts_equals_the_checkpoint(quick_export, quick_checkpoint):
     out_dir, report = quick_export
     checkpoint = load_checkpoint(quick_checkpoint)
-    _, ts_meta = load_torchscript(out_dir / TORCHSCRIPT_NAME)
-    onnx_meta = read_onnx_metadata(out_dir / ONNX_NAME)
+    _, ts_meta = load_torchscript_module(out_dir / TORCHSCRIPT_NAME)
+    onnx_meta = read_metadata(out_dir / ONNX_NAME)
     assert ts_meta == onnx_meta
     assert ts_meta["mean"] == checkpoint["preprocess"]["mean"]
     assert ts_meta["std"] == checkpoint["preprocess"]["std"]
@@ -76,7 +76,7 @@ def test_onnx_batch_dimension_is_dynamic(quick_export, test_inputs):
     session = onnx_session(out_dir / ONNX_NAME)
     images, _ = test_inputs
     for batch in (1, 3, 50, 513):
-        logits = session.run(None, {"image": np.resize(images, (batch, 1, 28, 28))})[0]
+        logits = session.run(None, {INPUT_NAME: np.resize(images, (batch, 1, 28, 28))})[0]
         assert logits.shape == (batch, 10)
 
 
@@ -86,10 +86,10 @@ def test_parity_on_a_seeded_random_model(tmp_path, quick_checkpoint, test_inputs
     model.reset_parameters()   # random weights: parity must not depend on training
     metadata = build_metadata(checkpoint, "test")
     export_onnx(model, metadata, tmp_path / "random.onnx")
-    scripted, _ = load_torchscript(export_torchscript(model, metadata, tmp_path / "random.pt"))
+    scripted, _ = load_torchscript_module(export_torchscript(model, metadata, tmp_path / "random.pt"))
     images, labels = test_inputs
-    report = check_parity({"eager": torch_backend(model), "torchscript": torch_backend(scripted),
-                           "onnxruntime": onnx_backend(onnx_session(tmp_path / "random.onnx"))},
+    report = check_parity({"eager": torch_runner(model), "torchscript": torch_runner(scripted),
+                           "onnxruntime": onnx_runner(onnx_session(tmp_path / "random.onnx"))},
                           images, labels, batch_sizes=(1, 7, 256))
     assert report["passed"], report["failures"]
 
@@ -104,7 +104,7 @@ def test_a_perturbed_onnx_model_fails_parity(tmp_path, quick_checkpoint, test_in
     weights.CopyFrom(onnx.numpy_helper.from_array(values, weights.name))
     onnx.save(proto, str(path))
     images, labels = test_inputs
-    report = check_parity({"eager": torch_backend(model), "onnxruntime": onnx_backend(onnx_session(path))},
+    report = check_parity({"eager": torch_runner(model), "onnxruntime": onnx_runner(onnx_session(path))},
                           images, labels, batch_sizes=(7,))
     assert not report["passed"]
     assert any("onnxruntime at batch 7" in failure for failure in report["failures"])
@@ -117,7 +117,7 @@ def test_cli_fails_clearly_and_leaves_nothing_when_parity_fails(tmp_path, quick_
     assert result.exit_code == 1
     assert "parity check failed" in result.output and "Traceback" not in result.output
     assert not (tmp_path / ONNX_NAME).exists() and not (tmp_path / TORCHSCRIPT_NAME).exists()
-    assert [p.name for p in tmp_path.iterdir()] == [REPORT_NAME]
+    assert [p.name for p in tmp_path.iterdir()] == [PARITY_REPORT_NAME]
 
 
 @pytest.mark.parametrize("make_bad,message", [
@@ -147,9 +147,9 @@ def test_cli_rejects_an_unwritable_output_dir(tmp_path, quick_checkpoint, data_d
 
 def test_int8_model_is_faster_and_as_accurate(exported):
     """The quantized model of the trained network: metadata, accuracy and speed recorded."""
-    report = json.loads((exported / REPORT_NAME).read_text())["int8"]
+    report = json.loads((exported / PARITY_REPORT_NAME).read_text())["int8"]
     assert report["accuracy_drop_points"] <= 0.3
     assert report["int8"]["images_per_s_batch256"] > 0 and report["speedup_batch256"] > 0
-    metadata = read_onnx_metadata(exported / INT8_NAME)
+    metadata = read_metadata(exported / INT8_NAME)
     assert "int8" in metadata["quantization"] and metadata["test_acc"] == report["int8"]["test_acc"]
     onnx.checker.check_model(onnx.load(str(exported / INT8_NAME)), full_check=True)

@@ -5,21 +5,19 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from repo import subprocess_env, torchrun_command
+from serving.artifact import METRICS_NAME
 from training.checkpoint import load_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
-REPO = Path(__file__).resolve().parent.parent
 
 
 def start(args, cwd, torchrun=False):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"] if torchrun \
-        else [sys.executable]
-    return subprocess.Popen(prefix + ["-m", "training", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+    command = torchrun_command("-m", "training", *args) if torchrun else [sys.executable, "-m", "training", *args]
+    return subprocess.Popen(command, cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -45,11 +43,11 @@ def test_sigkill_mid_epoch_then_resume(tmp_path, data_dir, reliability_log):
     assert load_checkpoint(out)["metrics"]["epoch"] == 1          # the last complete save survived
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp files
     resumed = subprocess.run([sys.executable, "-m", "training", *args, "--resume"], cwd=tmp_path,
-                             env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+                             env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert "resuming" in resumed.stdout
     checkpoint = load_checkpoint(out)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / METRICS_NAME).read_text().splitlines()]
     ok = checkpoint["metrics"]["epoch"] == 3 and [r["epoch"] for r in rows] == [1, 2, 3]
     reliability_log.append({"check": "SIGKILL training mid-epoch, --resume", "cases": 1, "passed": int(ok),
                             "requests": "", "5xx": "", "worker restarts": "", "lost": 0 if ok else 1})

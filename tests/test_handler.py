@@ -1,25 +1,43 @@
 """The TorchServe handler without a server: ts's own Context stands in for the frontend."""
 import base64
 import json
+import logging
+import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from ts.context import Context, RequestProcessor
 
 from export.artifacts import load_model
-from export.run import INT8_NAME, ONNX_NAME, TORCHSCRIPT_NAME, normalized_images
-from imaging import as_paper_photo, encode
-from serving.handler import DigitHandler
-from test_preprocess import all_formats
+from export.run import normalized_images
+from imaging import all_formats, as_paper_photo, encode
+from serving.artifact import INT8_NAME, MODEL_NAME, ONNX_NAME, TORCHSCRIPT_NAME
 from training.data import preprocess_metadata
+
+# TorchServe is a serving dependency, not a training one: where it is absent (a GPU box with
+# torch only), this file is skipped as a whole instead of failing to collect.
+ts_context = pytest.importorskip("ts.context", reason="TorchServe (ts) is not installed")
+Context, RequestProcessor = ts_context.Context, ts_context.RequestProcessor
+from serving.handler import DigitHandler  # noqa: E402  (needs ts)
 
 
 def make_context(model_dir, serialized_file, batch_size=8, yaml_config=None):
-    manifest = {"model": {"modelName": "mnist", "serializedFile": serialized_file, "handler": "handler.py"}}
-    return Context("mnist", str(model_dir), manifest, batch_size, None, "0.12.0",
+    manifest = {"model": {"modelName": MODEL_NAME, "serializedFile": serialized_file, "handler": "handler.py"}}
+    return Context(MODEL_NAME, str(model_dir), manifest, batch_size, None, "0.12.0", metrics=metrics_cache(),
                    model_yaml_config=yaml_config or {"handler": {"threads": 1}})
+
+
+def metrics_cache():
+    """TorchServe's own metrics cache, set up as its worker sets it up for a batch."""
+    import ts
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+    cache = MetricsCacheYamlImpl(os.path.join(os.path.dirname(ts.__file__), "configs", "metrics.yaml"))
+    cache.initialize_cache()
+    cache.model_name = MODEL_NAME
+    cache.set_request_ids({0: "test-request"})
+    return cache
 
 
 @pytest.fixture(scope="module", params=[TORCHSCRIPT_NAME, ONNX_NAME, INT8_NAME])
@@ -151,3 +169,18 @@ def test_describe_returns_the_model_card(handler):
     card = json.loads(handler.describe_handle())
     assert card["mean"] == pytest.approx(0.1307) and card["labels"][7] == "7"
     assert 0.9 < card["test_acc"] <= 1.0 and "train_config" in card
+
+
+def test_handler_runs_on_basehandlers_cycle_and_reports_handler_time(handler, real_digits, caplog):
+    """No handle() of our own: BaseHandler's cycle runs our hooks and emits TorchServe's HandlerTime."""
+    assert "handle" not in vars(DigitHandler)
+    images, labels = real_digits
+    with caplog.at_level(logging.INFO, logger="ts.metrics.caching_metric"):
+        [(status, body)] = call(handler, [{"body": encode(Image.fromarray(images[0]))}])
+    assert status == 200 and body["digit"] == labels[0]
+    assert any(record.getMessage().startswith("[METRICS]HandlerTime.ms:") for record in caplog.records)
+
+
+def test_describe_header_returns_the_model_card_through_the_cycle(handler):
+    [(status, card)] = call(handler, [{"body": b""}], headers=[{"describe": "True"}])
+    assert status == 200 and card["labels"][7] == "7" and card == handler.metadata

@@ -4,7 +4,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from export.run import ONNX_NAME, TORCHSCRIPT_NAME
+from serving.artifact import ONNX_NAME, TORCHSCRIPT_NAME
 from imaging import as_paper_photo
 from serving.predict import main as predict_cli
 

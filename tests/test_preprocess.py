@@ -1,10 +1,8 @@
-import io
-
 import numpy as np
 import pytest
 from PIL import Image
 
-from imaging import as_paper_photo, encode
+from imaging import all_formats, animated_gif, as_paper_photo, encode, exif_rotated_jpeg, png_bomb, upright_photo
 from serving.preprocess import MAX_PIXELS, ImageError, preprocess_bytes, to_mnist
 from training.data import MNIST_MEAN, MNIST_STD
 
@@ -48,35 +46,6 @@ def test_paper_photo_becomes_mnist_like(digits):
     assert np.median(correlations) > 0.95 and min(correlations) > 0.6
 
 
-def all_formats(image: np.ndarray) -> dict[str, bytes]:
-    """One digit in every format and pixel mode the server accepts."""
-    paper = as_paper_photo(image, size=(120, 100), scale=3, offset=(20, 10))
-    ink = Image.fromarray(image)
-    black = Image.new("L", ink.size, 0)
-    dark_ink_on_transparent = Image.merge("RGBA", [black, black, black, ink])   # a canvas drawing
-    light_ink_on_transparent = Image.merge("RGBA", [Image.new("L", ink.size, 255)] * 3 + [ink])
-    palette_transparent = paper.convert("P")
-    sixteen_bit = Image.fromarray((np.asarray(paper.convert("L"), dtype=np.uint16) * 257).astype(np.uint16))
-    return {
-        "png_gray_28x28": encode(ink),
-        "png_rgb_paper": encode(paper),
-        "png_rgba_dark_ink_on_transparent": encode(dark_ink_on_transparent),
-        "png_rgba_light_ink_on_transparent": encode(light_ink_on_transparent),
-        "png_la": encode(dark_ink_on_transparent.convert("LA")),
-        "png_palette": encode(paper.convert("P")),
-        "png_palette_with_transparency": encode(palette_transparent, transparency=palette_transparent.getpixel((0, 0))),
-        "png_16bit": encode(sixteen_bit),
-        "png_1bit": encode(paper.convert("L").point(lambda v: 255 if v > 128 else 0).convert("1")),
-        "jpeg_rgb": encode(paper, "JPEG", quality=90),
-        "jpeg_gray": encode(paper.convert("L"), "JPEG", quality=90),
-        "jpeg_cmyk": encode(paper.convert("CMYK"), "JPEG", quality=90),
-        "bmp": encode(paper, "BMP"),
-        "gif": encode(paper.convert("P"), "GIF"),
-        "tiff": encode(paper, "TIFF"),
-        "webp": encode(paper, "WEBP", quality=95),
-    }
-
-
 def test_every_format_and_mode_gives_a_digit_like_the_original(digits):
     images, _ = digits
     reference = preprocess_bytes(encode(as_paper_photo(images[0], size=(120, 100), scale=3, offset=(20, 10))),
@@ -91,22 +60,15 @@ def test_every_format_and_mode_gives_a_digit_like_the_original(digits):
 
 def test_animated_gif_uses_the_first_frame(digits):
     images, _ = digits
-    frames = [Image.fromarray(images[0]).convert("P"), Image.fromarray(images[1]).convert("P")]
-    buffer = io.BytesIO()
-    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
-    tensor = preprocess_bytes(buffer.getvalue(), MEAN, STD)
-    first = preprocess_bytes(encode(frames[0].convert("L")), MEAN, STD)
+    tensor = preprocess_bytes(animated_gif(images[0], images[1]), MEAN, STD)
+    first = preprocess_bytes(encode(Image.fromarray(images[0]).convert("P").convert("L")), MEAN, STD)
     np.testing.assert_allclose(tensor, first, atol=1e-6)
 
 
 def test_exif_rotation_is_honoured(digits):
     images, _ = digits
-    upright = as_paper_photo(images[0], size=(200, 200), scale=5, offset=(30, 30))
-    stored = upright.rotate(90, expand=True)   # the camera stored it sideways ...
-    exif = Image.Exif()
-    exif[0x0112] = 6                           # ... and says: rotate 90 degrees clockwise to view
-    rotated = preprocess_bytes(encode(stored, "JPEG", exif=exif, quality=95), MEAN, STD)
-    expected = preprocess_bytes(encode(upright, "JPEG", quality=95), MEAN, STD)
+    rotated = preprocess_bytes(exif_rotated_jpeg(images[0]), MEAN, STD)   # stored sideways, EXIF says turn
+    expected = preprocess_bytes(encode(upright_photo(images[0]), "JPEG", quality=95), MEAN, STD)
     assert np.corrcoef(rotated.ravel(), expected.ravel())[0, 1] > 0.9
 
 
@@ -139,13 +101,7 @@ def test_blank_images_are_no_digit(color):
 
 
 def test_decompression_bomb_is_refused_before_decoding():
-    side = int(MAX_PIXELS ** 0.5) + 1000
     # A real PNG header declaring side x side pixels, with almost no data: refused from the header.
-    import struct
-    import zlib
-    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b"")
     with pytest.raises(ImageError) as raised:
-        preprocess_bytes(bomb, MEAN, STD)
+        preprocess_bytes(png_bomb(side=int(MAX_PIXELS ** 0.5) + 1000), MEAN, STD)
     assert raised.value.code == "too_large"

@@ -15,16 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from conftest import launch_server
-from export.run import TORCHSCRIPT_NAME
 from http_client import request
 from imaging import encode, hostile_corpus
 from serving import server
+from serving.artifact import MODEL_NAME, TORCHSCRIPT_NAME, load
 from serving.preprocess import preprocess_bytes
-from serving.runtime import load_model
+from servers import launch_server, predictions_url
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.reliability]
 REQUESTS_PER_LEVEL = int(os.environ.get("RELIABILITY_REQUESTS", "2000"))
@@ -35,7 +33,7 @@ def worker_pids(management: str, timeout_s: float = 120.0) -> list[int]:
     starting reports pid -1)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        with urllib.request.urlopen(f"{management}/models/mnist", timeout=10) as response:
+        with urllib.request.urlopen(f"{management}/models/{MODEL_NAME}", timeout=10) as response:
             workers = json.loads(response.read())[0]["workers"]
         if all(w.get("status") == "READY" and int(w.get("pid", -1)) > 0 for w in workers) or \
                 time.monotonic() > deadline:
@@ -57,7 +55,7 @@ def make_workload(mnist_test_set, exported, count: int):
     return exactly that (whether the model is right is the accuracy tests' business)."""
     images, _ = mnist_test_set
     pngs = [encode(Image.fromarray(images[i].numpy())) for i in range(500)]
-    run_model, metadata = load_model(str(exported / TORCHSCRIPT_NAME), torch.device("cpu"), 0)
+    run_model, metadata = load(exported / TORCHSCRIPT_NAME)
     batch = np.stack([preprocess_bytes(png, metadata["mean"], metadata["std"]) for png in pngs])
     expected = run_model(batch).argmax(axis=1)
     good = [(png, {"Content-Type": "image/png"}, 200, int(digit)) for png, digit in zip(pngs, expected)]
@@ -82,7 +80,7 @@ def send_all(inference: str, workload, concurrency: int, timeout_s: float = 30.0
                 break
             body, headers, status, expected = workload[index]
             try:
-                connection.request("POST", "/predictions/mnist", body=body, headers=headers)
+                connection.request("POST", f"/predictions/{MODEL_NAME}", body=body, headers=headers)
                 response = connection.getresponse()
                 results[index] = (response.status, response.read(), (status, expected), time.monotonic())
             except (OSError, http.client.HTTPException) as error:
@@ -194,7 +192,7 @@ def test_token_authorization_in_the_production_config(tmp_path, exported, mnist_
         png = encode(Image.fromarray(images[0].numpy()))
 
         def post(headers):
-            return request(f"{inference}/predictions/mnist", png, headers={"Content-Type": "image/png", **headers})
+            return request(predictions_url(inference), png, headers={"Content-Type": "image/png", **headers})
 
         # TorchServe 0.12 refuses with 400 InvalidKeyException (not 401/403), before any handler runs.
         refusals = [post({}), post({"Authorization": "Bearer not-the-key"})]

@@ -10,6 +10,8 @@ from PIL import Image
 
 from http_client import request
 from imaging import as_paper_photo, hostile_corpus
+from serving.artifact import ARCHIVE_NAME, MODEL_NAME
+from servers import predictions_url
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -37,7 +39,7 @@ def test_accuracy_on_300_real_test_digits_with_concurrent_clients(running_server
 
     def predict(item):
         path, label = item
-        status, body = request(f"{inference}/predictions/mnist", path.read_bytes())
+        status, body = request(predictions_url(inference), path.read_bytes())
         return status, json.loads(body), label
 
     with ThreadPoolExecutor(8) as pool:    # concurrent clients exercise server-side batching
@@ -52,7 +54,7 @@ def test_accuracy_on_300_real_test_digits_with_concurrent_clients(running_server
 def test_curl_upload_styles(running_server, digit_files):
     inference, _, _ = running_server
     path, label = digit_files[0]
-    url = f"{inference}/predictions/mnist"
+    url = predictions_url(inference)
     b64 = base64.b64encode(path.read_bytes()).decode()
     for args in (["-T", str(path), url],
                  ["--data-binary", f"@{path}", "-H", "Content-Type: image/png", url],
@@ -64,7 +66,7 @@ def test_curl_upload_styles(running_server, digit_files):
 
 def test_form_encoded_binary_gets_a_hint_not_empty(running_server, digit_files):
     inference, _, _ = running_server
-    status, body = curl("--data-binary", f"@{digit_files[0][0]}", f"{inference}/predictions/mnist")
+    status, body = curl("--data-binary", f"@{digit_files[0][0]}", predictions_url(inference))
     assert status == 415 and body["code"] == "form_encoded" and "curl -T" in body["error"]
 
 
@@ -73,7 +75,7 @@ def test_paper_photo_jpeg(running_server, mnist_test_set, tmp_path):
     images, labels = mnist_test_set
     photo = tmp_path / "photo.jpg"
     as_paper_photo(images[3].numpy(), size=(640, 480), scale=12, offset=(300, 60)).save(photo, quality=90)
-    status, body = curl("-T", str(photo), f"{inference}/predictions/mnist")
+    status, body = curl("-T", str(photo), predictions_url(inference))
     assert status == 200 and body["digit"] == int(labels[3])
 
 
@@ -82,7 +84,7 @@ def test_hostile_corpus_gets_4xx_json_and_the_next_good_request_succeeds(running
                                                                        digit_files, reliability_log):
     inference, _, _ = running_server
     images, labels = mnist_test_set
-    url = f"{inference}/predictions/mnist"
+    url = predictions_url(inference)
     good_path, good_label = digit_files[1]
     failures, requests_sent, server_errors = [], 0, 0
     for name, body, headers, status, code in hostile_corpus(images[0].numpy(), images[1].numpy()):
@@ -111,16 +113,16 @@ def test_body_over_the_size_limit_is_refused(running_server, digit_files, tmp_pa
     big = tmp_path / "big.png"
     big.write_bytes(b"\x89PNG" + b"\x00" * (5 * 1024 * 1024))   # over max_request_size (4 MiB)
     run = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-T", str(big),
-                          f"{inference}/predictions/mnist"], capture_output=True, text=True, timeout=60)
+                          predictions_url(inference)], capture_output=True, text=True, timeout=60)
     assert run.stdout == "413"
     path, label = digit_files[2]
-    ok_status, ok_body = request(f"{inference}/predictions/mnist", path.read_bytes())
+    ok_status, ok_body = request(predictions_url(inference), path.read_bytes())
     assert ok_status == 200 and json.loads(ok_body)["digit"] == label
 
 
 def test_model_card_via_management_api(running_server):
     _, management, _ = running_server
-    status, body = request(f"{management}/models/mnist?customized=true", method="GET")
+    status, body = request(f"{management}/models/{MODEL_NAME}?customized=true", method="GET")
     assert status == 200
     description = json.loads(body)[0]
     card = description["customizedMetadata"]   # TorchServe inlines the handler's JSON text
@@ -132,5 +134,5 @@ def test_model_card_via_management_api(running_server):
 
 def test_model_registration_is_disabled(running_server):
     _, management, _ = running_server
-    status, _ = request(f"{management}/models?url=mnist.mar", method="POST")
+    status, _ = request(f"{management}/models?url={ARCHIVE_NAME}", method="POST")
     assert 400 <= status < 500

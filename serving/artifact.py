@@ -1,0 +1,168 @@
+"""The artifact contract, in one module: file names, the served model name, metadata keys,
+input/output names, how to load an exported model, and what an answer looks like.
+
+Training, export, serving, mnist-predict and the benchmarks all take these names from here;
+none re-types them. Shipped inside the model archive beside the handler, so it imports
+only the standard library, NumPy, torch and (lazily) onnxruntime.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from contextlib import contextmanager
+from typing import Callable
+
+import numpy as np
+import torch
+
+# --- Names ------------------------------------------------------------------------------
+MODEL_NAME = "mnist"                             # the name TorchServe serves: /predictions/mnist
+ARCHIVE_NAME = f"{MODEL_NAME}.mar"
+ARTIFACTS_DIR = "artifacts"
+CHECKPOINT_NAME = "mnist_cnn.pt"                 # training's state_dict checkpoint
+TORCHSCRIPT_NAME = "mnist_cnn.torchscript.pt"    # BaseHandler loads TorchScript only from *.pt
+ONNX_NAME = "mnist_cnn.onnx"
+INT8_NAME = "mnist_cnn.int8.onnx"
+PARITY_REPORT_NAME = "parity_report.json"
+METRICS_NAME = "metrics.jsonl"                   # one row per epoch, beside the checkpoint
+TEST_REPORT_NAME = "test_report.json"
+MODEL_CARD_NAME = "mnist_cnn"                  # model_name inside the metadata
+
+
+def artifact_path(name: str, directory: str | os.PathLike = ARTIFACTS_DIR) -> str:
+    return os.path.join(directory, name)
+
+
+# --- Metadata: the model card inside every artifact ----------------------------------------
+TORCHSCRIPT_METADATA = "meta.json"   # TorchScript _extra_files entry
+ONNX_METADATA_KEY = "digitserve"     # ONNX metadata_props key
+# What a consumer needs to turn pixels into model input and logits into answers.
+REQUIRED_METADATA = ("model_version", "labels", "mean", "std", "input_shape")
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+TOP_K = 3
+
+Runner = Callable[[np.ndarray], np.ndarray]   # float32 [N, 1, 28, 28] normalized -> logits [N, 10]
+
+
+class ArtifactError(Exception):
+    """A file that is not a digitserve artifact, or one without its metadata."""
+
+
+def is_onnx(path: str | os.PathLike) -> bool:
+    return str(path).endswith(".onnx")
+
+
+@contextmanager
+def quiet_torchscript_deprecation():
+    # TorchScript is deprecated upstream, but TorchServe's BaseHandler still loads it natively.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit")
+        yield
+
+
+def check_metadata(metadata, path) -> dict:
+    missing = [key for key in REQUIRED_METADATA if not isinstance(metadata, dict) or key not in metadata]
+    if missing:
+        raise ArtifactError(f"{path}: metadata lacks {', '.join(missing)}")
+    return metadata
+
+
+def load_torchscript_module(path: str | os.PathLike, device: torch.device | str = "cpu"):
+    """(the ScriptModule in eval mode, its metadata)."""
+    extra_files = {TORCHSCRIPT_METADATA: ""}
+    with quiet_torchscript_deprecation():
+        module = torch.jit.load(str(path), map_location=device, _extra_files=extra_files).eval()
+    if not extra_files[TORCHSCRIPT_METADATA]:
+        raise ArtifactError(f"{path}: TorchScript file carries no {TORCHSCRIPT_METADATA}")
+    return module, check_metadata(json.loads(extra_files[TORCHSCRIPT_METADATA]), path)
+
+
+def onnx_session(path: str | os.PathLike, threads: int = 0):
+    """A CPU ONNX Runtime session; threads 0 lets ONNX Runtime use every core."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_metadata(session, path="ONNX model") -> dict:
+    props = session.get_modelmeta().custom_metadata_map
+    if ONNX_METADATA_KEY not in props:
+        raise ArtifactError(f"{path}: ONNX model carries no {ONNX_METADATA_KEY} metadata")
+    return check_metadata(json.loads(props[ONNX_METADATA_KEY]), path)
+
+
+def torch_runner(module, device: torch.device | str = "cpu") -> Runner:
+    """numpy in, numpy logits out, for an eager or TorchScript module."""
+    def run(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(batch).to(device)).float().cpu().numpy()
+    return run
+
+
+def onnx_runner(session) -> Runner:
+    def run(batch: np.ndarray) -> np.ndarray:
+        return session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+    return run
+
+
+def load(path: str | os.PathLike, device: torch.device | str = "cpu", threads: int = 0) -> tuple[Runner, dict]:
+    """(run(batch) -> logits, metadata) for a TorchScript (*.pt) or ONNX (*.onnx) artifact."""
+    if is_onnx(path):
+        session = onnx_session(path, threads)
+        return onnx_runner(session), onnx_metadata(session, path)
+    module, metadata = load_torchscript_module(path, device)
+    return torch_runner(module, device), metadata
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The model card of an artifact, without building a runner."""
+    if is_onnx(path):
+        import onnx
+
+        props = {prop.key: prop.value for prop in onnx.load(str(path), load_external_data=False).metadata_props}
+        if ONNX_METADATA_KEY not in props:
+            raise ArtifactError(f"{path}: ONNX model carries no {ONNX_METADATA_KEY} metadata")
+        return check_metadata(json.loads(props[ONNX_METADATA_KEY]), path)
+    return load_torchscript_module(path)[1]
+
+
+# --- Running and timing a loaded artifact -------------------------------------------------
+def run_batched(run: Runner, images: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.concatenate([run(images[start:start + batch_size]) for start in range(0, len(images), batch_size)])
+
+
+def time_batched(run: Runner, images: np.ndarray, batch_size: int, repeats: int = 3) -> list[float]:
+    """Images/s of each of `repeats` timed passes over images, after one warm-up batch."""
+    run(images[:batch_size])
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run_batched(run, images, batch_size)
+        rates.append(len(images) / (time.perf_counter() - started))
+    return rates
+
+
+# --- Answers ------------------------------------------------------------------------------
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def predictions(logits: np.ndarray, labels: list[str]) -> list[dict]:
+    """Logits [N, 10] -> the JSON answer for each image."""
+    probabilities = softmax(logits.astype(np.float64))
+    answers = []
+    for row in probabilities:
+        order = np.argsort(row)[::-1]
+        digit = int(order[0])
+        answers.append({
+            "digit": digit, "label": labels[digit], "confidence": float(row[digit]),
+            "probabilities": [float(value) for value in row],
+            "top_k": [{"digit": int(k), "probability": float(row[k])} for k in order[:TOP_K]],
+        })
+    return answers
