@@ -80,6 +80,9 @@ samples: $(SAMPLES)/digit_9.png ## Write real MNIST test digits as PNG into samp
 serve: java $(MAR) $(SAMPLES)/digit_9.png ## Everything above as needed, then start TorchServe and wait until it answers
 	$(BIN)/python -m serving.server start --config config.properties --run-dir $(RUN_DIR)
 
+config.production.properties: config.properties serving/server.py | $(INSTALLED) ## Derive the token-auth config from config.properties
+	$(BIN)/python -m serving.server production-config --base config.properties > $@
+
 stop: ## Stop the TorchServe started by `make serve`
 	$(BIN)/python -m serving.server stop --run-dir $(RUN_DIR)
 

@@ -46,26 +46,70 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+def set_properties(text: str, settings: dict[str, str]) -> str:
+    """config.properties text with each key set to its value: a line that sets it is replaced
+    in place, a key not yet there is appended. A key set twice is an error (which one wins?)."""
+    for key, value in settings.items():
+        pattern = rf"^{re.escape(key)}=.*$"
+        count = len(re.findall(pattern, text, flags=re.M))
+        if count > 1:
+            raise ValueError(f"{key}= is set {count} times")
+        if count:
+            text = re.sub(pattern, lambda _: f"{key}={value}", text, flags=re.M)
+        else:
+            text = text.rstrip("\n") + f"\n{key}={value}\n"
+    return text
+
+
 def instance_config(base_config: str | os.PathLike, directory: str | os.PathLike,
-                    model_store: str | os.PathLike) -> tuple[Path, str, str]:
+                    model_store: str | os.PathLike, **extra: str) -> tuple[Path, str, str]:
     """A copy of base_config on free loopback ports with its own model store, for a second
-    server beside any other (tests, benchmarks). Returns (path, inference URL, management URL)."""
+    server beside any other (tests, benchmarks); extra settings are applied too.
+    Returns (path, inference URL, management URL)."""
     inference, management, metrics, grpc_inference, grpc_management, worker = free_ports(6)
-    text = Path(base_config).read_text()
     settings = {"inference_address": f"http://127.0.0.1:{inference}",
                 "management_address": f"http://127.0.0.1:{management}",
                 "metrics_address": f"http://127.0.0.1:{metrics}",
                 "grpc_inference_port": str(grpc_inference), "grpc_management_port": str(grpc_management),
-                "model_store": str(model_store)}
-    for key, value in settings.items():
-        text, count = re.subn(rf"^{key}=.*$", f"{key}={value}", text, flags=re.M)
-        if count != 1:
-            raise ValueError(f"{base_config} has no single {key}= line")
-    # Worker sockets are named after their port: keep clear of another server's workers.
-    text += f"\ninitial_worker_port={worker}\n"
+                "model_store": str(model_store),
+                # Worker sockets are named after their port: keep clear of another server's workers.
+                "initial_worker_port": str(worker), **extra}
     path = Path(directory) / "config.properties"
-    path.write_text(text)
+    path.write_text(set_properties(Path(base_config).read_text(), settings))
     return path, settings["inference_address"], settings["management_address"]
+
+
+# config.production.properties is config.properties with exactly these differences (the one
+# place they are written): `make config.production.properties` regenerates it, and a test
+# fails when the committed file has drifted from what this produces.
+PRODUCTION_OVERRIDES = {
+    # Token authorization ON: a request without the right bearer key is refused (TorchServe 0.12
+    # answers 400 InvalidKeyException). Still bind to loopback or a private interface and put
+    # TLS (a reverse proxy) in front: keys travel in headers.
+    "disable_token_authorization": "false",
+    # Keys expire: a leaked key is only good for an hour.
+    "token_expiration_min": "60",
+}
+PRODUCTION_HEADER = """\
+# GENERATED from config.properties by `make config.production.properties`: do not edit here.
+# The differences (PRODUCTION_OVERRIDES in serving/server.py, with their reasons) are at the end.
+#   torchserve --start --ncs --ts-config config.production.properties > torchserve.log 2>&1
+# At start TorchServe writes key_file.json into its working directory (readable by the
+# server's user only; keep it that way). Every call then needs its key:
+#   curl -H "Authorization: Bearer $(jq -r .inference.key key_file.json)" -T digit.png \\
+#        http://127.0.0.1:8080/predictions/mnist
+
+"""
+
+
+def production_config(base_text: str) -> str:
+    """The production variant of config.properties: overridden keys removed from the base
+    text and set again, with their reasons, in a block at the end."""
+    lines = [line for line in base_text.splitlines()
+             if line.split("=", 1)[0].strip() not in PRODUCTION_OVERRIDES or line.lstrip().startswith("#")]
+    block = ["", "# --- Production overrides (serving/server.py PRODUCTION_OVERRIDES)."]
+    block += [f"{key}={value}" for key, value in PRODUCTION_OVERRIDES.items()]
+    return PRODUCTION_HEADER + "\n".join(lines).rstrip("\n") + "\n" + "\n".join(block) + "\n"
 
 
 def probe_image() -> bytes:
@@ -177,6 +221,13 @@ def start_command(config: str, run_dir: str, timeout_s: float) -> None:
     address = read_properties(config).get("inference_address")
     click.echo(f"TorchServe is up: {address}/predictions/{MODEL_NAME} answered a probe image with "
                f"digit {answer['digit']}. Logs: {run_dir}/logs. Stop with `make stop`.")
+
+
+@main.command("production-config")
+@click.option("--base", default="config.properties", show_default=True, type=click.Path(dir_okay=False))
+def production_config_command(base: str) -> None:
+    """Print config.production.properties, derived from the base config."""
+    click.echo(production_config(Path(base).read_text()), nl=False)
 
 
 @main.command("stop")

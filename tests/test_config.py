@@ -1,0 +1,35 @@
+"""The two TorchServe configs: the production one is derived, never hand-edited."""
+import pytest
+
+from repo import REPO_ROOT
+from serving.server import PRODUCTION_OVERRIDES, instance_config, production_config, read_properties, set_properties
+
+
+def test_committed_production_config_is_the_derived_one():
+    derived = production_config((REPO_ROOT / "config.properties").read_text())
+    assert (REPO_ROOT / "config.production.properties").read_text() == derived, \
+        "config.production.properties is stale: run `make config.production.properties`"
+
+
+def test_production_differs_from_the_base_only_by_its_overrides():
+    base = read_properties(REPO_ROOT / "config.properties")
+    production = read_properties(REPO_ROOT / "config.production.properties")
+    changed = {key for key in base.keys() | production.keys() if base.get(key) != production.get(key)}
+    assert changed == set(PRODUCTION_OVERRIDES)
+    assert production["disable_token_authorization"] == "false" and base["disable_token_authorization"] == "true"
+
+
+def test_set_properties_replaces_appends_and_refuses_duplicates():
+    text = "# a=comment\na=1\nb=2\n"
+    assert set_properties(text, {"a": "9", "c": "3"}) == "# a=comment\na=9\nb=2\nc=3\n"
+    with pytest.raises(ValueError, match="set 2 times"):
+        set_properties("a=1\na=2\n", {"a": "3"})
+
+
+def test_instance_config_moves_every_port_and_the_store(tmp_path):
+    path, inference, management = instance_config(REPO_ROOT / "config.properties", tmp_path, tmp_path / "store")
+    settings = read_properties(path)
+    base = read_properties(REPO_ROOT / "config.properties")
+    for key in ("inference_address", "management_address", "metrics_address", "grpc_inference_port"):
+        assert settings[key] != base[key]
+    assert settings["inference_address"] == inference and settings["model_store"] == str(tmp_path / "store")
