@@ -55,8 +55,9 @@ def build_metadata(checkpoint: dict, model_version: str) -> dict:
         "mean": preprocess["mean"],
         "std": preprocess["std"],
         "input_shape": preprocess["input_shape"],
-        "checkpoint_test_acc": metrics["best_test_acc"],
-        "best_epoch": metrics["best_epoch"],
+        "checkpoint_test_acc": metrics.get("test_acc"),
+        "selected_by": metrics.get("selected_by", "final"),
+        "selected_epoch": metrics.get("selected_epoch", metrics["epoch"]),
         "model_config": checkpoint["model_config"],
         "train_config": checkpoint["train_config"],
     }

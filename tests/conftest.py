@@ -39,13 +39,36 @@ def quick_checkpoint(tmp_path_factory, data_dir) -> Path:
     return out
 
 
+# The one trained model every serving test shares, trained once per run: two epochs on the
+# first 16,384 training images (32,768 image-steps, a quarter of `make train`'s first two epochs).
+# It reached 98.4% on the test set (a 2-core Xeon, 2026-11-28); the accuracy bars of the tests
+# are set from that (TEST_RECIPE_MIN_ACCURACY), not from `make train`'s 99.6%.
+TEST_RECIPE = {"train_subset": 16384, "epochs": 2, "warmup_epochs": 0.3}
+TEST_RECIPE_MIN_ACCURACY = 0.97
+# Tests using these fixtures need that training run: they are marked `trained` and `slow`, so
+# the fast tier (-m "not slow") trains nothing beyond the 1,024-image quick checkpoint.
+TRAINED_FIXTURES = {"trained_checkpoint", "exported", "running_server"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if TRAINED_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.trained)
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def trained_min_accuracy() -> float:
+    """What tests may require of the trained model's accuracy on real test digits."""
+    return TEST_RECIPE_MIN_ACCURACY
+
+
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory, data_dir) -> Path:
-    """Two real epochs on all 60,000 images (about a minute here): accurate enough (~99%)
-    that serving tests can check predictions against the true labels."""
     from training.train import TrainConfig, train
     out = tmp_path_factory.mktemp("trained") / CHECKPOINT_NAME
-    train(TrainConfig(epochs=2, warmup_epochs=0.3, data_dir=data_dir, out=str(out)))
+    result = train(TrainConfig(**TEST_RECIPE, data_dir=data_dir, out=str(out)))
+    assert result.metrics["test_acc"] >= TEST_RECIPE_MIN_ACCURACY, "the test recipe no longer trains a usable model"
     return out
 
 

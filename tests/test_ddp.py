@@ -1,4 +1,4 @@
-"""Real torchrun with two CPU processes (gloo)."""
+"""Real torchrun with two CPU processes (gloo), pinned to the CPU on any machine."""
 import json
 import subprocess
 
@@ -32,6 +32,6 @@ def test_two_ranks_end_identical_and_only_rank0_saves(tmp_path, data_dir):
 
 def test_torchrun_cli_quick(tmp_path, data_dir):
     out = tmp_path / "cli.pt"
-    run = torchrun("-m", "training", "--quick", "--data-dir", data_dir, "--out", str(out), cwd=tmp_path)
+    run = torchrun("-m", "training", "--quick", "--device", "cpu", "--data-dir", data_dir, "--out", str(out), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert load_checkpoint(out)["metrics"]["epoch"] == 2

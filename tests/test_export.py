@@ -58,7 +58,7 @@ def test_metadata_in_both_artifacts_equals_the_checkpoint(quick_export, quick_ch
     assert ts_meta["labels"] == [str(d) for d in range(10)]
     assert ts_meta["model_config"] == checkpoint["model_config"]
     assert ts_meta["train_config"] == checkpoint["train_config"]
-    assert ts_meta["checkpoint_test_acc"] == checkpoint["metrics"]["best_test_acc"]
+    assert ts_meta["checkpoint_test_acc"] == checkpoint["metrics"]["test_acc"]
     assert ts_meta["test_acc"] == report["accuracy"]["onnxruntime"]
     assert ts_meta["model_version"] == "1.0"
 
@@ -145,8 +145,9 @@ def test_cli_rejects_an_unwritable_output_dir(tmp_path, quick_checkpoint, data_d
     assert "cannot write to" in result.output and "Traceback" not in result.output
 
 
-def test_int8_model_is_faster_and_as_accurate(exported):
-    """The quantized model of the trained network: metadata, accuracy and speed recorded."""
+def test_int8_model_is_as_accurate_and_records_its_speed(exported):
+    """The quantized model of the trained network: metadata, accuracy, and its measured speed
+    recorded (whether it is faster is for `make bench` to show, not for a test to enforce)."""
     report = json.loads((exported / PARITY_REPORT_NAME).read_text())["int8"]
     assert report["accuracy_drop_points"] <= 0.3
     assert report["int8"]["images_per_s_batch256"] > 0 and report["speedup_batch256"] > 0

@@ -34,7 +34,7 @@ def wait_for_line(process, text, timeout_s=240):
 
 def test_sigkill_mid_epoch_then_resume(tmp_path, data_dir, reliability_log):
     out = tmp_path / "m.pt"
-    args = ["--train-subset", "8192", "--epochs", "3", "--data-dir", data_dir, "--out", str(out)]
+    args = ["--train-subset", "8192", "--epochs", "3", "--device", "cpu", "--data-dir", data_dir, "--out", str(out)]
     process = start(args, tmp_path)
     wait_for_line(process, "epoch  1/3")
     time.sleep(1.0)                              # well inside epoch 2 (an epoch takes several seconds)
@@ -57,7 +57,7 @@ def test_sigkill_mid_epoch_then_resume(tmp_path, data_dir, reliability_log):
 def test_killed_rank_fails_the_job_instead_of_hanging(tmp_path, data_dir, reliability_log):
     import psutil
 
-    process = start(["--train-subset", "16384", "--epochs", "4", "--data-dir", data_dir,
+    process = start(["--train-subset", "16384", "--epochs", "4", "--device", "cpu", "--data-dir", data_dir,
                      "--out", str(tmp_path / "m.pt")], tmp_path, torchrun=True)
     try:
         wait_for_line(process, "training on")

@@ -34,7 +34,8 @@ def digit_files(tmp_path_factory, mnist_test_set):
     return paths
 
 
-def test_accuracy_on_300_real_test_digits_with_concurrent_clients(running_server, digit_files):
+def test_accuracy_on_300_real_test_digits_with_concurrent_clients(running_server, digit_files,
+                                                                  trained_min_accuracy):
     inference, _, _ = running_server
 
     def predict(item):
@@ -46,7 +47,7 @@ def test_accuracy_on_300_real_test_digits_with_concurrent_clients(running_server
         results = list(pool.map(predict, digit_files))
     assert all(status == 200 for status, _, _ in results)
     correct = sum(body["digit"] == label for _, body, label in results)
-    assert correct / len(results) >= 0.99, correct
+    assert correct / len(results) >= trained_min_accuracy, correct
     for _, body, _ in results:
         assert abs(sum(body["probabilities"]) - 1) < 1e-6
 
@@ -120,7 +121,7 @@ def test_body_over_the_size_limit_is_refused(running_server, digit_files, tmp_pa
     assert ok_status == 200 and json.loads(ok_body)["digit"] == label
 
 
-def test_model_card_via_management_api(running_server):
+def test_model_card_via_management_api(running_server, trained_min_accuracy):
     _, management, _ = running_server
     status, body = request(f"{management}/models/{MODEL_NAME}?customized=true", method="GET")
     assert status == 200
@@ -129,7 +130,7 @@ def test_model_card_via_management_api(running_server):
     card = json.loads(card) if isinstance(card, str) else card
     assert card["model_version"] == "1.0" and card["labels"][3] == "3"
     assert card["mean"] == pytest.approx(0.1307) and card["std"] == pytest.approx(0.3081)
-    assert card["test_acc"] > 0.98 and card["train_config"]["epochs"] == 2
+    assert card["test_acc"] >= trained_min_accuracy and card["train_config"]["epochs"] == 2
 
 
 def test_model_registration_is_disabled(running_server):

@@ -1,7 +1,8 @@
 """The checkpoint format: a dict of plain types and tensors, loadable with weights_only=True.
 
-Keys: format_version, model (best epoch's weights), model_config, train_config,
-preprocess, metrics, and for --resume: last_model, optimizer, scaler, scheduler.
+Keys: format_version, model (the kept weights: the final ones, or the epoch with the best
+validation accuracy; metrics["selected_by"] says which), model_config, train_config,
+preprocess, metrics, and for --resume: last_model, ema_model, optimizer, scaler, scheduler.
 Export, benchmarks and outside scripts rely on these names.
 """
 from __future__ import annotations
@@ -11,6 +12,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from .data import preprocess_metadata
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "model", "model_config", "train_config", "preprocess", "metrics")
@@ -73,3 +76,42 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def cpu_state_dict(model: torch.nn.Module) -> dict:
     return {name: tensor.detach().to("cpu", copy=True) for name, tensor in unwrap(model).state_dict().items()}
+
+
+def build_checkpoint(state, config, model_config, metrics: dict, history: list) -> dict:
+    """The whole checkpoint for one moment of a run (state: train.RunState): the kept weights and
+    what describes them, plus the training state that --resume continues from."""
+    from dataclasses import asdict, replace
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": state.kept_state,
+        "model_config": model_config.to_dict(),
+        "train_config": {**asdict(replace(config, resume=False)), "kernel_probe": state.kernel_probe},
+        "preprocess": preprocess_metadata(),
+        "metrics": metrics,
+        "history": history,
+        "last_model": cpu_state_dict(state.model),
+        "ema_model": cpu_state_dict(state.ema.module) if state.ema is not None else None,
+        "optimizer": state.optimizer.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "scheduler": {"name": "warmup_cosine", "step": state.step, "total_steps": state.total_steps,
+                      "warmup_steps": state.warmup_steps, "base_lr": config.lr},
+    }
+
+
+def resume_state(config):
+    """The checkpoint to continue from, and the run's original config (paths and loader
+    settings from the command line win: the files may have moved)."""
+    from .config import TrainConfig
+
+    try:
+        checkpoint = load_checkpoint(config.out)
+    except CheckpointError as error:
+        raise CheckpointError(f"cannot resume: {error}") from None
+    if "last_model" not in checkpoint or "optimizer" not in checkpoint:
+        raise CheckpointError(f"cannot resume: {config.out} has no training state")
+    saved = {key: value for key, value in checkpoint["train_config"].items() if key in TrainConfig.__annotations__}
+    for key in ("data_dir", "out", "num_workers", "device", "threads_per_rank", "tensorboard", "resume"):
+        saved[key] = getattr(config, key)
+    return TrainConfig(**saved), checkpoint

@@ -4,8 +4,9 @@ from __future__ import annotations
 import click
 
 from .checkpoint import CheckpointError
+from .config import AMP_DTYPES, CUDA_GRAPH_CHOICES, DEVICES, MEMORY_FORMATS, PIPELINES, ConfigError, TrainConfig
 from .data import DATA_DIR_ENV, DataError
-from .train import ConfigError, TrainConfig, train
+from .train import train
 
 DEFAULTS = TrainConfig()
 
@@ -21,26 +22,38 @@ DEFAULTS = TrainConfig()
               help="Linear warmup length (fractions allowed); cosine decay to zero follows.")
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=DEFAULTS.label_smoothing,
               help="Cross-entropy label smoothing.")
+@click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=DEFAULTS.ema_decay,
+              help="Keep and evaluate an exponential moving average of the weights (e.g. 0.999); 0: off.")
 @click.option("--amp/--no-amp", default=DEFAULTS.amp, help="Mixed precision with torch.autocast.")
-@click.option("--amp-dtype", type=click.Choice(["auto", "bf16", "fp16"]), default=DEFAULTS.amp_dtype,
-              help="auto: bf16 on CPU and CUDA cards with bf16, else fp16 (with GradScaler). fp16 needs CUDA.")
+@click.option("--amp-dtype", type=click.Choice(AMP_DTYPES), default=DEFAULTS.amp_dtype,
+              help="auto: on the CPU bf16 or plain fp32, whichever measures faster at start; on CUDA bf16 "
+                   "where the card has it, else fp16 (with GradScaler). fp16 needs CUDA.")
+@click.option("--memory-format", type=click.Choice(MEMORY_FORMATS), default=DEFAULTS.memory_format,
+              help="auto: channels_last or contiguous, whichever measures faster at start.")
+@click.option("--cuda-graph", type=click.Choice(CUDA_GRAPH_CHOICES), default=DEFAULTS.cuda_graph,
+              help="auto: replay each step as one CUDA graph where possible (one GPU process, bf16/fp32).")
 @click.option("--seed", type=int, default=DEFAULTS.seed, help="Seed for weights, shuffling and augmentation.")
 @click.option("--data-dir", type=click.Path(file_okay=False), envvar=DATA_DIR_ENV, default=None,
               help=f"Existing MNIST copy in torchvision layout (read-only). Unset: download into ./data. "
                    f"Env: {DATA_DIR_ENV}.")
 @click.option("--out", type=click.Path(dir_okay=False), default=DEFAULTS.out,
               help="Checkpoint path; metrics.jsonl and test_report.json go beside it.")
-@click.option("--pipeline", type=click.Choice(["tensor", "torchvision"]), default=DEFAULTS.pipeline,
+@click.option("--pipeline", type=click.Choice(PIPELINES), default=DEFAULTS.pipeline,
               help="tensor: data in memory, augmentation on whole batches (fast). "
                    "torchvision: per-image transforms in a DataLoader (the textbook baseline).")
 @click.option("--num-workers", type=click.IntRange(min=0), default=DEFAULTS.num_workers,
               help="DataLoader worker processes (torchvision pipeline only).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=DEFAULTS.device,
+@click.option("--device", type=click.Choice(DEVICES), default=DEFAULTS.device,
               help="auto: CUDA when available.")
 @click.option("--threads-per-rank", type=click.IntRange(min=0), default=DEFAULTS.threads_per_rank,
               help="Torch threads per process; 0: cores divided by the processes on this machine.")
 @click.option("--train-subset", type=click.IntRange(min=0), default=DEFAULTS.train_subset,
               help="Train on the first N training images only; 0: all 60,000.")
+@click.option("--val-images", type=click.IntRange(min=0), default=DEFAULTS.val_images,
+              help="Hold out the last N training images and keep the epoch with the best accuracy on them; "
+                   "0: keep the final weights. Test accuracy is reported once, for the kept weights.")
+@click.option("--tensorboard", type=click.Path(file_okay=False), default=None,
+              help="Write loss, accuracy, learning rate and images/s as TensorBoard events into this folder.")
 @click.option("--quick", is_flag=True, help="Smoke run: 1024 training and 512 test images, at most 2 epochs.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run whose checkpoint is at --out.")
 def main(**options) -> None:

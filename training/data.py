@@ -1,4 +1,4 @@
-"""MNIST loading, the normalization constants, and whole-batch augmentation.
+"""MNIST loading, the normalization constants, whole-batch augmentation, and the batch iterators.
 
 The constants here are the single source of truth: training copies them into the
 checkpoint, export copies them into every artifact, serving reads them from there.
@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
+
+from .config import ConfigError, TrainConfig
+from .dist import DistContext
 
 MNIST_MEAN = 0.1307  # pixel mean of the 60,000 training images, scaled to [0, 1]
 MNIST_STD = 0.3081   # their standard deviation
@@ -18,6 +23,8 @@ INPUT_SHAPE = (1, 28, 28)
 CLASS_LABELS = [str(digit) for digit in range(10)]
 DATA_DIR_ENV = "MNIST_DATA_DIR"
 DEFAULT_DOWNLOAD_DIR = Path("data")
+QUICK_TRAIN_IMAGES = 1024        # --quick: a smoke run in seconds
+QUICK_TEST_IMAGES = 512
 
 
 class DataError(Exception):
@@ -76,9 +83,10 @@ def augment(images: torch.Tensor, *, max_rotation_deg: float, max_shift_px: floa
     images: float [N, 1, H, W] in [0, 1] pixel space, so zero padding is background ink-free.
     """
     n, _, height, width = images.shape
-    angles = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(max_rotation_deg)
+    # Drawn on the images' device, from a generator on that device (a CUDA one on the GPU).
+    angles = (torch.rand(n, generator=generator, device=images.device) * 2 - 1) * math.radians(max_rotation_deg)
     # affine_grid works in [-1, 1] coordinates: one pixel is 2 / size of them.
-    shifts = (torch.rand(n, 2, generator=generator) * 2 - 1) * max_shift_px
+    shifts = (torch.rand(n, 2, generator=generator, device=images.device) * 2 - 1) * max_shift_px
     cos, sin = torch.cos(angles), torch.sin(angles)
     theta = torch.stack([
         torch.stack([cos, -sin, shifts[:, 0] * 2 / width], dim=1),
@@ -86,6 +94,93 @@ def augment(images: torch.Tensor, *, max_rotation_deg: float, max_shift_px: floa
     ], dim=1).to(images.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Randomness (augmentation, dropout) seeded per epoch and rank, so a resumed run
+    continues exactly as the uninterrupted one would have."""
+    return seed * 1_000_003 + epoch * 1009 + rank
+
+
+class TensorBatches:
+    """The training set as one uint8 tensor on the training device (47 MB: on a GPU it stays
+    there); each batch is indexed, augmented and normalized as a whole on that device: no
+    per-image Python work, no loader processes, no host-to-device copies."""
+
+    def __init__(self, images, labels, config: TrainConfig, context: DistContext):
+        self.images, self.labels = images.to(context.device), labels.to(context.device)
+        self.config, self.context = config, context
+        self.batch_per_rank = config.batch_size // context.world_size
+        # Only used for its index arithmetic: the same shuffling and sharding as any DDP loader.
+        self.sampler = DistributedSampler(range(len(labels)), num_replicas=context.world_size,
+                                          rank=context.rank, shuffle=True, seed=config.seed, drop_last=True)
+        self.generator = torch.Generator(device=context.device)
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_per_rank
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self.generator.manual_seed(epoch_seed(self.config.seed, epoch, self.context.rank))
+
+    def __iter__(self):
+        indices = torch.tensor(list(self.sampler), device=self.images.device)
+        for step in range(len(self)):
+            batch = indices[step * self.batch_per_rank:(step + 1) * self.batch_per_rank]
+            pixels = self.images[batch].unsqueeze(1).float().div_(255.0)
+            pixels = augment(pixels, max_rotation_deg=self.config.max_rotation_deg,
+                             max_shift_px=self.config.max_shift_px, generator=self.generator)
+            yield pixels.sub_(MNIST_MEAN).div_(MNIST_STD), self.labels[batch]
+
+
+def textbook_loader(config: TrainConfig, context: DistContext, subset: int | None):
+    """The usual tutorial pipeline: per-image PIL transforms in DataLoader workers.
+    Kept as a selectable baseline (--pipeline torchvision) for benchmarks."""
+    from torchvision import transforms
+
+    transform = transforms.Compose([
+        transforms.RandomAffine(config.max_rotation_deg, translate=(config.max_shift_px / 28,) * 2),
+        transforms.ToTensor(),
+        transforms.Normalize((MNIST_MEAN,), (MNIST_STD,)),
+    ])
+    dataset = open_mnist_dataset(config.data_dir, train=True, transform=transform)
+    if subset is not None:
+        dataset = torch.utils.data.Subset(dataset, range(subset))
+    sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank,
+                                 shuffle=True, seed=config.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=config.batch_size // context.world_size, sampler=sampler,
+        num_workers=config.num_workers, drop_last=True, persistent_workers=config.num_workers > 0)
+    loader.set_epoch = sampler.set_epoch
+    return loader
+
+
+@dataclass
+class Datasets:
+    batches: object              # TensorBatches or the textbook DataLoader: len(), set_epoch(), iteration
+    eval_sets: dict              # name -> (uint8 images, labels): "test", and "val" when held out
+
+
+def load_datasets(config: TrainConfig, context: DistContext) -> Datasets:
+    """Training batches and evaluation sets, cut down for --quick / --train-subset. With
+    --val-images N the last N training images are held out to select the epoch by."""
+    train_images, train_labels = load_mnist(config.data_dir, train=True)
+    test_images, test_labels = load_mnist(config.data_dir, train=False)
+    eval_sets = {}
+    if config.val_images:
+        if config.val_images >= len(train_labels):
+            raise ConfigError(f"--val-images {config.val_images} leaves no training images")
+        eval_sets["val"] = train_images[-config.val_images:], train_labels[-config.val_images:]
+        train_images, train_labels = train_images[:-config.val_images], train_labels[:-config.val_images]
+    train_subset = config.train_subset or (QUICK_TRAIN_IMAGES if config.quick else None)
+    if config.pipeline == "tensor":
+        batches = TensorBatches(train_images[:train_subset], train_labels[:train_subset], config, context)
+    else:
+        batches = textbook_loader(config, context, train_subset)
+    if config.quick:
+        test_images, test_labels = test_images[:QUICK_TEST_IMAGES], test_labels[:QUICK_TEST_IMAGES]
+    eval_sets["test"] = test_images, test_labels
+    return Datasets(batches, eval_sets)
 
 
 def check_data(data_dir: str | os.PathLike | None) -> str:

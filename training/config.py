@@ -1,0 +1,88 @@
+"""What a training run is asked to do: TrainConfig, its choice lists (the CLI reads them from
+here too) and its validation."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from serving.artifact import CHECKPOINT_NAME, artifact_path
+
+# Choice lists, written once: cli.py builds its click.Choice options from these.
+AMP_DTYPES = ("auto", "bf16", "fp16")         # auto: measured on the CPU (bf16 vs fp32), bf16/fp16 on CUDA
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")   # auto: the faster one, measured at start
+PIPELINES = ("tensor", "torchvision")
+DEVICES = ("auto", "cpu", "cuda")
+CUDA_GRAPH_CHOICES = ("auto", "on", "off")    # auto: a CUDA graph when the run allows one (see train_step.py)
+SELECTIONS = ("final", "val_acc")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 256            # global: split evenly over the ranks
+    lr: float = 3e-3
+    weight_decay: float = 0.05       # AdamW's decoupled decay
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0     # smoothing caps answers near 0.9 confidence; off, probabilities stay readable
+    grad_clip_norm: float = 5.0      # 0 disables clipping
+    ema_decay: float = 0.0           # weight averaging: 0 off; e.g. 0.999 evaluates and keeps an EMA of the weights
+    amp: bool = True
+    amp_dtype: str = "auto"
+    memory_format: str = "auto"
+    cuda_graph: str = "auto"
+    max_rotation_deg: float = 10.0
+    max_shift_px: float = 2.0
+    seed: int = 0
+    data_dir: str | None = None
+    out: str = artifact_path(CHECKPOINT_NAME)
+    pipeline: str = "tensor"         # tensor: in-memory uint8 + batch augmentation; torchvision: textbook DataLoader
+    num_workers: int = 2             # DataLoader workers, torchvision pipeline only
+    device: str = "auto"
+    threads_per_rank: int = 0        # 0: the machine's cores divided by the ranks on this node
+    eval_batch_size: int = 1000
+    train_subset: int = 0            # train on the first N images only; 0: all
+    val_images: int = 0              # hold out the last N training images to select the epoch by; 0: keep the final weights
+    tensorboard: str | None = None   # directory for TensorBoard event files
+    quick: bool = False
+    resume: bool = False
+
+    @property
+    def selected_by(self) -> str:
+        return "val_acc" if self.val_images else "final"
+
+
+class ConfigError(ValueError):
+    """An option value that makes no sense."""
+
+
+def validate(config: TrainConfig) -> None:
+    checks = [
+        (config.epochs >= 1, "epochs must be >= 1"),
+        (config.batch_size >= 1, "batch size must be >= 1"),
+        (config.lr > 0, "learning rate must be > 0"),
+        (config.weight_decay >= 0, "weight decay must be >= 0"),
+        (config.warmup_epochs >= 0, "warmup epochs must be >= 0"),
+        (config.warmup_epochs <= config.epochs, "warmup epochs cannot exceed epochs"),
+        (0 <= config.label_smoothing < 1, "label smoothing must be in [0, 1)"),
+        (config.grad_clip_norm >= 0, "grad clip norm must be >= 0"),
+        (0 <= config.ema_decay < 1, "EMA decay must be in [0, 1)"),
+        (config.amp_dtype in AMP_DTYPES, f"amp dtype must be one of {', '.join(AMP_DTYPES)}"),
+        (config.memory_format in MEMORY_FORMATS, f"memory format must be one of {', '.join(MEMORY_FORMATS)}"),
+        (config.cuda_graph in CUDA_GRAPH_CHOICES, f"cuda graph must be one of {', '.join(CUDA_GRAPH_CHOICES)}"),
+        (config.pipeline in PIPELINES, f"pipeline must be one of {', '.join(PIPELINES)}"),
+        (config.num_workers >= 0, "num workers must be >= 0"),
+        (config.device in DEVICES, f"device must be one of {', '.join(DEVICES)}"),
+        (config.threads_per_rank >= 0, "threads per rank must be >= 0"),
+        (config.eval_batch_size >= 1, "eval batch size must be >= 1"),
+        (config.train_subset >= 0, "train subset must be >= 0"),
+        (config.val_images >= 0, "validation images must be >= 0"),
+        (not (config.val_images and config.pipeline != "tensor"), "--val-images needs the tensor pipeline"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but no CUDA device is available")
+    if config.cuda_graph == "on" and config.device == "cpu":
+        raise ConfigError("--cuda-graph on needs --device cuda")
