@@ -13,13 +13,12 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 from serving.artifact import METRICS_NAME, TEST_REPORT_NAME
 
@@ -30,9 +29,8 @@ from .data import epoch_seed, load_datasets, normalize
 from .model import ModelConfig, build_model
 from .progress import EpochProgress, TensorBoardLog
 from .report import write_test_report
+from .run_state import RunState, log, make_step, setup_run
 from .schedule import lr_at
-from .train_step import EagerStep, GraphedStep, use_cuda_graph
-from .tuning import Kernels, choose_kernels, format_probe
 
 QUICK_MAX_EPOCHS = 2
 
@@ -42,30 +40,6 @@ class TrainResult:
     checkpoint_path: Path | None
     metrics: dict
     model: torch.nn.Module
-
-
-@dataclass
-class RunState:
-    """Everything a run carries from one epoch to the next (and into the checkpoint)."""
-    model: torch.nn.Module                 # possibly DDP-wrapped
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    ema: torch.optim.swa_utils.AveragedModel | None
-    kernels: Kernels
-    kernel_probe: dict
-    cuda_graph: bool
-    total_steps: int
-    warmup_steps: int
-    step: int = 0
-    start_epoch: int = 0
-    kept_state: dict | None = None          # the weights the checkpoint ships
-    kept_report: dict | None = None         # selected_epoch, val_acc, ... of those weights
-    best_val_acc: float = -1.0
-
-    @property
-    def eval_model(self) -> torch.nn.Module:
-        """The weights being trained, or their running average when EMA is on."""
-        return self.ema.module if self.ema is not None else unwrap(self.model)
 
 
 def cpu_count() -> int:
@@ -108,11 +82,6 @@ def train(config: TrainConfig) -> TrainResult:
         dist.teardown(context)
 
 
-def log(context: dist.DistContext, message: str) -> None:
-    if context.is_main:
-        print(message, flush=True)
-
-
 @torch.inference_mode()
 def evaluate(model, images, labels, config: TrainConfig, context: dist.DistContext,
              memory_format=torch.contiguous_format) -> dict:
@@ -134,84 +103,6 @@ def evaluate(model, images, labels, config: TrainConfig, context: dist.DistConte
     per_class = (confusion.diag().double() / confusion.sum(1).clamp(min=1)).tolist()
     return {"acc": float(confusion.diag().sum()) / count, "loss": float(totals[100]) / count,
             "per_class_acc": per_class, "confusion_matrix": confusion.tolist()}
-
-
-def probe_batch(batches, context: dist.DistContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """One real batch of the real shape for the kernel probe (taken before the run's epochs
-    re-seed the iterator, so the run itself is unchanged)."""
-    batches.set_epoch(0)
-    pixels, labels = next(iter(batches))
-    return pixels.to(context.device), labels.to(context.device)
-
-
-def agree_on_kernels(kernels: Kernels, record: dict, context: dist.DistContext) -> tuple[Kernels, dict]:
-    """Every rank must run the same kernels: rank 0's measurement decides."""
-    if not context.enabled:
-        return kernels, record
-    shared = [kernels, record]
-    torch.distributed.broadcast_object_list(shared, src=0)
-    return shared[0], shared[1]
-
-
-def setup_run(config: TrainConfig, context: dist.DistContext, batches, checkpoint: dict | None,
-              epochs: int) -> tuple[TrainConfig, RunState]:
-    model_config = ModelConfig()
-    model = build_model(model_config).to(context.device)
-    steps_per_epoch = len(batches)
-    if steps_per_epoch == 0:
-        raise ConfigError(f"batch size {config.batch_size} is larger than the training set")
-    total_steps = epochs * steps_per_epoch
-    pixels, labels = probe_batch(batches, context)
-    kernels, probe = agree_on_kernels(*choose_kernels(config, pixels, labels, model_config, total_steps), context)
-    log(context, format_probe(probe, len(labels)))
-    if checkpoint is not None:   # resumed: the config already names its kernels; keep the original probe
-        probe = checkpoint["train_config"].get("kernel_probe") or probe
-    # The checkpoint's train_config records the choice, so export, bench and --resume see it.
-    config = replace(config, memory_format=kernels.memory_format, amp=kernels.amp,
-                     amp_dtype={torch.bfloat16: "bf16", torch.float16: "fp16"}[kernels.amp_dtype])
-    model = model.to(memory_format=kernels.torch_memory_format)
-    graphed = use_cuda_graph(config, context.device, context.world_size, kernels.amp_dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                  capturable=graphed)
-    scaler = torch.amp.GradScaler(context.device.type, enabled=kernels.amp and kernels.amp_dtype == torch.float16)
-    ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
-        config.ema_decay), use_buffers=True) if config.ema_decay else None)
-    state = RunState(model, optimizer, scaler, ema, kernels, probe, graphed, total_steps,
-                     warmup_steps=min(total_steps, round(config.warmup_epochs * steps_per_epoch)))
-    if checkpoint is not None:
-        restore_run_state(state, checkpoint, context)
-    if context.enabled:
-        state.model = DistributedDataParallel(model)
-    return config, state
-
-
-def restore_run_state(state: RunState, checkpoint: dict, context: dist.DistContext) -> None:
-    state.model.load_state_dict(checkpoint["last_model"])
-    state.optimizer.load_state_dict(checkpoint["optimizer"])
-    state.scaler.load_state_dict(checkpoint["scaler"])
-    if state.ema is not None:
-        state.ema.module.load_state_dict(checkpoint["ema_model"])
-        state.ema.n_averaged.fill_(checkpoint["scheduler"]["step"])
-    metrics = checkpoint["metrics"]
-    state.start_epoch, state.step = metrics["epoch"], checkpoint["scheduler"]["step"]
-    state.kept_state = checkpoint["model"]
-    state.kept_report = {key: metrics[key] for key in ("selected_epoch", "selected_val_acc") if key in metrics}
-    state.best_val_acc = metrics.get("selected_val_acc", -1.0)
-
-
-def make_step(config: TrainConfig, state: RunState, context: dist.DistContext, batches):
-    kernels = state.kernels
-    if state.cuda_graph:
-        pixels, labels = probe_batch(batches, context)   # the shapes the graph is captured for
-        try:
-            return GraphedStep(state.model, state.optimizer, state.scaler, config, kernels.amp_dtype,
-                               context.device, pixels.contiguous(memory_format=kernels.torch_memory_format), labels)
-        except RuntimeError as error:
-            if config.cuda_graph == "on":
-                raise ConfigError(f"--cuda-graph on: capture failed: {str(error).splitlines()[0]}") from None
-            log(context, f"CUDA graph capture failed ({str(error).splitlines()[0]}); running eagerly")
-            state.cuda_graph = False
-    return EagerStep(state.model, state.optimizer, state.scaler, config, kernels.amp_dtype, context.device)
 
 
 def train_one_epoch(step_fn, batches, state: RunState, context: dist.DistContext, lr_for,

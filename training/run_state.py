@@ -1,0 +1,122 @@
+"""Building a run: the model, the kernels measured for it, optimizer, scaler, EMA and the
+step function, fresh or restored from a checkpoint; and the RunState the loop carries."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from . import dist
+from .checkpoint import unwrap
+from .config import ConfigError, TrainConfig
+from .model import ModelConfig, build_model
+from .train_step import EagerStep, GraphedStep, use_cuda_graph
+from .tuning import Kernels, choose_kernels, format_probe
+
+
+@dataclass
+class RunState:
+    """Everything a run carries from one epoch to the next (and into the checkpoint)."""
+    model: torch.nn.Module                 # possibly DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: torch.optim.swa_utils.AveragedModel | None
+    kernels: Kernels
+    kernel_probe: dict
+    cuda_graph: bool
+    total_steps: int
+    warmup_steps: int
+    step: int = 0
+    start_epoch: int = 0
+    kept_state: dict | None = None          # the weights the checkpoint ships
+    kept_report: dict | None = None         # selected_epoch, val_acc, ... of those weights
+    best_val_acc: float = -1.0
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights being trained, or their running average when EMA is on."""
+        return self.ema.module if self.ema is not None else unwrap(self.model)
+
+
+def log(context: dist.DistContext, message: str) -> None:
+    if context.is_main:
+        print(message, flush=True)
+
+
+def probe_batch(batches, context: dist.DistContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """One real batch of the real shape for the kernel probe (taken before the run's epochs
+    re-seed the iterator, so the run itself is unchanged)."""
+    batches.set_epoch(0)
+    pixels, labels = next(iter(batches))
+    return pixels.to(context.device), labels.to(context.device)
+
+
+def agree_on_kernels(kernels: Kernels, record: dict, context: dist.DistContext) -> tuple[Kernels, dict]:
+    """Every rank must run the same kernels: rank 0's measurement decides."""
+    if not context.enabled:
+        return kernels, record
+    shared = [kernels, record]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    return shared[0], shared[1]
+
+
+def setup_run(config: TrainConfig, context: dist.DistContext, batches, checkpoint: dict | None,
+              epochs: int) -> tuple[TrainConfig, RunState]:
+    model_config = ModelConfig()
+    model = build_model(model_config).to(context.device)
+    steps_per_epoch = len(batches)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"batch size {config.batch_size} is larger than the training set")
+    total_steps = epochs * steps_per_epoch
+    pixels, labels = probe_batch(batches, context)
+    kernels, probe = agree_on_kernels(*choose_kernels(config, pixels, labels, model_config, total_steps), context)
+    log(context, format_probe(probe, len(labels)))
+    if checkpoint is not None:   # resumed: the config already names its kernels; keep the original probe
+        probe = checkpoint["train_config"].get("kernel_probe") or probe
+    # The checkpoint's train_config records the choice, so export, bench and --resume see it.
+    config = replace(config, memory_format=kernels.memory_format, amp=kernels.amp,
+                     amp_dtype={torch.bfloat16: "bf16", torch.float16: "fp16"}[kernels.amp_dtype])
+    model = model.to(memory_format=kernels.torch_memory_format)
+    graphed = use_cuda_graph(config, context.device, context.world_size, kernels.amp_dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  capturable=graphed)
+    scaler = torch.amp.GradScaler(context.device.type, enabled=kernels.amp and kernels.amp_dtype == torch.float16)
+    ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
+        config.ema_decay), use_buffers=True) if config.ema_decay else None)
+    state = RunState(model, optimizer, scaler, ema, kernels, probe, graphed, total_steps,
+                     warmup_steps=min(total_steps, round(config.warmup_epochs * steps_per_epoch)))
+    if checkpoint is not None:
+        restore_run_state(state, checkpoint, context)
+    if context.enabled:
+        state.model = DistributedDataParallel(model)
+    return config, state
+
+
+def restore_run_state(state: RunState, checkpoint: dict, context: dist.DistContext) -> None:
+    state.model.load_state_dict(checkpoint["last_model"])
+    state.optimizer.load_state_dict(checkpoint["optimizer"])
+    state.scaler.load_state_dict(checkpoint["scaler"])
+    if state.ema is not None:
+        state.ema.module.load_state_dict(checkpoint["ema_model"])
+        state.ema.n_averaged.fill_(checkpoint["scheduler"]["step"])
+    metrics = checkpoint["metrics"]
+    state.start_epoch, state.step = metrics["epoch"], checkpoint["scheduler"]["step"]
+    state.kept_state = checkpoint["model"]
+    state.kept_report = {key: metrics[key] for key in ("selected_epoch", "selected_val_acc") if key in metrics}
+    state.best_val_acc = metrics.get("selected_val_acc", -1.0)
+
+
+def make_step(config: TrainConfig, state: RunState, context: dist.DistContext, batches):
+    kernels = state.kernels
+    if state.cuda_graph:
+        pixels, labels = probe_batch(batches, context)   # the shapes the graph is captured for
+        try:
+            return GraphedStep(state.model, state.optimizer, state.scaler, config, kernels.amp_dtype,
+                               context.device, pixels.contiguous(memory_format=kernels.torch_memory_format), labels)
+        except RuntimeError as error:
+            if config.cuda_graph == "on":
+                raise ConfigError(f"--cuda-graph on: capture failed: {str(error).splitlines()[0]}") from None
+            log(context, f"CUDA graph capture failed ({str(error).splitlines()[0]}); running eagerly")
+            state.cuda_graph = False
+    return EagerStep(state.model, state.optimizer, state.scaler, config, kernels.amp_dtype, context.device)
