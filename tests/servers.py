@@ -1,7 +1,10 @@
 """Real TorchServe instances for tests: each on free loopback ports, in its own directory."""
 from __future__ import annotations
 
+import json
 import shutil
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -12,14 +15,15 @@ from serving.archive import build_archive
 from serving.artifact import MODEL_NAME, TORCHSCRIPT_NAME
 
 
-def launch_server(tmp_path: Path, exported_dir: Path, base_config: str = "config.properties"):
+def launch_server(tmp_path: Path, exported_dir: Path, base_config: str = "config.properties", **extra: str):
     """Archive the exported model and start a TorchServe of our own on free ports, in its
-    own working directory. Returns (inference URL, management URL, run dir, working dir)."""
+    own working directory; extra settings go into its config (cors_allowed_origin=...).
+    Returns (inference URL, management URL, run dir, working dir)."""
     if shutil.which("java") is None:
         pytest.fail("TorchServe needs Java 17 (`.ci/run` installs openjdk-17-jre-headless)")
     model_store = tmp_path / "model_store"
     build_archive(exported_dir / TORCHSCRIPT_NAME, model_store)
-    config, inference, management = server.instance_config(REPO_ROOT / base_config, tmp_path, model_store)
+    config, inference, management = server.instance_config(REPO_ROOT / base_config, tmp_path, model_store, **extra)
     run_dir = tmp_path / "run"
     server.start(str(config), run_dir, timeout_s=180, cwd=tmp_path)
     return inference, management, run_dir, tmp_path
@@ -27,3 +31,27 @@ def launch_server(tmp_path: Path, exported_dir: Path, base_config: str = "config
 
 def predictions_url(inference: str) -> str:
     return f"{inference}/predictions/{MODEL_NAME}"
+
+
+def v2_infer_url(inference: str) -> str:
+    return f"{inference}/v2/models/{MODEL_NAME}/infer"
+
+
+def grpc_target(run_dir: Path) -> str:
+    """HOST:PORT of the gRPC inference API of a server from launch_server, read from the
+    config that instance_config wrote beside its run dir (free ports, chosen per server)."""
+    properties = server.read_properties(Path(run_dir).parent / "config.properties")
+    return f"{properties.get('grpc_inference_address', '127.0.0.1')}:{properties['grpc_inference_port']}"
+
+
+def worker_pids(management: str, timeout_s: float = 120.0) -> list[int]:
+    """PIDs of the model's workers once every one of them is READY (a worker still
+    starting reports pid -1)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with urllib.request.urlopen(f"{management}/models/{MODEL_NAME}", timeout=10) as response:
+            workers = json.loads(response.read())[0]["workers"]
+        if all(w.get("status") == "READY" and int(w.get("pid", -1)) > 0 for w in workers) or \
+                time.monotonic() > deadline:
+            return sorted(int(w["pid"]) for w in workers)
+        time.sleep(0.5)
