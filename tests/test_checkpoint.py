@@ -16,9 +16,9 @@ def test_quick_checkpoint_has_documented_keys_and_loads_weights_only(quick_check
     metrics = checkpoint["metrics"]
     assert 0.0 <= metrics["test_acc"] <= 1.0
     assert metrics["epoch"] == 2
-    # Weights are never chosen on the test set: by default the final ones are kept.
+    # Weights are never chosen on the test set: by default the final ones are kept (their EMA).
     assert metrics["selected_by"] == "final" and metrics["selected_epoch"] == 2
-    torch.testing.assert_close(checkpoint["model"], checkpoint["last_model"])
+    torch.testing.assert_close(checkpoint["model"], checkpoint["ema_model"])
     # The kernel choice is recorded with the run's settings (a run this short is not measured).
     config = checkpoint["train_config"]
     assert (config["memory_format"], config["amp_dtype"]) == ("channels_last", "bf16")

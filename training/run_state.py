@@ -10,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import dist
 from .checkpoint import unwrap
 from .config import ConfigError, TrainConfig
+from .ema import WeightEMA
 from .model import ModelConfig, build_model
 from .train_step import EagerStep, GraphedStep, use_cuda_graph
 from .tuning import Kernels, choose_kernels, format_probe
@@ -21,7 +22,7 @@ class RunState:
     model: torch.nn.Module                 # possibly DDP-wrapped
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    ema: torch.optim.swa_utils.AveragedModel | None
+    ema: WeightEMA | None
     kernels: Kernels
     kernel_probe: dict
     cuda_graph: bool
@@ -82,8 +83,7 @@ def setup_run(config: TrainConfig, context: dist.DistContext, batches, checkpoin
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   capturable=graphed)
     scaler = torch.amp.GradScaler(context.device.type, enabled=kernels.amp and kernels.amp_dtype == torch.float16)
-    ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
-        config.ema_decay), use_buffers=True) if config.ema_decay else None)
+    ema = WeightEMA(model, config.ema_decay) if config.ema_decay else None
     state = RunState(model, optimizer, scaler, ema, kernels, probe, graphed, total_steps,
                      warmup_steps=min(total_steps, round(config.warmup_epochs * steps_per_epoch)))
     if checkpoint is not None:
@@ -99,7 +99,6 @@ def restore_run_state(state: RunState, checkpoint: dict, context: dist.DistConte
     state.scaler.load_state_dict(checkpoint["scaler"])
     if state.ema is not None:
         state.ema.module.load_state_dict(checkpoint["ema_model"])
-        state.ema.n_averaged.fill_(checkpoint["scheduler"]["step"])
     metrics = checkpoint["metrics"]
     state.start_epoch, state.step = metrics["epoch"], checkpoint["scheduler"]["step"]
     state.kept_state = checkpoint["model"]

@@ -119,7 +119,7 @@ def train_one_epoch(step_fn, batches, state: RunState, context: dist.DistContext
         lr = lr_for(state.step)
         step_fn(pixels, labels, lr)
         if state.ema is not None:
-            state.ema.update_parameters(unwrap(state.model))
+            state.ema.update(unwrap(state.model), state.step)
         seen += len(labels)
         state.step += 1
         progress.advance(len(labels))
