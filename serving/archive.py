@@ -3,7 +3,7 @@ for ONNX Runtime, e.g. the int8 model).
 
     python -m serving.archive --serialized-file artifacts/mnist_cnn.torchscript.pt --export-path model_store
 
-packs the model (its metadata inside), handler.py, preprocess.py, artifact.py and model-config.yaml
+packs the model (its metadata inside), handler.py, preprocess.py, artifact.py, protocol.py and model-config.yaml
 into model_store/mnist.mar. The archive version is the artifact's own model_version.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from .artifact import ARCHIVE_NAME, MODEL_NAME, TORCHSCRIPT_NAME, artifact_path,
 
 SERVING_DIR = Path(__file__).resolve().parent
 # Shipped beside handler.py: the handler imports them as top-level modules inside the archive.
-HANDLER_MODULES = ("preprocess.py", "artifact.py")
+HANDLER_MODULES = ("preprocess.py", "artifact.py", "protocol.py")
 
 
 def archive_command(serialized_file: str, export_path: str, version: str, model_config: str) -> list[str]:

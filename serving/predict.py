@@ -2,6 +2,7 @@
 (or TorchScript), using the same preprocessing and the same JSON answer as the server.
 
     mnist-predict --model artifacts/mnist_cnn.onnx digit.png more_digits/
+    mnist-predict --grpc 127.0.0.1:7070 digit.png      # ask a running TorchServe over gRPC
 
 prints one JSON line per image, e.g.
     {"file": "digit.png", "digit": 7, "label": "7", "confidence": 0.9991, ...}
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import click
@@ -69,6 +71,45 @@ def predict_files(files: list[Path], run_model, metadata: dict, batch_size: int)
         yield from flush()
 
 
+# gRPC failures that no other file would escape: stop at the first instead of repeating it per file.
+SERVER_FAILURES = ("UNAVAILABLE", "UNAUTHENTICATED", "PERMISSION_DENIED", "NOT_FOUND", "UNIMPLEMENTED",
+                   "INVALID_ARGUMENT")
+
+
+def predict_over_grpc(files: list[Path], target: str, key: str | None):
+    """Yield one result dict per file, each file sent as one Predictions RPC to TorchServe."""
+    import grpc
+
+    from .grpc_client import PredictionError, connect
+
+    with connect(target, key) as client:
+        for path in files:
+            try:
+                yield {"file": str(path), **client.predict(path.read_bytes())}
+            except PredictionError as error:
+                yield {"file": str(path), "error": str(error), "code": error.code}
+            except OSError as error:
+                yield {"file": str(path), "error": f"cannot read file: {error.strerror or error}", "code": "unreadable"}
+            except grpc.RpcError as error:
+                if error.code().name in SERVER_FAILURES:
+                    raise click.ClickException(f"TorchServe gRPC at {target}: {error.code().name}: "
+                                               f"{error.details()}") from None
+                yield {"file": str(path), "error": error.details() or error.code().name,
+                       "code": f"grpc_{error.code().name.lower()}"}
+
+
+def load_model(model: str | None, backend: str, threads: int):
+    model_path, _ = resolve_model(model, backend)
+    if not Path(model_path).is_file():
+        raise click.ClickException(f"model not found: {model_path} (run `make export` first)")
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return load(model_path, "cpu", threads)
+    except Exception as error:  # onnxruntime and torch.jit raise many types for a bad file
+        raise click.ClickException(f"cannot load model {model_path}: {str(error).splitlines()[0]}") from None
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--model", default=None, help=f"Artifact to run (.onnx or .pt). Default: {DEFAULT_MODELS['onnx']}, "
@@ -77,22 +118,25 @@ def predict_files(files: list[Path], run_model, metadata: dict, batch_size: int)
               help="auto: from the model file's extension.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Images per model call.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="Intra-op threads; 0: all cores.")
-def main(paths, model, backend, batch_size, threads) -> None:
+@click.option("--grpc", "grpc_target", metavar="HOST:PORT", default=None,
+              help="Send each image to a running TorchServe's gRPC inference API (its grpc_inference_port, "
+                   "7070 in config.properties) instead of running a model here.")
+@click.option("--key", default=None, help="With --grpc: the inference key (key_file.json) of a server with "
+                                          "token authorization.")
+def main(paths, model, backend, batch_size, threads, grpc_target, key) -> None:
     """Predict the digit in each image file (folders are searched for images)."""
-    model_path, _ = resolve_model(model, backend)
-    if not Path(model_path).is_file():
-        raise click.ClickException(f"model not found: {model_path} (run `make export` first)")
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        run_model, metadata = load(model_path, "cpu", threads)
-    except Exception as error:  # onnxruntime and torch.jit raise many types for a bad file
-        raise click.ClickException(f"cannot load model {model_path}: {str(error).splitlines()[0]}") from None
+    if grpc_target:
+        if grpc_target.rpartition(":")[0] == "" or not grpc_target.rpartition(":")[2].isdigit():
+            raise click.UsageError(f"--grpc takes HOST:PORT, e.g. 127.0.0.1:7070, not {grpc_target!r}")
+        predict = partial(predict_over_grpc, target=grpc_target, key=key)
+    else:
+        run_model, metadata = load_model(model, backend, threads)
+        predict = partial(predict_files, run_model=run_model, metadata=metadata, batch_size=batch_size)
     files = collect_files(paths)
     if not files:
         raise click.ClickException("no image files found in " + ", ".join(paths))
     failures = 0
-    for result in predict_files(files, run_model, metadata, batch_size):
+    for result in predict(files):
         click.echo(json.dumps(result))
         if "error" in result:
             failures += 1

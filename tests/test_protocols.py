@@ -1,0 +1,236 @@
+"""The other ways in: the Open Inference Protocol (v2) over REST, TorchServe's gRPC API, and
+the API contract in serving/openapi.yaml, each against a real TorchServe on loopback."""
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from hypothesis import HealthCheck, settings
+from PIL import Image
+
+from http_client import request
+from imaging import encode, hostile_corpus
+from repo import REPO_ROOT
+from serving import server
+from serving.artifact import MODEL_NAME
+from serving.handler import HTTP_STATUS
+from serving.predict import main as predict_cli
+from servers import grpc_target, launch_server, predictions_url, v2_infer_url
+
+grpc = pytest.importorskip("grpc", reason="grpcio is not installed")
+schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed")
+from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.specs.openapi.checks import (  # noqa: E402
+    content_type_conformance, response_schema_conformance, status_code_conformance)
+
+from serving.grpc_client import PredictionError, connect, generate_stubs  # noqa: E402
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+OPENAPI_PATH = REPO_ROOT / "serving" / "openapi.yaml"
+OCTET = {"Content-Type": "application/octet-stream"}
+JSON = {"Content-Type": "application/json"}
+GRPC_DIGITS = 200
+CONTRACT_EXAMPLES = 60   # per operation: about 25 s for all four on 2 cores
+CONTRACT_CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
+                   response_schema_conformance]
+
+
+@pytest.fixture(scope="module")
+def real_digits(mnist_test_set):
+    """The first test digits as PNG bytes, with their labels."""
+    images, labels = mnist_test_set
+    return [(encode(Image.fromarray(images[i].numpy())), int(labels[i])) for i in range(GRPC_DIGITS)]
+
+
+def v2_body(images: list[bytes], request_id: str | None = None) -> bytes:
+    data = [base64.b64encode(image).decode() for image in images]
+    document = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(data)], "data": data}]}
+    return json.dumps({**document, "id": request_id} if request_id else document).encode()
+
+
+def post_json(url: str, body: bytes):
+    status, answer = request(url, body, headers=JSON)
+    return status, json.loads(answer)
+
+
+# --- Open Inference Protocol (v2) over REST -------------------------------------------------
+def test_v2_infer_answers_real_digits_as_tensors(running_server, real_digits):
+    inference, _, _ = running_server
+    images, labels = zip(*real_digits[:16])
+    status, answer = post_json(v2_infer_url(inference), v2_body(list(images), "batch-7"))
+    assert status == 200, answer
+    assert answer["model_name"] == MODEL_NAME and answer["id"] == "batch-7"
+    digits, probabilities = answer["outputs"]
+    assert (digits["name"], digits["datatype"], digits["shape"]) == ("digit", "INT64", [16])
+    assert (probabilities["name"], probabilities["datatype"], probabilities["shape"]) == ("probabilities", "FP32", [16, 10])
+    assert sum(d == label for d, label in zip(digits["data"], labels)) >= 15
+    rows = [probabilities["data"][i * 10:(i + 1) * 10] for i in range(16)]
+    assert all(abs(sum(row) - 1) < 1e-6 and row.index(max(row)) == d for row, d in zip(rows, digits["data"]))
+    # The same image through /predictions/mnist: the same numbers, in the plain answer.
+    status, plain = request(predictions_url(inference), images[0], headers=OCTET)
+    assert status == 200 and json.loads(plain)["probabilities"] == pytest.approx(rows[0], abs=1e-6)
+
+
+def hostile_images(mnist_test_set):
+    """The byte-level cases of the hostile corpus: each one base64-wrapped in a v2 body must
+    get the status and code it gets as a raw body."""
+    images, labels = mnist_test_set
+    digit, other = images[0].numpy(), images[1].numpy()
+    return [(name, body, status, code) for name, body, headers, status, code in hostile_corpus(digit, other)
+            if headers == OCTET and body], int(labels[0])
+
+
+def test_v2_infer_refuses_hostile_images_with_the_plain_error_body(running_server, mnist_test_set):
+    inference, _, _ = running_server
+    cases, label = hostile_images(mnist_test_set)
+    assert len(cases) >= 8
+    for name, body, want_status, want_code in cases:
+        status, answer = post_json(v2_infer_url(inference), v2_body([body]))
+        assert status == want_status, (name, answer)
+        if want_code is None:
+            assert answer["outputs"][0]["data"] == [label], name
+        else:
+            assert answer == {"error": answer["error"], "code": want_code} and answer["error"], name
+
+
+@pytest.mark.parametrize("document,want_status,want_code", [
+    ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%% not base64"]}]}, 400, "invalid_base64"),
+    ({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": [0.5]}]}, 400, "no_image_field"),
+    ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [3], "data": ["aGk="]}]}, 400, "no_image_field"),
+    ({"inputs": []}, 400, "no_image_field"),
+    ({"inputs": [[None]]}, 400, "no_image_field"),
+    (-1, 400, "no_image_field"),             # a bare JSON number once crashed the whole batch (503)
+    (10 ** 20, 400, "no_image_field"),
+])
+def test_v2_infer_refuses_malformed_envelopes(running_server, document, want_status, want_code):
+    inference, _, _ = running_server
+    status, answer = post_json(v2_infer_url(inference), json.dumps(document).encode())
+    assert (status, answer["code"]) == (want_status, want_code), answer
+
+
+def test_v2_request_is_all_or_nothing(running_server, real_digits):
+    inference, _, _ = running_server
+    good = real_digits[0][0]
+    status, answer = post_json(v2_infer_url(inference), v2_body([good, b"not an image", good]))
+    assert (status, answer["code"]) == (415, "not_an_image")
+    status, answer = post_json(v2_infer_url(inference), v2_body([good]))   # the worker is fine
+    assert status == 200 and answer["outputs"][0]["data"] == [real_digits[0][1]]
+
+
+# --- gRPC -------------------------------------------------------------------------------------
+def test_stubs_come_from_the_installed_torchserve_and_are_made_once(tmp_path):
+    stubs = generate_stubs(tmp_path / "_grpc")
+    made = {path.name: path.stat().st_mtime_ns for path in stubs.glob("*_pb2*.py")}
+    assert {"inference_pb2.py", "inference_pb2_grpc.py", "management_pb2.py", "management_pb2_grpc.py"} <= set(made)
+    assert (stubs / "google" / "rpc" / "status_pb2.py").is_file()
+    generate_stubs(tmp_path / "_grpc")    # same jar: nothing is rebuilt
+    assert {path.name: path.stat().st_mtime_ns for path in stubs.glob("*_pb2*.py")} == made
+
+
+def test_grpc_ping(running_server):
+    with connect(grpc_target(running_server[2])) as client:
+        assert client.ping() == {"status": "Healthy"}
+
+
+def test_grpc_predictions_on_real_test_digits(running_server, real_digits):
+    with connect(grpc_target(running_server[2])) as client:
+        answers = [(client.predict(image), label) for image, label in real_digits]
+    correct = sum(answer["digit"] == label for answer, label in answers)
+    assert correct / len(answers) >= 0.99, f"{correct} of {len(answers)}"
+    assert all(abs(sum(answer["probabilities"]) - 1) < 1e-6 for answer, _ in answers)
+
+
+def test_grpc_refuses_a_hostile_body(running_server, real_digits):
+    with connect(grpc_target(running_server[2])) as client:
+        with pytest.raises(PredictionError) as refused:
+            client.predict(b"hello, I am not an image")
+        assert refused.value.code == "not_an_image"
+        # What travels: TorchServe 0.12's GRPCJob answers status OK whatever status the handler
+        # set, with the handler's error JSON. When a TorchServe release maps the status, this
+        # fails: then drop the client-side mapping.
+        assert json.loads(client.predict_raw(b""))["code"] == "empty"
+        assert client.predict(real_digits[0][0])["digit"] == real_digits[0][1]   # and it still serves
+
+
+def test_mnist_predict_over_grpc(running_server, real_digits, tmp_path):
+    paths = []
+    for index, (image, _) in enumerate(real_digits[:3]):
+        paths.append(tmp_path / f"{index}.png")
+        paths[-1].write_bytes(image)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    result = CliRunner().invoke(predict_cli, ["--grpc", grpc_target(running_server[2]), str(tmp_path)])
+    lines = {json.loads(line)["file"]: json.loads(line) for line in result.stdout.splitlines()}
+    assert result.exit_code == 1      # one file failed
+    assert lines[str(tmp_path / "bad.png")]["code"] == "not_an_image"
+    assert [lines[str(path)]["digit"] for path in paths] == [label for _, label in real_digits[:3]]
+
+
+@pytest.fixture(scope="module")
+def production_server(tmp_path_factory, exported):
+    """A server from config.production.properties: token authorization on, keys in its working dir."""
+    _, _, run_dir, working_dir = launch_server(tmp_path_factory.mktemp("production"), exported,
+                                               "config.production.properties")
+    yield run_dir, server.inference_key(working_dir / "key_file.json")
+    server.stop(run_dir)
+
+
+def test_grpc_token_authorization(production_server, real_digits):
+    run_dir, key = production_server
+    image, label = real_digits[0]
+    for wrong_key in (None, "not-the-key"):
+        with connect(grpc_target(run_dir), key=wrong_key) as client:
+            with pytest.raises(grpc.RpcError) as refused:
+                client.predict(image)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with connect(grpc_target(run_dir), key=key) as client:
+        assert client.predict(image)["digit"] == label
+
+
+# --- The API contract ---------------------------------------------------------------------
+def test_openapi_error_codes_match_the_handler():
+    """Every code the handler can send, with its status, and no other, is in the spec."""
+    spec = yaml.safe_load(OPENAPI_PATH.read_text())
+    assert set(spec["components"]["schemas"]["Error"]["properties"]["code"]["enum"]) == set(HTTP_STATUS)
+    responses = spec["paths"]["/predictions/mnist"]["post"]["responses"]
+    for status in {str(status) for status in HTTP_STATUS.values()}:
+        name = responses[status]["$ref"].rsplit("/", 1)[1]
+        schema = spec["components"]["responses"][name]["content"]["application/json"]["schema"]
+        documented = set(schema["allOf"][1]["properties"]["code"]["enum"])
+        assert documented == {code for code, code_status in HTTP_STATUS.items() if str(code_status) == status}
+
+
+contract = schemathesis.openapi.from_path(OPENAPI_PATH)
+# Requests the spec allows. Schema-violating ones are left out: TorchServe's Java frontend
+# answers some of those (a multipart field with an empty name, form encoding) with 500
+# before the handler runs, which no handler can change.
+contract.config.generation.update(modes=[schemathesis.GenerationMode.POSITIVE])
+# Its built-in sample files cover image/png, jpeg, gif and webp; BMP and TIFF bodies get its binary data.
+schemathesis.serializer.alias(["image/bmp", "image/tiff"], "application/octet-stream")
+
+
+@contract.parametrize()
+@settings(max_examples=CONTRACT_EXAMPLES, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
+def test_api_contract(case, running_server):
+    """Generated requests of every documented kind: no 5xx, every answer as the spec says."""
+    case.call_and_validate(base_url=running_server[0], checks=CONTRACT_CHECKS)
+
+
+def real_bodies(image: bytes) -> dict[str, tuple[str, object]]:
+    text = base64.b64encode(image).decode()
+    return {"raw png": ("image/png", image),
+            "several images, one bad": ("application/json", {"images": [text, "not base64!"]}),
+            "v2": ("application/json", json.loads(v2_body([image])))}
+
+
+@pytest.mark.parametrize("kind", ["raw png", "several images, one bad", "v2"])
+def test_real_answers_match_the_contract(running_server, real_digits, kind):
+    """Generated images carry no digit, so the 200 answers are checked here, on a real one."""
+    media_type, body = real_bodies(real_digits[0][0])[kind]
+    case = contract["/predictions/mnist"]["POST"].Case(body=body, media_type=media_type)
+    response = case.call_and_validate(base_url=running_server[0], checks=CONTRACT_CHECKS)
+    assert response.status_code == 200
