@@ -15,8 +15,13 @@ SERVE_MODEL ?= $(TORCHSCRIPT)
 MODEL_STORE := model_store
 MAR         := $(MODEL_STORE)/mnist.mar
 RUN_DIR     := .run/torchserve
+DEMO_DIR    := .run/demo
+CHROMIUM    := /usr/bin/chromium
 SAMPLES     := samples
 INSTALLED   := $(VENV)/.installed
+# No byte-compiling at install: pip would compile all ~10,000 files of torch and friends
+# (20 s of CPU on a fast 2-core machine, minutes on a slow one); Python compiles what a run imports.
+PIP_FLAGS   ?= --no-compile
 TRAIN_ARGS  ?=
 PYTEST_ARGS ?=
 IMG         ?= $(SAMPLES)/digit_7.png
@@ -24,7 +29,7 @@ IMG         ?= $(SAMPLES)/digit_7.png
 DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 .DEFAULT_GOAL := help
-.PHONY: help install java data train export archive serve stop predict samples test reliability bench clean FORCE
+.PHONY: help install java browser prometheus data train export archive serve demo stop predict samples test reliability bench clean FORCE
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -34,9 +39,12 @@ install: $(INSTALLED) ## Create .venv and install the project with test and benc
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip install --quiet $(PIP_FLAGS) --upgrade pip
+	$(BIN)/pip install --quiet $(PIP_FLAGS) -e '.[test,bench]'
+	grep -q '^# digitserve: a plain' $(BIN)/activate || sed 's|@CONFIG@|$(CURDIR)/config.properties|' serving/activate.sh >> $(BIN)/activate
 	touch $@
+
+system: java browser prometheus ## System packages the tests need (apt-get, only what is missing)
 
 java: ## Install Java 17 (TorchServe needs it) with apt-get when missing
 	@major=$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n1); \
@@ -44,6 +52,20 @@ java: ## Install Java 17 (TorchServe needs it) with apt-get when missing
 	  echo "installing openjdk-17-jre-headless for TorchServe"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
 	    openjdk-17-jre-headless || { echo "install Java 17 (openjdk-17-jre-headless) and rerun"; exit 1; }; \
+	fi
+
+browser: ## Install Chromium (tests/test_browser.py drives it) with apt-get when missing
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  echo "installing chromium for the browser tests"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
+	    || { echo "install Chromium (apt-get install chromium) and rerun"; exit 1; }; \
+	fi
+
+prometheus: ## Install Prometheus (the metrics tests scrape the server with it) with apt-get when missing
+	@if ! command -v prometheus >/dev/null; then \
+	  echo "installing prometheus for the metrics tests"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus \
+	    || { echo "install Prometheus (apt-get install prometheus) and rerun"; exit 1; }; \
 	fi
 
 data: $(INSTALLED) ## Check MNIST is readable (DATA_DIR) or download it into ./data
@@ -80,20 +102,24 @@ samples: $(SAMPLES)/digit_9.png ## Write real MNIST test digits as PNG into samp
 serve: java $(MAR) $(SAMPLES)/digit_9.png ## Everything above as needed, then start TorchServe and wait until it answers
 	$(BIN)/python -m serving.server start --config config.properties --run-dir $(RUN_DIR)
 
+demo: serve ## `make serve`, then the draw-a-digit page on http://127.0.0.1:8000 (serving/web/index.html)
+	$(BIN)/python -m serving.demo start --config config.properties --run-dir $(DEMO_DIR)
+
 config.production.properties: config.properties serving/server.py | $(INSTALLED) ## Derive the token-auth config from config.properties
 	$(BIN)/python -m serving.server production-config --base config.properties > $@
 
-stop: ## Stop the TorchServe started by `make serve`
+stop: ## Stop the TorchServe started by `make serve` and the page server of `make demo`
 	$(BIN)/python -m serving.server stop --run-dir $(RUN_DIR)
+	$(BIN)/python -m serving.demo stop --run-dir $(DEMO_DIR)
 
 predict: ## curl one image to the running server: make predict IMG=samples/digit_7.png
 	curl -s -T $(IMG) http://127.0.0.1:8080/predictions/mnist; echo
 
-test: $(INSTALLED) java ## Run the test suite (uses ../shared/mnist or MNIST_DATA_DIR)
+test: $(INSTALLED) system ## Run the test suite (uses ../shared/mnist or MNIST_DATA_DIR)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-reliability: $(INSTALLED) java ## Hostile inputs, fuzzing, 20,000-request load, killed workers and ranks: a table
-	RELIABILITY_REQUESTS=6667 $(BIN)/python -m pytest -m reliability -s -q $(PYTEST_ARGS)
+reliability: $(INSTALLED) java ## Hostile inputs, fuzzing, a 90-second load, killed workers and ranks: a table
+	RELIABILITY_SECONDS=30 RELIABILITY_MAX_REQUESTS=20000 $(BIN)/python -m pytest -m reliability -s -q $(PYTEST_ARGS)
 
 bench: $(INSTALLED) java export ## Measure training, inference and serving against baselines: benchmarks/RESULTS.md
 	@command -v wrk >/dev/null || apt-get install -y -q wrk || { echo "bench needs wrk: apt-get install wrk"; exit 1; }

@@ -8,6 +8,7 @@ Accepts per request: raw image bytes (curl -T / --data-binary), multipart form f
 (curl -F data=@digit.png), or JSON {"image": "<base64>"} / {"images": ["<base64>", ...]}.
 Answers per image: {"digit", "label", "confidence", "probabilities", "top_k"}; per bad
 request a 4xx status with {"error", "code"}. Good and bad requests can share a batch.
+An Open Inference Protocol (v2) body, {"inputs": [...]}, gets a v2 answer (protocol.py).
 """
 from __future__ import annotations
 
@@ -16,24 +17,32 @@ import binascii
 import json
 import logging
 import os
-from dataclasses import dataclass
+import time
+from collections import Counter
 
 import numpy as np
 import torch
+from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
 if __package__:  # imported from the source tree (tests)
     from .artifact import load, predictions
     from .preprocess import ImageError, preprocess_bytes
-else:  # inside the model archive, preprocess.py and artifact.py sit beside this file
+    from .protocol import ParsedBatch, V2Request, is_v2_request, parse_v2_request, v2_answer
+else:  # inside the model archive, preprocess.py, artifact.py and protocol.py sit beside this file
     from artifact import load, predictions
     from preprocess import ImageError, preprocess_bytes
+    from protocol import ParsedBatch, V2Request, is_v2_request, parse_v2_request, v2_answer
 
 logger = logging.getLogger(__name__)
 
 HTTP_STATUS = {"empty": 400, "invalid_json": 400, "invalid_base64": 400, "no_image_field": 400,
                "corrupt_image": 400, "not_an_image": 415, "unsupported_image": 415,
                "too_large": 413, "no_digit": 422, "form_encoded": 415}
+
+# Our metrics, declared with their dimensions in serving/metrics.yaml (config.properties'
+# metrics_config); TorchServe exports only what that file declares.
+DIGIT_METRIC, REJECTED_METRIC, PREPROCESS_METRIC = "DigitPredictions", "RequestsRejected", "PreprocessTime"
 
 
 def decode_base64(text) -> bytes:
@@ -54,7 +63,10 @@ def try_decode_base64(text) -> bytes | ImageError:
         return error
 
 
-def images_from_json(document) -> tuple[list, bool]:
+def images_from_json(document) -> tuple[list, bool | V2Request]:
+    if is_v2_request(document):  # Open Inference Protocol: all images decode, or the request fails
+        data, request = parse_v2_request(document)
+        return [decode_base64(item) for item in data], request
     if isinstance(document, dict) and "image" in document:
         return [decode_base64(document["image"])], False
     if isinstance(document, dict) and isinstance(document.get("images"), list) and document["images"]:
@@ -62,9 +74,10 @@ def images_from_json(document) -> tuple[list, bool]:
     raise ImageError("no_image_field", 'JSON body needs "image": "<base64>" or "images": ["<base64>", ...]')
 
 
-def images_from_request(request: dict) -> tuple[list, bool]:
+def images_from_request(request: dict) -> tuple[list, bool | V2Request]:
     """The encoded images in one TorchServe request (bytes, or the ImageError that one of
-    several images got), and whether the request asked for several."""
+    several images got), and whether the request asked for several (True), or a V2Request
+    for an Open Inference Protocol request."""
     values = [value for value in request.values() if value is not None]
     if not values:
         raise ImageError("empty", "empty body: send the image bytes")
@@ -72,7 +85,9 @@ def images_from_request(request: dict) -> tuple[list, bool]:
         return [bytes(value) if isinstance(value, (bytes, bytearray))
                 else ImageError("not_an_image", "form field is not a file") for value in values], True
     value = values[0]
-    if isinstance(value, (dict, list)):  # TorchServe already parsed an application/json body
+    # TorchServe already parsed an application/json body. A bare JSON number must not reach
+    # bytes(): bytes(-1) raises and bytes(10**20) exhausts memory (the whole batch got 503).
+    if isinstance(value, (dict, list, int, float)):
         return images_from_json(value)
     if isinstance(value, str):  # text/* bodies arrive decoded
         value = value.encode()
@@ -101,15 +116,6 @@ def reject_form_encoding(context, index: int) -> None:
 
 def error_body(error: ImageError) -> dict:
     return {"error": str(error), "code": error.code}
-
-
-@dataclass
-class ParsedBatch:
-    """What preprocess hands to inference: the stacked inputs of every good image, and per
-    request either its ImageError or its list of slots (an image index into inputs, or the
-    ImageError of one image among several)."""
-    inputs: np.ndarray | None
-    requests: list          # per request: ImageError, or (slots, several)
 
 
 class DigitHandler(BaseHandler):
@@ -153,7 +159,8 @@ class DigitHandler(BaseHandler):
         try:
             reject_form_encoding(self.context, index)
             encoded, several = images_from_request(request)
-            arrays = [self.preprocess_one(item, several) for item in encoded]
+            # Only {"images": [...]} and multipart answer each image on its own; v2 is all or nothing.
+            arrays = [self.preprocess_one(item, several is True) for item in encoded]
         except ImageError as error:
             return error
         slots = []
@@ -166,9 +173,12 @@ class DigitHandler(BaseHandler):
         return slots, several
 
     def preprocess(self, data) -> ParsedBatch:
+        started = time.perf_counter()
         inputs: list[np.ndarray] = []
         requests = [self.parse_request(index, request, inputs) for index, request in enumerate(data)]
-        return ParsedBatch(np.stack(inputs) if inputs else None, requests)
+        batch = ParsedBatch(np.stack(inputs) if inputs else None, requests)
+        self.context.metrics.add_time(PREPROCESS_METRIC, round((time.perf_counter() - started) * 1000, 2), None, "ms")
+        return batch
 
     def inference(self, batch: ParsedBatch, *args, **kwargs):
         logits = self.run_model(batch.inputs) if batch.inputs is not None else None
@@ -187,8 +197,27 @@ class DigitHandler(BaseHandler):
                 continue
             slots, several = parsed
             results = [error_body(slot) if isinstance(slot, ImageError) else answers[slot] for slot in slots]
-            responses.append(json.dumps({"predictions": results} if several else results[0]))
+            if isinstance(several, V2Request):
+                responses.append(json.dumps(v2_answer(self.context.model_name, results, several)))
+            else:
+                responses.append(json.dumps({"predictions": results} if several else results[0]))
+        self.record_metrics(batch, answers)
         return responses
+
+    def record_metrics(self, batch: ParsedBatch, answers: list[dict]) -> None:
+        """DigitPredictions per answered image by digit, RequestsRejected per refused request
+        or image by error code. Counted per request (idx = its index in the batch) so that
+        TorchServe adds ModelName and Level and logs the request id; equal outcomes of one
+        request go out as one line."""
+        counts = Counter()
+        for index, parsed in enumerate(batch.requests):
+            for slot in [parsed] if isinstance(parsed, ImageError) else parsed[0]:
+                if isinstance(slot, ImageError):
+                    counts[REJECTED_METRIC, "Code", slot.code, index] += 1
+                else:
+                    counts[DIGIT_METRIC, "Digit", str(answers[slot]["digit"]), index] += 1
+        for (name, dimension, value, index), count in counts.items():
+            self.context.metrics.add_counter(name, count, index, [Dimension(dimension, value)])
 
     def explain_handle(self, data_preprocess, raw_data):
         # No explanations for this model: an `explain: True` header gets the usual answer.

@@ -2,7 +2,7 @@
 import base64
 import json
 import logging
-import os
+import re
 
 import numpy as np
 import pytest
@@ -12,14 +12,19 @@ from PIL import Image
 from export.artifacts import load_model
 from export.run import normalized_images
 from imaging import all_formats, as_paper_photo, encode
+from repo import REPO_ROOT
 from serving.artifact import INT8_NAME, MODEL_NAME, ONNX_NAME, TORCHSCRIPT_NAME
+from serving.server import read_properties
 from training.data import preprocess_metadata
 
 # TorchServe is a serving dependency, not a training one: where it is absent (a GPU box with
 # torch only), this file is skipped as a whole instead of failing to collect.
 ts_context = pytest.importorskip("ts.context", reason="TorchServe (ts) is not installed")
 Context, RequestProcessor = ts_context.Context, ts_context.RequestProcessor
-from serving.handler import DigitHandler  # noqa: E402  (needs ts)
+from serving.handler import DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC, DigitHandler  # noqa: E402
+
+# The metrics file the server runs with; relative paths in config.properties are from the repo root.
+METRICS_CONFIG = REPO_ROOT / read_properties(REPO_ROOT / "config.properties")["metrics_config"]
 
 
 def make_context(model_dir, serialized_file, batch_size=8, yaml_config=None):
@@ -29,11 +34,11 @@ def make_context(model_dir, serialized_file, batch_size=8, yaml_config=None):
 
 
 def metrics_cache():
-    """TorchServe's own metrics cache, set up as its worker sets it up for a batch."""
-    import ts
+    """TorchServe's own metrics cache, set up as its worker sets it up for a batch, from the
+    metrics file the server is configured with (serving/metrics.yaml)."""
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
-    cache = MetricsCacheYamlImpl(os.path.join(os.path.dirname(ts.__file__), "configs", "metrics.yaml"))
+    cache = MetricsCacheYamlImpl(str(METRICS_CONFIG))
     cache.initialize_cache()
     cache.model_name = MODEL_NAME
     cache.set_request_ids({0: "test-request"})
@@ -105,13 +110,14 @@ def test_every_format_gets_the_right_digit(handler, real_digits):
             assert body["digit"] == label, (name, body)
 
 
-def test_large_off_centre_paper_photos_keep_their_label(handler, real_digits):
+def test_large_off_centre_paper_photos_keep_their_label(handler, real_digits, trained_min_accuracy):
     images, labels = real_digits
     photos = [encode(as_paper_photo(image, size=(400, 300), scale=9, offset=(150, 20)), "JPEG", quality=92)
               for image in images[:32]]
     answers = call(handler, [{"body": photo} for photo in photos])
     correct = sum(body["digit"] == label for (_, body), label in zip(answers, labels[:32]))
-    assert correct >= 30, correct   # the model itself gets ~99% of the originals
+    # As good as on the originals, less one photo for the JPEG and the resampling.
+    assert correct >= int(trained_min_accuracy * 32) - 1, correct
 
 
 def test_request_formats_raw_multipart_json(handler, real_digits):
@@ -178,9 +184,51 @@ def test_handler_runs_on_basehandlers_cycle_and_reports_handler_time(handler, re
     with caplog.at_level(logging.INFO, logger="ts.metrics.caching_metric"):
         [(status, body)] = call(handler, [{"body": encode(Image.fromarray(images[0]))}])
     assert status == 200 and body["digit"] == labels[0]
-    assert any(record.getMessage().startswith("[METRICS]HandlerTime.ms:") for record in caplog.records)
+    # TorchServe writes the unit "ms" of metrics.yaml out as "Milliseconds".
+    assert any(record.getMessage().startswith("[METRICS]HandlerTime.Milliseconds:") for record in caplog.records)
 
 
 def test_describe_header_returns_the_model_card_through_the_cycle(handler):
     [(status, card)] = call(handler, [{"body": b""}], headers=[{"describe": "True"}])
     assert status == 200 and card["labels"][7] == "7" and card == handler.metadata
+
+
+def logged_counts(records, name: str) -> dict[str, float]:
+    """{dimension value: summed value} of one counter's [METRICS] log lines; a line whose
+    dimensions are not (ours, ModelName, Level), in the order metrics.yaml declares, fails."""
+    pattern = re.compile(rf"\[METRICS\]{name}\.Count:([\d.]+)\|#\w+:(\w+),ModelName:{MODEL_NAME},Level:Model\|")
+    counts: dict[str, float] = {}
+    for message in (record.getMessage() for record in records):
+        if message.startswith(f"[METRICS]{name}."):
+            match = pattern.match(message)
+            assert match, message
+            counts[match[2]] = counts.get(match[2], 0) + float(match[1])
+    return counts
+
+
+def test_metrics_count_each_answered_digit_and_each_refusal_by_code(handler, real_digits, caplog):
+    images, _ = real_digits
+    pngs = [encode(Image.fromarray(image)) for image in images[:4]]
+    several = json.dumps({"images": [base64.b64encode(pngs[2]).decode(), "%%%", base64.b64encode(pngs[3]).decode()]})
+    requests = [{"body": pngs[0]}, {"body": b""}, {"body": pngs[1]}, {"body": b"hello"}, {"body": several.encode()}]
+    with caplog.at_level(logging.INFO, logger="ts.metrics"):
+        answers = call(handler, requests)
+    bodies = [body for _, body in answers]
+    answered = [bodies[0], bodies[2], bodies[4]["predictions"][0], bodies[4]["predictions"][2]]
+    expected_digits: dict[str, float] = {}
+    for answer in answered:
+        expected_digits[str(answer["digit"])] = expected_digits.get(str(answer["digit"]), 0) + 1
+    assert logged_counts(caplog.records, DIGIT_METRIC) == expected_digits
+    assert logged_counts(caplog.records, REJECTED_METRIC) == {"empty": 1, "not_an_image": 1, "invalid_base64": 1}
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(message.startswith(f"[METRICS]{PREPROCESS_METRIC}.Milliseconds:") for message in messages)
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR], messages
+
+
+def test_handler_module_defines_the_one_class_torchserve_loads():
+    """TorchServe's loader refuses a handler module defining more than one class (the worker
+    dies at load: "Expected only one class"), so helper classes live in serving/protocol.py."""
+    import serving.handler
+    from ts.utils.util import list_classes_from_module
+
+    assert list_classes_from_module(serving.handler) == [DigitHandler]
