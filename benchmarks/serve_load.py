@@ -97,7 +97,9 @@ def run_wrk(url: str, image: Path, connections: int, duration_s: float, workdir:
 
 
 def measure(settings: ServeSettings, connection_counts=(1, 16), duration_s: float = 10.0,
-            data_dir: str | None = None, base_config: Path = REPO_ROOT / "config.properties") -> list[LoadResult]:
+            data_dir: str | None = None, base_config: Path = REPO_ROOT / "config.properties",
+            **config_settings: str) -> list[LoadResult]:
+    """wrk against a TorchServe of its own; config_settings override config.properties keys."""
     if shutil.which("wrk") is None:
         raise click.ClickException("wrk is not installed: apt-get install wrk")
     with tempfile.TemporaryDirectory(prefix="serve_load_") as temp:
@@ -105,7 +107,7 @@ def measure(settings: ServeSettings, connection_counts=(1, 16), duration_s: floa
         store = workdir / "model_store"
         build_archive(settings.serialized_file, store, model_config_for(settings, workdir / "model-config.yaml"))
         image = write_samples(data_dir, workdir / "samples")[7]
-        config, inference, _ = server.instance_config(base_config, workdir, store)
+        config, inference, _ = server.instance_config(base_config, workdir, store, **config_settings)
         server.start(str(config), workdir / "run")
         try:
             run_wrk(f"{inference}/predictions/{MODEL_NAME}", image, 4, 2, workdir)   # warm-up, discarded

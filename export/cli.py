@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from serving.artifact import INT8_NAME
 from training.checkpoint import CheckpointError
 from training.data import DATA_DIR_ENV, DataError
 
@@ -25,7 +26,7 @@ DEFAULTS = ExportConfig()
 @click.option("--tolerance", type=click.FloatRange(min=0), default=DEFAULTS.tolerance,
               help="Largest allowed |logit difference| against eager PyTorch.")
 @click.option("--quantize", is_flag=True,
-              help="Also write mnist_cnn.int8.onnx: static int8, calibrated on 2,048 training images, "
+              help=f"Also write {INT8_NAME}: static int8, calibrated on 2,048 training images, "
                    "with its accuracy and speed next to fp32.")
 def main(**options) -> None:
     """Export the checkpoint to TorchScript and ONNX and prove parity with eager PyTorch.

@@ -105,14 +105,14 @@ PRODUCTION_OVERRIDES = {
     # Access-Control-Allow-Origin header when the value is empty.
     "cors_allowed_origin": "",
 }
-PRODUCTION_HEADER = """\
+PRODUCTION_HEADER = f"""\
 # GENERATED from config.properties by `make config.production.properties`: do not edit here.
 # The differences (PRODUCTION_OVERRIDES in serving/server.py, with their reasons) are at the end.
 #   torchserve --start --ncs --ts-config config.production.properties > torchserve.log 2>&1
 # At start TorchServe writes key_file.json into its working directory (readable by the
 # server's user only; keep it that way). Every call then needs its key:
 #   curl -H "Authorization: Bearer $(jq -r .inference.key key_file.json)" -T digit.png \\
-#        http://127.0.0.1:8080/predictions/mnist
+#        http://127.0.0.1:8080/predictions/{MODEL_NAME}
 
 """
 

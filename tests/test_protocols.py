@@ -195,7 +195,7 @@ def test_openapi_error_codes_match_the_handler():
     """Every code the handler can send, with its status, and no other, is in the spec."""
     spec = yaml.safe_load(OPENAPI_PATH.read_text())
     assert set(spec["components"]["schemas"]["Error"]["properties"]["code"]["enum"]) == set(HTTP_STATUS)
-    responses = spec["paths"]["/predictions/mnist"]["post"]["responses"]
+    responses = spec["paths"][f"/predictions/{MODEL_NAME}"]["post"]["responses"]
     for status in {str(status) for status in HTTP_STATUS.values()}:
         name = responses[status]["$ref"].rsplit("/", 1)[1]
         schema = spec["components"]["responses"][name]["content"]["application/json"]["schema"]
@@ -231,6 +231,6 @@ def real_bodies(image: bytes) -> dict[str, tuple[str, object]]:
 def test_real_answers_match_the_contract(running_server, real_digits, kind):
     """Generated images carry no digit, so the 200 answers are checked here, on a real one."""
     media_type, body = real_bodies(real_digits[0][0])[kind]
-    case = contract["/predictions/mnist"]["POST"].Case(body=body, media_type=media_type)
+    case = contract[f"/predictions/{MODEL_NAME}"]["POST"].Case(body=body, media_type=media_type)
     response = case.call_and_validate(base_url=running_server[0], checks=CONTRACT_CHECKS)
     assert response.status_code == 200
