@@ -3,7 +3,8 @@ input/output names, how to load an exported model, and what an answer looks like
 
 Training, export, serving, mnist-predict and the benchmarks all take these names from here;
 none re-types them. Shipped inside the model archive beside the handler, so it imports
-only the standard library, NumPy, torch and (lazily) onnxruntime.
+only the standard library, NumPy and, lazily, torch and onnxruntime (lazily: the names alone,
+which `python -m serving.server ready` needs, should not cost torch's 2-second import).
 """
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import os
 import time
 import warnings
 from contextlib import contextmanager
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 # --- Names ------------------------------------------------------------------------------
 MODEL_NAME = "mnist"                             # the name TorchServe serves: /predictions/mnist
@@ -71,6 +74,8 @@ def check_metadata(metadata, path) -> dict:
 
 def load_torchscript_module(path: str | os.PathLike, device: torch.device | str = "cpu"):
     """(the ScriptModule in eval mode, its metadata)."""
+    import torch
+
     extra_files = {TORCHSCRIPT_METADATA: ""}
     with quiet_torchscript_deprecation():
         module = torch.jit.load(str(path), map_location=device, _extra_files=extra_files).eval()
@@ -98,6 +103,8 @@ def onnx_metadata(session, path="ONNX model") -> dict:
 
 def torch_runner(module, device: torch.device | str = "cpu") -> Runner:
     """numpy in, numpy logits out, for an eager or TorchScript module."""
+    import torch
+
     def run(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return module(torch.from_numpy(batch).to(device)).float().cpu().numpy()
