@@ -226,4 +226,5 @@ def finish(config, state: RunState, context, data, metrics: dict, history: list,
     if context.is_main:
         save_atomic(build_checkpoint(state, config, ModelConfig(), metrics, history), out_path)
         write_test_report(out_path.parent / TEST_REPORT_NAME, metrics)
+    dist.barrier(context)   # no rank tears the process group down while rank 0 still writes
     return metrics
