@@ -31,7 +31,7 @@ class RunState:
     step: int = 0
     start_epoch: int = 0
     kept_state: dict | None = None          # the weights the checkpoint ships
-    kept_report: dict | None = None         # selected_epoch, val_acc, ... of those weights
+    kept_report: dict | None = None         # selected_epoch (and selected_val_acc) of those weights
     best_val_acc: float = -1.0
 
     @property
@@ -97,8 +97,8 @@ def restore_run_state(state: RunState, checkpoint: dict, context: dist.DistConte
     state.model.load_state_dict(checkpoint["last_model"])
     state.optimizer.load_state_dict(checkpoint["optimizer"])
     state.scaler.load_state_dict(checkpoint["scaler"])
-    if state.ema is not None:
-        state.ema.module.load_state_dict(checkpoint["ema_model"])
+    if state.ema is not None:   # a checkpoint from a run without EMA starts the average at its weights
+        state.ema.module.load_state_dict(checkpoint.get("ema_model") or checkpoint["last_model"])
     metrics = checkpoint["metrics"]
     state.start_epoch, state.step = metrics["epoch"], checkpoint["scheduler"]["step"]
     state.kept_state = checkpoint["model"]
