@@ -15,18 +15,19 @@ class WeightEMA:
     def __init__(self, model: torch.nn.Module, decay: float):
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
+        # Paired once: the tensors stay the same objects for the whole run (weights are updated,
+        # and restored from a checkpoint, in place), and update() runs after every step.
+        pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
+        self.averaged = [ema for ema, _ in pairs if ema.is_floating_point()]
+        self.current = [tensor for ema, tensor in pairs if ema.is_floating_point()]
+        self.counters = [(ema, tensor) for ema, tensor in pairs if not ema.is_floating_point()]
 
     def decay_at(self, step: int) -> float:
         return min(self.decay, (1 + step) / (10 + step))
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        weight = 1.0 - self.decay_at(step)
-        averaged, current = [], []
-        for ema_tensor, tensor in zip(self.module.state_dict().values(), model.state_dict().values()):
-            if ema_tensor.is_floating_point():
-                averaged.append(ema_tensor)
-                current.append(tensor)
-            else:
-                ema_tensor.copy_(tensor)      # counters (BatchNorm's num_batches_tracked)
-        torch._foreach_lerp_(averaged, current, weight)
+    def update(self, step: int) -> None:
+        """Move the average towards the weights of the model it was made from."""
+        torch._foreach_lerp_(self.averaged, self.current, 1.0 - self.decay_at(step))
+        for ema_counter, counter in self.counters:   # BatchNorm's num_batches_tracked
+            ema_counter.copy_(counter)

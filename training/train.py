@@ -119,7 +119,7 @@ def train_one_epoch(step_fn, batches, state: RunState, context: dist.DistContext
         lr = lr_for(state.step)
         step_fn(pixels, labels, lr)
         if state.ema is not None:
-            state.ema.update(unwrap(state.model), state.step)
+            state.ema.update(state.step)
         seen += len(labels)
         state.step += 1
         progress.advance(len(labels))
@@ -185,6 +185,7 @@ def run_training(config: TrainConfig, context: dist.DistContext) -> TrainResult:
     monitored = {name: sets for name, sets in data.eval_sets.items()
                  if not (name == "test" and config.selected_by == "val_acc")}   # no peeking at test
     tensorboard = TensorBoardLog(config.tensorboard) if context.is_main and config.tensorboard else None
+    evaluations: dict = {}
     for epoch in range(state.start_epoch, epochs):
         started = time.perf_counter()
         data.batches.set_epoch(epoch)
@@ -208,17 +209,22 @@ def run_training(config: TrainConfig, context: dist.DistContext) -> TrainResult:
             (out_path.parent / METRICS_NAME).write_text("".join(json.dumps(row) + "\n" for row in history))
         dist.barrier(context)
 
-    metrics = finish(config, state, context, data, metrics, history, out_path)
+    # Keeping the final weights, the last epoch already measured them on the test set.
+    test = evaluations.get("test") if config.selected_by == "final" else None
+    metrics = finish(config, state, context, data, metrics, history, out_path, test)
     if tensorboard:
         tensorboard.close()
     return TrainResult(out_path if context.is_main else None, metrics, unwrap(state.model))
 
 
-def finish(config, state: RunState, context, data, metrics: dict, history: list, out_path: Path) -> dict:
-    """Test accuracy of the kept weights, measured once, into the checkpoint and test_report.json."""
-    kept = build_model(ModelConfig()).to(context.device, memory_format=state.kernels.torch_memory_format)
-    kept.load_state_dict(state.kept_state)
-    test = evaluate(kept, *data.eval_sets["test"], config, context, state.kernels.torch_memory_format)
+def finish(config, state: RunState, context, data, metrics: dict, history: list, out_path: Path,
+           test: dict | None) -> dict:
+    """Test accuracy of the kept weights (measured here unless `test` already holds it), into
+    the checkpoint and test_report.json."""
+    if test is None:
+        kept = build_model(ModelConfig()).to(context.device, memory_format=state.kernels.torch_memory_format)
+        kept.load_state_dict(state.kept_state)
+        test = evaluate(kept, *data.eval_sets["test"], config, context, state.kernels.torch_memory_format)
     metrics = {**metrics, "test_acc": test["acc"], "test_loss": test["loss"],
                "per_class_acc": test["per_class_acc"], "confusion_matrix": test["confusion_matrix"]}
     if config.selected_by == "val_acc":
