@@ -46,6 +46,10 @@ def resolve_model(model: str | None, backend: str) -> tuple[str, str]:
     return model, actual
 
 
+def unreadable(path: Path, error: OSError) -> dict:
+    return {"file": str(path), "error": f"cannot read file: {error.strerror or error}", "code": "unreadable"}
+
+
 def predict_files(files: list[Path], run_model, metadata: dict, batch_size: int):
     """Yield one result dict per file, in order; model calls are batched."""
     pending: list[tuple[Path, np.ndarray]] = []
@@ -64,7 +68,7 @@ def predict_files(files: list[Path], run_model, metadata: dict, batch_size: int)
             yield {"file": str(path), "error": str(error), "code": error.code}
         except OSError as error:
             yield from flush() if pending else ()
-            yield {"file": str(path), "error": f"cannot read file: {error.strerror or error}", "code": "unreadable"}
+            yield unreadable(path, error)
         if len(pending) >= batch_size:
             yield from flush()
     if pending:
@@ -89,7 +93,7 @@ def predict_over_grpc(files: list[Path], target: str, key: str | None):
             except PredictionError as error:
                 yield {"file": str(path), "error": str(error), "code": error.code}
             except OSError as error:
-                yield {"file": str(path), "error": f"cannot read file: {error.strerror or error}", "code": "unreadable"}
+                yield unreadable(path, error)
             except grpc.RpcError as error:
                 if error.code().name in SERVER_FAILURES:
                     raise click.ClickException(f"TorchServe gRPC at {target}: {error.code().name}: "

@@ -215,13 +215,17 @@ def wait_until_answering(inference_address: str, timeout_s: float = 180.0, model
     raise TimeoutError(f"model {model} did not answer within {timeout_s:.0f} s: {last_error}")
 
 
+def require_java() -> None:
+    if shutil.which("java") is None:
+        raise click.ClickException("TorchServe needs Java 17: install openjdk-17-jre-headless")
+
+
 def start(config: str, run_dir: str | os.PathLike, timeout_s: float = 180.0,
           cwd: str | os.PathLike | None = None) -> dict:
     """Start TorchServe in the background and return once the model answers.
     cwd: the server's working directory, where it writes key_file.json when token
     authorization is on (relative paths in the config resolve from there too)."""
-    if shutil.which("java") is None:
-        raise click.ClickException("TorchServe needs Java 17: install openjdk-17-jre-headless")
+    require_java()
     run_dir = Path(run_dir).resolve()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     command = [str(Path(sys.executable).with_name("torchserve")), "--start", "--ncs", "--ts-config", config]
@@ -359,8 +363,7 @@ def run_foreground(config: str, run_dir: str | os.PathLike, stop_timeout_s: floa
     session of its own (a terminal's Ctrl-C reaches only us), we stop Java ourselves, and a
     server that ends unasked exits non-zero so that systemd or the container runtime restarts it.
     Its output stays on our stdout, for journald or `docker logs`; log files go to run_dir/logs."""
-    if shutil.which("java") is None:
-        raise click.ClickException("TorchServe needs Java 17: install openjdk-17-jre-headless")
+    require_java()
     run_dir = Path(run_dir).resolve()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     command = [str(Path(sys.executable).with_name("torchserve")), "--start", "--foreground", "--ncs",
