@@ -32,6 +32,9 @@ PARITY_REPORT_NAME = "parity_report.json"
 METRICS_NAME = "metrics.jsonl"                   # one row per epoch, beside the checkpoint
 TEST_REPORT_NAME = "test_report.json"
 MODEL_CARD_NAME = "mnist_cnn"                  # model_name inside the metadata
+# The least test accuracy a model may have to be exported or served without --force: a smoke run
+# (--quick reaches ~60%) must never silently replace a trained model (`make train` reaches 99.6%).
+SERVE_ACCURACY_FLOOR = 0.99
 
 
 def artifact_path(name: str, directory: str | os.PathLike = ARTIFACTS_DIR) -> str:
