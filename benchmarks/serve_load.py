@@ -23,7 +23,7 @@ import yaml
 from serving import server
 from serving.artifact import MODEL_NAME, TORCHSCRIPT_NAME, artifact_path
 from serving.archive import SERVING_DIR, build_archive
-from serving.samples import write_samples
+from training.samples import write_samples
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WRK_SCRIPT = """

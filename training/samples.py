@@ -1,6 +1,6 @@
 """Write real MNIST test digits as PNG files, for curl and mnist-predict examples.
 
-    python -m serving.samples --data-dir ../shared/mnist --out samples --count 10
+    python -m training.samples --data-dir ../shared/mnist --out samples
 writes samples/digit_0.png ... samples/digit_9.png (the first test image of each digit).
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 from PIL import Image
 
-from training.data import DATA_DIR_ENV, DataError, load_mnist
+from .data import DATA_DIR_ENV, DataError, load_mnist
 
 
 def write_samples(data_dir: str | None, out: str | Path, per_digit: int = 1) -> list[Path]:
