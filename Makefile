@@ -10,10 +10,13 @@ CHECKPOINT  := $(ARTIFACTS)/mnist_cnn.pt
 TORCHSCRIPT := $(ARTIFACTS)/mnist_cnn.torchscript.pt
 ONNX        := $(ARTIFACTS)/mnist_cnn.onnx
 INT8        := $(ARTIFACTS)/mnist_cnn.int8.onnx
-# What the archive serves: the TorchScript model, or SERVE_MODEL=$(INT8) (or $(ONNX)) for ONNX Runtime.
-SERVE_MODEL ?= $(TORCHSCRIPT)
 MODEL_STORE := model_store
 MAR         := $(MODEL_STORE)/mnist.mar
+# What the archive serves: the TorchScript model, or SERVE_MODEL=$(INT8) (or $(ONNX)) for ONNX Runtime.
+# The choice sticks: `make archive SERVE_MODEL=...` records it in SERVE_STAMP, and a later `make serve`
+# without SERVE_MODEL serves the same model (`make clean` or another SERVE_MODEL changes it).
+SERVE_STAMP := $(MODEL_STORE)/.serve_model
+SERVE_MODEL ?= $(or $(shell cat $(SERVE_STAMP) 2>/dev/null),$(TORCHSCRIPT))
 RUN_DIR     := .run/torchserve
 DEMO_DIR    := .run/demo
 CHROMIUM    := /usr/bin/chromium
@@ -29,7 +32,7 @@ IMG         ?= $(SAMPLES)/digit_7.png
 DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 .DEFAULT_GOAL := help
-.PHONY: help install java browser prometheus data train export archive serve demo stop predict samples test reliability bench clean FORCE
+.PHONY: help install system java browser prometheus data train export archive serve demo stop predict samples test screenshot reliability bench clean FORCE
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -85,7 +88,6 @@ $(TORCHSCRIPT) $(ONNX) $(INT8) &: $(CHECKPOINT) $(wildcard export/*.py)
 export: $(TORCHSCRIPT) $(ONNX) $(INT8) ## Export TorchScript + ONNX (+ int8 ONNX) with the parity check
 
 # Rewritten only when SERVE_MODEL changes, so switching models rebuilds the archive.
-SERVE_STAMP := $(MODEL_STORE)/.serve_model
 $(SERVE_STAMP): FORCE
 	@mkdir -p $(MODEL_STORE); echo '$(SERVE_MODEL)' | cmp -s - $@ || echo '$(SERVE_MODEL)' > $@
 
@@ -95,7 +97,7 @@ $(MAR): $(SERVE_MODEL) $(SERVE_STAMP) $(wildcard serving/*.py) serving/model-con
 archive: $(MAR) ## Build model_store/mnist.mar (SERVE_MODEL=artifacts/mnist_cnn.int8.onnx: int8 via ONNX Runtime)
 
 $(SAMPLES)/digit_9.png: | $(INSTALLED)
-	$(BIN)/python -m serving.samples $(DATA_FLAG) --out $(SAMPLES)
+	$(BIN)/python -m training.samples $(DATA_FLAG) --out $(SAMPLES)
 
 samples: $(SAMPLES)/digit_9.png ## Write real MNIST test digits as PNG into samples/
 
@@ -115,11 +117,19 @@ stop: ## Stop the TorchServe started by `make serve` and the page server of `mak
 predict: ## curl one image to the running server: make predict IMG=samples/digit_7.png
 	curl -s -T $(IMG) http://127.0.0.1:8080/predictions/mnist; echo
 
-test: $(INSTALLED) system ## Run the test suite (uses ../shared/mnist or MNIST_DATA_DIR)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# The tests read MNIST from DATA_DIR (like every other target), else $$MNIST_DATA_DIR, else ../shared/mnist.
+TEST_ENV := $(if $(DATA_DIR),MNIST_DATA_DIR=$(abspath $(DATA_DIR)))
 
-reliability: $(INSTALLED) java ## Hostile inputs, fuzzing, a 90-second load, killed workers and ranks: a table
-	RELIABILITY_SECONDS=30 RELIABILITY_MAX_REQUESTS=20000 $(BIN)/python -m pytest -m reliability -s -q $(PYTEST_ARGS)
+test: $(INSTALLED) system ## Run the test suite (DATA_DIR, else MNIST_DATA_DIR, else ../shared/mnist)
+	$(TEST_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+screenshot: $(INSTALLED) system ## Refresh docs/draw-a-digit.png (the browser test's picture of an answer)
+	DIGITSERVE_SCREENSHOT=$(CURDIR)/docs/draw-a-digit.png $(TEST_ENV) $(BIN)/python -m pytest -q \
+	    tests/test_browser.py -k screenshot
+
+reliability: $(INSTALLED) java ## Hostile inputs, fuzzing, a 90-second load, killed workers and ranks: a table in docs/security.md
+	RELIABILITY_SECONDS=30 RELIABILITY_MAX_REQUESTS=20000 RELIABILITY_DOC=$(CURDIR)/docs/security.md $(TEST_ENV) \
+	    $(BIN)/python -m pytest -m reliability -s -q $(PYTEST_ARGS)
 
 bench: $(INSTALLED) java export ## Measure training, inference and serving against baselines: benchmarks/RESULTS.md
 	@command -v wrk >/dev/null || apt-get install -y -q wrk || { echo "bench needs wrk: apt-get install wrk"; exit 1; }
