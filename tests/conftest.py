@@ -110,13 +110,45 @@ def reliability_log():
     return RELIABILITY_ROWS
 
 
-def pytest_terminal_summary(terminalreporter):
-    if not RELIABILITY_ROWS:
-        return
+# `make reliability` sets this to docs/security.md: the table is written into that file's
+# reliability:begin/end block, so the documented figures come from the run that measured them.
+RELIABILITY_DOC_ENV = "RELIABILITY_DOC"
+RELIABILITY_BEGIN = "<!-- reliability:begin (written by make reliability) -->"
+RELIABILITY_END = "<!-- reliability:end -->"
+
+
+def reliability_table() -> list[str]:
     columns = ["check", "cases", "passed", "requests", "5xx", "worker restarts", "lost"]
     widths = [max(len(str(row.get(c, ""))) for row in RELIABILITY_ROWS + [dict(zip(columns, columns))])
               for c in columns]
+    return ["  ".join(str(row.get(c, "")).ljust(w) for c, w in zip(columns, widths)).rstrip()
+            for row in [dict(zip(columns, columns))] + RELIABILITY_ROWS]
+
+
+def write_reliability_doc(path: Path, table: list[str], exit_status: int) -> None:
+    import platform
+    import subprocess
+    import time
+
+    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
+        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")),
+        platform.processor() or "unknown CPU")
+    seconds = os.environ.get("RELIABILITY_SECONDS", "default")
+    block = [RELIABILITY_BEGIN,
+             f"Recorded {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `make reliability` on {cpu}, "
+             f"{os.cpu_count()} cores ({seconds} s of load per concurrency level; pytest exit status "
+             f"{exit_status}):", "", "```", *table, "```", RELIABILITY_END]
+    text = path.read_text()
+    head, rest = text.split(RELIABILITY_BEGIN, 1)
+    path.write_text(head + "\n".join(block) + rest.split(RELIABILITY_END, 1)[1])
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus):
+    if not RELIABILITY_ROWS:
+        return
+    table = reliability_table()
     terminalreporter.section("reliability")
-    terminalreporter.write_line("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for row in RELIABILITY_ROWS:
-        terminalreporter.write_line("  ".join(str(row.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
+    for line in table:
+        terminalreporter.write_line(line)
+    if os.environ.get(RELIABILITY_DOC_ENV):
+        write_reliability_doc(Path(os.environ[RELIABILITY_DOC_ENV]), table, int(exitstatus))
