@@ -19,6 +19,7 @@ import numpy as np
 from serving.artifact import (ARTIFACTS_DIR, CHECKPOINT_NAME, INT8_NAME, ONNX_NAME, PARITY_REPORT_NAME,
                               TORCHSCRIPT_NAME, artifact_path, load_torchscript_module, onnx_runner, onnx_session,
                               torch_runner)
+from serving.preprocess import normalize_in_place
 from training.data import load_mnist
 
 from .artifacts import (ONNX_OPSET, build_metadata, export_onnx, export_torchscript, load_model, save_torchscript,
@@ -45,7 +46,7 @@ class ExportError(Exception):
 def normalized_images(images_uint8, metadata: dict) -> np.ndarray:
     """uint8 [N, 28, 28] -> float32 [N, 1, 28, 28] with the artifact's own mean and std."""
     pixels = images_uint8.numpy().astype(np.float32)[:, None] / 255.0
-    return (pixels - np.float32(metadata["mean"])) / np.float32(metadata["std"])
+    return normalize_in_place(pixels, metadata["mean"], metadata["std"])
 
 
 def temp_path(out_dir: Path, final_name: str, stack: ExitStack) -> Path:

@@ -1,6 +1,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -269,3 +270,20 @@ def test_batches_and_augmentation_follow_the_device_generator():
     other = [pixels for pixels, _ in batches]
     assert len(first) == 4 and all(torch.equal(a, b) for a, b in zip(first, again))
     assert not torch.equal(first[0], other[0])
+
+
+# --- normalization: one function for training, export and serving -------------------------------
+
+def test_one_normalization_for_numpy_and_torch_in_place_keeping_float32():
+    from serving.preprocess import normalize_in_place
+    pixels = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
+    expected = (pixels - np.float32(0.1307)) / np.float32(0.3081)   # what export and serving computed before
+    array = pixels.copy()
+    assert normalize_in_place(array, 0.1307, 0.3081) is array and array.dtype == np.float32
+    np.testing.assert_array_equal(array, expected)
+    tensor = torch.from_numpy(pixels.copy())
+    before = tensor.data_ptr()
+    result = normalize_in_place(tensor, 0.1307, 0.3081)
+    assert result is tensor and result.data_ptr() == before and result.dtype == torch.float32   # no copy
+    torch.testing.assert_close(result, torch.from_numpy(pixels).sub_(0.1307).div_(0.3081), rtol=0, atol=0)
+    torch.testing.assert_close(result.numpy(), expected, rtol=0, atol=1e-6)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
+from serving.preprocess import normalize_in_place
+
 from .config import ConfigError, TrainConfig
 from .dist import DistContext
 
@@ -73,7 +75,7 @@ def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
     images = images_uint8.float().div_(255.0)
     if images.dim() == 3:
         images = images.unsqueeze(1)
-    return images.sub_(MNIST_MEAN).div_(MNIST_STD)
+    return normalize_in_place(images, MNIST_MEAN, MNIST_STD)
 
 
 def augment(images: torch.Tensor, *, max_rotation_deg: float, max_shift_px: float,
@@ -130,7 +132,7 @@ class TensorBatches:
             pixels = self.images[batch].unsqueeze(1).float().div_(255.0)
             pixels = augment(pixels, max_rotation_deg=self.config.max_rotation_deg,
                              max_shift_px=self.config.max_shift_px, generator=self.generator)
-            yield pixels.sub_(MNIST_MEAN).div_(MNIST_STD), self.labels[batch]
+            yield normalize_in_place(pixels, MNIST_MEAN, MNIST_STD), self.labels[batch]   # augment's own output
 
 
 def textbook_loader(config: TrainConfig, context: DistContext, subset: int | None):
