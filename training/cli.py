@@ -53,7 +53,8 @@ DEFAULTS = TrainConfig()
               help="Train on the first N training images only; 0: all 60,000.")
 @click.option("--val-images", type=click.IntRange(min=0), default=DEFAULTS.val_images,
               help="Hold out the last N training images and keep the epoch with the best accuracy on them; "
-                   "0: keep the final weights (EMA-averaged unless --ema-decay 0). Test accuracy is reported once, for the kept weights.")
+                   "0: keep the final weights (EMA-averaged unless --ema-decay 0). Test accuracy is reported once, "
+                   "for the kept weights.")
 @click.option("--tensorboard", type=click.Path(file_okay=False), default=None,
               help="Write loss, accuracy, learning rate and images/s as TensorBoard events into this folder.")
 @click.option("--quick", is_flag=True, help=f"Smoke run: {QUICK.describe()}; writes {QUICK.out} unless --out.")
