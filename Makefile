@@ -74,8 +74,8 @@ prometheus: ## Install Prometheus (the metrics tests scrape the server with it) 
 data: $(INSTALLED) ## Check MNIST is readable (DATA_DIR) or download it into ./data
 	$(BIN)/python -m training.data $(DATA_DIR)
 
-train: $(INSTALLED) data ## Train the CNN; writes artifacts/mnist_cnn.pt
-	$(BIN)/mnist-train $(DATA_FLAG) --out $(CHECKPOINT) $(TRAIN_ARGS)
+train: $(INSTALLED) data ## Train the CNN; writes (and, asked explicitly, replaces) artifacts/mnist_cnn.pt
+	$(BIN)/mnist-train $(DATA_FLAG) --out $(CHECKPOINT) --force $(TRAIN_ARGS)
 
 # File targets: `make serve` rebuilds only what is missing or older than its inputs.
 $(CHECKPOINT): $(wildcard training/*.py) | $(INSTALLED)

@@ -105,10 +105,11 @@ def training(data_dir: str, repeats: int) -> dict:
 
 
 def kernel_probe(checkpoint_path: Path) -> dict | None:
-    """What `make train` measured at its start and chose (the checkpoint's train_config)."""
+    """What `make train` measured at its start and chose (the checkpoint's kernels record)."""
     if not checkpoint_path.is_file():
         return None
-    return torch.load(checkpoint_path, map_location="cpu", weights_only=True)["train_config"].get("kernel_probe")
+    kernels = torch.load(checkpoint_path, map_location="cpu", weights_only=True).get("kernels")
+    return kernels["probe"] if kernels else None
 
 
 def training_curve(metrics_path: Path) -> dict | None:

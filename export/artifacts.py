@@ -42,14 +42,22 @@ def weights_digest(state_dict: dict) -> str:
     return digest.hexdigest()
 
 
-def build_metadata(checkpoint: dict, model_version: str) -> dict:
-    """The model card shipped inside every artifact: plain JSON types only."""
+def weights_version(weights_sha256: str) -> str:
+    """The default model_version: it names the weights, so two different models never share
+    a version (every model used to ship as "1.0"), and one model's exports always do."""
+    return f"w-{weights_sha256[:12]}"
+
+
+def build_metadata(checkpoint: dict, model_version: str | None = None) -> dict:
+    """The model card shipped inside every artifact: plain JSON types only. model_version
+    None: the weights' own version (weights_version)."""
     preprocess = checkpoint["preprocess"]
     metrics = checkpoint["metrics"]
+    digest = weights_digest(checkpoint["model"])
     return {
         "model_name": MODEL_CARD_NAME,
-        "model_version": model_version,
-        "weights_sha256": weights_digest(checkpoint["model"]),
+        "model_version": model_version or weights_version(digest),
+        "weights_sha256": digest,
         "checkpoint_format_version": checkpoint["format_version"],
         "labels": preprocess["labels"],
         "mean": preprocess["mean"],
@@ -60,6 +68,7 @@ def build_metadata(checkpoint: dict, model_version: str) -> dict:
         "selected_epoch": metrics.get("selected_epoch", metrics["epoch"]),
         "model_config": checkpoint["model_config"],
         "train_config": checkpoint["train_config"],
+        "kernels": checkpoint.get("kernels"),   # absent from checkpoints written before it had its own key
     }
 
 

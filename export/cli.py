@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from serving.artifact import INT8_NAME
+from serving.artifact import INT8_NAME, SERVE_ACCURACY_FLOOR
 from training.checkpoint import CheckpointError
 from training.data import DATA_DIR_ENV, DataError
 
@@ -21,13 +21,17 @@ DEFAULTS = ExportConfig()
               help="Where the TorchScript, ONNX and parity report files go.")
 @click.option("--data-dir", type=click.Path(file_okay=False), envvar=DATA_DIR_ENV, default=None,
               help=f"MNIST copy for the parity check on the 10,000 test images. Env: {DATA_DIR_ENV}.")
-@click.option("--model-version", default=DEFAULTS.model_version, help="Version string stored in the artifacts.")
+@click.option("--model-version", default=None,
+              help="Version string stored in the artifacts. [default: w- and the first 12 hex digits of the "
+                   "weights' SHA-256, so each model has its own]")
 @click.option("--opset", type=click.IntRange(13, 21), default=DEFAULTS.opset, help="ONNX opset.")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=DEFAULTS.tolerance,
               help="Largest allowed |logit difference| against eager PyTorch.")
 @click.option("--quantize", is_flag=True,
               help=f"Also write {INT8_NAME}: static int8, calibrated on 2,048 training images, "
                    "with its accuracy and speed next to fp32.")
+@click.option("--force", is_flag=True,
+              help=f"Export even a checkpoint below the {SERVE_ACCURACY_FLOOR:.0%} test accuracy floor for serving.")
 def main(**options) -> None:
     """Export the checkpoint to TorchScript and ONNX and prove parity with eager PyTorch.
 

@@ -3,7 +3,8 @@
     python -m export --data-dir ../shared/mnist
 
 prints the parity table and writes artifacts/mnist_cnn.torchscript.pt,
-artifacts/mnist_cnn.onnx and artifacts/parity_report.json.
+artifacts/mnist_cnn.onnx and artifacts/parity_report.json. A checkpoint below the serving
+accuracy floor (serving.artifact.SERVE_ACCURACY_FLOOR) is refused unless forced.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from serving.artifact import (ARTIFACTS_DIR, CHECKPOINT_NAME, INT8_NAME, ONNX_NAME, PARITY_REPORT_NAME,
-                              TORCHSCRIPT_NAME, artifact_path, load_torchscript_module, onnx_runner, onnx_session,
-                              torch_runner)
+                              SERVE_ACCURACY_FLOOR, TORCHSCRIPT_NAME, artifact_path, load_torchscript_module,
+                              onnx_runner, onnx_session, torch_runner)
+from serving.preprocess import normalize_in_place
 from training.data import load_mnist
 
 from .artifacts import (ONNX_OPSET, build_metadata, export_onnx, export_torchscript, load_model, save_torchscript,
@@ -31,21 +33,39 @@ class ExportConfig:
     checkpoint: str = artifact_path(CHECKPOINT_NAME)
     out_dir: str = ARTIFACTS_DIR
     data_dir: str | None = None
-    model_version: str = "1.0"
+    model_version: str | None = None  # None: named after the weights (export.artifacts.weights_version)
     opset: int = ONNX_OPSET
     tolerance: float = DEFAULT_TOLERANCE
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
     quantize: bool = False           # also write a static int8 ONNX model (export/quantize.py)
+    force: bool = False              # export a checkpoint below SERVE_ACCURACY_FLOOR all the same
 
 
 class ExportError(Exception):
-    """The output directory cannot be written."""
+    """The checkpoint may not be exported, or the output directory cannot be written."""
+
+
+class AccuracyFloorError(ExportError):
+    """The checkpoint's test accuracy is below the serving floor, and export was not forced."""
+
+
+def check_accuracy_floor(checkpoint: dict, path: str) -> None:
+    """A smoke run's model (--quick reaches ~60%) is never exported, and so never served, by
+    accident: `make serve` once re-exported one and served it without a warning."""
+    accuracy = checkpoint["metrics"].get("test_acc")
+    if accuracy is None:
+        raise AccuracyFloorError(f"{path} records no test accuracy (an unfinished run?): finish it "
+                                 f"(mnist-train --resume) or pass --force")
+    if accuracy < SERVE_ACCURACY_FLOOR:
+        raise AccuracyFloorError(f"{path} reaches {accuracy:.2%} test accuracy, below the "
+                                 f"{SERVE_ACCURACY_FLOOR:.0%} floor for serving: train longer (make train) "
+                                 f"or pass --force")
 
 
 def normalized_images(images_uint8, metadata: dict) -> np.ndarray:
     """uint8 [N, 28, 28] -> float32 [N, 1, 28, 28] with the artifact's own mean and std."""
     pixels = images_uint8.numpy().astype(np.float32)[:, None] / 255.0
-    return (pixels - np.float32(metadata["mean"])) / np.float32(metadata["std"])
+    return normalize_in_place(pixels, metadata["mean"], metadata["std"])
 
 
 def temp_path(out_dir: Path, final_name: str, stack: ExitStack) -> Path:
@@ -61,6 +81,8 @@ def temp_path(out_dir: Path, final_name: str, stack: ExitStack) -> Path:
 
 def run_export(config: ExportConfig) -> dict:
     model, checkpoint = load_model(config.checkpoint)
+    if not config.force:
+        check_accuracy_floor(checkpoint, config.checkpoint)
     metadata = build_metadata(checkpoint, config.model_version)
     out_dir = Path(config.out_dir)
     try:

@@ -151,16 +151,25 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     return fit_digit(to_white_on_black(gray))
 
 
-def normalize(pixels: np.ndarray, mean: float, std: float) -> np.ndarray:
-    """[28, 28] in [0, 1] -> float32 [1, 28, 28] model input."""
-    return ((pixels - np.float32(mean)) / np.float32(std)).astype(np.float32)[None]
+def normalize_in_place(pixels, mean: float, std: float):
+    """Pixels in [0, 1] -> model input, (pixels - mean) / std: the one normalization every
+    stage uses (training's batches, export's parity images, this module's requests).
+
+    `pixels` is a float NumPy array or torch tensor of any shape; it is overwritten and
+    returned, keeping its dtype (a Python float never widens float32): training's hot path
+    normalizes each batch without another copy. Callers that keep their pixels pass a copy.
+    """
+    pixels -= mean
+    pixels /= std
+    return pixels
 
 
 def preprocess_bytes(data: bytes, mean: float, std: float) -> np.ndarray:
     """Encoded image bytes -> float32 [1, 28, 28], or ImageError."""
     image = decode_image(data)
     try:
-        return normalize(to_mnist(to_grayscale(image)), mean, std)
+        # to_mnist returns a new float32 array: normalizing it in place touches no caller's pixels.
+        return normalize_in_place(to_mnist(to_grayscale(image)), mean, std)[None]
     except ImageError:
         raise
     except Exception as error:  # e.g. an exotic mode Pillow cannot convert: still the image's fault

@@ -6,12 +6,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from export.artifacts import build_metadata, export_onnx, export_torchscript, load_model
+from export.artifacts import build_metadata, export_onnx, export_torchscript, load_model, weights_version
 from export.cli import main as export_cli
 from export.parity import check_parity
-from export.run import ExportConfig, normalized_images, run_export
-from serving.artifact import (INPUT_NAME, INT8_NAME, ONNX_NAME, PARITY_REPORT_NAME, TORCHSCRIPT_NAME, load_torchscript_module,
-                              onnx_runner, onnx_session, read_metadata, torch_runner)
+from export.run import AccuracyFloorError, ExportConfig, normalized_images, run_export
+from serving.artifact import (INPUT_NAME, INT8_NAME, ONNX_NAME, PARITY_REPORT_NAME, SERVE_ACCURACY_FLOOR,
+                              TORCHSCRIPT_NAME, load_torchscript_module, onnx_runner, onnx_session, read_metadata,
+                              torch_runner)
 from training.checkpoint import load_checkpoint
 from training.data import preprocess_metadata
 
@@ -19,7 +20,9 @@ from training.data import preprocess_metadata
 @pytest.fixture(scope="module")
 def quick_export(tmp_path_factory, quick_checkpoint, data_dir):
     out_dir = tmp_path_factory.mktemp("quick_export")
-    report = run_export(ExportConfig(checkpoint=str(quick_checkpoint), out_dir=str(out_dir), data_dir=data_dir))
+    # Forced: a quick run's model is far below the serving floor (test_cli_refuses_a_model_below_the_floor).
+    report = run_export(ExportConfig(checkpoint=str(quick_checkpoint), out_dir=str(out_dir), data_dir=data_dir,
+                                     force=True))
     return out_dir, report
 
 
@@ -60,7 +63,8 @@ def test_metadata_in_both_artifacts_equals_the_checkpoint(quick_export, quick_ch
     assert ts_meta["train_config"] == checkpoint["train_config"]
     assert ts_meta["checkpoint_test_acc"] == checkpoint["metrics"]["test_acc"]
     assert ts_meta["test_acc"] == report["accuracy"]["onnxruntime"]
-    assert ts_meta["model_version"] == "1.0"
+    assert ts_meta["model_version"] == weights_version(ts_meta["weights_sha256"])
+    assert ts_meta["kernels"] == checkpoint["kernels"]
 
 
 def test_onnx_graph_passes_full_checker_with_explicit_opset(quick_export):
@@ -112,7 +116,7 @@ def test_a_perturbed_onnx_model_fails_parity(tmp_path, quick_checkpoint, test_in
 
 def test_cli_fails_clearly_and_leaves_nothing_when_parity_fails(tmp_path, quick_checkpoint, data_dir):
     result = CliRunner().invoke(export_cli, ["--checkpoint", str(quick_checkpoint), "--out-dir", str(tmp_path),
-                                             "--data-dir", data_dir, "--tolerance", "0"])
+                                             "--data-dir", data_dir, "--tolerance", "0", "--force"])
     # A zero tolerance cannot hold for ONNX Runtime's kernels: the check must refuse.
     assert result.exit_code == 1
     assert "parity check failed" in result.output and "Traceback" not in result.output
@@ -140,7 +144,7 @@ def test_cli_rejects_an_unwritable_output_dir(tmp_path, quick_checkpoint, data_d
     blocker = tmp_path / "file"
     blocker.write_text("a file where a directory should be")
     result = CliRunner().invoke(export_cli, ["--checkpoint", str(quick_checkpoint), "--out-dir",
-                                             str(blocker / "sub"), "--data-dir", data_dir])
+                                             str(blocker / "sub"), "--data-dir", data_dir, "--force"])
     assert result.exit_code == 1
     assert "cannot write to" in result.output and "Traceback" not in result.output
 
@@ -153,4 +157,44 @@ def test_int8_model_is_as_accurate_and_records_its_speed(exported):
     assert report["int8"]["images_per_s_batch256"] > 0 and report["speedup_batch256"] > 0
     metadata = read_metadata(exported / INT8_NAME)
     assert "int8" in metadata["quantization"] and metadata["test_acc"] == report["int8"]["test_acc"]
+    # One export, one version: TorchScript, ONNX and int8 ONNX name the same weights.
+    versions = {load_torchscript_module(exported / TORCHSCRIPT_NAME)[1]["model_version"],
+                read_metadata(exported / ONNX_NAME)["model_version"], metadata["model_version"]}
+    assert versions == {weights_version(metadata["weights_sha256"])}
     onnx.checker.check_model(onnx.load(str(exported / INT8_NAME)), full_check=True)
+
+
+# --- a model below the serving floor is not exported by accident; versions name the weights -------
+
+def test_cli_refuses_a_model_below_the_floor_in_one_line_unless_forced(tmp_path, quick_checkpoint, data_dir):
+    accuracy = load_checkpoint(quick_checkpoint)["metrics"]["test_acc"]
+    assert accuracy < SERVE_ACCURACY_FLOOR      # a 1,024-image smoke run
+    args = ["--checkpoint", str(quick_checkpoint), "--out-dir", str(tmp_path / "out"), "--data-dir", data_dir]
+    refused = CliRunner().invoke(export_cli, args)
+    assert refused.exit_code == 1
+    assert refused.output == (f"Error: {quick_checkpoint} reaches {accuracy:.2%} test accuracy, below the 99% "
+                              f"floor for serving: train longer (make train) or pass --force\n")
+    assert not (tmp_path / "out").exists()
+    forced = CliRunner().invoke(export_cli, args + ["--force"])
+    assert forced.exit_code == 0, forced.output
+    assert (tmp_path / "out" / ONNX_NAME).is_file() and (tmp_path / "out" / TORCHSCRIPT_NAME).is_file()
+
+
+def test_a_checkpoint_without_test_accuracy_is_refused(tmp_path, quick_checkpoint, data_dir):
+    checkpoint = load_checkpoint(quick_checkpoint)
+    del checkpoint["metrics"]["test_acc"]
+    torch.save(checkpoint, tmp_path / "unfinished.pt")
+    with pytest.raises(AccuracyFloorError, match="records no test accuracy"):
+        run_export(ExportConfig(checkpoint=str(tmp_path / "unfinished.pt"), out_dir=str(tmp_path / "out"),
+                                data_dir=data_dir))
+
+
+def test_model_version_names_the_weights(tmp_path, quick_checkpoint):
+    checkpoint = load_checkpoint(quick_checkpoint)
+    version = build_metadata(checkpoint)["model_version"]
+    assert version == build_metadata(load_checkpoint(quick_checkpoint))["model_version"]   # same weights
+    assert version.startswith("w-") and len(version) == 2 + 12
+    other = {**checkpoint, "model": {name: tensor + 1 if tensor.is_floating_point() else tensor
+                                     for name, tensor in checkpoint["model"].items()}}
+    assert build_metadata(other)["model_version"] != version                           # other weights
+    assert build_metadata(checkpoint, "2.1")["model_version"] == "2.1"                 # explicit wins

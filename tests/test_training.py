@@ -1,6 +1,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -26,7 +27,7 @@ def test_short_real_training_run_loss_falls(tmp_path, data_dir, capsys):
     assert all(math.isfinite(row["train_loss"]) for row in epochs)
     assert result.metrics["test_acc"] > 0.3   # 1024 images, 8 steps: well above chance (0.1)
     printed = capsys.readouterr().out
-    assert "kernels: channels_last+bfloat16 (not measured: 8 steps are too few" in printed
+    assert "kernels: channels_last+bf16 (not measured: 8 steps are too few" in printed
     assert "confusion" in printed and (tmp_path / "test_report.json").exists()
 
 
@@ -58,23 +59,28 @@ def test_augmentation_moves_pixels_but_keeps_ink():
     assert torch.allclose(still, images, atol=1e-5)
 
 
+def interrupt_after_first_save(config: TrainConfig, monkeypatch) -> None:
+    """Run `config` as if the process were killed right after epoch 1 was saved."""
+    real_save = train_module.save_atomic
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_atomic", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    monkeypatch.undo()
+    assert load_checkpoint(config.out_path)["metrics"]["epoch"] == 1
+
+
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, data_dir, monkeypatch):
     # Kernels pinned: measured choices may differ between the two runs, and so would the numerics.
     config = TrainConfig(quick=True, epochs=2, memory_format="channels_last", amp_dtype="bf16", data_dir=data_dir)
     full = train(TrainConfig(**{**config.__dict__, "out": str(tmp_path / "full" / "m.pt")}))
 
     interrupted_out = tmp_path / "interrupted" / "m.pt"
-    real_save = train_module.save_atomic
-
-    def save_then_die(obj, path):  # the process is killed right after epoch 1 was saved
-        real_save(obj, path)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "save_atomic", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(**{**config.__dict__, "out": str(interrupted_out)}))
-    monkeypatch.undo()
-    assert load_checkpoint(interrupted_out)["metrics"]["epoch"] == 1
+    interrupt_after_first_save(TrainConfig(**{**config.__dict__, "out": str(interrupted_out)}), monkeypatch)
 
     resumed = train(TrainConfig(**{**config.__dict__, "out": str(interrupted_out), "resume": True}))
     assert resumed.metrics["epoch"] == 2
@@ -166,11 +172,42 @@ def test_validation_selection_never_looks_at_the_test_set(tmp_path, data_dir):
 def test_forced_kernels_are_not_measured_and_are_recorded(tmp_path, data_dir, capsys):
     out = tmp_path / "m.pt"
     train(TrainConfig(quick=True, epochs=1, memory_format="contiguous", amp=False, data_dir=data_dir, out=str(out)))
-    config = load_checkpoint(out)["train_config"]
-    assert config["memory_format"] == "contiguous" and config["amp"] is False
-    assert config["kernel_probe"] == {"chosen": "contiguous+fp32", "ms_per_step": {}, "probe_s": 0.0,
-                                      "why": "as asked"}
+    checkpoint = load_checkpoint(out)
+    assert checkpoint["kernels"] == {"memory_format": "contiguous", "amp_dtype": None, "probe": {
+        "chosen": "contiguous+fp32", "ms_per_step": {}, "probe_s": 0.0, "why": "as asked"}}
+    config = checkpoint["train_config"]
+    assert config["memory_format"] == "contiguous" and config["amp"] is False and "kernel_probe" not in config
     assert "kernels: contiguous+fp32 (as asked)" in capsys.readouterr().out
+
+
+def test_the_users_config_is_kept_as_asked_and_the_kernels_are_their_own_record(tmp_path, data_dir):
+    config = TrainConfig(quick=True, epochs=1, data_dir=data_dir, out=str(tmp_path / "m.pt"))
+    train(config)
+    assert config == TrainConfig(quick=True, epochs=1, data_dir=data_dir, out=str(tmp_path / "m.pt"))
+    checkpoint = load_checkpoint(tmp_path / "m.pt")
+    saved = checkpoint["train_config"]
+    assert (saved["memory_format"], saved["amp_dtype"], saved["amp"]) == ("auto", "auto", True)   # as asked
+    kernels = checkpoint["kernels"]
+    assert (kernels["memory_format"], kernels["amp_dtype"]) == ("channels_last", "bf16")        # as chosen
+    assert kernels["probe"]["chosen"] == "channels_last+bf16"
+
+
+def test_a_resumed_run_takes_its_kernels_from_the_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
+    out = tmp_path / "m.pt"
+    config = TrainConfig(quick=True, epochs=2, data_dir=data_dir, out=str(out))
+    interrupt_after_first_save(config, monkeypatch)
+    # The kernels record is what the run measured at its start: a resumed run must use it, not
+    # measure (or assume) again. Another choice than a fresh run's shows where it came from.
+    checkpoint = load_checkpoint(out)
+    checkpoint["kernels"] = {"memory_format": "contiguous", "amp_dtype": None, "probe": {"chosen": "contiguous+fp32"}}
+    torch.save(checkpoint, out)
+    capsys.readouterr()
+    train(TrainConfig(quick=True, epochs=2, data_dir=data_dir, out=str(out), resume=True))
+    assert "kernels: contiguous+fp32 (from the checkpoint)" in capsys.readouterr().out
+    resumed = load_checkpoint(out)
+    assert resumed["metrics"]["epoch"] == 2
+    assert resumed["kernels"]["memory_format"] == "contiguous" and resumed["kernels"]["amp_dtype"] is None
+    assert resumed["train_config"]["memory_format"] == "auto" and resumed["train_config"]["amp_dtype"] == "auto"
 
 
 def test_probe_times_every_candidate_and_keeps_the_fastest(mnist_test_set):
@@ -178,20 +215,31 @@ def test_probe_times_every_candidate_and_keeps_the_fastest(mnist_test_set):
     from training.tuning import choose_kernels, format_probe
     images, labels = mnist_test_set
     pixels = normalize(images[:64])
-    kernels, record = choose_kernels(TrainConfig(), pixels, labels[:64], ModelConfig(), run_steps=1000)
+    kernels = choose_kernels(TrainConfig(), pixels, labels[:64], ModelConfig(), run_steps=1000)
+    record = kernels.probe
     timings = record["ms_per_step"]
     assert len(timings) == 4 and all(ms > 0 for ms in timings.values())
     assert kernels.name == record["chosen"] == min(timings, key=timings.get)
-    assert record["probe_s"] > 0 and "(chosen)" in format_probe(record, 64)
+    assert record["probe_s"] > 0 and "(chosen)" in format_probe(kernels, 64)
 
 
 def test_kernel_candidates_follow_the_options():
     from training.tuning import candidates
     cpu = torch.device("cpu")
     assert [k.name for k in candidates(TrainConfig(), cpu)] == [
-        "channels_last+bfloat16", "channels_last+fp32", "contiguous+bfloat16", "contiguous+fp32"]
+        "channels_last+bf16", "channels_last+fp32", "contiguous+bf16", "contiguous+fp32"]
     assert [k.name for k in candidates(TrainConfig(amp_dtype="bf16", memory_format="contiguous"), cpu)] == [
-        "contiguous+bfloat16"]
+        "contiguous+bf16"]
+    # One spelling: the kernels name their autocast dtype as TrainConfig's --amp-dtype does.
+    assert {k.amp_dtype for k in candidates(TrainConfig(), cpu)} == {"bf16", None}
+
+
+def test_kernels_record_round_trips_through_its_checkpoint_dict():
+    from training.tuning import Kernels
+    kernels = Kernels("channels_last", "bf16", {"chosen": "channels_last+bf16", "probe_s": 1.5})
+    assert Kernels.from_dict(kernels.to_dict()) == kernels
+    assert Kernels.from_dict(kernels.to_dict()).probe == kernels.probe
+    assert kernels.torch_amp_dtype is torch.bfloat16 and Kernels("contiguous", None).torch_amp_dtype is None
 
 
 def test_ema_weights_are_the_ones_kept(tmp_path, data_dir):
@@ -241,16 +289,19 @@ def test_more_local_ranks_than_gpus_names_the_fix(monkeypatch):
 
 def test_cuda_graph_only_where_it_can_work():
     from training.train_step import graph_allowed, use_cuda_graph
+    from training.tuning import Kernels
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    bf16, fp16 = Kernels("channels_last", "bf16"), Kernels("channels_last", "fp16")
     config = TrainConfig()
-    assert graph_allowed(config, cuda, 1, torch.bfloat16) == (True, "")
-    assert not graph_allowed(config, cuda, 2, torch.bfloat16)[0]        # DDP runs eagerly
-    assert not graph_allowed(config, cuda, 1, torch.float16)[0]         # GradScaler syncs with the host
-    assert not graph_allowed(config, cpu, 1, torch.bfloat16)[0]
-    assert use_cuda_graph(config, cuda, 1, torch.bfloat16)
-    assert not use_cuda_graph(TrainConfig(cuda_graph="off"), cuda, 1, torch.bfloat16)
+    assert graph_allowed(config, cuda, 1, bf16) == (True, "")
+    assert graph_allowed(config, cuda, 1, Kernels("contiguous", None)) == (True, "")   # fp32
+    assert not graph_allowed(config, cuda, 2, bf16)[0]        # DDP runs eagerly
+    assert not graph_allowed(config, cuda, 1, fp16)[0]        # GradScaler syncs with the host
+    assert not graph_allowed(config, cpu, 1, bf16)[0]
+    assert use_cuda_graph(config, cuda, 1, bf16)
+    assert not use_cuda_graph(TrainConfig(cuda_graph="off"), cuda, 1, bf16)
     with pytest.raises(ConfigError, match="fp16"):
-        use_cuda_graph(TrainConfig(cuda_graph="on"), cuda, 1, torch.float16)
+        use_cuda_graph(TrainConfig(cuda_graph="on"), cuda, 1, fp16)
 
 
 def test_batches_and_augmentation_follow_the_device_generator():
@@ -269,3 +320,75 @@ def test_batches_and_augmentation_follow_the_device_generator():
     other = [pixels for pixels, _ in batches]
     assert len(first) == 4 and all(torch.equal(a, b) for a, b in zip(first, again))
     assert not torch.equal(first[0], other[0])
+
+
+# --- normalization: one function for training, export and serving -------------------------------
+
+def test_one_normalization_for_numpy_and_torch_in_place_keeping_float32():
+    from serving.preprocess import normalize_in_place
+    pixels = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
+    expected = (pixels - np.float32(0.1307)) / np.float32(0.3081)   # what export and serving computed before
+    array = pixels.copy()
+    assert normalize_in_place(array, 0.1307, 0.3081) is array and array.dtype == np.float32
+    np.testing.assert_array_equal(array, expected)
+    tensor = torch.from_numpy(pixels.copy())
+    before = tensor.data_ptr()
+    result = normalize_in_place(tensor, 0.1307, 0.3081)
+    assert result is tensor and result.data_ptr() == before and result.dtype == torch.float32   # no copy
+    torch.testing.assert_close(result, torch.from_numpy(pixels).sub_(0.1307).div_(0.3081), rtol=0, atol=0)
+    torch.testing.assert_close(result.numpy(), expected, rtol=0, atol=1e-6)
+
+
+# --- a trained model is never replaced by accident -----------------------------------------------
+
+def test_a_quick_run_after_a_real_one_leaves_the_trained_checkpoint_untouched(tmp_path, data_dir,
+                                                                             quick_checkpoint, monkeypatch):
+    from serving.artifact import CHECKPOINT_NAME
+    from training.config import QUICK
+    monkeypatch.chdir(tmp_path)
+    trained = tmp_path / "artifacts" / CHECKPOINT_NAME          # where `make train` writes the real model
+    trained.parent.mkdir()
+    trained.write_bytes(quick_checkpoint.read_bytes())
+    before = trained.read_bytes()
+    result = CliRunner().invoke(train_cli, ["--quick", "--data-dir", data_dir])
+    assert result.exit_code == 0, result.output
+    assert trained.read_bytes() == before
+    assert load_checkpoint(tmp_path / QUICK.out)["metrics"]["epoch"] == QUICK.max_epochs
+
+
+def test_a_fresh_run_refuses_to_replace_a_finished_one_unless_forced(tmp_path, data_dir, quick_checkpoint):
+    out = tmp_path / "m.pt"
+    out.write_bytes(quick_checkpoint.read_bytes())
+    before = out.read_bytes()
+    accuracy = load_checkpoint(out)["metrics"]["test_acc"]
+    args = ["--quick", "--epochs", "1", "--data-dir", data_dir, "--out", str(out)]
+    refused = CliRunner().invoke(train_cli, args)
+    assert refused.exit_code == 1
+    assert refused.output == (f"Error: {out} holds a finished run (test accuracy {accuracy:.2%}): pass --force "
+                              f"to replace it, or choose another --out\n")
+    assert out.read_bytes() == before
+    forced = CliRunner().invoke(train_cli, args + ["--force"])
+    assert forced.exit_code == 0, forced.output
+    assert load_checkpoint(out)["metrics"]["epoch"] == 1 and out.read_bytes() != before
+
+
+def test_only_a_finished_run_counts_as_one(tmp_path, quick_checkpoint):
+    from training.checkpoint import finished_run_accuracy
+    assert finished_run_accuracy(quick_checkpoint) == load_checkpoint(quick_checkpoint)["metrics"]["test_acc"]
+    interrupted = load_checkpoint(quick_checkpoint)
+    del interrupted["metrics"]["confusion_matrix"]       # an epoch's save, before the run's end
+    torch.save(interrupted, tmp_path / "interrupted.pt")
+    assert finished_run_accuracy(tmp_path / "interrupted.pt") is None
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    assert finished_run_accuracy(tmp_path / "garbage.pt") is None
+    assert finished_run_accuracy(tmp_path / "missing.pt") is None
+
+
+def test_quick_numbers_live_in_one_recipe_that_the_help_quotes():
+    from training.config import QUICK
+    assert TrainConfig(quick=True, epochs=10).epochs_to_run == QUICK.max_epochs
+    assert TrainConfig(quick=True).out_path.as_posix() == QUICK.out != TrainConfig().out_path.as_posix()
+    assert TrainConfig(quick=True, out="x.pt").out_path.as_posix() == "x.pt"
+    help_text = " ".join(CliRunner().invoke(train_cli, ["--help"]).output.split())
+    assert (f"{QUICK.train_images} training and {QUICK.test_images} test images, at most {QUICK.max_epochs} "
+            f"epochs; writes {QUICK.out} unless --out") in help_text

@@ -1,19 +1,23 @@
 """The checkpoint format: a dict of plain types and tensors, loadable with weights_only=True.
 
-Keys: format_version, model (the kept weights: the final ones, or the epoch with the best
-validation accuracy; metrics["selected_by"] says which), model_config, train_config,
-preprocess, metrics, and for --resume: last_model, ema_model, optimizer, scaler, scheduler.
-Export, benchmarks and outside scripts rely on these names.
+Keys: format_version, model (the kept weights: by default the final EMA-averaged ones, or
+the epoch with the best validation accuracy; metrics["selected_by"] says which), model_config,
+train_config (what the user asked, e.g. amp_dtype "auto"), kernels (what the run measured and
+used: training.tuning.Kernels), preprocess, metrics, and for --resume: last_model, ema_model,
+optimizer, scaler, scheduler. Export, benchmarks and outside scripts rely on these names.
 """
 from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
+from .config import ConfigError, TrainConfig
 from .data import preprocess_metadata
+from .tuning import Kernels
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "model", "model_config", "train_config", "preprocess", "metrics")
@@ -21,6 +25,25 @@ REQUIRED_KEYS = ("format_version", "model", "model_config", "train_config", "pre
 
 class CheckpointError(Exception):
     """A checkpoint is missing, unreadable, or not in a format this code knows."""
+
+
+class FinishedRunError(ConfigError):
+    """A fresh run would replace the checkpoint of a finished run without being told to (--force)."""
+
+
+# Settings a resumed run takes from its command line, not from the original run: where the
+# files are (they may have moved) and how this machine loads and logs them.
+COMMAND_LINE_KEYS = ("data_dir", "out", "num_workers", "device", "threads_per_rank", "tensorboard", "resume",
+                     "force")
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What --resume continues: the original run's settings as saved (COMMAND_LINE_KEYS from
+    this command), the kernels it measured at its start, and its checkpoint."""
+    config: TrainConfig
+    kernels: Kernels
+    checkpoint: dict
 
 
 def save_atomic(obj, path: str | os.PathLike) -> Path:
@@ -78,16 +101,15 @@ def cpu_state_dict(model: torch.nn.Module) -> dict:
     return {name: tensor.detach().to("cpu", copy=True) for name, tensor in unwrap(model).state_dict().items()}
 
 
-def build_checkpoint(state, config, model_config, metrics: dict, history: list) -> dict:
-    """The whole checkpoint for one moment of a run (state: train.RunState): the kept weights and
-    what describes them, plus the training state that --resume continues from."""
-    from dataclasses import asdict, replace
-
+def build_checkpoint(state, config: TrainConfig, metrics: dict, history: list) -> dict:
+    """The whole checkpoint for one moment of a run (state: run_state.RunState): the kept weights
+    and what describes them, plus the training state that --resume continues from."""
     return {
         "format_version": FORMAT_VERSION,
         "model": state.kept_state,
-        "model_config": model_config.to_dict(),
-        "train_config": {**asdict(replace(config, resume=False)), "kernel_probe": state.kernel_probe},
+        "model_config": state.model_config.to_dict(),
+        "train_config": asdict(replace(config, resume=False, force=False)),   # the recipe, not this command
+        "kernels": state.kernels.to_dict(),
         "preprocess": preprocess_metadata(),
         "metrics": metrics,
         "history": history,
@@ -100,18 +122,42 @@ def build_checkpoint(state, config, model_config, metrics: dict, history: list) 
     }
 
 
-def resume_state(config):
-    """The checkpoint to continue from, and the run's original config (paths and loader
-    settings from the command line win: the files may have moved)."""
-    from .config import TrainConfig
-
+def resume_state(config: TrainConfig) -> Resumed:
+    """The run whose checkpoint is at config.out_path, to continue with its own recipe and kernels."""
+    path = config.out_path
     try:
-        checkpoint = load_checkpoint(config.out)
+        checkpoint = load_checkpoint(path)
     except CheckpointError as error:
         raise CheckpointError(f"cannot resume: {error}") from None
     if "last_model" not in checkpoint or "optimizer" not in checkpoint:
-        raise CheckpointError(f"cannot resume: {config.out} has no training state")
+        raise CheckpointError(f"cannot resume: {path} has no training state")
+    if "kernels" not in checkpoint:
+        raise CheckpointError(f"cannot resume: {path} was written before checkpoints recorded their kernels; "
+                              f"train afresh")
     saved = {key: value for key, value in checkpoint["train_config"].items() if key in TrainConfig.__annotations__}
-    for key in ("data_dir", "out", "num_workers", "device", "threads_per_rank", "tensorboard", "resume"):
+    for key in COMMAND_LINE_KEYS:
         saved[key] = getattr(config, key)
-    return TrainConfig(**saved), checkpoint
+    saved["out"] = str(path)   # the file it continues, whatever default --quick or not would name
+    return Resumed(TrainConfig(**saved), Kernels.from_dict(checkpoint["kernels"]), checkpoint)
+
+
+def finished_run_accuracy(path: str | os.PathLike) -> float | None:
+    """The test accuracy of the finished run whose checkpoint is at path; None when none is
+    there (no file, a file that is no checkpoint, or an interrupted run's)."""
+    try:
+        metrics = load_checkpoint(path)["metrics"]
+    except CheckpointError:
+        return None
+    # Only the end of a run (training.train.finish) writes the kept weights' confusion matrix.
+    return metrics.get("test_acc") if "confusion_matrix" in metrics else None
+
+
+def refuse_to_replace_finished_run(config: TrainConfig) -> None:
+    """A fresh run never silently replaces a finished one (a smoke run once replaced a 99.63%
+    model with a 59.77% one): that takes --force, or another --out."""
+    if config.resume or config.force:
+        return
+    accuracy = finished_run_accuracy(config.out_path)
+    if accuracy is not None:
+        raise FinishedRunError(f"{config.out_path} holds a finished run (test accuracy {accuracy:.2%}): "
+                               f"pass --force to replace it, or choose another --out")

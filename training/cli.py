@@ -4,7 +4,8 @@ from __future__ import annotations
 import click
 
 from .checkpoint import CheckpointError
-from .config import AMP_DTYPES, CUDA_GRAPH_CHOICES, DEVICES, MEMORY_FORMATS, PIPELINES, ConfigError, TrainConfig
+from .config import (AMP_DTYPES, CUDA_GRAPH_CHOICES, DEFAULT_OUT, DEVICES, MEMORY_FORMATS, PIPELINES, QUICK,
+                     ConfigError, TrainConfig)
 from .data import DATA_DIR_ENV, DataError
 from .train import train
 
@@ -36,8 +37,9 @@ DEFAULTS = TrainConfig()
 @click.option("--data-dir", type=click.Path(file_okay=False), envvar=DATA_DIR_ENV, default=None,
               help=f"Existing MNIST copy in torchvision layout (read-only). Unset: download into ./data. "
                    f"Env: {DATA_DIR_ENV}.")
-@click.option("--out", type=click.Path(dir_okay=False), default=DEFAULTS.out,
-              help="Checkpoint path; metrics.jsonl and test_report.json go beside it.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help=f"Checkpoint path; metrics.jsonl and test_report.json go beside it. "
+                   f"[default: {DEFAULT_OUT}; with --quick: {QUICK.out}]")
 @click.option("--pipeline", type=click.Choice(PIPELINES), default=DEFAULTS.pipeline,
               help="tensor: data in memory, augmentation on whole batches (fast). "
                    "torchvision: per-image transforms in a DataLoader (the textbook baseline).")
@@ -51,13 +53,16 @@ DEFAULTS = TrainConfig()
               help="Train on the first N training images only; 0: all 60,000.")
 @click.option("--val-images", type=click.IntRange(min=0), default=DEFAULTS.val_images,
               help="Hold out the last N training images and keep the epoch with the best accuracy on them; "
-                   "0: keep the final weights. Test accuracy is reported once, for the kept weights.")
+                   "0: keep the final weights (EMA-averaged unless --ema-decay 0). Test accuracy is reported once, "
+                   "for the kept weights.")
 @click.option("--tensorboard", type=click.Path(file_okay=False), default=None,
               help="Write loss, accuracy, learning rate and images/s as TensorBoard events into this folder.")
-@click.option("--quick", is_flag=True, help="Smoke run: 1024 training and 512 test images, at most 2 epochs.")
+@click.option("--quick", is_flag=True, help=f"Smoke run: {QUICK.describe()}; writes {QUICK.out} unless --out.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run whose checkpoint is at --out.")
+@click.option("--force", is_flag=True, help="Let a fresh run replace the checkpoint of a finished run at --out.")
 def main(**options) -> None:
-    """Train the digit CNN on MNIST and write a self-describing checkpoint.
+    """Train the digit CNN on MNIST and write a self-describing checkpoint that keeps the final
+    EMA-averaged weights by default.
 
     \b
     mnist-train --data-dir ../shared/mnist

@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
-from .config import ConfigError, TrainConfig
+from serving.preprocess import normalize_in_place
+
+from .config import QUICK, ConfigError, TrainConfig
 from .dist import DistContext
 
 MNIST_MEAN = 0.1307  # pixel mean of the 60,000 training images, scaled to [0, 1]
@@ -23,8 +25,6 @@ INPUT_SHAPE = (1, 28, 28)
 CLASS_LABELS = [str(digit) for digit in range(10)]
 DATA_DIR_ENV = "MNIST_DATA_DIR"
 DEFAULT_DOWNLOAD_DIR = Path("data")
-QUICK_TRAIN_IMAGES = 1024        # --quick: a smoke run in seconds
-QUICK_TEST_IMAGES = 512
 
 
 class DataError(Exception):
@@ -73,7 +73,7 @@ def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
     images = images_uint8.float().div_(255.0)
     if images.dim() == 3:
         images = images.unsqueeze(1)
-    return images.sub_(MNIST_MEAN).div_(MNIST_STD)
+    return normalize_in_place(images, MNIST_MEAN, MNIST_STD)
 
 
 def augment(images: torch.Tensor, *, max_rotation_deg: float, max_shift_px: float,
@@ -130,7 +130,7 @@ class TensorBatches:
             pixels = self.images[batch].unsqueeze(1).float().div_(255.0)
             pixels = augment(pixels, max_rotation_deg=self.config.max_rotation_deg,
                              max_shift_px=self.config.max_shift_px, generator=self.generator)
-            yield pixels.sub_(MNIST_MEAN).div_(MNIST_STD), self.labels[batch]
+            yield normalize_in_place(pixels, MNIST_MEAN, MNIST_STD), self.labels[batch]   # augment's own output
 
 
 def textbook_loader(config: TrainConfig, context: DistContext, subset: int | None):
@@ -172,13 +172,13 @@ def load_datasets(config: TrainConfig, context: DistContext) -> Datasets:
             raise ConfigError(f"--val-images {config.val_images} leaves no training images")
         eval_sets["val"] = train_images[-config.val_images:], train_labels[-config.val_images:]
         train_images, train_labels = train_images[:-config.val_images], train_labels[:-config.val_images]
-    train_subset = config.train_subset or (QUICK_TRAIN_IMAGES if config.quick else None)
+    train_subset = config.train_subset or (QUICK.train_images if config.quick else None)
     if config.pipeline == "tensor":
         batches = TensorBatches(train_images[:train_subset], train_labels[:train_subset], config, context)
     else:
         batches = textbook_loader(config, context, train_subset)
     if config.quick:
-        test_images, test_labels = test_images[:QUICK_TEST_IMAGES], test_labels[:QUICK_TEST_IMAGES]
+        test_images, test_labels = test_images[:QUICK.test_images], test_labels[:QUICK.test_images]
     eval_sets["test"] = test_images, test_labels
     return Datasets(batches, eval_sets)
 

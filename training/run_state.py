@@ -2,13 +2,13 @@
 step function, fresh or restored from a checkpoint; and the RunState the loop carries."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import dist
-from .checkpoint import unwrap
+from .checkpoint import Resumed, unwrap
 from .config import ConfigError, TrainConfig
 from .ema import WeightEMA
 from .model import ModelConfig, build_model
@@ -19,12 +19,12 @@ from .tuning import Kernels, choose_kernels, format_probe
 @dataclass
 class RunState:
     """Everything a run carries from one epoch to the next (and into the checkpoint)."""
+    model_config: ModelConfig
     model: torch.nn.Module                 # possibly DDP-wrapped
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     ema: WeightEMA | None
-    kernels: Kernels
-    kernel_probe: dict
+    kernels: Kernels                       # measured at the run's start, or read back by --resume
     cuda_graph: bool
     total_steps: int
     warmup_steps: int
@@ -53,47 +53,53 @@ def probe_batch(batches, context: dist.DistContext) -> tuple[torch.Tensor, torch
     return pixels.to(context.device), labels.to(context.device)
 
 
-def agree_on_kernels(kernels: Kernels, record: dict, context: dist.DistContext) -> tuple[Kernels, dict]:
+def agree_on_kernels(kernels: Kernels, context: dist.DistContext) -> Kernels:
     """Every rank must run the same kernels: rank 0's measurement decides."""
     if not context.enabled:
-        return kernels, record
-    shared = [kernels, record]
+        return kernels
+    shared = [kernels]
     torch.distributed.broadcast_object_list(shared, src=0)
-    return shared[0], shared[1]
+    return shared[0]
 
 
-def setup_run(config: TrainConfig, context: dist.DistContext, batches, checkpoint: dict | None,
-              epochs: int) -> tuple[TrainConfig, RunState]:
-    model_config = ModelConfig()
+def measure_kernels(config: TrainConfig, context: dist.DistContext, batches, model_config: ModelConfig,
+                    total_steps: int) -> Kernels:
+    pixels, labels = probe_batch(batches, context)
+    kernels = agree_on_kernels(choose_kernels(config, pixels, labels, model_config, total_steps), context)
+    log(context, format_probe(kernels, len(labels)))
+    return kernels
+
+
+def setup_run(config: TrainConfig, context: dist.DistContext, batches, resumed: Resumed | None) -> RunState:
+    """The run's state, fresh, or continued from `resumed` (then `config` is resumed.config)."""
+    # The one ModelConfig of the run: a resumed run rebuilds the network its checkpoint describes.
+    model_config = ModelConfig(**resumed.checkpoint["model_config"]) if resumed is not None else ModelConfig()
     model = build_model(model_config).to(context.device)
     steps_per_epoch = len(batches)
     if steps_per_epoch == 0:
         raise ConfigError(f"batch size {config.batch_size} is larger than the training set")
-    total_steps = epochs * steps_per_epoch
-    pixels, labels = probe_batch(batches, context)
-    kernels, probe = agree_on_kernels(*choose_kernels(config, pixels, labels, model_config, total_steps), context)
-    log(context, format_probe(probe, len(labels)))
-    if checkpoint is not None:   # resumed: the config already names its kernels; keep the original probe
-        probe = checkpoint["train_config"].get("kernel_probe") or probe
-    # The checkpoint's train_config records the choice, so export, bench and --resume see it.
-    config = replace(config, memory_format=kernels.memory_format, amp=kernels.amp,
-                     amp_dtype={torch.bfloat16: "bf16", torch.float16: "fp16"}[kernels.amp_dtype])
+    total_steps = config.epochs_to_run * steps_per_epoch
+    if resumed is not None:   # the kernels measured at the run's start: a resumed run continues on them
+        kernels = resumed.kernels
+        log(context, f"kernels: {kernels.name} (from the checkpoint)")
+    else:
+        kernels = measure_kernels(config, context, batches, model_config, total_steps)
     model = model.to(memory_format=kernels.torch_memory_format)
-    graphed = use_cuda_graph(config, context.device, context.world_size, kernels.amp_dtype)
+    graphed = use_cuda_graph(config, context.device, context.world_size, kernels)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   capturable=graphed)
-    scaler = torch.amp.GradScaler(context.device.type, enabled=kernels.amp and kernels.amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(context.device.type, enabled=kernels.amp_dtype == "fp16")
     ema = WeightEMA(model, config.ema_decay) if config.ema_decay else None
-    state = RunState(model, optimizer, scaler, ema, kernels, probe, graphed, total_steps,
+    state = RunState(model_config, model, optimizer, scaler, ema, kernels, graphed, total_steps,
                      warmup_steps=min(total_steps, round(config.warmup_epochs * steps_per_epoch)))
-    if checkpoint is not None:
-        restore_run_state(state, checkpoint, context)
+    if resumed is not None:
+        restore_run_state(state, resumed.checkpoint)
     if context.enabled:
         state.model = DistributedDataParallel(model)
-    return config, state
+    return state
 
 
-def restore_run_state(state: RunState, checkpoint: dict, context: dist.DistContext) -> None:
+def restore_run_state(state: RunState, checkpoint: dict) -> None:
     state.model.load_state_dict(checkpoint["last_model"])
     state.optimizer.load_state_dict(checkpoint["optimizer"])
     state.scaler.load_state_dict(checkpoint["scaler"])
@@ -111,11 +117,11 @@ def make_step(config: TrainConfig, state: RunState, context: dist.DistContext, b
     if state.cuda_graph:
         pixels, labels = probe_batch(batches, context)   # the shapes the graph is captured for
         try:
-            return GraphedStep(state.model, state.optimizer, state.scaler, config, kernels.amp_dtype,
+            return GraphedStep(state.model, state.optimizer, state.scaler, config, kernels,
                                context.device, pixels.contiguous(memory_format=kernels.torch_memory_format), labels)
         except RuntimeError as error:
             if config.cuda_graph == "on":
                 raise ConfigError(f"--cuda-graph on: capture failed: {str(error).splitlines()[0]}") from None
             log(context, f"CUDA graph capture failed ({str(error).splitlines()[0]}); running eagerly")
             state.cuda_graph = False
-    return EagerStep(state.model, state.optimizer, state.scaler, config, kernels.amp_dtype, context.device)
+    return EagerStep(state.model, state.optimizer, state.scaler, config, kernels, context.device)

@@ -5,7 +5,9 @@
 
 prints the measured kernel choice, then one line per epoch, e.g.
     epoch  1/10  loss 0.3954  train 89.31%  test 98.64%  lr 3.00e-03   2431 img/s   25.9 s
-and writes artifacts/mnist_cnn.pt, metrics.jsonl and test_report.json beside it.
+and writes artifacts/mnist_cnn.pt (the final EMA-averaged weights by default), metrics.jsonl
+and test_report.json beside it; a --quick run writes artifacts/quick/ instead. A fresh run
+refuses to replace a finished run's checkpoint unless --force.
 """
 from __future__ import annotations
 
@@ -23,16 +25,15 @@ import torch.nn.functional as F
 from serving.artifact import METRICS_NAME, TEST_REPORT_NAME
 
 from . import dist
-from .checkpoint import build_checkpoint, cpu_state_dict, resume_state, save_atomic, unwrap
+from .checkpoint import (build_checkpoint, cpu_state_dict, refuse_to_replace_finished_run, resume_state, save_atomic,
+                         unwrap)
 from .config import ConfigError, TrainConfig, validate
 from .data import epoch_seed, load_datasets, normalize
-from .model import ModelConfig, build_model
+from .model import build_model
 from .progress import EpochProgress, TensorBoardLog
 from .report import write_test_report
 from .run_state import RunState, log, make_step, setup_run
 from .schedule import lr_at
-
-QUICK_MAX_EPOCHS = 2
 
 
 @dataclass
@@ -40,6 +41,16 @@ class TrainResult:
     checkpoint_path: Path | None
     metrics: dict
     model: torch.nn.Module
+
+
+@dataclass(frozen=True)
+class EpochTotals:
+    """One epoch of training steps, summed over all ranks."""
+    loss_sum: float
+    correct: float
+    images: int
+    lr: float                 # the learning rate of the epoch's last step
+    train_seconds: float      # the training steps alone, without evaluation
 
 
 def cpu_count() -> int:
@@ -75,6 +86,7 @@ def train(config: TrainConfig) -> TrainResult:
     if device_name == "cpu" and config.amp and config.amp_dtype == "fp16":
         raise ConfigError("fp16 autocast needs CUDA; use --amp-dtype bf16 (or auto) on the CPU")
     check_local_ranks_fit_gpus(device_name)
+    refuse_to_replace_finished_run(config)   # every process checks the same file, so all stop alike
     context = dist.setup(device_name)
     try:
         return run_training(config, context)
@@ -106,9 +118,9 @@ def evaluate(model, images, labels, config: TrainConfig, context: dist.DistConte
 
 
 def train_one_epoch(step_fn, batches, state: RunState, context: dist.DistContext, lr_for,
-                    progress: EpochProgress) -> tuple[list[float], float]:
-    """One pass over this rank's batches. Returns ([loss sum, correct, images] summed over all
-    ranks, the last learning rate)."""
+                    progress: EpochProgress) -> EpochTotals:
+    """One pass over this rank's batches; the totals are summed over all ranks."""
+    started = time.perf_counter()
     state.model.train()
     step_fn.reset_sums()
     seen, lr = 0, lr_for(state.step)
@@ -125,12 +137,14 @@ def train_one_epoch(step_fn, batches, state: RunState, context: dist.DistContext
         progress.advance(len(labels))
     totals = torch.stack([step_fn.loss_sum, step_fn.correct,
                           torch.tensor(float(seen), dtype=torch.float64, device=context.device)])
-    return dist.all_reduce_sum(totals, context).tolist(), lr
+    loss_sum, correct, images = dist.all_reduce_sum(totals, context).tolist()
+    return EpochTotals(loss_sum, correct, int(images), lr, time.perf_counter() - started)
 
 
 def select_weights(config: TrainConfig, state: RunState, epoch: int, evaluations: dict) -> None:
-    """Keep the final weights, or the epoch with the best held-out validation accuracy: never
-    choose on the test set, whose accuracy is then reported for the kept weights."""
+    """Keep the final weights (their EMA average while EMA is on), or the epoch with the best
+    held-out validation accuracy: never choose on the test set, whose accuracy is then reported
+    for the kept weights."""
     if config.selected_by == "final" or evaluations["val"]["acc"] > state.best_val_acc:
         state.kept_state = cpu_state_dict(state.eval_model)
         state.kept_report = {"selected_epoch": epoch + 1}
@@ -139,11 +153,11 @@ def select_weights(config: TrainConfig, state: RunState, epoch: int, evaluations
             state.kept_report["selected_val_acc"] = state.best_val_acc
 
 
-def epoch_metrics(config, state: RunState, epoch: int, epochs: int, totals, lr, train_seconds, started,
-                  evaluations: dict, context) -> dict:
-    metrics = {"epoch": epoch + 1, "epochs": epochs, "train_loss": totals[0] / totals[2],
-               "train_acc": totals[1] / totals[2], "lr": lr, "train_images": int(totals[2]),
-               "images_per_s": totals[2] / train_seconds,
+def epoch_metrics(config: TrainConfig, state: RunState, epoch: int, totals: EpochTotals, evaluations: dict,
+                  context: dist.DistContext, started: float) -> dict:
+    metrics = {"epoch": epoch + 1, "epochs": config.epochs_to_run, "train_loss": totals.loss_sum / totals.images,
+               "train_acc": totals.correct / totals.images, "lr": totals.lr, "train_images": totals.images,
+               "images_per_s": totals.images / totals.train_seconds,
                "epoch_s": time.perf_counter() - started, "world_size": context.world_size,
                "selected_by": config.selected_by, **state.kept_report}
     for name, evaluation in evaluations.items():
@@ -158,26 +172,26 @@ def format_epoch(metrics: dict, evaluations: dict) -> str:
             f"{metrics['images_per_s']:6.0f} img/s  {metrics['epoch_s']:6.1f} s")
 
 
-def run_training(config: TrainConfig, context: dist.DistContext) -> TrainResult:
-    checkpoint = None
-    if config.resume:
-        config, checkpoint = resume_state(config)
+def run_training(asked: TrainConfig, context: dist.DistContext) -> TrainResult:
+    resumed = resume_state(asked) if asked.resume else None
+    # A resumed run continues the original run's recipe, as its checkpoint saved it.
+    config = resumed.config if resumed is not None else asked
     if config.batch_size % context.world_size:
         raise ConfigError(f"batch size {config.batch_size} does not split over {context.world_size} ranks")
     threads = set_threads(config, context)
     torch.manual_seed(config.seed)
     data = load_datasets(config, context)
-    epochs = min(config.epochs, QUICK_MAX_EPOCHS) if config.quick else config.epochs
-    config, state = setup_run(config, context, data.batches, checkpoint, epochs)
+    epochs = config.epochs_to_run
+    state = setup_run(config, context, data.batches, resumed)
     lr_for = partial(lr_at, base_lr=config.lr, total_steps=state.total_steps, warmup_steps=state.warmup_steps)
     step_fn = make_step(config, state, context, data.batches)
 
-    out_path = Path(config.out)
+    out_path = config.out_path
     # Per-epoch rows travel in the checkpoint, so a resumed run rewrites metrics.jsonl exactly.
-    history = list(checkpoint.get("history", [])) if checkpoint is not None else []
-    metrics = checkpoint["metrics"] if checkpoint is not None else {}
-    if checkpoint is not None:
-        log(context, f"resuming {config.out} after epoch {state.start_epoch}/{epochs}")
+    history = list(resumed.checkpoint.get("history", [])) if resumed is not None else []
+    metrics = resumed.checkpoint["metrics"] if resumed is not None else {}
+    if resumed is not None:
+        log(context, f"resuming {out_path} after epoch {state.start_epoch}/{epochs}")
     log(context, f"training on {context.device} x{context.world_size} rank(s), {threads} thread(s) each, "
                  f"kernels {state.kernels.name}, {'CUDA graph' if state.cuda_graph else 'eager'}, "
                  f"{len(data.batches)} steps/epoch of {config.batch_size} images, pipeline={config.pipeline}, "
@@ -192,24 +206,22 @@ def run_training(config: TrainConfig, context: dist.DistContext) -> TrainResult:
         torch.manual_seed(epoch_seed(config.seed, epoch, context.rank))  # dropout masks
         with EpochProgress(len(data.batches) * config.batch_size // context.world_size, epoch, epochs,
                            enabled=context.is_main and sys.stdout.isatty()) as progress:
-            totals, lr = train_one_epoch(step_fn, data.batches, state, context, lr_for, progress)
-        train_seconds = time.perf_counter() - started
+            totals = train_one_epoch(step_fn, data.batches, state, context, lr_for, progress)
         dist.broadcast_buffers(unwrap(state.model), context)
         evaluations = {name: evaluate(state.eval_model, *sets, config, context, state.kernels.torch_memory_format)
                        for name, sets in monitored.items()}
         select_weights(config, state, epoch, evaluations)
-        metrics = epoch_metrics(config, state, epoch, epochs, totals, lr, train_seconds, started, evaluations,
-                                context)
+        metrics = epoch_metrics(config, state, epoch, totals, evaluations, context, started)
         log(context, format_epoch(metrics, evaluations))
         history.append(dict(metrics))
         if tensorboard:
             tensorboard.write(metrics)
         if context.is_main:
-            save_atomic(build_checkpoint(state, config, ModelConfig(), metrics, history), out_path)
+            save_atomic(build_checkpoint(state, config, metrics, history), out_path)
             (out_path.parent / METRICS_NAME).write_text("".join(json.dumps(row) + "\n" for row in history))
         dist.barrier(context)
 
-    # Keeping the final weights, the last epoch already measured them on the test set.
+    # Keeping the final (EMA-averaged) weights, the last epoch already measured them on the test set.
     test = evaluations.get("test") if config.selected_by == "final" else None
     metrics = finish(config, state, context, data, metrics, history, out_path, test)
     if tensorboard:
@@ -222,7 +234,7 @@ def finish(config, state: RunState, context, data, metrics: dict, history: list,
     """Test accuracy of the kept weights (measured here unless `test` already holds it), into
     the checkpoint and test_report.json."""
     if test is None:
-        kept = build_model(ModelConfig()).to(context.device, memory_format=state.kernels.torch_memory_format)
+        kept = build_model(state.model_config).to(context.device, memory_format=state.kernels.torch_memory_format)
         kept.load_state_dict(state.kept_state)
         test = evaluate(kept, *data.eval_sets["test"], config, context, state.kernels.torch_memory_format)
     metrics = {**metrics, "test_acc": test["acc"], "test_loss": test["loss"],
@@ -230,7 +242,7 @@ def finish(config, state: RunState, context, data, metrics: dict, history: list,
     if config.selected_by == "val_acc":
         metrics["val_acc"] = state.best_val_acc   # of the kept weights (the rows hold each epoch's)
     if context.is_main:
-        save_atomic(build_checkpoint(state, config, ModelConfig(), metrics, history), out_path)
+        save_atomic(build_checkpoint(state, config, metrics, history), out_path)
         write_test_report(out_path.parent / TEST_REPORT_NAME, metrics)
     dist.barrier(context)   # no rank tears the process group down while rank 0 still writes
     return metrics

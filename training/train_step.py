@@ -14,23 +14,24 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError, TrainConfig
+from .tuning import Kernels
 
 
-def graph_allowed(config: TrainConfig, device: torch.device, world_size: int, amp_dtype) -> tuple[bool, str]:
+def graph_allowed(config: TrainConfig, device: torch.device, world_size: int, kernels: Kernels) -> tuple[bool, str]:
     """(can this run use a CUDA graph, and if not, why not)."""
     if device.type != "cuda":
         return False, "not on CUDA"
     if world_size > 1:
         return False, "DDP runs eagerly"
-    if config.amp and amp_dtype == torch.float16:
+    if kernels.amp_dtype == "fp16":
         return False, "fp16 needs GradScaler's host-side inf check"
     if config.pipeline != "tensor":
         return False, "the textbook pipeline's batches live on the host"
     return True, ""
 
 
-def use_cuda_graph(config: TrainConfig, device: torch.device, world_size: int, amp_dtype) -> bool:
-    allowed, why = graph_allowed(config, device, world_size, amp_dtype)
+def use_cuda_graph(config: TrainConfig, device: torch.device, world_size: int, kernels: Kernels) -> bool:
+    allowed, why = graph_allowed(config, device, world_size, kernels)
     if config.cuda_graph == "on" and not allowed:
         raise ConfigError(f"--cuda-graph on is not possible here: {why}")
     return allowed and config.cuda_graph != "off"
@@ -39,9 +40,9 @@ def use_cuda_graph(config: TrainConfig, device: torch.device, world_size: int, a
 class EagerStep:
     """The plain step: any device, any precision, DDP or not."""
 
-    def __init__(self, model, optimizer, scaler, config: TrainConfig, amp_dtype, device: torch.device):
+    def __init__(self, model, optimizer, scaler, config: TrainConfig, kernels: Kernels, device: torch.device):
         self.model, self.optimizer, self.scaler, self.config = model, optimizer, scaler, config
-        self.amp_dtype, self.device = amp_dtype, device
+        self.kernels, self.device = kernels, device
         self.reset_sums()
 
     def reset_sums(self) -> None:
@@ -53,7 +54,7 @@ class EagerStep:
             group["lr"] = lr
 
     def forward_backward_update(self, pixels, labels) -> None:
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.config.amp):
+        with torch.autocast(self.device.type, dtype=self.kernels.torch_amp_dtype, enabled=self.kernels.amp):
             logits = self.model(pixels)
             loss = F.cross_entropy(logits, labels, label_smoothing=self.config.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
@@ -78,8 +79,8 @@ class GraphedStep(EagerStep):
 
     WARMUP_STEPS = 3
 
-    def __init__(self, model, optimizer, scaler, config, amp_dtype, device, pixels, labels):
-        super().__init__(model, optimizer, scaler, config, amp_dtype, device)
+    def __init__(self, model, optimizer, scaler, config, kernels, device, pixels, labels):
+        super().__init__(model, optimizer, scaler, config, kernels, device)
         self.lr = torch.tensor(0.0, device=device)
         for group in optimizer.param_groups:
             group["lr"] = self.lr          # capturable AdamW reads the lr tensor at replay

@@ -12,7 +12,7 @@ step took about 30 s to compile and then ran slower than eager bf16.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -26,43 +26,62 @@ PROBE_TIMED_STEPS = 2
 # run, a test) takes the first candidate, channels_last+bf16, the fastest on the AMD EPYC.
 MIN_RUN_STEPS_TO_MEASURE = 100
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}   # the spelling of TrainConfig.amp_dtype
 
 
 @dataclass(frozen=True)
 class Kernels:
-    memory_format: str            # "channels_last" or "contiguous"
-    amp: bool                     # autocast on
-    amp_dtype: torch.dtype
+    """The kernels a run uses, as measured (or as asked): the one shape of that choice. It is
+    stored in the checkpoint under "kernels" and read back by --resume; TrainConfig keeps what
+    the user asked ("auto") and is never rewritten with it."""
+    memory_format: str                  # "channels_last" or "contiguous"
+    amp_dtype: str | None               # autocast dtype, "bf16" or "fp16"; None: plain fp32
+    probe: dict | None = field(default=None, compare=False)   # how it was chosen: choose_kernels
 
     @property
     def name(self) -> str:
-        return f"{self.memory_format}+{str(self.amp_dtype).removeprefix('torch.') if self.amp else 'fp32'}"
+        return f"{self.memory_format}+{self.amp_dtype or 'fp32'}"
+
+    @property
+    def amp(self) -> bool:
+        return self.amp_dtype is not None
+
+    @property
+    def torch_amp_dtype(self) -> torch.dtype | None:
+        return AUTOCAST_DTYPES.get(self.amp_dtype)
 
     @property
     def torch_memory_format(self) -> torch.memory_format:
         return MEMORY_FORMATS[self.memory_format]
 
+    def to_dict(self) -> dict:
+        return asdict(self)
 
-def default_amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    @classmethod
+    def from_dict(cls, record: dict) -> Kernels:
+        return cls(record["memory_format"], record["amp_dtype"], record.get("probe"))
+
+
+def default_amp_dtype(config: TrainConfig, device: torch.device) -> str:
     """The autocast dtype when it is not measured: fp16 only where asked (CUDA) or where a
     card lacks bf16."""
     if config.amp_dtype == "fp16":
-        return torch.float16
+        return "fp16"
     if config.amp_dtype == "auto" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+        return "fp16"
+    return "bf16"
 
 
 def candidates(config: TrainConfig, device: torch.device) -> list[Kernels]:
     formats = list(MEMORY_FORMATS) if config.memory_format == "auto" else [config.memory_format]
     amp_dtype = default_amp_dtype(config, device)
     if not config.amp:
-        precisions = [False]
+        precisions = [None]
     elif config.amp_dtype == "auto" and device.type == "cpu":
-        precisions = [True, False]      # bf16 autocast vs plain fp32: measured, not assumed
+        precisions = [amp_dtype, None]      # bf16 autocast vs plain fp32: measured, not assumed
     else:
-        precisions = [True]
-    return [Kernels(fmt, amp, amp_dtype) for fmt in formats for amp in precisions]
+        precisions = [amp_dtype]
+    return [Kernels(fmt, precision) for fmt in formats for precision in precisions]
 
 
 def time_step(kernels: Kernels, pixels: torch.Tensor, labels: torch.Tensor, model_config: ModelConfig) -> float:
@@ -75,7 +94,7 @@ def time_step(kernels: Kernels, pixels: torch.Tensor, labels: torch.Tensor, mode
     times = []
     for index in range(PROBE_WARMUP_STEPS + PROBE_TIMED_STEPS):
         started = time.perf_counter()
-        with torch.autocast(device.type, dtype=kernels.amp_dtype, enabled=kernels.amp):
+        with torch.autocast(device.type, dtype=kernels.torch_amp_dtype, enabled=kernels.amp):
             loss = F.cross_entropy(model(pixels), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -88,23 +107,26 @@ def time_step(kernels: Kernels, pixels: torch.Tensor, labels: torch.Tensor, mode
 
 
 def choose_kernels(config: TrainConfig, pixels: torch.Tensor, labels: torch.Tensor,
-                   model_config: ModelConfig, run_steps: int) -> tuple[Kernels, dict]:
-    """The fastest candidate and the probe's record: {"ms_per_step": {name: ms}, "chosen", "probe_s"}.
-    With a single candidate, or a run too short to repay the probe, nothing is timed."""
+                   model_config: ModelConfig, run_steps: int) -> Kernels:
+    """The fastest candidate, its probe record attached: {"ms_per_step": {name: ms}, "chosen",
+    "probe_s"}. With a single candidate, or a run too short to repay the probe, nothing is timed."""
     options = candidates(config, pixels.device)
     if len(options) == 1 or run_steps < MIN_RUN_STEPS_TO_MEASURE:
         why = "as asked" if len(options) == 1 else f"not measured: {run_steps} steps are too few to repay it"
-        return options[0], {"chosen": options[0].name, "ms_per_step": {}, "probe_s": 0.0, "why": why}
+        return replace(options[0], probe={"chosen": options[0].name, "ms_per_step": {}, "probe_s": 0.0,
+                                          "why": why})
     started = time.perf_counter()
     rng_state = torch.get_rng_state()   # the probe's throwaway models must not shift the run's seed
     timings = {kernels: time_step(kernels, pixels, labels, model_config) for kernels in options}
     torch.set_rng_state(rng_state)
     best = min(timings, key=timings.get)
-    return best, {"chosen": best.name, "probe_s": round(time.perf_counter() - started, 2),
-                  "ms_per_step": {kernels.name: round(seconds * 1000, 1) for kernels, seconds in timings.items()}}
+    return replace(best, probe={"chosen": best.name, "probe_s": round(time.perf_counter() - started, 2),
+                                "ms_per_step": {kernels.name: round(seconds * 1000, 1)
+                                                for kernels, seconds in timings.items()}})
 
 
-def format_probe(record: dict, batch_size: int) -> str:
+def format_probe(kernels: Kernels, batch_size: int) -> str:
+    record = kernels.probe
     if not record["ms_per_step"]:
         return f"kernels: {record['chosen']} ({record['why']})"
     rates = ", ".join(f"{name} {batch_size / ms * 1000:.0f} img/s" + (" (chosen)" if name == record["chosen"] else "")
