@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -341,6 +342,14 @@ def test_one_normalization_for_numpy_and_torch_in_place_keeping_float32():
 
 # --- a trained model is never replaced by accident -----------------------------------------------
 
+def as_full_run(quick_checkpoint: Path, out: Path) -> Path:
+    """A copy of the smoke checkpoint that says it came from a full (not --quick) run."""
+    checkpoint = load_checkpoint(quick_checkpoint)
+    checkpoint["train_config"]["quick"] = False
+    torch.save(checkpoint, out)
+    return out
+
+
 def test_a_quick_run_after_a_real_one_leaves_the_trained_checkpoint_untouched(tmp_path, data_dir,
                                                                              quick_checkpoint, monkeypatch):
     from serving.artifact import CHECKPOINT_NAME
@@ -348,7 +357,7 @@ def test_a_quick_run_after_a_real_one_leaves_the_trained_checkpoint_untouched(tm
     monkeypatch.chdir(tmp_path)
     trained = tmp_path / "artifacts" / CHECKPOINT_NAME          # where `make train` writes the real model
     trained.parent.mkdir()
-    trained.write_bytes(quick_checkpoint.read_bytes())
+    as_full_run(quick_checkpoint, trained)
     before = trained.read_bytes()
     result = CliRunner().invoke(train_cli, ["--quick", "--data-dir", data_dir])
     assert result.exit_code == 0, result.output
@@ -357,8 +366,7 @@ def test_a_quick_run_after_a_real_one_leaves_the_trained_checkpoint_untouched(tm
 
 
 def test_a_fresh_run_refuses_to_replace_a_finished_one_unless_forced(tmp_path, data_dir, quick_checkpoint):
-    out = tmp_path / "m.pt"
-    out.write_bytes(quick_checkpoint.read_bytes())
+    out = as_full_run(quick_checkpoint, tmp_path / "m.pt")
     before = out.read_bytes()
     accuracy = load_checkpoint(out)["metrics"]["test_acc"]
     args = ["--quick", "--epochs", "1", "--data-dir", data_dir, "--out", str(out)]
@@ -372,16 +380,26 @@ def test_a_fresh_run_refuses_to_replace_a_finished_one_unless_forced(tmp_path, d
     assert load_checkpoint(out)["metrics"]["epoch"] == 1 and out.read_bytes() != before
 
 
+def test_a_smoke_run_may_replace_a_smoke_run(tmp_path, data_dir, quick_checkpoint):
+    out = tmp_path / "m.pt"
+    out.write_bytes(quick_checkpoint.read_bytes())
+    again = CliRunner().invoke(train_cli, ["--quick", "--epochs", "1", "--data-dir", data_dir, "--out", str(out)])
+    assert again.exit_code == 0, again.output
+    assert load_checkpoint(out)["metrics"]["epoch"] == 1
+
+
 def test_only_a_finished_run_counts_as_one(tmp_path, quick_checkpoint):
-    from training.checkpoint import finished_run_accuracy
-    assert finished_run_accuracy(quick_checkpoint) == load_checkpoint(quick_checkpoint)["metrics"]["test_acc"]
+    from training.checkpoint import finished_run
+    assert finished_run(quick_checkpoint).test_acc == load_checkpoint(quick_checkpoint)["metrics"]["test_acc"]
+    assert finished_run(quick_checkpoint).quick
+    assert not finished_run(as_full_run(quick_checkpoint, tmp_path / "full.pt")).quick
     interrupted = load_checkpoint(quick_checkpoint)
     del interrupted["metrics"]["confusion_matrix"]       # an epoch's save, before the run's end
     torch.save(interrupted, tmp_path / "interrupted.pt")
-    assert finished_run_accuracy(tmp_path / "interrupted.pt") is None
+    assert finished_run(tmp_path / "interrupted.pt") is None
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
-    assert finished_run_accuracy(tmp_path / "garbage.pt") is None
-    assert finished_run_accuracy(tmp_path / "missing.pt") is None
+    assert finished_run(tmp_path / "garbage.pt") is None
+    assert finished_run(tmp_path / "missing.pt") is None
 
 
 def test_quick_numbers_live_in_one_recipe_that_the_help_quotes():

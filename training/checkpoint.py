@@ -141,23 +141,34 @@ def resume_state(config: TrainConfig) -> Resumed:
     return Resumed(TrainConfig(**saved), Kernels.from_dict(checkpoint["kernels"]), checkpoint)
 
 
-def finished_run_accuracy(path: str | os.PathLike) -> float | None:
-    """The test accuracy of the finished run whose checkpoint is at path; None when none is
-    there (no file, a file that is no checkpoint, or an interrupted run's)."""
+@dataclass(frozen=True)
+class FinishedRun:
+    """What a checkpoint at --out says about the finished run that wrote it."""
+    test_acc: float
+    quick: bool                      # a --quick smoke run
+
+
+def finished_run(path: str | os.PathLike) -> FinishedRun | None:
+    """The finished run whose checkpoint is at path; None when none is there (no file, a file
+    that is no checkpoint, or an interrupted run's)."""
     try:
-        metrics = load_checkpoint(path)["metrics"]
+        checkpoint = load_checkpoint(path)
     except CheckpointError:
         return None
+    metrics = checkpoint["metrics"]
     # Only the end of a run (training.train.finish) writes the kept weights' confusion matrix.
-    return metrics.get("test_acc") if "confusion_matrix" in metrics else None
+    if "confusion_matrix" not in metrics or metrics.get("test_acc") is None:
+        return None
+    return FinishedRun(metrics["test_acc"], bool(checkpoint["train_config"].get("quick")))
 
 
 def refuse_to_replace_finished_run(config: TrainConfig) -> None:
     """A fresh run never silently replaces a finished one (a smoke run once replaced a 99.63%
-    model with a 59.77% one): that takes --force, or another --out."""
+    model with a 59.77% one): that takes --force, or another --out. A smoke run may replace
+    another smoke run's checkpoint: nothing of value is lost, and `--quick` twice should work."""
     if config.resume or config.force:
         return
-    accuracy = finished_run_accuracy(config.out_path)
-    if accuracy is not None:
-        raise FinishedRunError(f"{config.out_path} holds a finished run (test accuracy {accuracy:.2%}): "
+    finished = finished_run(config.out_path)
+    if finished is not None and not (config.quick and finished.quick):
+        raise FinishedRunError(f"{config.out_path} holds a finished run (test accuracy {finished.test_acc:.2%}): "
                                f"pass --force to replace it, or choose another --out")
