@@ -4,7 +4,7 @@
 
 writes benchmarks/results.json, benchmarks/RESULTS.md and PNG plots in benchmarks/. Needs the
 artifacts of `make train` and `make export` (the int8 model too: `mnist-export --quantize`)
-and wrk for the serving part. Bounded: about 10 minutes on a 2-core CPU.
+and wrk for the serving part. Bounded: about 10 minutes on the 2-core CPUs it was written on.
 """
 from __future__ import annotations
 
@@ -33,6 +33,14 @@ HERE = Path(__file__).resolve().parent
 FORWARD_MFLOP = 38.2        # per image: convs 36.5 + linears 1.6 (multiply-adds x 2)
 TRAIN_MFLOP = 3 * FORWARD_MFLOP   # forward + backward (about twice the forward)
 BATCH_SIZES = (1, 8, 32, 128, 256)
+# Training runs: one epoch on a subset of the training set (ours needs >= 100 steps of the default
+# batch so that its kernel probe runs; the textbook pipeline is slow, so it gets fewer images).
+OURS_TRAIN_IMAGES = 25600
+TEXTBOOK_TRAIN_IMAGES = 6400
+TEXTBOOK_WORKERS, TEXTBOOK_BATCH = 2, 128
+MNIST_TRAIN_IMAGES = 60000
+SERVE_CLIENTS = (1, 16)            # wrk keep-alive connections: one client, and many
+MANY_CLIENTS = max(SERVE_CLIENTS)
 
 
 def spread(values: list[float]) -> dict:
@@ -80,17 +88,18 @@ def train_images_per_s(args: list[str], data_dir: str, torchrun: bool = False) -
         return json.loads(Path(temp, "metrics.jsonl").read_text().splitlines()[-1])["images_per_s"]
 
 
-TEXTBOOK = "textbook: per-image PIL transforms, DataLoader 2 workers, batch 128, fp32"
+TEXTBOOK = (f"textbook: per-image PIL transforms, DataLoader {TEXTBOOK_WORKERS} workers, "
+            f"batch {TEXTBOOK_BATCH}, fp32")
 DEFAULT = "ours, default: kernels measured at start"
 
 
 def training(data_dir: str, repeats: int) -> dict:
     """Our pipeline with each kernel candidate forced, with the measured choice, and in DDP,
-    against the textbook pipeline. 25,600 images (100 steps, enough for the probe to run)."""
-    ours = ["--train-subset", "25600"]
+    against the textbook pipeline, each one epoch on a subset (OURS_TRAIN_IMAGES, TEXTBOOK_TRAIN_IMAGES)."""
+    ours = ["--train-subset", str(OURS_TRAIN_IMAGES)]
     configs = {
-        TEXTBOOK: (["--pipeline", "torchvision", "--num-workers", "2", "--batch-size", "128", "--no-amp",
-                    "--train-subset", "6400"], False),
+        TEXTBOOK: (["--pipeline", "torchvision", "--num-workers", str(TEXTBOOK_WORKERS), "--batch-size",
+                    str(TEXTBOOK_BATCH), "--no-amp", "--train-subset", str(TEXTBOOK_TRAIN_IMAGES)], False),
         **{f"ours, forced {fmt}+{dtype}": (ours + ["--memory-format", fmt] +
                                            (["--amp-dtype", "bf16"] if dtype == "bf16" else ["--no-amp"]), False)
            for fmt in ("channels_last", "contiguous") for dtype in ("bf16", "fp32")},
@@ -100,7 +109,7 @@ def training(data_dir: str, repeats: int) -> dict:
     results = {}
     for name, (args, torchrun) in configs.items():
         rates = [train_images_per_s(args, data_dir, torchrun) for _ in range(repeats)]
-        results[name] = {"images_per_s": spread(rates), "epoch_s": 60000 / statistics.median(rates)}
+        results[name] = {"images_per_s": spread(rates), "epoch_s": MNIST_TRAIN_IMAGES / statistics.median(rates)}
     return results
 
 
@@ -108,8 +117,10 @@ def kernel_probe(checkpoint_path: Path) -> dict | None:
     """What `make train` measured at its start and chose (the checkpoint's kernels record)."""
     if not checkpoint_path.is_file():
         return None
-    kernels = torch.load(checkpoint_path, map_location="cpu", weights_only=True).get("kernels")
-    return kernels["probe"] if kernels else None
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    kernels = checkpoint.get("kernels")
+    # The probe timed steps of the run's own batch: keep that size with the record for the prose.
+    return {**kernels["probe"], "batch_size": checkpoint["train_config"]["batch_size"]} if kernels else None
 
 
 def training_curve(metrics_path: Path) -> dict | None:
@@ -146,10 +157,11 @@ def serving(data_dir: str, duration_s: float) -> dict:
     results = {}
     # The same layout with TorchServe's metrics in log mode prices config.properties' Prometheus mode.
     for name, settings, overrides in (
-            ("baseline: TorchServe defaults (2 workers x 2 threads, no batching)", baseline, {}),
+            (f"baseline: TorchServe defaults ({baseline.workers} workers x {baseline.threads_per_worker} threads, "
+             "no batching)", baseline, {}),
             ("ours: serving/model-config.yaml, Prometheus metrics on", tuned, {}),
             ("ours, metrics in log mode (metrics_mode=log)", tuned, {"metrics_mode": "log"})):
-        runs = measure_serving(settings, (1, 16), duration_s, data_dir, **overrides)
+        runs = measure_serving(settings, SERVE_CLIENTS, duration_s, data_dir, **overrides)
         results[name] = {"settings": settings.__dict__, "config_overrides": overrides,
                          "runs": [run.__dict__ for run in runs]}
     return results
@@ -165,7 +177,7 @@ def plot(results: dict, out_dir: Path) -> list[str]:
     for name, by_batch in results["inference"].items():
         sizes = [int(b) for b in by_batch]
         axis.plot(sizes, [by_batch[str(b)]["median"] for b in sizes], marker="o", label=name)
-    axis.set(xscale="log", xlabel="batch size", ylabel="images/s (median)", title="Inference throughput, 2 CPU cores")
+    axis.set(xscale="log", xlabel="batch size", ylabel="images/s (median)", title=f"Inference throughput, {results['machine']['cores']} CPU cores")
     axis.set_xticks(list(BATCH_SIZES), [str(b) for b in BATCH_SIZES])
     axis.grid(alpha=0.3)
     axis.legend()
@@ -175,12 +187,12 @@ def plot(results: dict, out_dir: Path) -> list[str]:
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for name, entry in results["serving"].items():
-        run = next(r for r in entry["runs"] if r["connections"] == 16)
+        run = next(r for r in entry["runs"] if r["connections"] == MANY_CLIENTS)
         points = sorted((float(p[1:]), v) for p, v in run["latency_ms"].items())
         axis.plot([p for p, _ in points], [v for _, v in points], marker="o",
                   label=f"{name.split(':')[0]} ({run['requests_per_s']:.0f} req/s)")
     axis.set(xlabel="percentile", ylabel="latency ms", yscale="log",
-             title="TorchServe latency under load (16 keep-alive clients)")
+             title=f"TorchServe latency under load ({MANY_CLIENTS} keep-alive clients)")
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
@@ -215,7 +227,7 @@ def markdown(results: dict) -> str:
              f"torch {m['torch']}. Measured GEMM (1024^2, "
              f"{m['cores']} threads): fp32 {fp32_peak:.0f} GFLOP/s, bf16 {bf16_peak:.0f} GFLOP/s.",
              f"Reproduce: `{results['command']}`. Figures are min / median / max over "
-             f"{results['repeats']} runs unless noted.", "", "## Training (one epoch = 60,000 images)", "",
+             f"{results['repeats']} runs unless noted.", "", f"## Training (one epoch = {MNIST_TRAIN_IMAGES:,} images)", "",
              "| pipeline | images/s (min / median / max) | s per epoch | vs textbook | share of compute limit |",
              "|---|---|---:|---:|---:|"]
     training = results["training"]
@@ -226,30 +238,30 @@ def markdown(results: dict) -> str:
         peak = fp32_peak if "fp32" in name.split(",")[-1] else bf16_peak
         lines.append(f"| {name} | {s['min']:.0f} / {s['median']:.0f} / {s['max']:.0f} | {entry['epoch_s']:.1f} | "
                      f"{s['median'] / baseline:.1f}x | {s['median'] * TRAIN_MFLOP / 1e3 / peak:.0%} |")
-    lines += ["", "Images/s counts training steps only (one epoch on a subset: 6,400 images for the textbook "
-              "pipeline, 25,600 for ours), read from the real `mnist-train` run's metrics.jsonl; "
-              "s per epoch = 60,000 / median. Compute limit: 114.6 MFLOP per training image against the "
-              "measured GEMM rate of the run's dtype (bf16 for the measured rows)."]
+    lines += ["", f"Images/s counts training steps only (one epoch on a subset: {TEXTBOOK_TRAIN_IMAGES:,} images for "
+              f"the textbook pipeline, {OURS_TRAIN_IMAGES:,} for ours), read from the real `mnist-train` run's "
+              f"metrics.jsonl; s per epoch = {MNIST_TRAIN_IMAGES:,} / median. Compute limit: {TRAIN_MFLOP:.1f} MFLOP "
+              "per training image against the measured GEMM rate of the run's dtype (bf16 for the measured rows)."]
     probe = results.get("kernel_probe")
     if probe and probe.get("ms_per_step"):
         rates = ", ".join(f"{name} {ms:.0f} ms" for name, ms in sorted(probe["ms_per_step"].items(),
                                                                       key=lambda item: item[1]))
         lines += ["", f"`make train` measured its kernels at start in {probe['probe_s']:.1f} s (ms per step of "
-                      f"256 images: {rates}) and chose **{probe['chosen']}**."]
+                      f"{probe.get('batch_size', 'its batch of')} images: {rates}) and chose **{probe['chosen']}**."]
     curve = results.get("training_curve")
     if curve:
         lines += ["", f"`make train` (artifacts/metrics.jsonl): {curve['final_test_acc']:.2%} final test accuracy; "
                       f"99.0% after {curve['seconds_to_99.0']:.0f} s, 99.5% after {curve['seconds_to_99.5']:.0f} s "
                       "of wall time (training and per-epoch evaluation). ![training curves](training_curves.png)"]
-    lines += ["", "## Inference (images/s, median; 2 threads)", "",
+    lines += ["", f"## Inference (images/s, median; {m['cores']} threads)", "",
               "| backend | " + " | ".join(f"batch {b}" for b in BATCH_SIZES) + " | batch-1 latency ms | "
-              "share of fp32 limit @256 |", "|---|" + "---:|" * (len(BATCH_SIZES) + 2)]
+              f"share of fp32 limit @{BATCH_SIZES[-1]} |", "|---|" + "---:|" * (len(BATCH_SIZES) + 2)]
     for name, by_batch in results["inference"].items():
         rates = [by_batch[str(b)]["median"] for b in BATCH_SIZES]
         share = rates[-1] * FORWARD_MFLOP / 1e3 / fp32_peak
         lines.append(f"| {name} | " + " | ".join(f"{r:.0f}" for r in rates) +
                      f" | {1000 / rates[0]:.3f} | {share:.0%} |")
-    lines += ["", "Share of the limit = images/s x 38.2 MFLOP / the fp32 GEMM rate measured above. Above 100% "
+    lines += ["", f"Share of the limit = images/s x {FORWARD_MFLOP} MFLOP / the fp32 GEMM rate measured above. Above 100% "
               "means ONNX Runtime's convolution kernels beat that torch.mm rate (and int8 runs on VNNI "
               "integer units, which the fp32 figure does not bound): the 1024^2 GEMM is a yardstick, not "
               "the true peak.", "", "![inference throughput](inference_throughput.png)", "",
@@ -288,19 +300,24 @@ def readme_summary(results: dict) -> str:
         lines.append(f"| `make train`: time to 99.0% / 99.5% test accuracy; final | {to('seconds_to_99.0')} / "
                      f"{to('seconds_to_99.5')}; {curve['final_test_acc']:.2%} |")
     inference = results["inference"]
-    lines.append("| inference images/s at batch 256: " + ", ".join(inference) + " | " +
-                 " / ".join(f"{by_batch['256']['median']:.0f}" for by_batch in inference.values()) + " |")
+    largest = str(BATCH_SIZES[-1])
+    lines.append(f"| inference images/s at batch {largest}: " + ", ".join(inference) + " | " +
+                 " / ".join(f"{by_batch[largest]['median']:.0f}" for by_batch in inference.values()) + " |")
     for name, entry in results["serving"].items():
-        run = next(r for r in entry["runs"] if r["connections"] == 16)
-        lines.append(f"| TorchServe, 16 clients, {name} | {run['requests_per_s']:.0f} req/s, "
+        run = next(r for r in entry["runs"] if r["connections"] == MANY_CLIENTS)
+        lines.append(f"| TorchServe, {MANY_CLIENTS} clients, {name} | {run['requests_per_s']:.0f} req/s, "
                      f"p99 {run['latency_ms'].get('p99', 0):.1f} ms |")
     return "\n".join(lines + [README_END])
+
+
+class BenchError(Exception):
+    """The bench cannot run or report: what is missing, in one line."""
 
 
 def update_readme(results: dict, readme: Path = README) -> None:
     text = readme.read_text()
     if README_BEGIN not in text or README_END not in text:
-        raise click.ClickException(f"{readme} has no {README_BEGIN} ... {README_END} block to fill")
+        raise BenchError(f"{readme} has no {README_BEGIN} ... {README_END} block to fill")
     head, rest = text.split(README_BEGIN, 1)
     readme.write_text(head + readme_summary(results) + rest.split(README_END, 1)[1])
 
@@ -314,16 +331,36 @@ def update_readme(results: dict, readme: Path = README) -> None:
 @click.option("--report-only", is_flag=True, help="Rewrite RESULTS.md and the plots from results.json.")
 def main(data_dir, artifacts, repeats, serve_seconds, out_dir, report_only) -> None:
     """Measure training, inference and serving speed against their baselines."""
-    artifacts, out_dir = Path(artifacts), Path(out_dir)
+    try:
+        report = run_bench(data_dir, Path(artifacts), repeats, serve_seconds, Path(out_dir), report_only)
+    except BenchError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(report)
+
+
+def run_bench(data_dir: str, artifacts: Path, repeats: int, serve_seconds: float, out_dir: Path,
+              report_only: bool) -> str:
+    """Measure (or, report_only, re-read results.json), write RESULTS.md, the plots and the README
+    block; returns RESULTS.md's text."""
     if report_only:
+        if not (out_dir / "results.json").is_file():
+            raise BenchError(f"{out_dir / 'results.json'} missing: run `make bench` first")
         results = json.loads((out_dir / "results.json").read_text())
-        plot(results, out_dir)
-        (out_dir / "RESULTS.md").write_text(markdown(results))
-        update_readme(results)
-        return
+    else:
+        results = measure_all(data_dir, artifacts, repeats, serve_seconds)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, out_dir)
+    report = markdown(results)
+    (out_dir / "RESULTS.md").write_text(report)
+    update_readme(results)
+    return report
+
+
+def measure_all(data_dir: str, artifacts: Path, repeats: int, serve_seconds: float) -> dict:
     for needed in (CHECKPOINT_NAME, TORCHSCRIPT_NAME, ONNX_NAME):
         if not (artifacts / needed).is_file():
-            raise click.ClickException(f"{artifacts / needed} missing: run `make train export` first")
+            raise BenchError(f"{artifacts / needed} missing: run `make train export` first")
     images, _ = load_mnist(data_dir, train=False)
     inputs = normalized_images(images[:4096], preprocess_metadata())
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "repeats": repeats,
@@ -336,13 +373,8 @@ def main(data_dir, artifacts, repeats, serve_seconds, out_dir, report_only) -> N
     for name, step in steps:
         started = time.perf_counter()
         results[name] = step()
-        click.echo(f"{name}: {time.perf_counter() - started:.0f} s", err=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    plot(results, out_dir)
-    (out_dir / "RESULTS.md").write_text(markdown(results))
-    update_readme(results)
-    click.echo(markdown(results))
+        print(f"{name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    return results
 
 
 if __name__ == "__main__":
