@@ -21,7 +21,8 @@ from training.data import preprocess_metadata
 # torch only), this file is skipped as a whole instead of failing to collect.
 ts_context = pytest.importorskip("ts.context", reason="TorchServe (ts) is not installed")
 Context, RequestProcessor = ts_context.Context, ts_context.RequestProcessor
-from serving.handler import DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC, DigitHandler  # noqa: E402
+from serving.handler import DigitHandler  # noqa: E402
+from serving.parsing import DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC  # noqa: E402
 
 # The metrics file the server runs with; relative paths in config.properties are from the repo root.
 METRICS_CONFIG = REPO_ROOT / read_properties(REPO_ROOT / "config.properties")["metrics_config"]
@@ -227,7 +228,7 @@ def test_metrics_count_each_answered_digit_and_each_refusal_by_code(handler, rea
 
 def test_handler_module_defines_the_one_class_torchserve_loads():
     """TorchServe's loader refuses a handler module defining more than one class (the worker
-    dies at load: "Expected only one class"), so helper classes live in serving/protocol.py."""
+    dies at load: "Expected only one class"), so helper classes live in serving/parsing.py and serving/protocol.py."""
     import serving.handler
     from ts.utils.util import list_classes_from_module
 

@@ -16,7 +16,7 @@ from imaging import encode, hostile_corpus
 from repo import REPO_ROOT
 from serving import server
 from serving.artifact import MODEL_NAME
-from serving.handler import HTTP_STATUS
+from serving.parsing import HTTP_STATUS
 from serving.predict import main as predict_cli
 from servers import grpc_target, launch_server, predictions_url, v2_infer_url
 
