@@ -128,7 +128,7 @@ def images_from_request(request: dict) -> EncodedRequest | ImageError:
     if value[:1] in (b"{", b"["):  # JSON sent without (or with a broken) application/json
         try:
             document = json.loads(value)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # deep nesting: RecursionError
             return ImageError("invalid_json", "body looks like JSON but does not parse")
         return images_from_json(document)
     return EncodedRequest("one", [value])

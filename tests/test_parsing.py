@@ -51,6 +51,7 @@ def test_decode_base64_returns_bytes_or_the_error():
     ({"body": -1}, "no_image_field"),            # bytes(-1) would raise: the whole batch got 503
     ({"body": 10 ** 20}, "no_image_field"),      # bytes(10**20) would exhaust memory
     ({"body": b'{"broken json'}, "invalid_json"),
+    ({"body": b"[" * 100_000 + b"]" * 100_000}, "invalid_json"),   # json.loads: RecursionError
     ({"body": {"inputs": []}}, "no_image_field"),
     ({"body": v2_document([GOOD_B64, "%%%"])}, "invalid_base64"),
 ])
