@@ -62,14 +62,8 @@ def call(handler, requests, headers=None):
     return [(context.get_response_status(i)[0] or 200, json.loads(body)) for i, body in enumerate(responses)]
 
 
-@pytest.fixture(scope="module")
-def real_digits(mnist_test_set):
-    images, labels = mnist_test_set
-    return images[:64].numpy(), labels[:64].numpy()
-
-
-def test_response_schema(handler, real_digits):
-    images, labels = real_digits
+def test_response_schema(handler, mnist_digits):
+    images, labels = mnist_digits
     [(status, body)] = call(handler, [{"body": encode(Image.fromarray(images[0]))}])
     assert status == 200
     assert set(body) >= {"digit", "label", "confidence", "probabilities", "top_k"}
@@ -81,11 +75,11 @@ def test_response_schema(handler, real_digits):
     assert body["label"] == str(body["digit"])
 
 
-def test_predictions_agree_with_the_eager_model(handler, real_digits, trained_checkpoint):
-    images, _ = real_digits
+def test_predictions_agree_with_the_eager_model(handler, mnist_digits, trained_checkpoint):
+    images = mnist_digits.images[:64]
     model, _ = load_model(trained_checkpoint)
     with torch.inference_mode():
-        eager = model(torch.from_numpy(normalized_images(torch.from_numpy(images), preprocess_metadata())))
+        eager = model(torch.from_numpy(normalized_images(torch.tensor(images), preprocess_metadata())))
     eager_probabilities = torch.softmax(eager, dim=1).numpy()
     answers = call(handler, [{"body": encode(Image.fromarray(image))} for image in images])
     int8 = handler.metadata.get("quantization") is not None
@@ -101,8 +95,8 @@ def test_predictions_agree_with_the_eager_model(handler, real_digits, trained_ch
         assert agree >= len(answers) - 1
 
 
-def test_every_format_gets_the_right_digit(handler, real_digits):
-    images, labels = real_digits
+def test_every_format_gets_the_right_digit(handler, mnist_digits):
+    images, labels = mnist_digits
     for image, label in list(zip(images, labels))[:3]:
         formats = all_formats(image)
         answers = call(handler, [{"body": data} for data in formats.values()])
@@ -111,8 +105,8 @@ def test_every_format_gets_the_right_digit(handler, real_digits):
             assert body["digit"] == label, (name, body)
 
 
-def test_large_off_centre_paper_photos_keep_their_label(handler, real_digits, trained_min_accuracy):
-    images, labels = real_digits
+def test_large_off_centre_paper_photos_keep_their_label(handler, mnist_digits, trained_min_accuracy):
+    images, labels = mnist_digits
     photos = [encode(as_paper_photo(image, size=(400, 300), scale=9, offset=(150, 20)), "JPEG", quality=92)
               for image in images[:32]]
     answers = call(handler, [{"body": photo} for photo in photos])
@@ -121,8 +115,8 @@ def test_large_off_centre_paper_photos_keep_their_label(handler, real_digits, tr
     assert correct >= int(trained_min_accuracy * 32) - 1, correct
 
 
-def test_request_formats_raw_multipart_json(handler, real_digits):
-    images, labels = real_digits
+def test_request_formats_raw_multipart_json(handler, mnist_digits):
+    images, labels = mnist_digits
     png = encode(Image.fromarray(images[0]))
     b64 = base64.b64encode(png).decode()
     requests = [
@@ -135,8 +129,8 @@ def test_request_formats_raw_multipart_json(handler, real_digits):
         assert status == 200 and body["digit"] == labels[0]
 
 
-def test_several_images_in_one_request(handler, real_digits):
-    images, labels = real_digits
+def test_several_images_in_one_request(handler, mnist_digits):
+    images, labels = mnist_digits
     encoded = [base64.b64encode(encode(Image.fromarray(image))).decode() for image in images[:5]]
     [(status, body)] = call(handler, [{"body": {"images": encoded + ["not base64!"]}}])
     assert status == 200
@@ -145,8 +139,8 @@ def test_several_images_in_one_request(handler, real_digits):
     assert body["predictions"][5]["code"] == "invalid_base64"
 
 
-def test_mixed_batch_each_request_gets_its_own_answer(handler, real_digits):
-    images, labels = real_digits
+def test_mixed_batch_each_request_gets_its_own_answer(handler, mnist_digits):
+    images, labels = mnist_digits
     good = lambda i: {"body": encode(Image.fromarray(images[i]))}
     requests = [good(0), {"body": b""}, good(1), {"body": b"plain text"}, {"body": {"image": "%%%"}},
                 {"body": b'{"broken json'}, {"body": encode(Image.new("L", (50, 50), 255))},
@@ -163,8 +157,8 @@ def test_mixed_batch_each_request_gets_its_own_answer(handler, real_digits):
             assert body["code"] == want and body["error"]
 
 
-def test_form_encoded_requests_are_refused_with_a_hint(handler, real_digits):
-    images, labels = real_digits
+def test_form_encoded_requests_are_refused_with_a_hint(handler, mnist_digits):
+    images, labels = mnist_digits
     png = encode(Image.fromarray(images[0]))
     answers = call(handler, [{"body": b""}, {"body": png}],
                    headers=[{"Content-Type": "application/x-www-form-urlencoded"}, {"content-type": "image/png"}])
@@ -178,10 +172,10 @@ def test_describe_returns_the_model_card(handler):
     assert 0.9 < card["test_acc"] <= 1.0 and "train_config" in card
 
 
-def test_handler_runs_on_basehandlers_cycle_and_reports_handler_time(handler, real_digits, caplog):
+def test_handler_runs_on_basehandlers_cycle_and_reports_handler_time(handler, mnist_digits, caplog):
     """No handle() of our own: BaseHandler's cycle runs our hooks and emits TorchServe's HandlerTime."""
     assert "handle" not in vars(DigitHandler)
-    images, labels = real_digits
+    images, labels = mnist_digits
     with caplog.at_level(logging.INFO, logger="ts.metrics.caching_metric"):
         [(status, body)] = call(handler, [{"body": encode(Image.fromarray(images[0]))}])
     assert status == 200 and body["digit"] == labels[0]
@@ -207,8 +201,8 @@ def logged_counts(records, name: str) -> dict[str, float]:
     return counts
 
 
-def test_metrics_count_each_answered_digit_and_each_refusal_by_code(handler, real_digits, caplog):
-    images, _ = real_digits
+def test_metrics_count_each_answered_digit_and_each_refusal_by_code(handler, mnist_digits, caplog):
+    images, _ = mnist_digits
     pngs = [encode(Image.fromarray(image)) for image in images[:4]]
     several = json.dumps({"images": [base64.b64encode(pngs[2]).decode(), "%%%", base64.b64encode(pngs[3]).decode()]})
     requests = [{"body": pngs[0]}, {"body": b""}, {"body": pngs[1]}, {"body": b"hello"}, {"body": several.encode()}]

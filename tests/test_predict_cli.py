@@ -10,16 +10,16 @@ from serving.predict import main as predict_cli
 
 
 @pytest.fixture(scope="module")
-def image_folder(tmp_path_factory, mnist_test_set):
-    images, labels = mnist_test_set
+def image_folder(tmp_path_factory, mnist_digits):
+    images, labels = mnist_digits
     folder = tmp_path_factory.mktemp("images")
     expected = {}
     for index in range(20):
         path = folder / f"{index:02d}.png"
-        Image.fromarray(images[index].numpy()).save(path)
+        Image.fromarray(images[index]).save(path)
         expected[str(path)] = int(labels[index])
     photo = folder / "photo.jpg"
-    as_paper_photo(images[20].numpy()).save(photo)
+    as_paper_photo(images[20]).save(photo)
     expected[str(photo)] = int(labels[20])
     return folder, expected
 
@@ -70,3 +70,4 @@ def test_missing_model_and_backend_mismatch(exported, image_folder, tmp_path):
     assert result.exit_code == 1 and "model not found" in result.output
     result, _ = run(["--model", str(exported / ONNX_NAME), "--backend", "torchscript", str(folder)])
     assert result.exit_code == 2 and "does not match" in result.output
+
