@@ -163,8 +163,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-def predictions(logits: np.ndarray, labels: list[str]) -> list[dict]:
-    """Logits [N, 10] -> the JSON answer for each image."""
+def predictions(logits: np.ndarray, labels: list[str], model_version: str) -> list[dict]:
+    """Logits [N, 10] -> the JSON answer for each image; model_version (the artifact's own)
+    says which model answered."""
     probabilities = softmax(logits.astype(np.float64))
     answers = []
     for row in probabilities:
@@ -174,5 +175,6 @@ def predictions(logits: np.ndarray, labels: list[str]) -> list[dict]:
             "digit": digit, "label": labels[digit], "confidence": float(row[digit]),
             "probabilities": [float(value) for value in row],
             "top_k": [{"digit": int(k), "probability": float(row[k])} for k in order[:TOP_K]],
+            "model_version": model_version,
         })
     return answers

@@ -7,7 +7,7 @@ std and labels come from the artifact's own metadata, never from a copy here.
 Accepts per request: raw image bytes (curl -T / --data-binary), multipart form files
 (curl -F data=@digit.png), JSON {"image": "<base64>"} / {"images": ["<base64>", ...]}, or
 an Open Inference Protocol (v2) body {"inputs": [...]}. Answers per image: {"digit",
-"label", "confidence", "probabilities", "top_k"}; per bad request a 4xx status with
+"label", "confidence", "probabilities", "top_k", "model_version"}; per bad request a 4xx status with
 {"error", "code"}. Good and bad requests can share a batch. parsing.py holds the request
 model; this module is the class alone (TorchServe loads a handler module of one class).
 """
@@ -75,13 +75,14 @@ class DigitHandler(BaseHandler):
     def postprocess(self, inference_output) -> list[str]:
         """One JSON answer per request; a refused request gets its 4xx status."""
         batch, logits = inference_output
-        answers = predictions(logits, self.labels) if logits is not None else []
+        version = self.metadata["model_version"]
+        answers = predictions(logits, self.labels, version) if logits is not None else []
         for index, parsed in enumerate(batch.requests):
             self.context.set_response_content_type(index, "application/json")
             if parsed.error is not None:
                 self.context.set_response_status(http_status(parsed.error), parsed.error.code, index)
         self.record_metrics(batch, answers)
-        return [json.dumps(answer_body(parsed, answers, self.context.model_name)) for parsed in batch.requests]
+        return [json.dumps(answer_body(parsed, answers, self.context.model_name, version)) for parsed in batch.requests]
 
     def record_metrics(self, batch: ParsedBatch, answers: list[dict]) -> None:
         """DigitPredictions per answered image by digit, RequestsRejected per refused request

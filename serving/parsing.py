@@ -199,11 +199,11 @@ def http_status(error: ImageError) -> int:
     return HTTP_STATUS.get(error.code, 400)
 
 
-def answer_body(parsed: ParsedRequest, answers: list[dict], model_name: str) -> dict:
+def answer_body(parsed: ParsedRequest, answers: list[dict], model_name: str, model_version: str) -> dict:
     """The JSON answer to one request, from the batch's per-image answers (artifact.predictions)."""
     if parsed.error is not None:
         return error_body(parsed.error)
     results = [error_body(slot) if isinstance(slot, ImageError) else answers[slot] for slot in parsed.slots]
     if parsed.answer == "v2":
-        return v2_answer(model_name, results, parsed.id)
+        return v2_answer(model_name, model_version, results, parsed.id)
     return {"predictions": results} if parsed.answer == "many" else results[0]

@@ -5,7 +5,7 @@
     mnist-predict --grpc 127.0.0.1:7070 digit.png      # ask a running TorchServe over gRPC
 
 prints one JSON line per image, e.g.
-    {"file": "digit.png", "digit": 7, "label": "7", "confidence": 0.9991, ...}
+    {"file": "digit.png", "digit": 7, "label": "7", "confidence": 0.9991, ..., "model_version": "1.0"}
 Bad files get {"file", "error", "code"} lines; the exit status is 1 if any file failed.
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ def predict_files(files: list[Path], run_model, metadata: dict, batch_size: int)
 
     def flush():
         logits = run_model(np.stack([array for _, array in pending]))
-        for (path, _), answer in zip(pending, predictions(logits, metadata["labels"])):
+        for (path, _), answer in zip(pending, predictions(logits, metadata["labels"], metadata["model_version"])):
             yield {"file": str(path), **answer}
         pending.clear()
 

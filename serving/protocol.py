@@ -7,7 +7,7 @@ with the JSON body untouched (no `service_envelope` is configured). A v2 request
     {"id": "42", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [2],
                              "data": ["<base64 image>", "<base64 image>"]}]}
 is answered
-    {"model_name": "mnist", "id": "42", "outputs": [
+    {"model_name": "mnist", "model_version": "<the artifact's model_version>", "id": "42", "outputs": [
         {"name": "digit", "datatype": "INT64", "shape": [2], "data": [7, 2]},
         {"name": "probabilities", "datatype": "FP32", "shape": [2, 10], "data": [...20 values, row-major...]}]}
 All of a v2 request's images are answered or none: one bad image fails the request, as one
@@ -46,11 +46,11 @@ def parse_v2_request(document: dict) -> tuple[list, str | None] | ImageError:
     return data, request_id if isinstance(request_id, str) else None
 
 
-def v2_answer(model_name: str, answers: list[dict], request_id: str | None) -> dict:
+def v2_answer(model_name: str, model_version: str, answers: list[dict], request_id: str | None) -> dict:
     """The v2 answer to the JSON answers of a request's images, in order."""
     rows = len(answers)
     classes = len(answers[0]["probabilities"])
-    answer = {"model_name": model_name, "outputs": [
+    answer = {"model_name": model_name, "model_version": model_version, "outputs": [
         {"name": DIGIT_OUTPUT, "datatype": "INT64", "shape": [rows], "data": [item["digit"] for item in answers]},
         {"name": PROBABILITIES_OUTPUT, "datatype": "FP32", "shape": [rows, classes],
          "data": [value for item in answers for value in item["probabilities"]]},

@@ -73,6 +73,7 @@ def test_response_schema(handler, mnist_digits):
     assert body["confidence"] == pytest.approx(max(body["probabilities"]))
     assert body["top_k"][0]["digit"] == body["digit"] and len(body["top_k"]) == 3
     assert body["label"] == str(body["digit"])
+    assert body["model_version"] == handler.metadata["model_version"]   # which model answered
 
 
 def test_predictions_agree_with_the_eager_model(handler, mnist_digits, trained_checkpoint):
@@ -137,6 +138,7 @@ def test_several_images_in_one_request(handler, mnist_digits):
     digits = [item.get("digit") for item in body["predictions"]]
     assert digits[:5] == list(labels[:5])
     assert body["predictions"][5]["code"] == "invalid_base64"
+    assert {item["model_version"] for item in body["predictions"][:5]} == {handler.metadata["model_version"]}
 
 
 def test_mixed_batch_each_request_gets_its_own_answer(handler, mnist_digits):

@@ -112,12 +112,12 @@ def test_form_encoded_requests_are_refused_with_a_hint():
 def test_answer_bodies():
     answers = [{"digit": 1, "probabilities": [0.0, 1.0]}, {"digit": 0, "probabilities": [1.0, 0.0]}]
     error = ImageError("no_digit", "blank")
-    assert answer_body(ParsedRequest("one", [1]), answers, "mnist") == answers[1]
-    assert answer_body(ParsedRequest.refused(error), answers, "mnist") == {"error": "blank", "code": "no_digit"}
-    assert answer_body(ParsedRequest("many", [0, error]), answers, "mnist") == {
+    assert answer_body(ParsedRequest("one", [1]), answers, "mnist", "v1") == answers[1]
+    assert answer_body(ParsedRequest.refused(error), answers, "mnist", "v1") == {"error": "blank", "code": "no_digit"}
+    assert answer_body(ParsedRequest("many", [0, error]), answers, "mnist", "v1") == {
         "predictions": [answers[0], {"error": "blank", "code": "no_digit"}]}
-    v2 = answer_body(ParsedRequest("v2", [1, 0], "9"), answers, "mnist")
-    assert v2["model_name"] == "mnist" and v2["id"] == "9"
+    v2 = answer_body(ParsedRequest("v2", [1, 0], "9"), answers, "mnist", "v1")
+    assert (v2["model_name"], v2["model_version"], v2["id"]) == ("mnist", "v1", "9")
     assert v2["outputs"][0]["data"] == [0, 1] and v2["outputs"][1] == {
         "name": "probabilities", "datatype": "FP32", "shape": [2, 2], "data": [1.0, 0.0, 0.0, 1.0]}
 

@@ -4,7 +4,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from serving.artifact import ONNX_NAME, TORCHSCRIPT_NAME
+from serving.artifact import ONNX_NAME, TORCHSCRIPT_NAME, read_metadata
 from imaging import as_paper_photo
 from serving.predict import main as predict_cli
 
@@ -40,6 +40,7 @@ def test_folder_prediction_is_correct_and_batched(exported, image_folder, model_
     correct = sum(line["digit"] == expected[line["file"]] for line in lines)
     assert correct >= len(expected) - 1
     assert all(abs(sum(line["probabilities"]) - 1) < 1e-6 for line in lines)
+    assert {line["model_version"] for line in lines} == {read_metadata(exported / model_name)["model_version"]}
 
 
 def test_onnx_and_torchscript_agree(exported, image_folder):

@@ -14,7 +14,7 @@ from http_client import request
 from imaging import HostileCase, hostile_corpus
 from repo import REPO_ROOT
 from serving import server
-from serving.artifact import MODEL_NAME
+from serving.artifact import MODEL_NAME, TORCHSCRIPT_NAME, read_metadata
 from serving.parsing import HTTP_STATUS
 from serving.predict import main as predict_cli
 from servers import grpc_target, launch_server, predictions_url, v2_infer_url
@@ -50,12 +50,18 @@ def post_json(url: str, body: bytes):
 
 
 # --- Open Inference Protocol (v2) over REST -------------------------------------------------
-def test_v2_infer_answers_real_digits_as_tensors(running_server, mnist_digits):
+def served_version(exported) -> str:
+    """The model_version of the artifact that running_server serves."""
+    return read_metadata(exported / TORCHSCRIPT_NAME)["model_version"]
+
+
+def test_v2_infer_answers_real_digits_as_tensors(running_server, exported, mnist_digits):
     inference, _, _ = running_server
     images, labels = [mnist_digits.png(i) for i in range(16)], mnist_digits.labels[:16]
     status, answer = post_json(v2_infer_url(inference), v2_body(list(images), "batch-7"))
     assert status == 200, answer
     assert answer["model_name"] == MODEL_NAME and answer["id"] == "batch-7"
+    assert answer["model_version"] == served_version(exported)
     digits, probabilities = answer["outputs"]
     assert (digits["name"], digits["datatype"], digits["shape"]) == ("digit", "INT64", [16])
     assert (probabilities["name"], probabilities["datatype"], probabilities["shape"]) == ("probabilities", "FP32", [16, 10])
@@ -65,6 +71,7 @@ def test_v2_infer_answers_real_digits_as_tensors(running_server, mnist_digits):
     # The same image through /predictions/mnist: the same numbers, in the plain answer.
     status, plain = request(predictions_url(inference), images[0], headers=OCTET)
     assert status == 200 and json.loads(plain)["probabilities"] == pytest.approx(rows[0], abs=1e-6)
+    assert json.loads(plain)["model_version"] == answer["model_version"]
 
 
 def hostile_images(mnist_digits) -> list[HostileCase]:
@@ -126,12 +133,13 @@ def test_grpc_ping(running_server):
         assert client.ping() == {"status": "Healthy"}
 
 
-def test_grpc_predictions_on_real_test_digits(running_server, mnist_digits, trained_min_accuracy):
+def test_grpc_predictions_on_real_test_digits(running_server, exported, mnist_digits, trained_min_accuracy):
     with connect(grpc_target(running_server[2])) as client:
         answers = [(client.predict(mnist_digits.png(i)), mnist_digits.label(i)) for i in range(GRPC_DIGITS)]
     correct = sum(answer["digit"] == label for answer, label in answers)
     assert correct / len(answers) >= trained_min_accuracy, f"{correct} of {len(answers)}"
     assert all(abs(sum(answer["probabilities"]) - 1) < 1e-6 for answer, _ in answers)
+    assert {answer["model_version"] for answer, _ in answers} == {served_version(exported)}
 
 
 def test_grpc_refuses_a_hostile_body(running_server, mnist_digits):
@@ -146,7 +154,7 @@ def test_grpc_refuses_a_hostile_body(running_server, mnist_digits):
         assert client.predict(mnist_digits.png(0))["digit"] == mnist_digits.label(0)   # and it still serves
 
 
-def test_mnist_predict_over_grpc(running_server, mnist_digits, tmp_path):
+def test_mnist_predict_over_grpc(running_server, exported, mnist_digits, tmp_path):
     paths = []
     for index in range(3):
         paths.append(tmp_path / f"{index}.png")
@@ -157,6 +165,7 @@ def test_mnist_predict_over_grpc(running_server, mnist_digits, tmp_path):
     assert result.exit_code == 1      # one file failed
     assert lines[str(tmp_path / "bad.png")]["code"] == "not_an_image"
     assert [lines[str(path)]["digit"] for path in paths] == [mnist_digits.label(index) for index in range(3)]
+    assert {lines[str(path)]["model_version"] for path in paths} == {served_version(exported)}
 
 
 @pytest.fixture(scope="module")
