@@ -19,7 +19,7 @@ import click
 import numpy as np
 import torch
 
-from .artifact import ONNX_NAME, TORCHSCRIPT_NAME, artifact_path, is_onnx, load, predictions
+from .artifact import ONNX_NAME, TORCHSCRIPT_NAME, ArtifactError, artifact_path, is_onnx, load, predictions
 from .preprocess import ImageError, preprocess_bytes
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
@@ -110,6 +110,8 @@ def load_model(model: str | None, backend: str, threads: int):
         torch.set_num_threads(threads)
     try:
         return load(model_path, "cpu", threads)
+    except ArtifactError as error:   # ours already names the file and what to do
+        raise click.ClickException(str(error)) from None
     except Exception as error:  # onnxruntime and torch.jit raise many types for a bad file
         raise click.ClickException(f"cannot load model {model_path}: {str(error).splitlines()[0]}") from None
 

@@ -72,3 +72,20 @@ def test_missing_model_and_backend_mismatch(exported, image_folder, tmp_path):
     result, _ = run(["--model", str(exported / ONNX_NAME), "--backend", "torchscript", str(folder)])
     assert result.exit_code == 2 and "does not match" in result.output
 
+
+def test_a_training_checkpoint_gets_a_one_line_hint(quick_checkpoint, image_folder, tmp_path):
+    """The checkpoint, like the exports, ends in .pt: say which file to use instead of torch's
+    "internal miniz error" about a likely corrupt file."""
+    folder, _ = image_folder
+    result, lines = run(["--model", str(quick_checkpoint), str(folder)])
+    assert result.exit_code == 1 and lines == []
+    message = result.output.strip()
+    assert message == (f"Error: {quick_checkpoint} is a training checkpoint, not an exported model: run `make export` "
+                       f"(mnist-export) and use {quick_checkpoint.parent / TORCHSCRIPT_NAME} or "
+                       f"{quick_checkpoint.parent / ONNX_NAME}")
+    # Any other file that is not TorchScript keeps torch's own first line.
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    result, _ = run(["--model", str(junk), str(folder)])
+    assert result.exit_code == 1 and f"cannot load model {junk}" in result.output
+    assert "training checkpoint" not in result.output
