@@ -18,7 +18,7 @@ from .artifact import ARCHIVE_NAME, MODEL_NAME, TORCHSCRIPT_NAME, artifact_path,
 
 SERVING_DIR = Path(__file__).resolve().parent
 # Shipped beside handler.py: the handler imports them as top-level modules inside the archive.
-HANDLER_MODULES = ("preprocess.py", "artifact.py", "protocol.py")
+HANDLER_MODULES = ("preprocess.py", "artifact.py", "protocol.py", "parsing.py")
 
 
 def archive_command(serialized_file: str, export_path: str, version: str, model_config: str) -> list[str]:

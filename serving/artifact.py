@@ -12,6 +12,7 @@ import json
 import os
 import time
 import warnings
+import zipfile
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable
 
@@ -75,13 +76,34 @@ def check_metadata(metadata, path) -> dict:
     return metadata
 
 
+def is_training_checkpoint(path: str | os.PathLike) -> bool:
+    """A torch.save zip (training's checkpoint) rather than a TorchScript archive: both hold a
+    data.pkl, but only TorchScript holds compiled code/ and constants.pkl. Reads the zip's
+    directory only."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [name.split("/", 1)[-1] for name in archive.namelist()]
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return "data.pkl" in names and "constants.pkl" not in names and not any(n.startswith("code/") for n in names)
+
+
 def load_torchscript_module(path: str | os.PathLike, device: torch.device | str = "cpu"):
     """(the ScriptModule in eval mode, its metadata)."""
     import torch
 
     extra_files = {TORCHSCRIPT_METADATA: ""}
-    with quiet_torchscript_deprecation():
-        module = torch.jit.load(str(path), map_location=device, _extra_files=extra_files).eval()
+    try:
+        with quiet_torchscript_deprecation():
+            module = torch.jit.load(str(path), map_location=device, _extra_files=extra_files).eval()
+    except RuntimeError:
+        # torch.jit.load calls a checkpoint an "internal miniz error" and a likely corrupt file.
+        if is_training_checkpoint(path):
+            directory = os.path.dirname(path)
+            raise ArtifactError(f"{path} is a training checkpoint, not an exported model: run `make export` "
+                                f"(mnist-export) and use {artifact_path(TORCHSCRIPT_NAME, directory)} or "
+                                f"{artifact_path(ONNX_NAME, directory)}") from None
+        raise
     if not extra_files[TORCHSCRIPT_METADATA]:
         raise ArtifactError(f"{path}: TorchScript file carries no {TORCHSCRIPT_METADATA}")
     return module, check_metadata(json.loads(extra_files[TORCHSCRIPT_METADATA]), path)
@@ -163,8 +185,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-def predictions(logits: np.ndarray, labels: list[str]) -> list[dict]:
-    """Logits [N, 10] -> the JSON answer for each image."""
+def predictions(logits: np.ndarray, labels: list[str], model_version: str) -> list[dict]:
+    """Logits [N, 10] -> the JSON answer for each image; model_version (the artifact's own)
+    says which model answered."""
     probabilities = softmax(logits.astype(np.float64))
     answers = []
     for row in probabilities:
@@ -174,5 +197,6 @@ def predictions(logits: np.ndarray, labels: list[str]) -> list[dict]:
             "digit": digit, "label": labels[digit], "confidence": float(row[digit]),
             "probabilities": [float(value) for value in row],
             "top_k": [{"digit": int(k), "probability": float(row[k])} for k in order[:TOP_K]],
+            "model_version": model_version,
         })
     return answers

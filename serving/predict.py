@@ -5,7 +5,7 @@
     mnist-predict --grpc 127.0.0.1:7070 digit.png      # ask a running TorchServe over gRPC
 
 prints one JSON line per image, e.g.
-    {"file": "digit.png", "digit": 7, "label": "7", "confidence": 0.9991, ...}
+    {"file": "digit.png", "digit": 7, "label": "7", "confidence": 0.9991, ..., "model_version": "1.0"}
 Bad files get {"file", "error", "code"} lines; the exit status is 1 if any file failed.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import click
 import numpy as np
 import torch
 
-from .artifact import ONNX_NAME, TORCHSCRIPT_NAME, artifact_path, is_onnx, load, predictions
+from .artifact import ONNX_NAME, TORCHSCRIPT_NAME, ArtifactError, artifact_path, is_onnx, load, predictions
 from .preprocess import ImageError, preprocess_bytes
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
@@ -56,7 +56,7 @@ def predict_files(files: list[Path], run_model, metadata: dict, batch_size: int)
 
     def flush():
         logits = run_model(np.stack([array for _, array in pending]))
-        for (path, _), answer in zip(pending, predictions(logits, metadata["labels"])):
+        for (path, _), answer in zip(pending, predictions(logits, metadata["labels"], metadata["model_version"])):
             yield {"file": str(path), **answer}
         pending.clear()
 
@@ -110,6 +110,8 @@ def load_model(model: str | None, backend: str, threads: int):
         torch.set_num_threads(threads)
     try:
         return load(model_path, "cpu", threads)
+    except ArtifactError as error:   # ours already names the file and what to do
+        raise click.ClickException(str(error)) from None
     except Exception as error:  # onnxruntime and torch.jit raise many types for a bad file
         raise click.ClickException(f"cannot load model {model_path}: {str(error).splitlines()[0]}") from None
 

@@ -7,15 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from imaging import MnistDigits
 from repo import REPO_ROOT
 from serving.artifact import CHECKPOINT_NAME
+from training.data import DATA_DIR_ENV
 
 
 def mnist_dir() -> str:
     """The read-only MNIST copy: $MNIST_DATA_DIR, else ../shared/mnist beside the checkout."""
-    candidate = os.environ.get("MNIST_DATA_DIR") or str(REPO_ROOT.parent / "shared" / "mnist")
+    candidate = os.environ.get(DATA_DIR_ENV) or str(REPO_ROOT.parent / "shared" / "mnist")
     if not (Path(candidate) / "MNIST" / "raw").is_dir():
-        pytest.fail(f"tests need a local MNIST copy: none at {candidate}; set MNIST_DATA_DIR")
+        pytest.fail(f"tests need a local MNIST copy: none at {candidate}; set {DATA_DIR_ENV}")
     return candidate
 
 
@@ -25,9 +27,19 @@ def data_dir() -> str:
 
 
 @pytest.fixture(scope="session")
-def mnist_test_set(data_dir):
+def mnist_digits(data_dir) -> MnistDigits:
+    """The real MNIST test set, the one source of real digits for every test."""
     from training.data import load_mnist
-    return load_mnist(data_dir, train=False)
+    images, labels = (tensor.numpy() for tensor in load_mnist(data_dir, train=False))
+    for array in (images, labels):
+        array.setflags(write=False)    # shared by the whole session: no test may change it
+    return MnistDigits(images, labels)
+
+
+@pytest.fixture(scope="session")
+def mnist_test_set(mnist_digits):
+    """mnist_digits as (images, labels) tensors, for the test files that still ask for it."""
+    return torch.from_numpy(mnist_digits.images.copy()), torch.from_numpy(mnist_digits.labels.copy())
 
 
 @pytest.fixture(scope="session")

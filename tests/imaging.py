@@ -2,9 +2,33 @@
 from __future__ import annotations
 
 import io
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
+
+
+class MnistDigits(NamedTuple):
+    """Real MNIST test digits (the `mnist_digits` fixture): images uint8 [N, 28, 28], white
+    ink on black as MNIST stores them, and labels int64 [N]. Read-only: every test shares them."""
+    images: np.ndarray
+    labels: np.ndarray
+
+    def png(self, index: int) -> bytes:
+        """Digit `index` as a PNG file, what a client would send."""
+        return encode(Image.fromarray(self.images[index]))
+
+    def label(self, index: int) -> int:
+        return int(self.labels[index])
+
+
+class HostileCase(NamedTuple):
+    """One input a public endpoint meets, and the answer it must get."""
+    name: str
+    body: bytes
+    headers: dict[str, str]
+    status: int
+    code: str | None     # the error code, or None: the right digit
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
@@ -82,9 +106,8 @@ def all_formats(image: np.ndarray) -> dict[str, bytes]:
     }
 
 
-def hostile_corpus(digit: np.ndarray, other: np.ndarray) -> list[tuple[str, bytes, dict, int, str | None]]:
-    """(name, body, headers, expected status, expected error code or None for a correct digit)
-    for one real MNIST digit `digit`: the inputs a public endpoint meets.
+def hostile_corpus(digit: np.ndarray, other: np.ndarray) -> list[HostileCase]:
+    """The inputs a public endpoint meets, made around one real MNIST digit `digit`.
 
     Not here: binary bodies labelled application/x-www-form-urlencoded. TorchServe's Java
     frontend decodes those itself and, for many images, answers 500 ErrorDataDecoderException
@@ -92,7 +115,7 @@ def hostile_corpus(digit: np.ndarray, other: np.ndarray) -> list[tuple[str, byte
     png, jpeg = encode(as_paper_photo(digit)), encode(as_paper_photo(digit), "JPEG")
     octet = {"Content-Type": "application/octet-stream"}
     sixteen = Image.fromarray((np.asarray(as_paper_photo(digit).convert("L"), dtype=np.uint16) * 257))
-    return [
+    cases = [
         ("empty body", b"", octet, 400, "empty"),
         ("text", b"hello, I am not an image", {"Content-Type": "text/plain"}, 415, "not_an_image"),
         ("json without image", b'{"foo": 1}', {"Content-Type": "application/json"}, 400, "no_image_field"),
@@ -113,3 +136,4 @@ def hostile_corpus(digit: np.ndarray, other: np.ndarray) -> list[tuple[str, byte
         ("16-bit png", encode(sixteen), octet, 200, None),
         ("exif rotated jpeg", exif_rotated_jpeg(digit), octet, 200, None),
     ]
+    return [HostileCase(*case) for case in cases]

@@ -21,7 +21,8 @@ from training.data import preprocess_metadata
 # torch only), this file is skipped as a whole instead of failing to collect.
 ts_context = pytest.importorskip("ts.context", reason="TorchServe (ts) is not installed")
 Context, RequestProcessor = ts_context.Context, ts_context.RequestProcessor
-from serving.handler import DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC, DigitHandler  # noqa: E402
+from serving.handler import DigitHandler  # noqa: E402
+from serving.parsing import DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC  # noqa: E402
 
 # The metrics file the server runs with; relative paths in config.properties are from the repo root.
 METRICS_CONFIG = REPO_ROOT / read_properties(REPO_ROOT / "config.properties")["metrics_config"]
@@ -61,14 +62,8 @@ def call(handler, requests, headers=None):
     return [(context.get_response_status(i)[0] or 200, json.loads(body)) for i, body in enumerate(responses)]
 
 
-@pytest.fixture(scope="module")
-def real_digits(mnist_test_set):
-    images, labels = mnist_test_set
-    return images[:64].numpy(), labels[:64].numpy()
-
-
-def test_response_schema(handler, real_digits):
-    images, labels = real_digits
+def test_response_schema(handler, mnist_digits):
+    images, labels = mnist_digits
     [(status, body)] = call(handler, [{"body": encode(Image.fromarray(images[0]))}])
     assert status == 200
     assert set(body) >= {"digit", "label", "confidence", "probabilities", "top_k"}
@@ -78,13 +73,14 @@ def test_response_schema(handler, real_digits):
     assert body["confidence"] == pytest.approx(max(body["probabilities"]))
     assert body["top_k"][0]["digit"] == body["digit"] and len(body["top_k"]) == 3
     assert body["label"] == str(body["digit"])
+    assert body["model_version"] == handler.metadata["model_version"]   # which model answered
 
 
-def test_predictions_agree_with_the_eager_model(handler, real_digits, trained_checkpoint):
-    images, _ = real_digits
+def test_predictions_agree_with_the_eager_model(handler, mnist_digits, trained_checkpoint):
+    images = mnist_digits.images[:64]
     model, _ = load_model(trained_checkpoint)
     with torch.inference_mode():
-        eager = model(torch.from_numpy(normalized_images(torch.from_numpy(images), preprocess_metadata())))
+        eager = model(torch.from_numpy(normalized_images(torch.tensor(images), preprocess_metadata())))
     eager_probabilities = torch.softmax(eager, dim=1).numpy()
     answers = call(handler, [{"body": encode(Image.fromarray(image))} for image in images])
     int8 = handler.metadata.get("quantization") is not None
@@ -100,8 +96,8 @@ def test_predictions_agree_with_the_eager_model(handler, real_digits, trained_ch
         assert agree >= len(answers) - 1
 
 
-def test_every_format_gets_the_right_digit(handler, real_digits):
-    images, labels = real_digits
+def test_every_format_gets_the_right_digit(handler, mnist_digits):
+    images, labels = mnist_digits
     for image, label in list(zip(images, labels))[:3]:
         formats = all_formats(image)
         answers = call(handler, [{"body": data} for data in formats.values()])
@@ -110,8 +106,8 @@ def test_every_format_gets_the_right_digit(handler, real_digits):
             assert body["digit"] == label, (name, body)
 
 
-def test_large_off_centre_paper_photos_keep_their_label(handler, real_digits, trained_min_accuracy):
-    images, labels = real_digits
+def test_large_off_centre_paper_photos_keep_their_label(handler, mnist_digits, trained_min_accuracy):
+    images, labels = mnist_digits
     photos = [encode(as_paper_photo(image, size=(400, 300), scale=9, offset=(150, 20)), "JPEG", quality=92)
               for image in images[:32]]
     answers = call(handler, [{"body": photo} for photo in photos])
@@ -120,8 +116,8 @@ def test_large_off_centre_paper_photos_keep_their_label(handler, real_digits, tr
     assert correct >= int(trained_min_accuracy * 32) - 1, correct
 
 
-def test_request_formats_raw_multipart_json(handler, real_digits):
-    images, labels = real_digits
+def test_request_formats_raw_multipart_json(handler, mnist_digits):
+    images, labels = mnist_digits
     png = encode(Image.fromarray(images[0]))
     b64 = base64.b64encode(png).decode()
     requests = [
@@ -134,18 +130,19 @@ def test_request_formats_raw_multipart_json(handler, real_digits):
         assert status == 200 and body["digit"] == labels[0]
 
 
-def test_several_images_in_one_request(handler, real_digits):
-    images, labels = real_digits
+def test_several_images_in_one_request(handler, mnist_digits):
+    images, labels = mnist_digits
     encoded = [base64.b64encode(encode(Image.fromarray(image))).decode() for image in images[:5]]
     [(status, body)] = call(handler, [{"body": {"images": encoded + ["not base64!"]}}])
     assert status == 200
     digits = [item.get("digit") for item in body["predictions"]]
     assert digits[:5] == list(labels[:5])
     assert body["predictions"][5]["code"] == "invalid_base64"
+    assert {item["model_version"] for item in body["predictions"][:5]} == {handler.metadata["model_version"]}
 
 
-def test_mixed_batch_each_request_gets_its_own_answer(handler, real_digits):
-    images, labels = real_digits
+def test_mixed_batch_each_request_gets_its_own_answer(handler, mnist_digits):
+    images, labels = mnist_digits
     good = lambda i: {"body": encode(Image.fromarray(images[i]))}
     requests = [good(0), {"body": b""}, good(1), {"body": b"plain text"}, {"body": {"image": "%%%"}},
                 {"body": b'{"broken json'}, {"body": encode(Image.new("L", (50, 50), 255))},
@@ -162,8 +159,8 @@ def test_mixed_batch_each_request_gets_its_own_answer(handler, real_digits):
             assert body["code"] == want and body["error"]
 
 
-def test_form_encoded_requests_are_refused_with_a_hint(handler, real_digits):
-    images, labels = real_digits
+def test_form_encoded_requests_are_refused_with_a_hint(handler, mnist_digits):
+    images, labels = mnist_digits
     png = encode(Image.fromarray(images[0]))
     answers = call(handler, [{"body": b""}, {"body": png}],
                    headers=[{"Content-Type": "application/x-www-form-urlencoded"}, {"content-type": "image/png"}])
@@ -177,10 +174,10 @@ def test_describe_returns_the_model_card(handler):
     assert 0.9 < card["test_acc"] <= 1.0 and "train_config" in card
 
 
-def test_handler_runs_on_basehandlers_cycle_and_reports_handler_time(handler, real_digits, caplog):
+def test_handler_runs_on_basehandlers_cycle_and_reports_handler_time(handler, mnist_digits, caplog):
     """No handle() of our own: BaseHandler's cycle runs our hooks and emits TorchServe's HandlerTime."""
     assert "handle" not in vars(DigitHandler)
-    images, labels = real_digits
+    images, labels = mnist_digits
     with caplog.at_level(logging.INFO, logger="ts.metrics.caching_metric"):
         [(status, body)] = call(handler, [{"body": encode(Image.fromarray(images[0]))}])
     assert status == 200 and body["digit"] == labels[0]
@@ -206,8 +203,8 @@ def logged_counts(records, name: str) -> dict[str, float]:
     return counts
 
 
-def test_metrics_count_each_answered_digit_and_each_refusal_by_code(handler, real_digits, caplog):
-    images, _ = real_digits
+def test_metrics_count_each_answered_digit_and_each_refusal_by_code(handler, mnist_digits, caplog):
+    images, _ = mnist_digits
     pngs = [encode(Image.fromarray(image)) for image in images[:4]]
     several = json.dumps({"images": [base64.b64encode(pngs[2]).decode(), "%%%", base64.b64encode(pngs[3]).decode()]})
     requests = [{"body": pngs[0]}, {"body": b""}, {"body": pngs[1]}, {"body": b"hello"}, {"body": several.encode()}]
@@ -227,7 +224,7 @@ def test_metrics_count_each_answered_digit_and_each_refusal_by_code(handler, rea
 
 def test_handler_module_defines_the_one_class_torchserve_loads():
     """TorchServe's loader refuses a handler module defining more than one class (the worker
-    dies at load: "Expected only one class"), so helper classes live in serving/protocol.py."""
+    dies at load: "Expected only one class"), so helper classes live in serving/parsing.py and serving/protocol.py."""
     import serving.handler
     from ts.utils.util import list_classes_from_module
 

@@ -4,22 +4,22 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from serving.artifact import ONNX_NAME, TORCHSCRIPT_NAME
+from serving.artifact import ONNX_NAME, TORCHSCRIPT_NAME, read_metadata
 from imaging import as_paper_photo
 from serving.predict import main as predict_cli
 
 
 @pytest.fixture(scope="module")
-def image_folder(tmp_path_factory, mnist_test_set):
-    images, labels = mnist_test_set
+def image_folder(tmp_path_factory, mnist_digits):
+    images, labels = mnist_digits
     folder = tmp_path_factory.mktemp("images")
     expected = {}
     for index in range(20):
         path = folder / f"{index:02d}.png"
-        Image.fromarray(images[index].numpy()).save(path)
+        Image.fromarray(images[index]).save(path)
         expected[str(path)] = int(labels[index])
     photo = folder / "photo.jpg"
-    as_paper_photo(images[20].numpy()).save(photo)
+    as_paper_photo(images[20]).save(photo)
     expected[str(photo)] = int(labels[20])
     return folder, expected
 
@@ -40,6 +40,7 @@ def test_folder_prediction_is_correct_and_batched(exported, image_folder, model_
     correct = sum(line["digit"] == expected[line["file"]] for line in lines)
     assert correct >= len(expected) - 1
     assert all(abs(sum(line["probabilities"]) - 1) < 1e-6 for line in lines)
+    assert {line["model_version"] for line in lines} == {read_metadata(exported / model_name)["model_version"]}
 
 
 def test_onnx_and_torchscript_agree(exported, image_folder):
@@ -70,3 +71,21 @@ def test_missing_model_and_backend_mismatch(exported, image_folder, tmp_path):
     assert result.exit_code == 1 and "model not found" in result.output
     result, _ = run(["--model", str(exported / ONNX_NAME), "--backend", "torchscript", str(folder)])
     assert result.exit_code == 2 and "does not match" in result.output
+
+
+def test_a_training_checkpoint_gets_a_one_line_hint(quick_checkpoint, image_folder, tmp_path):
+    """The checkpoint, like the exports, ends in .pt: say which file to use instead of torch's
+    "internal miniz error" about a likely corrupt file."""
+    folder, _ = image_folder
+    result, lines = run(["--model", str(quick_checkpoint), str(folder)])
+    assert result.exit_code == 1 and lines == []
+    message = result.output.strip()
+    assert message == (f"Error: {quick_checkpoint} is a training checkpoint, not an exported model: run `make export` "
+                       f"(mnist-export) and use {quick_checkpoint.parent / TORCHSCRIPT_NAME} or "
+                       f"{quick_checkpoint.parent / ONNX_NAME}")
+    # Any other file that is not TorchScript keeps torch's own first line.
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    result, _ = run(["--model", str(junk), str(folder)])
+    assert result.exit_code == 1 and f"cannot load model {junk}" in result.output
+    assert "training checkpoint" not in result.output

@@ -13,26 +13,19 @@ def model_input(pixels: np.ndarray) -> np.ndarray:
     return ((pixels.astype(np.float32) / 255.0 - MEAN) / STD)[None]
 
 
-@pytest.fixture(scope="module")
-def digits(mnist_test_set):
-    images, labels = mnist_test_set
-    return images[:40].numpy(), labels[:40].numpy()
-
-
-def test_plain_mnist_png_passes_through_unchanged(digits):
-    images, _ = digits
+def test_plain_mnist_png_passes_through_unchanged(mnist_digits):
+    images, _ = mnist_digits
     for image in images[:10]:
         tensor = preprocess_bytes(encode(Image.fromarray(image)), MEAN, STD)
         assert tensor.shape == (1, 28, 28) and tensor.dtype == np.float32
         np.testing.assert_allclose(tensor, model_input(image), atol=1e-6)
 
 
-def test_paper_photo_becomes_mnist_like(digits):
+def test_paper_photo_becomes_mnist_like(mnist_digits):
     """Dark ink on white, 7x larger, off-centre: after preprocessing it looks like the original
     digit again (inverted back, fitted to the 20x20 box, centred by mass)."""
-    images, _ = digits
     correlations = []
-    for image in images:
+    for image in mnist_digits.images[:40]:
         pixels = to_mnist(np.asarray(as_paper_photo(image).convert("L"), dtype=np.float32) / 255)
         assert pixels.shape == (28, 28)
         assert pixels[0].max() < 0.05 and pixels[:, 0].max() < 0.05        # background black again
@@ -46,8 +39,8 @@ def test_paper_photo_becomes_mnist_like(digits):
     assert np.median(correlations) > 0.95 and min(correlations) > 0.6
 
 
-def test_every_format_and_mode_gives_a_digit_like_the_original(digits):
-    images, _ = digits
+def test_every_format_and_mode_gives_a_digit_like_the_original(mnist_digits):
+    images, _ = mnist_digits
     reference = preprocess_bytes(encode(as_paper_photo(images[0], size=(120, 100), scale=3, offset=(20, 10))),
                                  MEAN, STD)
     for name, data in all_formats(images[0]).items():
@@ -58,15 +51,15 @@ def test_every_format_and_mode_gives_a_digit_like_the_original(digits):
         assert correlation > 0.7, (name, correlation)  # 1-bit and JPEG differ a little; labels: test_handler
 
 
-def test_animated_gif_uses_the_first_frame(digits):
-    images, _ = digits
+def test_animated_gif_uses_the_first_frame(mnist_digits):
+    images, _ = mnist_digits
     tensor = preprocess_bytes(animated_gif(images[0], images[1]), MEAN, STD)
     first = preprocess_bytes(encode(Image.fromarray(images[0]).convert("P").convert("L")), MEAN, STD)
     np.testing.assert_allclose(tensor, first, atol=1e-6)
 
 
-def test_exif_rotation_is_honoured(digits):
-    images, _ = digits
+def test_exif_rotation_is_honoured(mnist_digits):
+    images, _ = mnist_digits
     rotated = preprocess_bytes(exif_rotated_jpeg(images[0]), MEAN, STD)   # stored sideways, EXIF says turn
     expected = preprocess_bytes(encode(upright_photo(images[0]), "JPEG", quality=95), MEAN, STD)
     assert np.corrcoef(rotated.ravel(), expected.ravel())[0, 1] > 0.9
@@ -83,8 +76,8 @@ def test_bad_bytes_raise_image_error(data, code):
     assert raised.value.code == code
 
 
-def test_truncated_files_raise_image_error(digits):
-    images, _ = digits
+def test_truncated_files_raise_image_error(mnist_digits):
+    images, _ = mnist_digits
     for fmt in ("PNG", "JPEG"):
         data = encode(as_paper_photo(images[0]), fmt)
         with pytest.raises(ImageError) as raised:

@@ -9,14 +9,13 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from hypothesis import HealthCheck, settings
-from PIL import Image
 
 from http_client import request
-from imaging import encode, hostile_corpus
+from imaging import HostileCase, hostile_corpus
 from repo import REPO_ROOT
 from serving import server
-from serving.artifact import MODEL_NAME
-from serving.handler import HTTP_STATUS
+from serving.artifact import MODEL_NAME, TORCHSCRIPT_NAME, read_metadata
+from serving.parsing import HTTP_STATUS
 from serving.predict import main as predict_cli
 from servers import grpc_target, launch_server, predictions_url, v2_infer_url
 
@@ -39,13 +38,6 @@ CONTRACT_CHECKS = [not_a_server_error, status_code_conformance, content_type_con
                    response_schema_conformance]
 
 
-@pytest.fixture(scope="module")
-def real_digits(mnist_test_set):
-    """The first test digits as PNG bytes, with their labels."""
-    images, labels = mnist_test_set
-    return [(encode(Image.fromarray(images[i].numpy())), int(labels[i])) for i in range(GRPC_DIGITS)]
-
-
 def v2_body(images: list[bytes], request_id: str | None = None) -> bytes:
     data = [base64.b64encode(image).decode() for image in images]
     document = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(data)], "data": data}]}
@@ -58,12 +50,18 @@ def post_json(url: str, body: bytes):
 
 
 # --- Open Inference Protocol (v2) over REST -------------------------------------------------
-def test_v2_infer_answers_real_digits_as_tensors(running_server, real_digits):
+def served_version(exported) -> str:
+    """The model_version of the artifact that running_server serves."""
+    return read_metadata(exported / TORCHSCRIPT_NAME)["model_version"]
+
+
+def test_v2_infer_answers_real_digits_as_tensors(running_server, exported, mnist_digits):
     inference, _, _ = running_server
-    images, labels = zip(*real_digits[:16])
+    images, labels = [mnist_digits.png(i) for i in range(16)], mnist_digits.labels[:16]
     status, answer = post_json(v2_infer_url(inference), v2_body(list(images), "batch-7"))
     assert status == 200, answer
     assert answer["model_name"] == MODEL_NAME and answer["id"] == "batch-7"
+    assert answer["model_version"] == served_version(exported)
     digits, probabilities = answer["outputs"]
     assert (digits["name"], digits["datatype"], digits["shape"]) == ("digit", "INT64", [16])
     assert (probabilities["name"], probabilities["datatype"], probabilities["shape"]) == ("probabilities", "FP32", [16, 10])
@@ -73,22 +71,21 @@ def test_v2_infer_answers_real_digits_as_tensors(running_server, real_digits):
     # The same image through /predictions/mnist: the same numbers, in the plain answer.
     status, plain = request(predictions_url(inference), images[0], headers=OCTET)
     assert status == 200 and json.loads(plain)["probabilities"] == pytest.approx(rows[0], abs=1e-6)
+    assert json.loads(plain)["model_version"] == answer["model_version"]
 
 
-def hostile_images(mnist_test_set):
+def hostile_images(mnist_digits) -> list[HostileCase]:
     """The byte-level cases of the hostile corpus: each one base64-wrapped in a v2 body must
     get the status and code it gets as a raw body."""
-    images, labels = mnist_test_set
-    digit, other = images[0].numpy(), images[1].numpy()
-    return [(name, body, status, code) for name, body, headers, status, code in hostile_corpus(digit, other)
-            if headers == OCTET and body], int(labels[0])
+    return [case for case in hostile_corpus(mnist_digits.images[0], mnist_digits.images[1])
+            if case.headers == OCTET and case.body]
 
 
-def test_v2_infer_refuses_hostile_images_with_the_plain_error_body(running_server, mnist_test_set):
+def test_v2_infer_refuses_hostile_images_with_the_plain_error_body(running_server, mnist_digits):
     inference, _, _ = running_server
-    cases, label = hostile_images(mnist_test_set)
+    cases, label = hostile_images(mnist_digits), mnist_digits.label(0)
     assert len(cases) >= 8
-    for name, body, want_status, want_code in cases:
+    for name, body, _, want_status, want_code in cases:
         status, answer = post_json(v2_infer_url(inference), v2_body([body]))
         assert status == want_status, (name, answer)
         if want_code is None:
@@ -112,13 +109,13 @@ def test_v2_infer_refuses_malformed_envelopes(running_server, document, want_sta
     assert (status, answer["code"]) == (want_status, want_code), answer
 
 
-def test_v2_request_is_all_or_nothing(running_server, real_digits):
+def test_v2_request_is_all_or_nothing(running_server, mnist_digits):
     inference, _, _ = running_server
-    good = real_digits[0][0]
+    good = mnist_digits.png(0)
     status, answer = post_json(v2_infer_url(inference), v2_body([good, b"not an image", good]))
     assert (status, answer["code"]) == (415, "not_an_image")
     status, answer = post_json(v2_infer_url(inference), v2_body([good]))   # the worker is fine
-    assert status == 200 and answer["outputs"][0]["data"] == [real_digits[0][1]]
+    assert status == 200 and answer["outputs"][0]["data"] == [mnist_digits.label(0)]
 
 
 # --- gRPC -------------------------------------------------------------------------------------
@@ -136,15 +133,16 @@ def test_grpc_ping(running_server):
         assert client.ping() == {"status": "Healthy"}
 
 
-def test_grpc_predictions_on_real_test_digits(running_server, real_digits, trained_min_accuracy):
+def test_grpc_predictions_on_real_test_digits(running_server, exported, mnist_digits, trained_min_accuracy):
     with connect(grpc_target(running_server[2])) as client:
-        answers = [(client.predict(image), label) for image, label in real_digits]
+        answers = [(client.predict(mnist_digits.png(i)), mnist_digits.label(i)) for i in range(GRPC_DIGITS)]
     correct = sum(answer["digit"] == label for answer, label in answers)
     assert correct / len(answers) >= trained_min_accuracy, f"{correct} of {len(answers)}"
     assert all(abs(sum(answer["probabilities"]) - 1) < 1e-6 for answer, _ in answers)
+    assert {answer["model_version"] for answer, _ in answers} == {served_version(exported)}
 
 
-def test_grpc_refuses_a_hostile_body(running_server, real_digits):
+def test_grpc_refuses_a_hostile_body(running_server, mnist_digits):
     with connect(grpc_target(running_server[2])) as client:
         with pytest.raises(PredictionError) as refused:
             client.predict(b"hello, I am not an image")
@@ -153,20 +151,21 @@ def test_grpc_refuses_a_hostile_body(running_server, real_digits):
         # set, with the handler's error JSON. When a TorchServe release maps the status, this
         # fails: then drop the client-side mapping.
         assert json.loads(client.predict_raw(b""))["code"] == "empty"
-        assert client.predict(real_digits[0][0])["digit"] == real_digits[0][1]   # and it still serves
+        assert client.predict(mnist_digits.png(0))["digit"] == mnist_digits.label(0)   # and it still serves
 
 
-def test_mnist_predict_over_grpc(running_server, real_digits, tmp_path):
+def test_mnist_predict_over_grpc(running_server, exported, mnist_digits, tmp_path):
     paths = []
-    for index, (image, _) in enumerate(real_digits[:3]):
+    for index in range(3):
         paths.append(tmp_path / f"{index}.png")
-        paths[-1].write_bytes(image)
+        paths[-1].write_bytes(mnist_digits.png(index))
     (tmp_path / "bad.png").write_bytes(b"not a png")
     result = CliRunner().invoke(predict_cli, ["--grpc", grpc_target(running_server[2]), str(tmp_path)])
     lines = {json.loads(line)["file"]: json.loads(line) for line in result.stdout.splitlines()}
     assert result.exit_code == 1      # one file failed
     assert lines[str(tmp_path / "bad.png")]["code"] == "not_an_image"
-    assert [lines[str(path)]["digit"] for path in paths] == [label for _, label in real_digits[:3]]
+    assert [lines[str(path)]["digit"] for path in paths] == [mnist_digits.label(index) for index in range(3)]
+    assert {lines[str(path)]["model_version"] for path in paths} == {served_version(exported)}
 
 
 @pytest.fixture(scope="module")
@@ -178,9 +177,9 @@ def production_server(tmp_path_factory, exported):
     server.stop(run_dir)
 
 
-def test_grpc_token_authorization(production_server, real_digits):
+def test_grpc_token_authorization(production_server, mnist_digits):
     run_dir, key = production_server
-    image, label = real_digits[0]
+    image, label = mnist_digits.png(0), mnist_digits.label(0)
     for wrong_key in (None, "not-the-key"):
         with connect(grpc_target(run_dir), key=wrong_key) as client:
             with pytest.raises(grpc.RpcError) as refused:
@@ -228,9 +227,9 @@ def real_bodies(image: bytes) -> dict[str, tuple[str, object]]:
 
 
 @pytest.mark.parametrize("kind", ["raw png", "several images, one bad", "v2"])
-def test_real_answers_match_the_contract(running_server, real_digits, kind):
+def test_real_answers_match_the_contract(running_server, mnist_digits, kind):
     """Generated images carry no digit, so the 200 answers are checked here, on a real one."""
-    media_type, body = real_bodies(real_digits[0][0])[kind]
+    media_type, body = real_bodies(mnist_digits.png(0))[kind]
     case = contract[f"/predictions/{MODEL_NAME}"]["POST"].Case(body=body, media_type=media_type)
     response = case.call_and_validate(base_url=running_server[0], checks=CONTRACT_CHECKS)
     assert response.status_code == 200

@@ -15,10 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from http_client import request
-from imaging import encode, hostile_corpus
+from imaging import hostile_corpus
 from serving import server
 from serving.artifact import MODEL_NAME, TORCHSCRIPT_NAME, load
 from serving.preprocess import preprocess_bytes
@@ -39,18 +38,17 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def make_workload(mnist_test_set, exported, count: int):
+def make_workload(mnist_digits, exported, count: int):
     """count requests: 90% real test digits, 10% from the hostile corpus. A good request's
     expected answer is what the exported model itself predicts locally: the server must
     return exactly that (whether the model is right is the accuracy tests' business)."""
-    images, _ = mnist_test_set
-    pngs = [encode(Image.fromarray(images[i].numpy())) for i in range(500)]
+    pngs = [mnist_digits.png(i) for i in range(500)]
     run_model, metadata = load(exported / TORCHSCRIPT_NAME)
     batch = np.stack([preprocess_bytes(png, metadata["mean"], metadata["std"]) for png in pngs])
     expected = run_model(batch).argmax(axis=1)
     good = [(png, {"Content-Type": "image/png"}, 200, int(digit)) for png, digit in zip(pngs, expected)]
-    bad = [(body, headers, status, code) for _, body, headers, status, code
-           in hostile_corpus(images[0].numpy(), images[1].numpy()) if code is not None]
+    bad = [(case.body, case.headers, case.status, case.code)
+           for case in hostile_corpus(mnist_digits.images[0], mnist_digits.images[1]) if case.code is not None]
     return [bad[i // 10 % len(bad)] if i % 10 == 9 else good[i % len(good)] for i in range(count)]
 
 
@@ -97,13 +95,13 @@ def answered_correctly(result) -> bool:
     return answer.get("digit") == expected if want_status == 200 else answer.get("code") == expected
 
 
-def test_bounded_load_mixed_good_and_bad(running_server, exported, mnist_test_set, reliability_log, record_property):
+def test_bounded_load_mixed_good_and_bad(running_server, exported, mnist_digits, reliability_log, record_property):
     inference, management, _ = running_server
     pids_before = worker_pids(management)
     rss_before = [rss_mib(pid) for pid in pids_before]
     total = failures = server_errors = 0
     examples = []
-    workload = make_workload(mnist_test_set, exported, MAX_REQUESTS_PER_LEVEL)
+    workload = make_workload(mnist_digits, exported, MAX_REQUESTS_PER_LEVEL)
     for concurrency in (1, 8, 32):
         started = time.monotonic()
         results = send_all(inference, workload, concurrency, budget_s=SECONDS_PER_LEVEL)
@@ -132,12 +130,12 @@ def test_bounded_load_mixed_good_and_bad(running_server, exported, mnist_test_se
         assert after < before * 1.25 + 50                 # memory flat (some allocator growth allowed)
 
 
-def test_killed_worker_is_restarted_and_nothing_hangs(tmp_path, exported, mnist_test_set, reliability_log):
+def test_killed_worker_is_restarted_and_nothing_hangs(tmp_path, exported, mnist_digits, reliability_log):
     inference, management, run_dir, _ = launch_server(tmp_path, exported)
     try:
         workers_before = worker_pids(management)
         pid = workers_before[0]
-        workload = [w for w in make_workload(mnist_test_set, exported, 3000) if w[2] == 200]
+        workload = [w for w in make_workload(mnist_digits, exported, 3000) if w[2] == 200]
         killed_at = {}
 
         def kill_soon():
@@ -179,12 +177,11 @@ def test_killed_worker_is_restarted_and_nothing_hangs(tmp_path, exported, mnist_
         server.stop(run_dir)
 
 
-def test_token_authorization_in_the_production_config(tmp_path, exported, mnist_test_set, reliability_log):
+def test_token_authorization_in_the_production_config(tmp_path, exported, mnist_digits, reliability_log):
     inference, management, run_dir, workdir = launch_server(tmp_path, exported, "config.production.properties")
     try:
         keys = json.loads((workdir / "key_file.json").read_text())
-        images, labels = mnist_test_set
-        png = encode(Image.fromarray(images[0].numpy()))
+        png = mnist_digits.png(0)
 
         def post(headers):
             return request(predictions_url(inference), png, headers={"Content-Type": "image/png", **headers})
@@ -193,7 +190,7 @@ def test_token_authorization_in_the_production_config(tmp_path, exported, mnist_
         refusals = [post({}), post({"Authorization": "Bearer not-the-key"})]
         refused = [status == 400 and json.loads(body)["type"] == "InvalidKeyException" for status, body in refusals]
         status, body = post({"Authorization": f"Bearer {keys['inference']['key']}"})
-        served = status == 200 and json.loads(body)["digit"] == int(labels[0])
+        served = status == 200 and json.loads(body)["digit"] == mnist_digits.label(0)
         key_file_private = (workdir / "key_file.json").stat().st_mode & 0o077 == 0
         reliability_log.append({"check": "token auth: no/wrong key refused, right key served", "cases": 3,
                                 "passed": sum(refused) + served, "requests": 3, "5xx": 0, "worker restarts": "",

@@ -1,0 +1,209 @@
+"""The handler's request model: what TorchServe hands the handler for one batch, parsed into
+one ParsedRequest per request, and the JSON answer each one gets.
+
+Shipped beside handler.py in the model archive (the handler imports it as a top-level
+module there). The dataclasses live here, not in handler.py, because TorchServe's model
+loader refuses a handler module that defines more than one class. Every function returns
+a refusal as an ImageError value instead of raising it: a raise would fail the whole batch.
+
+A request is answered in one of three ways:
+    one    a single image (raw body, one form file, {"image": ...}): its answer, or its 4xx error
+    many   {"images": [...]} or several form files: {"predictions": [...]}, one entry per image,
+           each an answer or that image's own error
+    v2     an Open Inference Protocol body: the v2 answer (protocol.py); all images or none
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+if __package__:  # imported from the source tree (tests)
+    from .preprocess import ImageError, preprocess_bytes
+    from .protocol import is_v2_request, parse_v2_request, v2_answer
+else:  # inside the model archive
+    from preprocess import ImageError, preprocess_bytes
+    from protocol import is_v2_request, parse_v2_request, v2_answer
+
+HTTP_STATUS = {"empty": 400, "invalid_json": 400, "invalid_base64": 400, "no_image_field": 400,
+               "corrupt_image": 400, "not_an_image": 415, "unsupported_image": 415,
+               "too_large": 413, "no_digit": 422, "form_encoded": 415}
+
+# Our metrics, declared with their dimensions in serving/metrics.yaml (config.properties'
+# metrics_config); TorchServe exports only what that file declares.
+DIGIT_METRIC, REJECTED_METRIC, PREPROCESS_METRIC = "DigitPredictions", "RequestsRejected", "PreprocessTime"
+
+Answer = Literal["one", "many", "v2"]
+
+
+@dataclass(frozen=True)
+class EncodedRequest:
+    """One request's images before preprocessing: encoded bytes, or (only when answered
+    "many") the ImageError that one image already got."""
+    answer: Answer
+    images: list[bytes | ImageError]
+    id: str | None = None     # a v2 request's id, echoed in its answer
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """One request after preprocessing. Refused as a whole: `error` is set and slots is empty.
+    Otherwise one slot per image: its row in the batch's inputs, or (answered "many") the
+    ImageError of that image alone."""
+    answer: Answer
+    slots: list[int | ImageError] = field(default_factory=list)
+    id: str | None = None
+    error: ImageError | None = None
+
+    @classmethod
+    def refused(cls, error: ImageError) -> ParsedRequest:
+        return cls("one", error=error)
+
+    def outcomes(self) -> list[int | ImageError]:
+        """What each image (or the refused request) came to: a row of inputs, or an error."""
+        return [self.error] if self.error is not None else self.slots
+
+
+@dataclass
+class ParsedBatch:
+    """What preprocess hands to inference: the stacked inputs of every good image (None when
+    there is none), and each request of the batch, in order."""
+    inputs: np.ndarray | None
+    requests: list[ParsedRequest]
+
+
+# --- Reading the images out of one request ---------------------------------------------------
+def decode_base64(text) -> bytes | ImageError:
+    if not isinstance(text, str):
+        return ImageError("invalid_base64", "image field must be a base64 string")
+    if text.startswith("data:") and "," in text:  # data URL: data:image/png;base64,....
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return ImageError("invalid_base64", "image field is not valid base64")
+
+
+def first_error(items: list) -> ImageError | None:
+    return next((item for item in items if isinstance(item, ImageError)), None)
+
+
+def images_from_json(document) -> EncodedRequest | ImageError:
+    if is_v2_request(document):  # Open Inference Protocol: all images decode, or the request fails
+        parsed = parse_v2_request(document)
+        if isinstance(parsed, ImageError):
+            return parsed
+        data, request_id = parsed
+        images = [decode_base64(item) for item in data]
+        return first_error(images) or EncodedRequest("v2", images, request_id)
+    if isinstance(document, dict) and "image" in document:
+        image = decode_base64(document["image"])
+        return image if isinstance(image, ImageError) else EncodedRequest("one", [image])
+    if isinstance(document, dict) and isinstance(document.get("images"), list) and document["images"]:
+        return EncodedRequest("many", [decode_base64(item) for item in document["images"]])
+    return ImageError("no_image_field", 'JSON body needs "image": "<base64>" or "images": ["<base64>", ...]')
+
+
+def images_from_request(request: dict) -> EncodedRequest | ImageError:
+    """The encoded images of one TorchServe request (its dict of body or form fields)."""
+    values = [value for value in request.values() if value is not None]
+    if not values:
+        return ImageError("empty", "empty body: send the image bytes")
+    if len(values) > 1:  # multipart with several files
+        return EncodedRequest("many", [bytes(value) if isinstance(value, (bytes, bytearray))
+                                       else ImageError("not_an_image", "form field is not a file")
+                                       for value in values])
+    value = values[0]
+    # TorchServe already parsed an application/json body. A bare JSON number must not reach
+    # bytes(): bytes(-1) raises and bytes(10**20) exhausts memory (the whole batch got 503).
+    if isinstance(value, (dict, list, int, float)):
+        return images_from_json(value)
+    if isinstance(value, str):  # text/* bodies arrive decoded
+        value = value.encode()
+    value = bytes(value)
+    if value[:1] in (b"{", b"["):  # JSON sent without (or with a broken) application/json
+        try:
+            document = json.loads(value)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # deep nesting: RecursionError
+            return ImageError("invalid_json", "body looks like JSON but does not parse")
+        return images_from_json(document)
+    return EncodedRequest("one", [value])
+
+
+def form_encoding_error(content_type: str) -> ImageError | None:
+    """curl -d / --data-binary default to x-www-form-urlencoded; TorchServe then parses the
+    image bytes as form fields and they are lost. Say so instead of "empty body"."""
+    if content_type.lower().startswith("application/x-www-form-urlencoded"):
+        return ImageError("form_encoded", "body was sent as application/x-www-form-urlencoded, which mangles "
+                                          "image bytes: use curl -T FILE, or add -H 'Content-Type: image/png'")
+    return None
+
+
+def content_type(headers: dict | None) -> str:
+    """The Content-Type of one request's headers, whatever the header name's case."""
+    return next((str(value) for key, value in (headers or {}).items()
+                 if isinstance(key, str) and key.lower() == "content-type"), "")
+
+
+# --- Preprocessing a batch --------------------------------------------------------------------
+def preprocess_image(item: bytes | ImageError, mean: float, std: float) -> np.ndarray | ImageError:
+    if isinstance(item, ImageError):
+        return item
+    try:
+        return preprocess_bytes(item, mean, std)
+    except ImageError as error:
+        return error
+
+
+def parse_request(request: dict, headers: dict | None, mean: float, std: float,
+                  inputs: list[np.ndarray]) -> ParsedRequest:
+    """Parse and preprocess one request; append its good images to inputs."""
+    encoded = form_encoding_error(content_type(headers)) or images_from_request(request)
+    if isinstance(encoded, ImageError):
+        return ParsedRequest.refused(encoded)
+    arrays = []
+    for item in encoded.images:
+        array = preprocess_image(item, mean, std)
+        # Only "many" answers each image on its own; one image, or v2, is all or nothing.
+        if isinstance(array, ImageError) and encoded.answer != "many":
+            return ParsedRequest.refused(array)
+        arrays.append(array)
+    slots: list[int | ImageError] = []
+    for array in arrays:
+        if isinstance(array, ImageError):
+            slots.append(array)
+        else:
+            slots.append(len(inputs))
+            inputs.append(array)
+    return ParsedRequest(encoded.answer, slots, encoded.id)
+
+
+def parse_batch(data: list[dict], headers: list[dict | None], mean: float, std: float) -> ParsedBatch:
+    """Every request of one TorchServe batch, with its headers; never raises for bad input."""
+    inputs: list[np.ndarray] = []
+    requests = [parse_request(request, request_headers, mean, std, inputs)
+                for request, request_headers in zip(data, headers)]
+    return ParsedBatch(np.stack(inputs) if inputs else None, requests)
+
+
+# --- Answers ------------------------------------------------------------------------------
+def error_body(error: ImageError) -> dict:
+    return {"error": str(error), "code": error.code}
+
+
+def http_status(error: ImageError) -> int:
+    return HTTP_STATUS.get(error.code, 400)
+
+
+def answer_body(parsed: ParsedRequest, answers: list[dict], model_name: str, model_version: str) -> dict:
+    """The JSON answer to one request, from the batch's per-image answers (artifact.predictions)."""
+    if parsed.error is not None:
+        return error_body(parsed.error)
+    results = [error_body(slot) if isinstance(slot, ImageError) else answers[slot] for slot in parsed.slots]
+    if parsed.answer == "v2":
+        return v2_answer(model_name, model_version, results, parsed.id)
+    return {"predictions": results} if parsed.answer == "many" else results[0]

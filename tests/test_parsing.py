@@ -1,0 +1,126 @@
+"""The handler's request model (serving/parsing.py) without TorchServe or a model: which
+requests are refused with which code, how each is answered, and that nothing raises."""
+import base64
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from imaging import encode
+from serving.parsing import (HTTP_STATUS, EncodedRequest, ParsedRequest, answer_body, content_type,
+                             decode_base64, images_from_request, parse_batch)
+from serving.preprocess import ImageError
+from training.data import MNIST_MEAN, MNIST_STD
+
+
+def drawn_digit() -> bytes:
+    """A one: a white stroke on black, 28x28, as a PNG."""
+    image = Image.new("L", (28, 28), 0)
+    ImageDraw.Draw(image).line([(14, 5), (14, 22)], fill=255, width=3)
+    return encode(image)
+
+
+GOOD = drawn_digit()
+GOOD_B64 = base64.b64encode(GOOD).decode()
+
+
+def v2_document(data, request_id=None) -> dict:
+    document = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(data)], "data": data}]}
+    return {**document, "id": request_id} if request_id is not None else document
+
+
+def parse(*requests, headers=None):
+    return parse_batch(list(requests), headers or [None] * len(requests), MNIST_MEAN, MNIST_STD)
+
+
+def test_decode_base64_returns_bytes_or_the_error():
+    assert decode_base64(GOOD_B64) == GOOD
+    assert decode_base64("data:image/png;base64," + GOOD_B64) == GOOD
+    for bad in ("%%% not base64", 7, None):
+        error = decode_base64(bad)
+        assert isinstance(error, ImageError) and error.code == "invalid_base64"
+
+
+@pytest.mark.parametrize("request_dict,code", [
+    ({}, "empty"),
+    ({"body": None}, "empty"),
+    ({"body": {"nothing": 1}}, "no_image_field"),
+    ({"body": {"image": "%%%"}}, "invalid_base64"),
+    ({"body": {"images": []}}, "no_image_field"),
+    ({"body": -1}, "no_image_field"),            # bytes(-1) would raise: the whole batch got 503
+    ({"body": 10 ** 20}, "no_image_field"),      # bytes(10**20) would exhaust memory
+    ({"body": b'{"broken json'}, "invalid_json"),
+    ({"body": b"[" * 100_000 + b"]" * 100_000}, "invalid_json"),   # json.loads: RecursionError
+    ({"body": {"inputs": []}}, "no_image_field"),
+    ({"body": v2_document([GOOD_B64, "%%%"])}, "invalid_base64"),
+])
+def test_requests_refused_before_preprocessing(request_dict, code):
+    refused = images_from_request(request_dict)
+    assert isinstance(refused, ImageError) and refused.code == code and str(refused)
+
+
+def test_how_each_request_is_answered():
+    assert images_from_request({"body": GOOD}) == EncodedRequest("one", [GOOD])
+    assert images_from_request({"body": GOOD.decode("latin-1")}).answer == "one"   # a text/* body, decoded
+    assert images_from_request({"body": {"image": GOOD_B64}}) == EncodedRequest("one", [GOOD])
+    assert images_from_request({"body": json.dumps({"image": GOOD_B64}).encode()}) == EncodedRequest("one", [GOOD])
+    several = images_from_request({"body": {"images": [GOOD_B64, "%%%"]}})
+    assert several.answer == "many" and several.images[0] == GOOD and several.images[1].code == "invalid_base64"
+    form = images_from_request({"data": GOOD, "other": bytearray(GOOD), "text": "a field"})
+    assert form.answer == "many" and form.images[:2] == [GOOD, GOOD] and form.images[2].code == "not_an_image"
+    assert images_from_request({"body": v2_document([GOOD_B64], "42")}) == EncodedRequest("v2", [GOOD], "42")
+    assert images_from_request({"body": v2_document([GOOD_B64], 42)}).id is None   # only a string id is echoed
+
+
+def test_content_type_is_found_whatever_the_header_case():
+    assert content_type({"content-TYPE": "image/png"}) == "image/png"
+    assert content_type({"Accept": "x"}) == "" and content_type(None) == ""
+
+
+def test_a_batch_keeps_good_images_and_answers_each_request_on_its_own():
+    batch = parse({"body": GOOD},                                       # one
+                  {"body": b"plain text"},                              # refused
+                  {"body": {"images": [GOOD_B64, "%%%", GOOD_B64]}},    # many: one bad image of three
+                  {"body": v2_document([GOOD_B64, GOOD_B64], "7")})     # v2
+    assert batch.inputs.shape == (5, 1, 28, 28) and batch.inputs.dtype == np.float32
+    one, refused, many, v2 = batch.requests
+    assert one == ParsedRequest("one", [0])
+    assert refused.error.code == "not_an_image" and refused.slots == []
+    assert many.answer == "many" and many.slots[0] == 1 and many.slots[1].code == "invalid_base64"
+    assert many.slots[2] == 2
+    assert v2 == ParsedRequest("v2", [3, 4], "7")
+    assert [len(request.outcomes()) for request in batch.requests] == [1, 1, 3, 2]
+
+
+def test_v2_and_single_images_are_all_or_nothing():
+    batch = parse({"body": v2_document([GOOD_B64, base64.b64encode(b"not an image").decode()])},
+                  {"body": encode(Image.new("L", (40, 40), 255))})
+    assert batch.inputs is None     # the good image of the refused v2 request is not run
+    assert [request.error.code for request in batch.requests] == ["not_an_image", "no_digit"]
+
+
+def test_form_encoded_requests_are_refused_with_a_hint():
+    batch = parse({"body": GOOD}, {"body": GOOD},
+                  headers=[{"Content-Type": "application/x-www-form-urlencoded; charset=UTF-8"},
+                           {"content-type": "image/png"}])
+    refused, served = batch.requests
+    assert refused.error.code == "form_encoded" and "curl -T" in str(refused.error)
+    assert served == ParsedRequest("one", [0])
+
+
+def test_answer_bodies():
+    answers = [{"digit": 1, "probabilities": [0.0, 1.0]}, {"digit": 0, "probabilities": [1.0, 0.0]}]
+    error = ImageError("no_digit", "blank")
+    assert answer_body(ParsedRequest("one", [1]), answers, "mnist", "v1") == answers[1]
+    assert answer_body(ParsedRequest.refused(error), answers, "mnist", "v1") == {"error": "blank", "code": "no_digit"}
+    assert answer_body(ParsedRequest("many", [0, error]), answers, "mnist", "v1") == {
+        "predictions": [answers[0], {"error": "blank", "code": "no_digit"}]}
+    v2 = answer_body(ParsedRequest("v2", [1, 0], "9"), answers, "mnist", "v1")
+    assert (v2["model_name"], v2["model_version"], v2["id"]) == ("mnist", "v1", "9")
+    assert v2["outputs"][0]["data"] == [0, 1] and v2["outputs"][1] == {
+        "name": "probabilities", "datatype": "FP32", "shape": [2, 2], "data": [1.0, 0.0, 0.0, 1.0]}
+
+
+def test_every_error_code_has_a_4xx_status():
+    assert all(400 <= status < 500 for status in HTTP_STATUS.values())
