@@ -1,11 +1,11 @@
 """`mnist-predict` / `python -m serving.predict`: classify image files with ONNX Runtime
 (or TorchScript), using the same preprocessing and the same JSON answer as the server.
 
-    mnist-predict --model artifacts/mnist_cnn.onnx digit.png more_digits/
-    mnist-predict --grpc 127.0.0.1:7070 digit.png      # ask a running TorchServe over gRPC
+    mnist-predict --model artifacts/mnist_cnn.onnx samples/digit_7.png samples/
+    mnist-predict --grpc 127.0.0.1:7070 samples/digit_7.png      # ask a running TorchServe over gRPC
 
 prints one JSON line per image, e.g.
-    {"file": "digit.png", "digit": 7, "label": "7", "confidence": 0.9991, ..., "model_version": "1.0"}
+    {"file": "samples/digit_7.png", "digit": 7, "label": "7", "confidence": 0.9991, ..., "model_version": "w-..."}
 Bad files get {"file", "error", "code"} lines; the exit status is 1 if any file failed.
 """
 from __future__ import annotations
@@ -26,6 +26,14 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 DEFAULT_MODELS = {"onnx": artifact_path(ONNX_NAME), "torchscript": artifact_path(TORCHSCRIPT_NAME)}
 
 
+class PredictError(Exception):
+    """Nothing can be predicted (no model, a server that refuses every call): one line for the user."""
+
+
+class BackendMismatch(PredictError):
+    """--backend names another kind of model than the file given: a usage error."""
+
+
 def collect_files(paths: tuple[str, ...]) -> list[Path]:
     """Files as given; folders expand (recursively, sorted) to the image files inside."""
     files = []
@@ -42,7 +50,7 @@ def resolve_model(model: str | None, backend: str) -> tuple[str, str]:
         return DEFAULT_MODELS["onnx" if backend == "auto" else backend], ("onnx" if backend == "auto" else backend)
     actual = "onnx" if is_onnx(model) else "torchscript"
     if backend not in ("auto", actual):
-        raise click.UsageError(f"--backend {backend} does not match the model file {model}")
+        raise BackendMismatch(f"--backend {backend} does not match the model file {model}")
     return model, actual
 
 
@@ -96,8 +104,8 @@ def predict_over_grpc(files: list[Path], target: str, key: str | None):
                 yield unreadable(path, error)
             except grpc.RpcError as error:
                 if error.code().name in SERVER_FAILURES:
-                    raise click.ClickException(f"TorchServe gRPC at {target}: {error.code().name}: "
-                                               f"{error.details()}") from None
+                    raise PredictError(f"TorchServe gRPC at {target}: {error.code().name}: "
+                                       f"{error.details()}") from None
                 yield {"file": str(path), "error": error.details() or error.code().name,
                        "code": f"grpc_{error.code().name.lower()}"}
 
@@ -105,15 +113,15 @@ def predict_over_grpc(files: list[Path], target: str, key: str | None):
 def load_model(model: str | None, backend: str, threads: int):
     model_path, _ = resolve_model(model, backend)
     if not Path(model_path).is_file():
-        raise click.ClickException(f"model not found: {model_path} (run `make export` first)")
+        raise PredictError(f"model not found: {model_path} (run `make export` first)")
     if threads:
         torch.set_num_threads(threads)
     try:
         return load(model_path, "cpu", threads)
     except ArtifactError as error:   # ours already names the file and what to do
-        raise click.ClickException(str(error)) from None
+        raise PredictError(str(error)) from None
     except Exception as error:  # onnxruntime and torch.jit raise many types for a bad file
-        raise click.ClickException(f"cannot load model {model_path}: {str(error).splitlines()[0]}") from None
+        raise PredictError(f"cannot load model {model_path}: {str(error).splitlines()[0]}") from None
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -131,25 +139,37 @@ def load_model(model: str | None, backend: str, threads: int):
                                           "token authorization.")
 def main(paths, model, backend, batch_size, threads, grpc_target, key) -> None:
     """Predict the digit in each image file (folders are searched for images)."""
+    if grpc_target and (grpc_target.rpartition(":")[0] == "" or not grpc_target.rpartition(":")[2].isdigit()):
+        raise click.UsageError(f"--grpc takes HOST:PORT, e.g. 127.0.0.1:7070, not {grpc_target!r}")
+    try:
+        failures, count = print_predictions(paths, model, backend, batch_size, threads, grpc_target, key)
+    except BackendMismatch as error:
+        raise click.UsageError(str(error)) from None
+    except PredictError as error:
+        raise click.ClickException(str(error)) from None
+    if failures:
+        click.echo(f"{failures} of {count} file(s) failed", err=True)
+        sys.exit(1)
+
+
+def print_predictions(paths, model, backend, batch_size, threads, grpc_target, key) -> tuple[int, int]:
+    """One JSON line per file on stdout, an error line per failed file on stderr; returns
+    (failed files, files)."""
     if grpc_target:
-        if grpc_target.rpartition(":")[0] == "" or not grpc_target.rpartition(":")[2].isdigit():
-            raise click.UsageError(f"--grpc takes HOST:PORT, e.g. 127.0.0.1:7070, not {grpc_target!r}")
         predict = partial(predict_over_grpc, target=grpc_target, key=key)
     else:
         run_model, metadata = load_model(model, backend, threads)
         predict = partial(predict_files, run_model=run_model, metadata=metadata, batch_size=batch_size)
     files = collect_files(paths)
     if not files:
-        raise click.ClickException("no image files found in " + ", ".join(paths))
+        raise PredictError("no image files found in " + ", ".join(paths))
     failures = 0
     for result in predict(files):
-        click.echo(json.dumps(result))
+        print(json.dumps(result), flush=True)
         if "error" in result:
             failures += 1
-            click.echo(f"error: {result['file']}: {result['error']}", err=True)
-    if failures:
-        click.echo(f"{failures} of {len(files)} file(s) failed", err=True)
-        sys.exit(1)
+            print(f"error: {result['file']}: {result['error']}", file=sys.stderr, flush=True)
+    return failures, len(files)
 
 
 if __name__ == "__main__":
