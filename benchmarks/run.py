@@ -27,7 +27,7 @@ from serving.artifact import (ARTIFACTS_DIR, CHECKPOINT_NAME, INT8_NAME, METRICS
                               load, time_batched, torch_runner)
 from training.data import load_mnist, preprocess_metadata
 
-from .serve_load import ServeSettings, measure as measure_serving
+from .serve_load import SERVING_ERRORS, ServeSettings, measure as measure_serving
 
 HERE = Path(__file__).resolve().parent
 FORWARD_MFLOP = 38.2        # per image: convs 36.5 + linears 1.6 (multiply-adds x 2)
@@ -334,7 +334,10 @@ def main(data_dir, artifacts, repeats, serve_seconds, out_dir, report_only) -> N
              ("serving", lambda: serving(data_dir, serve_seconds))]
     for name, step in steps:
         started = time.perf_counter()
-        results[name] = step()
+        try:
+            results[name] = step()
+        except SERVING_ERRORS as error:
+            raise click.ClickException(f"{name}: {error}") from None
         click.echo(f"{name}: {time.perf_counter() - started:.0f} s", err=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -21,9 +21,11 @@ import click
 import yaml
 
 from serving import server
+from serving.properties import instance_config
 from serving.artifact import MODEL_NAME, TORCHSCRIPT_NAME, artifact_path
-from serving.archive import SERVING_DIR, build_archive
+from serving.archive import SERVING_DIR, ArchiveError, build_archive
 from serving.samples import write_samples
+from serving.server import ServerError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WRK_SCRIPT = """
@@ -34,6 +36,8 @@ file:close()
 wrk.headers["Content-Type"] = "image/png"
 """
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+# What building the archive or starting the server may raise: the commands print it in one line.
+SERVING_ERRORS = (ArchiveError, ServerError)
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,7 @@ def measure(settings: ServeSettings, connection_counts=(1, 16), duration_s: floa
         store = workdir / "model_store"
         build_archive(settings.serialized_file, store, model_config_for(settings, workdir / "model-config.yaml"))
         image = write_samples(data_dir, workdir / "samples")[7]
-        config, inference, _ = server.instance_config(base_config, workdir, store, **config_settings)
+        config, inference, _ = instance_config(base_config, workdir, store, **config_settings)
         server.start(str(config), workdir / "run")
         try:
             run_wrk(f"{inference}/predictions/{MODEL_NAME}", image, 4, 2, workdir)   # warm-up, discarded
@@ -143,7 +147,10 @@ def format_results(settings: ServeSettings, results: list[LoadResult]) -> str:
 def main(connections, duration, data_dir, json_path, **settings) -> None:
     """Load-test TorchServe with the given batching and worker settings."""
     settings = ServeSettings(**settings)
-    results = measure(settings, [int(c) for c in connections.split(",")], duration, data_dir)
+    try:
+        results = measure(settings, [int(c) for c in connections.split(",")], duration, data_dir)
+    except SERVING_ERRORS as error:
+        raise click.ClickException(str(error)) from None
     click.echo(format_results(settings, results))
     if json_path:
         Path(json_path).write_text(json.dumps({"settings": asdict(settings),

@@ -17,12 +17,13 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import click
 import pytest
 
 from repo import REPO_ROOT
 from servers import launch_server, predictions_url
 from serving import demo, server
+from serving.properties import free_ports
+from serving.readiness import probe_image
 from serving.handler import HTTP_STATUS
 
 pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.slow]
@@ -137,7 +138,7 @@ def shown_digit(page) -> str:
 
 def allow_origin_header(inference: str, origin: str) -> str | None:
     """Access-Control-Allow-Origin of the answer to a real prediction request from origin."""
-    request = urllib.request.Request(predictions_url(inference), data=server.probe_image(), method="POST",
+    request = urllib.request.Request(predictions_url(inference), data=probe_image(), method="POST",
                                      headers={"Origin": origin, "Content-Type": "image/png"})
     with urllib.request.urlopen(request, timeout=30) as response:
         assert "digit" in json.loads(response.read())
@@ -197,7 +198,7 @@ def test_a_file_is_sent_as_it_is(page):
     assert outcome["code"] == "not_an_image", outcome
     assert page.text_content("#message") == page.evaluate("window.digitserve.messages.not_an_image")
 
-    page.set_input_files("#file", files=[{"name": "one.png", "mimeType": "image/png", "buffer": server.probe_image()}])
+    page.set_input_files("#file", files=[{"name": "one.png", "mimeType": "image/png", "buffer": probe_image()}])
     assert last_outcome(page)["ok"]
     assert shown_digit(page) == "1" and page.text_content("#source") == "one.png"
     assert page.text_content("#message") == ""
@@ -239,7 +240,7 @@ def test_the_server_allows_the_page_origin_and_no_other(inference, page_origin, 
 
 # --- make demo's page server ------------------------------------------------------------------------
 def test_demo_serves_the_page_on_the_allowed_origin_and_stops(tmp_path):
-    port = server.free_ports(1)[0]
+    port = free_ports(1)[0]
     config = tmp_path / "config.properties"
     config.write_text(f"cors_allowed_origin=http://127.0.0.1:{port}\n")
     run_dir = tmp_path / "demo"
@@ -248,7 +249,7 @@ def test_demo_serves_the_page_on_the_allowed_origin_and_stops(tmp_path):
         assert url == f"http://127.0.0.1:{port}/"
         with urllib.request.urlopen(url, timeout=10) as response:
             assert b'id="canvas"' in response.read()
-        with pytest.raises(click.ClickException, match="cannot serve the page"):
+        with pytest.raises(demo.DemoError, match="cannot serve the page"):
             demo.start(config, tmp_path / "second-demo")
     finally:
         assert demo.stop(run_dir)
@@ -260,5 +261,5 @@ def test_demo_serves_the_page_on_the_allowed_origin_and_stops(tmp_path):
 def test_demo_refuses_a_config_that_allows_no_origin(tmp_path):
     config = tmp_path / "config.properties"
     config.write_text("cors_allowed_origin=\n")
-    with pytest.raises(click.ClickException, match="names no http origin"):
+    with pytest.raises(demo.DemoError, match="names no http origin"):
         demo.start(config, tmp_path / "demo")

@@ -27,7 +27,8 @@ from PIL import Image
 from http_client import request
 from imaging import encode, hostile_corpus
 from repo import REPO_ROOT, subprocess_env
-from serving import server
+from serving import readiness, server
+from serving.properties import free_ports, instance_config, read_properties
 from serving.archive import build_archive
 from serving.artifact import MODEL_NAME, TORCHSCRIPT_NAME
 from servers import launch_server, predictions_url, worker_pids
@@ -38,7 +39,7 @@ STOP_BOUND_S = 30.0
 
 # --- helpers ---------------------------------------------------------------------------------
 def metrics_address(workdir: Path) -> str:
-    return server.read_properties(workdir / "config.properties")["metrics_address"]
+    return read_properties(workdir / "config.properties")["metrics_address"]
 
 
 def counts_by(families, metric: str, label: str) -> dict[str, float]:
@@ -99,7 +100,7 @@ def prometheus(target: str, directory: Path):
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.fail("these tests need Prometheus: `make prometheus` (apt-get install prometheus)")
-    port = server.free_ports(1)[0]
+    port = free_ports(1)[0]
     config = directory / "prometheus.yml"
     config.write_text("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
                       f"scrape_configs:\n  - job_name: digitserve\n    static_configs:\n"
@@ -142,8 +143,8 @@ def poll_ready(config: Path, cwd: Path, want_ready: bool, timeout_s: float = 120
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            line, is_ready = server.check_ready(config, cwd, timeout_s=5), True
-        except server.NotReady as error:
+            line, is_ready = readiness.check_ready(config, cwd, timeout_s=5), True
+        except readiness.NotReady as error:
             line, is_ready = str(error), False
         if is_ready == want_ready or time.monotonic() > deadline:
             return line
@@ -162,8 +163,8 @@ def listening(address: str) -> bool:
 def instance(tmp_path: Path, exported: Path, base_config: str = "config.properties"):
     """An archive and a config of our own on free ports, for a server the test starts itself."""
     model_store = tmp_path / "model_store"
-    build_archive(exported / TORCHSCRIPT_NAME, model_store)
-    return server.instance_config(REPO_ROOT / base_config, tmp_path, model_store)
+    build_archive(exported / TORCHSCRIPT_NAME, model_store, force=True)   # the ~98% test model
+    return instance_config(REPO_ROOT / base_config, tmp_path, model_store)
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -314,7 +315,7 @@ def test_plain_torchserve_start_in_an_activated_venv_serves(tmp_path, exported):
         subprocess.run(["bash", "-c", f'source "{activate}" && torchserve --start --ncs'], cwd=tmp_path,
                        env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=True)
     try:
-        answer = server.wait_until_answering(inference, 180, key_file=tmp_path / "key_file.json")
+        answer = readiness.wait_until_answering(inference, 180, key_file=tmp_path / "key_file.json")
         assert answer["digit"] == 1
         serving = ready(config, tmp_path)
         assert serving.returncode == 0 and serving.stdout.startswith("ready:"), serving

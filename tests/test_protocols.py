@@ -14,7 +14,7 @@ from PIL import Image
 from http_client import request
 from imaging import encode, hostile_corpus
 from repo import REPO_ROOT
-from serving import server
+from serving import readiness, server
 from serving.artifact import MODEL_NAME
 from serving.handler import HTTP_STATUS
 from serving.predict import main as predict_cli
@@ -174,7 +174,7 @@ def production_server(tmp_path_factory, exported):
     """A server from config.production.properties: token authorization on, keys in its working dir."""
     _, _, run_dir, working_dir = launch_server(tmp_path_factory.mktemp("production"), exported,
                                                "config.production.properties")
-    yield run_dir, server.inference_key(working_dir / "key_file.json")
+    yield run_dir, readiness.inference_key(working_dir / "key_file.json")
     server.stop(run_dir)
 
 
