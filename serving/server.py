@@ -92,6 +92,11 @@ def check_can_start(config: str | os.PathLike, run_dir: str | os.PathLike) -> di
     return properties
 
 
+# Lines of TorchServe's output that never say why it ended: Java stack frames, and the JVM's
+# complaint about threads still running while it shut down.
+QUIET_PREFIXES = ("at ", "...", "Exception in thread")
+
+
 @dataclass(frozen=True)
 class LaunchLog:
     """The part of a run dir's torchserve.out that one launch wrote (the file keeps every launch)."""
@@ -104,8 +109,7 @@ class LaunchLog:
         return cls(path, path.stat().st_size if path.exists() else 0)
 
     def last_words(self) -> str:
-        """The last line that says something: not a stack frame, not an INFO line, not the JVM's
-        complaint about threads still running while it shut down."""
+        """The last line that says something: not quiet, not an INFO or DEBUG log line."""
         try:
             with open(self.path, "rb") as log:
                 log.seek(self.offset)
@@ -115,9 +119,6 @@ class LaunchLog:
         said = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith(QUIET_PREFIXES)
                 and "[INFO ]" not in line and "[DEBUG]" not in line]
         return said[-1] if said else "(no output)"
-
-
-QUIET_PREFIXES = ("at ", "...", "Exception in thread")
 
 
 def check_alive(java: psutil.Process, log: LaunchLog) -> None:

@@ -6,6 +6,7 @@ import shutil
 import time
 import urllib.request
 from pathlib import Path
+from typing import Collection
 
 import pytest
 
@@ -46,14 +47,15 @@ def grpc_target(run_dir: Path) -> str:
     return f"{properties.get('grpc_inference_address', '127.0.0.1')}:{properties['grpc_inference_port']}"
 
 
-def worker_pids(management: str, timeout_s: float = 120.0) -> list[int]:
+def worker_pids(management: str, timeout_s: float = 120.0, replacing: Collection[int] = ()) -> list[int]:
     """PIDs of the model's workers once every one of them is READY (a worker still
-    starting reports pid -1)."""
+    starting reports pid -1) and none is one of the pids in replacing (killed workers that the
+    management API may still list as READY for a moment)."""
     deadline = time.monotonic() + timeout_s
     while True:
         with urllib.request.urlopen(f"{management}/models/{MODEL_NAME}", timeout=10) as response:
             workers = json.loads(response.read())[0]["workers"]
-        if all(w.get("status") == "READY" and int(w.get("pid", -1)) > 0 for w in workers) or \
-                time.monotonic() > deadline:
+        if all(w.get("status") == "READY" and int(w.get("pid", -1)) > 0 and int(w["pid"]) not in replacing
+               for w in workers) or time.monotonic() > deadline:
             return sorted(int(w["pid"]) for w in workers)
         time.sleep(0.5)
