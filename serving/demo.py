@@ -91,7 +91,7 @@ def check_port_free(host: str, port: int) -> None:
             sock.bind((host, port))
         except OSError as error:
             raise DemoError(f"cannot serve the page on {host}:{port}: {error.strerror} "
-                                       "(another `make demo`? `make stop` stops it)") from None
+                            "(another `make demo`? `make stop` stops it)") from None
 
 
 def last_line(log: Path) -> str:
