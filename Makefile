@@ -102,9 +102,9 @@ $(SERVE_STAMP): FORCE
 	@mkdir -p $(MODEL_STORE); echo '$(SERVE_MODEL)' | cmp -s - $@ || echo '$(SERVE_MODEL)' > $@
 
 $(MAR): $(SERVE_MODEL) $(SERVE_STAMP) $(wildcard serving/*.py) serving/model-config.yaml
-	$(BIN)/python -m serving.archive --serialized-file $(SERVE_MODEL) --export-path $(MODEL_STORE)
+	$(BIN)/python -m serving.archive --serialized-file $(SERVE_MODEL) --export-path $(MODEL_STORE) $(FORCE_FLAG)
 
-archive: $(MAR) ## Build model_store/mnist.mar (SERVE_MODEL=artifacts/mnist_cnn.int8.onnx: int8 via ONNX Runtime)
+archive: $(MAR) ## Build model_store/mnist.mar (SERVE_MODEL=artifacts/mnist_cnn.int8.onnx: int8; FORCE=1: below 99% too)
 
 $(SAMPLES)/digit_9.png: | $(INSTALLED)
 	$(BIN)/python -m training.samples $(DATA_FLAG) --out $(SAMPLES)
@@ -117,15 +117,18 @@ serve: java $(MAR) $(SAMPLES)/digit_9.png ## Everything above as needed, then st
 demo: serve ## `make serve`, then the draw-a-digit page on http://127.0.0.1:8000 (serving/web/index.html)
 	$(BIN)/python -m serving.demo start --config config.properties --run-dir $(DEMO_DIR)
 
-config.production.properties: config.properties serving/server.py | $(INSTALLED) ## Derive the token-auth config from config.properties
-	$(BIN)/python -m serving.server production-config --base config.properties > $@
+config.production.properties: config.properties serving/properties.py | $(INSTALLED) ## Derive the token-auth config from config.properties
+	$(BIN)/python -m serving.properties production-config --base config.properties > $@
 
 stop: ## Stop the TorchServe started by `make serve` and the page server of `make demo`
 	$(BIN)/python -m serving.server stop --run-dir $(RUN_DIR)
 	$(BIN)/python -m serving.demo stop --run-dir $(DEMO_DIR)
 
+# Where `make serve`'s server answers: config.properties' own inference_address, not a second copy.
+INFERENCE_ADDRESS := $(shell sed -n 's/^inference_address=//p' config.properties)
+
 predict: ## curl one image to the running server: make predict IMG=samples/digit_7.png
-	curl -s -T $(IMG) http://127.0.0.1:8080/predictions/mnist; echo
+	curl -sS --fail-with-body -w '\n' -T $(IMG) $(INFERENCE_ADDRESS)/predictions/mnist
 
 # The tests read MNIST from DATA_DIR (like every other target), else $$MNIST_DATA_DIR, else ../shared/mnist.
 TEST_ENV := $(if $(DATA_DIR),MNIST_DATA_DIR=$(abspath $(DATA_DIR)))

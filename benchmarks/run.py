@@ -27,7 +27,7 @@ from serving.artifact import (ARTIFACTS_DIR, CHECKPOINT_NAME, INT8_NAME, METRICS
                               load, time_batched, torch_runner)
 from training.data import load_mnist, preprocess_metadata
 
-from .serve_load import ServeSettings, measure as measure_serving
+from .serve_load import SERVING_ERRORS, ServeSettings, measure as measure_serving
 
 HERE = Path(__file__).resolve().parent
 FORWARD_MFLOP = 38.2        # per image: convs 36.5 + linears 1.6 (multiply-adds x 2)
@@ -333,7 +333,7 @@ def main(data_dir, artifacts, repeats, serve_seconds, out_dir, report_only) -> N
     """Measure training, inference and serving speed against their baselines."""
     try:
         report = run_bench(data_dir, Path(artifacts), repeats, serve_seconds, Path(out_dir), report_only)
-    except BenchError as error:
+    except (BenchError, *SERVING_ERRORS) as error:
         raise click.ClickException(str(error)) from None
     click.echo(report)
 

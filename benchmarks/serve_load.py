@@ -21,8 +21,10 @@ import click
 import yaml
 
 from serving import server
+from serving.properties import instance_config
 from serving.artifact import MODEL_NAME, TORCHSCRIPT_NAME, artifact_path
-from serving.archive import SERVING_DIR, build_archive
+from serving.archive import SERVING_DIR, ArchiveError, build_archive
+from serving.server import ServerError
 from training.samples import write_samples
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +36,14 @@ file:close()
 wrk.headers["Content-Type"] = "image/png"
 """
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+class LoadToolMissing(Exception):
+    """wrk, which drives the load, is not installed."""
+
+
+# What building the archive, starting the server or finding wrk may raise: the commands print it in one line.
+SERVING_ERRORS = (ArchiveError, ServerError, LoadToolMissing)
 
 
 @dataclass(frozen=True)
@@ -101,13 +111,13 @@ def measure(settings: ServeSettings, connection_counts=(1, 16), duration_s: floa
             **config_settings: str) -> list[LoadResult]:
     """wrk against a TorchServe of its own; config_settings override config.properties keys."""
     if shutil.which("wrk") is None:
-        raise click.ClickException("wrk is not installed: apt-get install wrk")
+        raise LoadToolMissing("wrk is not installed: apt-get install wrk")
     with tempfile.TemporaryDirectory(prefix="serve_load_") as temp:
         workdir = Path(temp)
         store = workdir / "model_store"
         build_archive(settings.serialized_file, store, model_config_for(settings, workdir / "model-config.yaml"))
         image = write_samples(data_dir, workdir / "samples")[7]
-        config, inference, _ = server.instance_config(base_config, workdir, store, **config_settings)
+        config, inference, _ = instance_config(base_config, workdir, store, **config_settings)
         server.start(str(config), workdir / "run")
         try:
             run_wrk(f"{inference}/predictions/{MODEL_NAME}", image, 4, 2, workdir)   # warm-up, discarded
@@ -143,7 +153,10 @@ def format_results(settings: ServeSettings, results: list[LoadResult]) -> str:
 def main(connections, duration, data_dir, json_path, **settings) -> None:
     """Load-test TorchServe with the given batching and worker settings."""
     settings = ServeSettings(**settings)
-    results = measure(settings, [int(c) for c in connections.split(",")], duration, data_dir)
+    try:
+        results = measure(settings, [int(c) for c in connections.split(",")], duration, data_dir)
+    except SERVING_ERRORS as error:
+        raise click.ClickException(str(error)) from None
     click.echo(format_results(settings, results))
     if json_path:
         Path(json_path).write_text(json.dumps({"settings": asdict(settings),

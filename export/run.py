@@ -64,7 +64,7 @@ def check_accuracy_floor(checkpoint: dict, path: str) -> None:
 
 def normalized_images(images_uint8, metadata: dict) -> np.ndarray:
     """uint8 [N, 28, 28] -> float32 [N, 1, 28, 28] with the artifact's own mean and std."""
-    pixels = images_uint8.numpy().astype(np.float32)[:, None] / 255.0
+    pixels = np.asarray(images_uint8, dtype=np.float32)[:, None] / 255.0   # a torch CPU tensor or an array
     return normalize_in_place(pixels, metadata["mean"], metadata["std"])
 
 

@@ -3,8 +3,9 @@ for ONNX Runtime, e.g. the int8 model).
 
     python -m serving.archive --serialized-file artifacts/mnist_cnn.torchscript.pt --export-path model_store
 
-packs the model (its metadata inside), handler.py, preprocess.py, artifact.py, protocol.py and model-config.yaml
-into model_store/mnist.mar. The archive version is the artifact's own model_version.
+packs the model (its metadata inside) and ARCHIVE_SOURCES (handler.py, the modules it imports,
+model-config.yaml) into model_store/mnist.mar. The archive version is the artifact's own
+model_version. A model whose test accuracy is below SERVE_ACCURACY_FLOOR is refused unless --force.
 """
 from __future__ import annotations
 
@@ -14,48 +15,83 @@ from pathlib import Path
 
 import click
 
-from .artifact import ARCHIVE_NAME, MODEL_NAME, TORCHSCRIPT_NAME, artifact_path, read_metadata
+from .artifact import (ARCHIVE_NAME, MODEL_NAME, SERVE_ACCURACY_FLOOR, TORCHSCRIPT_NAME, artifact_path,
+                       read_metadata)
 
 SERVING_DIR = Path(__file__).resolve().parent
+HANDLER = "handler.py"
 # Shipped beside handler.py: the handler imports them as top-level modules inside the archive.
 HANDLER_MODULES = ("preprocess.py", "artifact.py", "protocol.py", "parsing.py")
+MODEL_CONFIG = "model-config.yaml"
+# Every file of serving/ that goes into the archive, named once; the archiver adds the model
+# and its manifest (archive_contents).
+ARCHIVE_SOURCES = (HANDLER, *HANDLER_MODULES, MODEL_CONFIG)
+MANIFEST = "MAR-INF/MANIFEST.json"
+
+
+class ArchiveError(Exception):
+    """An archive that cannot be built; the message says why, in one line."""
+
+
+def archive_contents(serialized_file: str | Path) -> set[str]:
+    """The names inside a .mar built from serialized_file: exactly these, nothing else."""
+    return {*ARCHIVE_SOURCES, Path(serialized_file).name, MANIFEST}
 
 
 def archive_command(serialized_file: str, export_path: str, version: str, model_config: str) -> list[str]:
     return [str(Path(sys.executable).with_name("torch-model-archiver")), "--force",
             "--model-name", MODEL_NAME, "--version", version,
             "--serialized-file", serialized_file,
-            "--handler", str(SERVING_DIR / "handler.py"),
+            "--handler", str(SERVING_DIR / HANDLER),
             "--extra-files", ",".join(str(SERVING_DIR / name) for name in HANDLER_MODULES),
             "--config-file", model_config,
             "--export-path", export_path]
 
 
+def check_accuracy(metadata: dict, serialized_file: Path) -> None:
+    """ArchiveError unless the model's recorded test accuracy reaches SERVE_ACCURACY_FLOOR:
+    a smoke-test model must never silently replace a trained one in the model store."""
+    accuracy = metadata.get("checkpoint_test_acc")
+    if not isinstance(accuracy, (int, float)):
+        raise ArchiveError(f"{serialized_file} records no test accuracy (checkpoint_test_acc); "
+                           "serve it anyway with --force (make archive FORCE=1)")
+    if accuracy < SERVE_ACCURACY_FLOOR:
+        raise ArchiveError(f"{serialized_file} scored {accuracy:.2%} on the test set, below the "
+                           f"{SERVE_ACCURACY_FLOOR:.0%} floor for serving (a smoke-test model?); train it fully "
+                           "(`make train`) or serve it anyway with --force (make archive FORCE=1)")
+
+
 def build_archive(serialized_file: str | Path, export_path: str | Path,
-                  model_config: str | Path = SERVING_DIR / "model-config.yaml") -> Path:
-    """Returns the path of the .mar; raises click.ClickException with the archiver's message."""
+                  model_config: str | Path = SERVING_DIR / MODEL_CONFIG, force: bool = False) -> Path:
+    """Returns the path of the .mar; raises ArchiveError with the reason (the archiver's message).
+    force: archive a model below SERVE_ACCURACY_FLOOR too."""
     serialized_file, export_path = Path(serialized_file), Path(export_path)
     if not serialized_file.is_file():
-        raise click.ClickException(f"no exported model at {serialized_file}: run `make export` first")
+        raise ArchiveError(f"no exported model at {serialized_file}: run `make export` first")
     try:  # the handler will load it the same way: refuse a file that is not one of our artifacts now
         metadata = read_metadata(serialized_file)
     except Exception as error:
-        raise click.ClickException(f"{serialized_file} is not a digitserve model: {error}") from None
+        raise ArchiveError(f"{serialized_file} is not a digitserve model: {error}") from None
+    if not force:
+        check_accuracy(metadata, serialized_file)
     export_path.mkdir(parents=True, exist_ok=True)
     command = archive_command(str(serialized_file), str(export_path), metadata["model_version"], str(model_config))
-    run = subprocess.run(command,
-                         capture_output=True, text=True)
+    run = subprocess.run(command, capture_output=True, text=True)
     if run.returncode != 0:
-        raise click.ClickException(f"torch-model-archiver failed: {run.stderr.strip() or run.stdout.strip()}")
+        raise ArchiveError(f"torch-model-archiver failed: {run.stderr.strip() or run.stdout.strip()}")
     return export_path / ARCHIVE_NAME
 
 
 @click.command()
 @click.option("--serialized-file", default=artifact_path(TORCHSCRIPT_NAME), show_default=True)
 @click.option("--export-path", default="model_store", show_default=True)
-def main(serialized_file: str, export_path: str) -> None:
+@click.option("--force", is_flag=True, help=f"Archive a model below the {SERVE_ACCURACY_FLOOR:.0%} accuracy floor too.")
+def main(serialized_file: str, export_path: str, force: bool) -> None:
     """Pack the exported model, handler and preprocessing into a TorchServe archive."""
-    click.echo(f"wrote {build_archive(serialized_file, export_path)}")
+    try:
+        click.echo(f"wrote {build_archive(serialized_file, export_path, force=force)}")
+    except ArchiveError as error:
+        raise click.ClickException(str(error)) from None
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 
 `make demo` runs `make serve` and then `start`, which prints
     The draw-a-digit page: http://127.0.0.1:8000/ (log: .run/demo/demo.log; `make stop` stops it)
+or, with the page already up, "The draw-a-digit page is already running: ..." (exit 0 either way).
 The page calls TorchServe from its own origin, and the browser shows it the answers only if
 TorchServe allows that origin; so the page is served at exactly the config's
 cors_allowed_origin, read from the config rather than typed a second time.
@@ -26,10 +27,22 @@ from urllib.parse import urlsplit
 
 import click
 
-from .server import read_properties
+from .properties import read_properties
 
 WEB_DIR = Path(__file__).resolve().with_name("web")
 PID_FILE, LOG_FILE = "demo.pid", "demo.log"
+
+
+class DemoError(Exception):
+    """The page cannot be served; the message says why, in one line."""
+
+
+class AlreadyRunning(DemoError):
+    """The run dir's page server is up already."""
+
+    def __init__(self, url: str, pid: int):
+        super().__init__(f"the draw-a-digit page is already running: {url} (pid {pid})")
+        self.url, self.pid = url, pid
 
 
 def allowed_origin(config: str | os.PathLike) -> tuple[str, int]:
@@ -37,7 +50,7 @@ def allowed_origin(config: str | os.PathLike) -> tuple[str, int]:
     origin = read_properties(config).get("cors_allowed_origin", "")
     parts = urlsplit(origin)
     if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
-        raise click.ClickException(
+        raise DemoError(
             f"{config}: cors_allowed_origin={origin!r} names no http origin to serve the page from; "
             "set it to one, such as http://127.0.0.1:8000")
     return parts.hostname, parts.port or 80
@@ -77,15 +90,21 @@ def check_port_free(host: str, port: int) -> None:
         try:
             sock.bind((host, port))
         except OSError as error:
-            raise click.ClickException(f"cannot serve the page on {host}:{port}: {error.strerror} "
-                                       "(another `make demo`? `make stop` stops it)") from None
+            raise DemoError(f"cannot serve the page on {host}:{port}: {error.strerror} "
+                            "(another `make demo`? `make stop` stops it)") from None
+
+
+def last_line(log: Path) -> str:
+    """The last non-blank line of the page server's log: its reason for exiting."""
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "(no output)"
 
 
 def wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 15.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:  # port taken, bad host, ...: the reason is in its log
-            raise click.ClickException(f"the demo server exited at start:\n{log.read_text()[-2000:]}")
+            raise DemoError(f"the demo server exited at start: {last_line(log)} (see {log})")
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
@@ -93,17 +112,19 @@ def wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout_s
             time.sleep(0.2)
     process.terminate()
     process.wait()
-    raise click.ClickException(f"the demo server did not answer {url} within {timeout_s:.0f} s; see {log}")
+    raise DemoError(f"the demo server did not answer {url} within {timeout_s:.0f} s; see {log}")
 
 
 def start(config: str | os.PathLike, run_dir: str | os.PathLike) -> str:
-    """Start the page's server in the background (it outlives this process); returns its URL."""
+    """Start the page's server in the background (it outlives this process); returns its URL.
+    AlreadyRunning when run_dir's page server is up; DemoError when it cannot start."""
     host, port = allowed_origin(config)
     url = f"http://{host}:{port}/"
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if running_pid(run_dir) is not None:
-        return url
+    pid = running_pid(run_dir)
+    if pid is not None:
+        raise AlreadyRunning(url, pid)
     check_port_free(host, port)
     command = [sys.executable, "-m", "serving.demo", "serve", "--host", host, "--port", str(port)]
     log = run_dir / LOG_FILE
@@ -114,7 +135,7 @@ def start(config: str | os.PathLike, run_dir: str | os.PathLike) -> str:
     (run_dir / PID_FILE).write_text(str(process.pid))
     try:
         wait_until_serving(url, process, log)
-    except click.ClickException:
+    except DemoError:
         (run_dir / PID_FILE).unlink(missing_ok=True)
         raise
     return url
@@ -140,18 +161,25 @@ def main() -> None:
 
 
 @main.command("start")
-@click.option("--config", default="config.properties", show_default=True, type=click.Path(dir_okay=False),
+@click.option("--config", default="config.properties", show_default=True, type=click.Path(exists=True, dir_okay=False),
               help="TorchServe config whose cors_allowed_origin says where the page is served.")
 @click.option("--run-dir", default=".run/demo", show_default=True, help="Where the pid file and log go.")
 def start_command(config: str, run_dir: str) -> None:
-    url = start(config, run_dir)
+    try:
+        url = start(config, run_dir)
+    except AlreadyRunning as running:
+        click.echo(f"The draw-a-digit page is already running: {running.url} (pid {running.pid}; "
+                   "`make stop` stops it)")
+        return
+    except DemoError as error:
+        raise click.ClickException(str(error)) from None
     click.echo(f"The draw-a-digit page: {url} (log: {Path(run_dir) / LOG_FILE}; `make stop` stops it)")
 
 
 @main.command("stop")
 @click.option("--run-dir", default=".run/demo", show_default=True)
 def stop_command(run_dir: str) -> None:
-    click.echo("Demo page server stopped." if stop(run_dir) else "No demo page server was running.")
+    click.echo("Demo page server stopped." if stop(run_dir) else f"no page server running from {run_dir}")
 
 
 @main.command("serve", hidden=True)

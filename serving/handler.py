@@ -28,7 +28,6 @@ if __package__:  # imported from the source tree (tests)
     from .artifact import load, predictions
     from .parsing import (DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC, ParsedBatch, answer_body,
                           http_status, parse_batch)
-    from .parsing import HTTP_STATUS  # noqa: F401  # still imported from here by tests/test_browser.py
 else:  # inside the model archive, the modules sit beside this file
     from artifact import load, predictions
     from parsing import (DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC, ParsedBatch, answer_body,

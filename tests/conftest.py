@@ -37,12 +37,6 @@ def mnist_digits(data_dir) -> MnistDigits:
 
 
 @pytest.fixture(scope="session")
-def mnist_test_set(mnist_digits):
-    """mnist_digits as (images, labels) tensors, for the test files that still ask for it."""
-    return torch.from_numpy(mnist_digits.images.copy()), torch.from_numpy(mnist_digits.labels.copy())
-
-
-@pytest.fixture(scope="session")
 def quick_checkpoint(tmp_path_factory, data_dir) -> Path:
     """A real but tiny training run (1024 images, 2 epochs): a valid checkpoint in seconds."""
     from training.train import TrainConfig, train

@@ -6,11 +6,13 @@ import shutil
 import time
 import urllib.request
 from pathlib import Path
+from typing import Collection
 
 import pytest
 
 from repo import REPO_ROOT
 from serving import server
+from serving.properties import instance_config, read_properties
 from serving.archive import build_archive
 from serving.artifact import MODEL_NAME, TORCHSCRIPT_NAME
 
@@ -22,8 +24,9 @@ def launch_server(tmp_path: Path, exported_dir: Path, base_config: str = "config
     if shutil.which("java") is None:
         pytest.fail("TorchServe needs Java 17 (`.ci/run` installs openjdk-17-jre-headless)")
     model_store = tmp_path / "model_store"
-    build_archive(exported_dir / TORCHSCRIPT_NAME, model_store)
-    config, inference, management = server.instance_config(REPO_ROOT / base_config, tmp_path, model_store, **extra)
+    # The test recipe's model scores ~98%, below the serving floor: forced, as tests may.
+    build_archive(exported_dir / TORCHSCRIPT_NAME, model_store, force=True)
+    config, inference, management = instance_config(REPO_ROOT / base_config, tmp_path, model_store, **extra)
     run_dir = tmp_path / "run"
     server.start(str(config), run_dir, timeout_s=180, cwd=tmp_path)
     return inference, management, run_dir, tmp_path
@@ -40,18 +43,19 @@ def v2_infer_url(inference: str) -> str:
 def grpc_target(run_dir: Path) -> str:
     """HOST:PORT of the gRPC inference API of a server from launch_server, read from the
     config that instance_config wrote beside its run dir (free ports, chosen per server)."""
-    properties = server.read_properties(Path(run_dir).parent / "config.properties")
+    properties = read_properties(Path(run_dir).parent / "config.properties")
     return f"{properties.get('grpc_inference_address', '127.0.0.1')}:{properties['grpc_inference_port']}"
 
 
-def worker_pids(management: str, timeout_s: float = 120.0) -> list[int]:
+def worker_pids(management: str, timeout_s: float = 120.0, replacing: Collection[int] = ()) -> list[int]:
     """PIDs of the model's workers once every one of them is READY (a worker still
-    starting reports pid -1)."""
+    starting reports pid -1) and none is one of the pids in replacing (killed workers that the
+    management API may still list as READY for a moment)."""
     deadline = time.monotonic() + timeout_s
     while True:
         with urllib.request.urlopen(f"{management}/models/{MODEL_NAME}", timeout=10) as response:
             workers = json.loads(response.read())[0]["workers"]
-        if all(w.get("status") == "READY" and int(w.get("pid", -1)) > 0 for w in workers) or \
-                time.monotonic() > deadline:
+        if all(w.get("status") == "READY" and int(w.get("pid", -1)) > 0 and int(w["pid"]) not in replacing
+               for w in workers) or time.monotonic() > deadline:
             return sorted(int(w["pid"]) for w in workers)
         time.sleep(0.5)

@@ -18,13 +18,14 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import click
 import pytest
 
 from repo import REPO_ROOT
 from servers import launch_server, predictions_url
 from serving import demo, server
-from serving.handler import HTTP_STATUS
+from serving.properties import free_ports, read_properties
+from serving.readiness import probe_image
+from serving.parsing import HTTP_STATUS
 
 pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.slow]
 
@@ -140,7 +141,7 @@ def shown_digit(page) -> str:
 
 def allow_origin_header(inference: str, origin: str) -> str | None:
     """Access-Control-Allow-Origin of the answer to a real prediction request from origin."""
-    request = urllib.request.Request(predictions_url(inference), data=server.probe_image(), method="POST",
+    request = urllib.request.Request(predictions_url(inference), data=probe_image(), method="POST",
                                      headers={"Origin": origin, "Content-Type": "image/png"})
     with urllib.request.urlopen(request, timeout=30) as response:
         assert "digit" in json.loads(response.read())
@@ -167,8 +168,8 @@ def test_a_digit_drawn_with_the_mouse_is_recognized(page, digit):
     }"""), "Clear left ink on the canvas"
 
 
-def test_real_mnist_digits_painted_on_the_canvas(page, mnist_test_set):
-    images, labels = mnist_test_set
+def test_real_mnist_digits_painted_on_the_canvas(page, mnist_digits):
+    images, labels = mnist_digits
     digits = images[:MNIST_DIGITS_DRAWN]
     height, width = digits.shape[1:]
     shown = page.evaluate("""async ({digits, width, height}) => {
@@ -200,7 +201,7 @@ def test_a_file_is_sent_as_it_is(page):
     assert outcome["code"] == "not_an_image", outcome
     assert page.text_content("#message") == page.evaluate("window.digitserve.messages.not_an_image")
 
-    page.set_input_files("#file", files=[{"name": "one.png", "mimeType": "image/png", "buffer": server.probe_image()}])
+    page.set_input_files("#file", files=[{"name": "one.png", "mimeType": "image/png", "buffer": probe_image()}])
     assert last_outcome(page)["ok"]
     assert shown_digit(page) == "1" and page.text_content("#source") == "one.png"
     assert page.text_content("#message") == ""
@@ -224,7 +225,7 @@ def test_screenshot_of_an_answer_for_the_readme(page, tmp_path):
 def test_a_file_over_the_body_limit_gets_the_pages_own_sentence(page):
     """TorchServe refuses a body over max_request_size with a bare 413 and no CORS header, which
     the browser reports as a network failure; the page must say "too large" instead."""
-    limit = int(server.read_properties(REPO_ROOT / "config.properties")["max_request_size"])
+    limit = int(read_properties(REPO_ROOT / "config.properties")["max_request_size"])
     big = server.probe_image() + bytes(limit)   # a valid PNG followed by padding: over the limit
     page.set_input_files("#file", files=[{"name": "big.png", "mimeType": "image/png", "buffer": big}])
     outcome = last_outcome(page)
@@ -258,7 +259,7 @@ def test_the_server_allows_the_page_origin_and_no_other(inference, page_origin, 
 
 # --- make demo's page server ------------------------------------------------------------------------
 def test_demo_serves_the_page_on_the_allowed_origin_and_stops(tmp_path):
-    port = server.free_ports(1)[0]
+    port = free_ports(1)[0]
     config = tmp_path / "config.properties"
     config.write_text(f"cors_allowed_origin=http://127.0.0.1:{port}\n")
     run_dir = tmp_path / "demo"
@@ -267,7 +268,7 @@ def test_demo_serves_the_page_on_the_allowed_origin_and_stops(tmp_path):
         assert url == f"http://127.0.0.1:{port}/"
         with urllib.request.urlopen(url, timeout=10) as response:
             assert b'id="canvas"' in response.read()
-        with pytest.raises(click.ClickException, match="cannot serve the page"):
+        with pytest.raises(demo.DemoError, match="cannot serve the page"):
             demo.start(config, tmp_path / "second-demo")
     finally:
         assert demo.stop(run_dir)
@@ -279,5 +280,5 @@ def test_demo_serves_the_page_on_the_allowed_origin_and_stops(tmp_path):
 def test_demo_refuses_a_config_that_allows_no_origin(tmp_path):
     config = tmp_path / "config.properties"
     config.write_text("cors_allowed_origin=\n")
-    with pytest.raises(click.ClickException, match="names no http origin"):
+    with pytest.raises(demo.DemoError, match="names no http origin"):
         demo.start(config, tmp_path / "demo")

@@ -27,9 +27,9 @@ def quick_export(tmp_path_factory, quick_checkpoint, data_dir):
 
 
 @pytest.fixture(scope="module")
-def test_inputs(mnist_test_set):
-    images, labels = mnist_test_set
-    return normalized_images(images[:600], preprocess_metadata()), labels[:600].numpy()
+def test_inputs(mnist_digits):
+    images, labels = mnist_digits
+    return normalized_images(images[:600], preprocess_metadata()), labels[:600]
 
 
 def test_export_writes_both_artifacts_and_a_passing_report(quick_export):

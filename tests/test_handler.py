@@ -14,7 +14,7 @@ from export.run import normalized_images
 from imaging import all_formats, as_paper_photo, encode
 from repo import REPO_ROOT
 from serving.artifact import INT8_NAME, MODEL_NAME, ONNX_NAME, TORCHSCRIPT_NAME
-from serving.server import read_properties
+from serving.properties import read_properties
 from training.data import preprocess_metadata
 
 # TorchServe is a serving dependency, not a training one: where it is absent (a GPU box with

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, settings
 from http_client import request
 from imaging import HostileCase, hostile_corpus
 from repo import REPO_ROOT
-from serving import server
+from serving import readiness, server
 from serving.artifact import MODEL_NAME, TORCHSCRIPT_NAME, read_metadata
 from serving.parsing import HTTP_STATUS
 from serving.predict import main as predict_cli
@@ -173,7 +173,7 @@ def production_server(tmp_path_factory, exported):
     """A server from config.production.properties: token authorization on, keys in its working dir."""
     _, _, run_dir, working_dir = launch_server(tmp_path_factory.mktemp("production"), exported,
                                                "config.production.properties")
-    yield run_dir, server.inference_key(working_dir / "key_file.json")
+    yield run_dir, readiness.inference_key(working_dir / "key_file.json")
     server.stop(run_dir)
 
 

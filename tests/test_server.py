@@ -23,13 +23,13 @@ def curl(*args):
 
 
 @pytest.fixture(scope="module")
-def digit_files(tmp_path_factory, mnist_test_set):
-    images, labels = mnist_test_set
+def digit_files(tmp_path_factory, mnist_digits):
+    images, labels = mnist_digits
     folder = tmp_path_factory.mktemp("digits")
     paths = []
     for index in range(300):
         path = folder / f"{index}.png"
-        Image.fromarray(images[index].numpy()).save(path)
+        Image.fromarray(images[index]).save(path)
         paths.append((path, int(labels[index])))
     return paths
 
@@ -71,24 +71,24 @@ def test_form_encoded_binary_gets_a_hint_not_empty(running_server, digit_files):
     assert status == 415 and body["code"] == "form_encoded" and "curl -T" in body["error"]
 
 
-def test_paper_photo_jpeg(running_server, mnist_test_set, tmp_path):
+def test_paper_photo_jpeg(running_server, mnist_digits, tmp_path):
     inference, _, _ = running_server
-    images, labels = mnist_test_set
+    images, labels = mnist_digits
     photo = tmp_path / "photo.jpg"
-    as_paper_photo(images[3].numpy(), size=(640, 480), scale=12, offset=(300, 60)).save(photo, quality=90)
+    as_paper_photo(images[3], size=(640, 480), scale=12, offset=(300, 60)).save(photo, quality=90)
     status, body = curl("-T", str(photo), predictions_url(inference))
     assert status == 200 and body["digit"] == int(labels[3])
 
 
 @pytest.mark.reliability
-def test_hostile_corpus_gets_4xx_json_and_the_next_good_request_succeeds(running_server, mnist_test_set,
+def test_hostile_corpus_gets_4xx_json_and_the_next_good_request_succeeds(running_server, mnist_digits,
                                                                        digit_files, reliability_log):
     inference, _, _ = running_server
-    images, labels = mnist_test_set
+    images, labels = mnist_digits
     url = predictions_url(inference)
     good_path, good_label = digit_files[1]
     failures, requests_sent, server_errors = [], 0, 0
-    for name, body, headers, status, code in hostile_corpus(images[0].numpy(), images[1].numpy()):
+    for name, body, headers, status, code in hostile_corpus(images[0], images[1]):
         got_status, got_body = request(url, body, headers=headers)
         ok_status, ok_body = request(url, good_path.read_bytes())
         requests_sent += 2
@@ -101,7 +101,7 @@ def test_hostile_corpus_gets_4xx_json_and_the_next_good_request_succeeds(running
             failures.append((name, "error message missing", answer))
         if ok_status != 200 or json.loads(ok_body)["digit"] != good_label:
             failures.append((name, "next good request failed", ok_status))
-    cases = len(hostile_corpus(images[0].numpy(), images[1].numpy()))
+    cases = len(hostile_corpus(images[0], images[1]))
     reliability_log.append({"check": "hostile input corpus (real server)", "cases": cases,
                             "passed": cases - len({f[0] for f in failures}), "requests": requests_sent,
                             "5xx": server_errors, "worker restarts": "", "lost": 0})

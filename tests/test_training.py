@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from training import train as train_module
 from training.checkpoint import load_checkpoint
 from training.cli import main as train_cli
-from training.data import augment, normalize
+from training.data import DATA_DIR_ENV, augment, normalize
 from training.train import ConfigError, TrainConfig, train
 
 
@@ -143,7 +143,7 @@ def test_data_step_without_copy_or_network_says_so(tmp_path, monkeypatch):
     from training.data import DataError, check_data
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MNIST_DATA_DIR", raising=False)
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
     monkeypatch.setattr(MNIST, "mirrors", ["http://127.0.0.1:9/"])   # a closed local port: no network
     with pytest.raises(DataError, match="download failed .no network.*DATA_DIR"):
         check_data(None)
@@ -211,12 +211,12 @@ def test_a_resumed_run_takes_its_kernels_from_the_checkpoint(tmp_path, data_dir,
     assert resumed["train_config"]["memory_format"] == "auto" and resumed["train_config"]["amp_dtype"] == "auto"
 
 
-def test_probe_times_every_candidate_and_keeps_the_fastest(mnist_test_set):
+def test_probe_times_every_candidate_and_keeps_the_fastest(mnist_digits):
     from training.model import ModelConfig
     from training.tuning import choose_kernels, format_probe
-    images, labels = mnist_test_set
-    pixels = normalize(images[:64])
-    kernels = choose_kernels(TrainConfig(), pixels, labels[:64], ModelConfig(), run_steps=1000)
+    images, labels = (torch.from_numpy(array[:64].copy()) for array in mnist_digits)
+    pixels = normalize(images)
+    kernels = choose_kernels(TrainConfig(), pixels, labels, ModelConfig(), run_steps=1000)
     record = kernels.probe
     timings = record["ms_per_step"]
     assert len(timings) == 4 and all(ms > 0 for ms in timings.values())
