@@ -226,7 +226,7 @@ def test_a_file_over_the_body_limit_gets_the_pages_own_sentence(page):
     """TorchServe refuses a body over max_request_size with a bare 413 and no CORS header, which
     the browser reports as a network failure; the page must say "too large" instead."""
     limit = int(read_properties(REPO_ROOT / "config.properties")["max_request_size"])
-    big = server.probe_image() + bytes(limit)   # a valid PNG followed by padding: over the limit
+    big = probe_image() + bytes(limit)   # a valid PNG followed by padding: over the limit
     page.set_input_files("#file", files=[{"name": "big.png", "mimeType": "image/png", "buffer": big}])
     outcome = last_outcome(page)
     assert outcome["code"] == "too_large", outcome

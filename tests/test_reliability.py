@@ -21,6 +21,7 @@ from imaging import hostile_corpus
 from serving import server
 from serving.artifact import MODEL_NAME, TORCHSCRIPT_NAME, load
 from serving.preprocess import preprocess_bytes
+from serving.properties import read_properties
 from servers import launch_server, predictions_url, worker_pids
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.reliability]
@@ -198,5 +199,13 @@ def test_token_authorization_in_the_production_config(tmp_path, exported, mnist_
         assert all(refused), refusals
         assert served, (status, body)
         assert key_file_private
+        # What the docs tell operators (docs/security.md): under token authorization even the /ping
+        # heartbeat needs the inference key, while TorchServe 0.12 leaves the metrics port open.
+        ping_status, _ = request(f"{inference}/ping", method="GET")
+        ping_with_key, _ = request(f"{inference}/ping", method="GET",
+                                   headers={"Authorization": f"Bearer {keys['inference']['key']}"})
+        metrics_address = read_properties(workdir / "config.properties")["metrics_address"]
+        metrics_status, _ = request(f"{metrics_address}/metrics", method="GET")
+        assert (ping_status, ping_with_key, metrics_status) == (400, 200, 200)
     finally:
         server.stop(run_dir)
