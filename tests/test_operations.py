@@ -159,10 +159,18 @@ def metrics_server(tmp_path_factory, exported, mnist_digits):
     """A server of our own that has answered a known set of requests: (workdir, digits, codes)."""
     inference, _, run_dir, workdir = launch_server(tmp_path_factory.mktemp("metrics"), exported)
     try:
-        # server.start's probe image got one answer before ours: count it in.
-        probe = poll(lambda: scraped_counts(metrics_address(workdir), "DigitPredictions", "Digit"),
-                     lambda counts: sum(counts.values()) >= 1)
-        assert sum(probe.values()) == 1, probe
+        # server.start's probe image got an answer before ours (more than one when a slow first probe
+        # timed out on the client and was retried: each was answered before start returned). Count
+        # them in once the metrics have caught up: two successive reads (poll's interval apart) agree.
+        previous: list[dict] = [{}]
+
+        def settled(counts: dict) -> bool:
+            done = sum(counts.values()) >= 1 and counts == previous[0]
+            previous[0] = counts
+            return done
+
+        probe = poll(lambda: scraped_counts(metrics_address(workdir), "DigitPredictions", "Digit"), settled)
+        assert set(probe) == {"1"} and sum(probe.values()) >= 1, probe   # the probe is a drawn 1
         digits, codes = send_good_and_hostile(inference, mnist_digits)
         yield workdir, dict(digits + Counter(probe)), dict(codes)
     finally:
