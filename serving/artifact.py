@@ -180,6 +180,20 @@ def time_batched(run: Runner, images: np.ndarray, batch_size: int, repeats: int 
 
 
 # --- Answers ------------------------------------------------------------------------------
+# Where the training run read and wrote on its own machine: no client's business, and a map of
+# the training host. The served model card leaves them out (public_card).
+LOCAL_PATH_KEYS = ("data_dir", "out", "tensorboard")
+
+
+def public_card(metadata: dict) -> dict:
+    """The model card as the server shows it: the artifact's metadata without local paths."""
+    train_config = metadata.get("train_config")
+    if not isinstance(train_config, dict):
+        return dict(metadata)
+    return {**metadata, "train_config": {key: value for key, value in train_config.items()
+                                         if key not in LOCAL_PATH_KEYS}}
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)

@@ -25,15 +25,19 @@ from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
 if __package__:  # imported from the source tree (tests)
-    from .artifact import load, predictions
+    from .artifact import load, predictions, public_card, run_batched
     from .parsing import (DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC, ParsedBatch, answer_body,
                           http_status, parse_batch)
 else:  # inside the model archive, the modules sit beside this file
-    from artifact import load, predictions
+    from artifact import load, predictions, public_card, run_batched
     from parsing import (DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC, ParsedBatch, answer_body,
                          http_status, parse_batch)
 
 logger = logging.getLogger(__name__)
+
+# A batch holds up to batchSize x MAX_IMAGES_PER_REQUEST images (8 x 64); the model sees them in
+# chunks of this many, so one batch's activations stay the size of one full request's.
+INFERENCE_CHUNK_IMAGES = 64
 
 
 class DigitHandler(BaseHandler):
@@ -57,8 +61,13 @@ class DigitHandler(BaseHandler):
         self.initialized = True
         logger.info("digit model %s loaded from %s, %d threads", self.metadata.get("model_version"), path, threads)
 
+    def _is_describe(self) -> bool:
+        # BaseHandler reads request 0's `describe` header and answers the whole batch with one
+        # card: the other requests would lose their answers. Honoured only for a request alone.
+        return len(self.context.request_processor) == 1 and super()._is_describe()
+
     def describe_handle(self):
-        return json.dumps(self.metadata)
+        return json.dumps(public_card(self.metadata), allow_nan=False)
 
     def preprocess(self, data) -> ParsedBatch:
         started = time.perf_counter()
@@ -68,7 +77,9 @@ class DigitHandler(BaseHandler):
         return batch
 
     def inference(self, batch: ParsedBatch, *args, **kwargs):
-        logits = self.run_model(batch.inputs) if batch.inputs is not None else None
+        if batch.inputs is None:
+            return batch, None
+        return batch, run_batched(self.run_model, batch.inputs, INFERENCE_CHUNK_IMAGES)
         return batch, logits
 
     def postprocess(self, inference_output) -> list[str]:
@@ -81,7 +92,18 @@ class DigitHandler(BaseHandler):
             if parsed.error is not None:
                 self.context.set_response_status(http_status(parsed.error), parsed.error.code, index)
         self.record_metrics(batch, answers)
-        return [json.dumps(answer_body(parsed, answers, self.context.model_name, version)) for parsed in batch.requests]
+        return [self.answer_text(index, answer_body(parsed, answers, self.context.model_name, version))
+                for index, parsed in enumerate(batch.requests)]
+
+    def answer_text(self, index: int, body: dict) -> str:
+        """Strict JSON: NaN or Infinity is not JSON, and no client can parse it. Preprocessing
+        refuses non-finite pixels, so only a broken model gets here; that request gets a 500."""
+        try:
+            return json.dumps(body, allow_nan=False)
+        except ValueError:
+            logger.error("answer %d of the batch holds a non-finite number", index)
+            self.context.set_response_status(500, "non-finite answer", index)
+            return json.dumps({"error": "the model produced a non-finite answer", "code": "internal_error"})
 
     def record_metrics(self, batch: ParsedBatch, answers: list[dict]) -> None:
         """DigitPredictions per answered image by digit, RequestsRejected per refused request

@@ -5,6 +5,8 @@ Shipped beside handler.py in the model archive (the handler imports it as a top-
 module there). The dataclasses live here, not in handler.py, because TorchServe's model
 loader refuses a handler module that defines more than one class. Every function returns
 a refusal as an ImageError value instead of raising it: a raise would fail the whole batch.
+What nobody foresaw is still caught at the request boundary (parse_batch): that request alone
+gets 400 invalid_request.
 
 A request is answered in one of three ways:
     one    a single image (raw body, one form file, {"image": ...}): its answer, or its 4xx error
@@ -17,21 +19,30 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
 if __package__:  # imported from the source tree (tests)
-    from .preprocess import ImageError, preprocess_bytes
+    from .preprocess import ImageError, PixelBudget, preprocess_bytes
     from .protocol import is_v2_request, parse_v2_request, v2_answer
 else:  # inside the model archive
-    from preprocess import ImageError, preprocess_bytes
+    from preprocess import ImageError, PixelBudget, preprocess_bytes
     from protocol import is_v2_request, parse_v2_request, v2_answer
 
 HTTP_STATUS = {"empty": 400, "invalid_json": 400, "invalid_base64": 400, "no_image_field": 400,
-               "corrupt_image": 400, "not_an_image": 415, "unsupported_image": 415,
-               "too_large": 413, "no_digit": 422, "form_encoded": 415}
+               "invalid_request": 400, "corrupt_image": 400, "not_an_image": 415, "unsupported_image": 415,
+               "too_large": 413, "too_many_images": 413, "no_digit": 422, "form_encoded": 415}
+
+# Images one request may carry, whatever its shape; counted before any is decoded. It bounds
+# the answer too: 64 predictions of ~520 bytes (or 64 of the longest error) are ~35 KB, far
+# under config.properties' max_response_size (1 MiB), past which TorchServe kills the worker
+# (tests/test_parsing.py checks the worst case against that file).
+MAX_IMAGES_PER_REQUEST = 64
+
+logger = logging.getLogger(__name__)
 
 # Our metrics, declared with their dimensions in serving/metrics.yaml (config.properties'
 # metrics_config); TorchServe exports only what that file declares.
@@ -92,18 +103,29 @@ def first_error(items: list) -> ImageError | None:
     return next((item for item in items if isinstance(item, ImageError)), None)
 
 
+def too_many_images(count: int) -> ImageError | None:
+    if count > MAX_IMAGES_PER_REQUEST:
+        return ImageError("too_many_images", f"{count} images in one request; the limit is "
+                                             f"{MAX_IMAGES_PER_REQUEST}: split them over several requests")
+    return None
+
+
 def images_from_json(document) -> EncodedRequest | ImageError:
     if is_v2_request(document):  # Open Inference Protocol: all images decode, or the request fails
         parsed = parse_v2_request(document)
         if isinstance(parsed, ImageError):
             return parsed
         data, request_id = parsed
+        if refused := too_many_images(len(data)):
+            return refused
         images = [decode_base64(item) for item in data]
         return first_error(images) or EncodedRequest("v2", images, request_id)
     if isinstance(document, dict) and "image" in document:
         image = decode_base64(document["image"])
         return image if isinstance(image, ImageError) else EncodedRequest("one", [image])
     if isinstance(document, dict) and isinstance(document.get("images"), list) and document["images"]:
+        if refused := too_many_images(len(document["images"])):
+            return refused
         return EncodedRequest("many", [decode_base64(item) for item in document["images"]])
     return ImageError("no_image_field", 'JSON body needs "image": "<base64>" or "images": ["<base64>", ...]')
 
@@ -114,6 +136,8 @@ def images_from_request(request: dict) -> EncodedRequest | ImageError:
     if not values:
         return ImageError("empty", "empty body: send the image bytes")
     if len(values) > 1:  # multipart with several files
+        if refused := too_many_images(len(values)):
+            return refused
         return EncodedRequest("many", [bytes(value) if isinstance(value, (bytes, bytearray))
                                        else ImageError("not_an_image", "form field is not a file")
                                        for value in values])
@@ -128,7 +152,9 @@ def images_from_request(request: dict) -> EncodedRequest | ImageError:
     if value[:1] in (b"{", b"["):  # JSON sent without (or with a broken) application/json
         try:
             document = json.loads(value)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # deep nesting: RecursionError
+        # Deep nesting raises RecursionError; an integer of over 4,300 digits a plain ValueError
+        # (Python's int-conversion limit), which TorchServe's own json.loads met first and passed on.
+        except (ValueError, RecursionError):
             return ImageError("invalid_json", "body looks like JSON but does not parse")
         return images_from_json(document)
     return EncodedRequest("one", [value])
@@ -150,13 +176,16 @@ def content_type(headers: dict | None) -> str:
 
 
 # --- Preprocessing a batch --------------------------------------------------------------------
-def preprocess_image(item: bytes | ImageError, mean: float, std: float) -> np.ndarray | ImageError:
+def preprocess_image(item: bytes | ImageError, mean: float, std: float,
+                     budget: PixelBudget) -> np.ndarray | ImageError:
     if isinstance(item, ImageError):
         return item
     try:
-        return preprocess_bytes(item, mean, std)
+        return preprocess_bytes(item, mean, std, budget)
     except ImageError as error:
-        return error
+        # Code and message only: the raised error's traceback holds the decoder's frames, and
+        # with them the image bytes and pixels, until the batch is answered.
+        return ImageError(error.code, str(error))
 
 
 def parse_request(request: dict, headers: dict | None, mean: float, std: float,
@@ -166,8 +195,9 @@ def parse_request(request: dict, headers: dict | None, mean: float, std: float,
     if isinstance(encoded, ImageError):
         return ParsedRequest.refused(encoded)
     arrays = []
+    budget = PixelBudget()
     for item in encoded.images:
-        array = preprocess_image(item, mean, std)
+        array = preprocess_image(item, mean, std, budget)
         # Only "many" answers each image on its own; one image, or v2, is all or nothing.
         if isinstance(array, ImageError) and encoded.answer != "many":
             return ParsedRequest.refused(array)
@@ -185,9 +215,23 @@ def parse_request(request: dict, headers: dict | None, mean: float, std: float,
 def parse_batch(data: list[dict], headers: list[dict | None], mean: float, std: float) -> ParsedBatch:
     """Every request of one TorchServe batch, with its headers; never raises for bad input."""
     inputs: list[np.ndarray] = []
-    requests = [parse_request(request, request_headers, mean, std, inputs)
-                for request, request_headers in zip(data, headers)]
+    requests = [parse_request_safely(index, request, request_headers, mean, std, inputs)
+                for index, (request, request_headers) in enumerate(zip(data, headers))]
     return ParsedBatch(np.stack(inputs) if inputs else None, requests)
+
+
+def parse_request_safely(index: int, request: dict, headers: dict | None, mean: float, std: float,
+                         inputs: list[np.ndarray]) -> ParsedRequest:
+    """parse_request, with the request boundary's catch-all: whatever a request raises that
+    nobody foresaw is that request's 400, logged once, and never the whole batch's 503."""
+    first_row = len(inputs)
+    try:
+        return parse_request(request, headers, mean, std, inputs)
+    except Exception as error:
+        del inputs[first_row:]   # none of its images is run
+        logger.exception("request %d of the batch could not be parsed", index)
+        return ParsedRequest.refused(ImageError("invalid_request",
+                                                f"the request could not be read ({type(error).__name__})"))
 
 
 # --- Answers ------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ escapes preprocess_bytes for any input bytes.
 from __future__ import annotations
 
 import io
+import math
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -24,6 +26,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MNIST_SIZE = 28
 DIGIT_BOX = 20             # MNIST scaled each digit to fit 20x20 ...
 MAX_PIXELS = 40_000_000    # ... larger images are refused from the header, before decoding
+# All images of one request together: a 4 MiB body holds ~80 blank 40-MP PNGs (50 KB each), and
+# decoding one takes ~0.1 s on a 2-core Xeon, so 8 requests of a batch at this budget decode in
+# ~2 s, far inside the worker's 30 s response timeout. Checked from each header, before decoding.
+MAX_PIXELS_PER_REQUEST = 100_000_000
+# Bigger images are box-reduced, in their own 8/16-bit mode, to this longest side before any float
+# copy: a 40-MP float32 copy is 160 MB (RGBA 640 MB). A digit photographed at any sensible size
+# keeps well over the 20 px it ends at.
+MAX_WORKING_SIDE = 1024
+# The formats we promise (README, openapi.yaml); Pillow would otherwise try every plugin it has,
+# EPS among them, which runs Ghostscript.
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
 MIN_INK_CONTRAST = 0.15    # ink must differ from the background by this much (0..1 scale)
 INK_THRESHOLD = 0.2        # after contrast stretch, pixels above this count as ink for cropping
 
@@ -36,21 +49,37 @@ class ImageError(ValueError):
         self.code = code
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Bytes -> a decoded PIL image: first frame, EXIF orientation applied."""
+@dataclass
+class PixelBudget:
+    """The pixels one request's images may still decode (MAX_PIXELS_PER_REQUEST): each image
+    spends its header's width x height before it is decoded."""
+    left: int = MAX_PIXELS_PER_REQUEST
+
+    def spend(self, width: int, height: int) -> None:
+        if width * height > self.left:
+            raise ImageError("too_large", f"this request's images hold more than {MAX_PIXELS_PER_REQUEST:,} "
+                                          f"pixels together: send fewer or smaller images")
+        self.left -= width * height
+
+
+def decode_image(data: bytes, budget: PixelBudget | None = None) -> Image.Image:
+    """Bytes -> a decoded PIL image: first frame, EXIF orientation applied. Its pixels are
+    taken from budget (the request's) before decoding, when one is given."""
     if not data:
         raise ImageError("empty", "empty body: send the image bytes")
     try:
         with warnings.catch_warnings():
             # Pillow warns (and raises past 2x) for big images; we apply our own limit below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = image.size
             if width * height > MAX_PIXELS:
                 raise ImageError("too_large", f"image is {width}x{height} pixels; the limit is "
                                               f"{MAX_PIXELS:,} pixels")
             if width < 1 or height < 1:
                 raise ImageError("not_an_image", "image has no pixels")
+            if budget is not None:
+                budget.spend(width, height)
             image.seek(0)  # first frame of an animation
             image.load()
             return ImageOps.exif_transpose(image)
@@ -66,6 +95,26 @@ def decode_image(data: bytes) -> Image.Image:
         raise ImageError("corrupt_image", f"image data is truncated or corrupt ({type(error).__name__})") from None
 
 
+def has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info)
+
+
+# Modes Image.reduce works in; the others are converted first, keeping what to_grayscale reads.
+REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "CMYK", "I", "F")
+
+
+def shrink(image: Image.Image) -> Image.Image:
+    """Box-reduce an image whose longer side passes MAX_WORKING_SIDE, before any float copy."""
+    factor = math.ceil(max(image.size) / MAX_WORKING_SIDE)
+    if factor <= 1:
+        return image
+    if image.mode.startswith("I;16"):   # reduced as 32-bit, back to 16-bit: to_grayscale's scale stays 65535
+        return image.convert("I").reduce(factor).convert("I;16")
+    if image.mode not in REDUCIBLE_MODES:   # 1, P, PA, ...: palette indices must not be averaged
+        image = image.convert("RGBA" if has_alpha(image) else "L")
+    return image.reduce(factor)
+
+
 def to_grayscale(image: Image.Image) -> np.ndarray:
     """Any Pillow mode -> float32 [H, W] luminance in [0, 1].
 
@@ -74,13 +123,13 @@ def to_grayscale(image: Image.Image) -> np.ndarray:
     """
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(values).all():   # a float TIFF can hold NaN/inf: the answer would be NaN
+            raise ImageError("unsupported_image", "image has non-finite pixel values (NaN or infinity)")
         top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
         if image.mode == "F":
             top = max(1.0, float(values.max(initial=1.0)))
         return np.clip(values / top, 0, 1).astype(np.float32)
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info)
-    if not has_alpha:
+    if not has_alpha(image):
         return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
     rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
     luma = rgba[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -164,12 +213,13 @@ def normalize_in_place(pixels, mean: float, std: float):
     return pixels
 
 
-def preprocess_bytes(data: bytes, mean: float, std: float) -> np.ndarray:
-    """Encoded image bytes -> float32 [1, 28, 28], or ImageError."""
-    image = decode_image(data)
+def preprocess_bytes(data: bytes, mean: float, std: float, budget: PixelBudget | None = None) -> np.ndarray:
+    """Encoded image bytes -> float32 [1, 28, 28], or ImageError. budget: the pixels the
+    request may still decode (parsing.py passes one per request)."""
+    image = decode_image(data, budget)
     try:
         # to_mnist returns a new float32 array: normalizing it in place touches no caller's pixels.
-        return normalize_in_place(to_mnist(to_grayscale(image)), mean, std)[None]
+        return normalize_in_place(to_mnist(to_grayscale(shrink(image))), mean, std)[None]
     except ImageError:
         raise
     except Exception as error:  # e.g. an exotic mode Pillow cannot convert: still the image's fault

@@ -87,3 +87,20 @@ def test_valid_header_then_garbage(garbage, cut, fmt):
     Image.new("L", (40, 30), 255).save(buffer, format=fmt)
     data = buffer.getvalue()
     check(data[:cut] + garbage + data[cut + len(garbage):])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(st.just((28, 28)), st.tuples(st.integers(1, 40), st.integers(1, 40))),
+       st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=1, max_size=8),
+       st.integers(0, 2 ** 32 - 1))
+def test_float_images_with_non_finite_pixels(size, specials, seed):
+    """Float TIFFs (mode F) carry any float32, NaN and infinities included: never a NaN answer.
+    28x28 comes often: an MNIST-sized image skips the crop that would drop NaNs by accident."""
+    width, height = size
+    rng = np.random.default_rng(seed)
+    pixels = rng.random((height, width), dtype=np.float32)
+    flat = pixels.reshape(-1)
+    flat[rng.integers(0, flat.size, len(specials))] = specials
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="F").save(buffer, format="TIFF")
+    check(buffer.getvalue())

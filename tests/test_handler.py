@@ -13,7 +13,7 @@ from export.artifacts import load_model
 from export.run import normalized_images
 from imaging import all_formats, as_paper_photo, encode
 from repo import REPO_ROOT
-from serving.artifact import INT8_NAME, MODEL_NAME, ONNX_NAME, TORCHSCRIPT_NAME
+from serving.artifact import INT8_NAME, LOCAL_PATH_KEYS, MODEL_NAME, ONNX_NAME, TORCHSCRIPT_NAME, public_card
 from serving.properties import read_properties
 from training.data import preprocess_metadata
 
@@ -21,8 +21,8 @@ from training.data import preprocess_metadata
 # torch only), this file is skipped as a whole instead of failing to collect.
 ts_context = pytest.importorskip("ts.context", reason="TorchServe (ts) is not installed")
 Context, RequestProcessor = ts_context.Context, ts_context.RequestProcessor
-from serving.handler import DigitHandler  # noqa: E402
-from serving.parsing import DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC  # noqa: E402
+from serving.handler import INFERENCE_CHUNK_IMAGES, DigitHandler  # noqa: E402
+from serving.parsing import DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC, ParsedBatch, ParsedRequest  # noqa: E402
 
 # The metrics file the server runs with; relative paths in config.properties are from the repo root.
 METRICS_CONFIG = REPO_ROOT / read_properties(REPO_ROOT / "config.properties")["metrics_config"]
@@ -59,7 +59,14 @@ def call(handler, requests, headers=None):
     context.request_processor = [RequestProcessor(dict(headers[i]) if headers else {}) for i in range(len(requests))]
     responses = handler.handle(requests, context)
     assert len(responses) == len(requests)
-    return [(context.get_response_status(i)[0] or 200, json.loads(body)) for i, body in enumerate(responses)]
+    return [(context.get_response_status(i)[0] or 200, strict_json(body)) for i, body in enumerate(responses)]
+
+
+def strict_json(text: str):
+    """JSON as RFC 8259 has it: NaN and Infinity, which json.loads accepts, are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
 
 
 def test_response_schema(handler, mnist_digits):
@@ -169,9 +176,18 @@ def test_form_encoded_requests_are_refused_with_a_hint(handler, mnist_digits):
 
 
 def test_describe_returns_the_model_card(handler):
-    card = json.loads(handler.describe_handle())
+    card = strict_json(handler.describe_handle())
     assert card["mean"] == pytest.approx(0.1307) and card["labels"][7] == "7"
     assert 0.9 < card["test_acc"] <= 1.0 and "train_config" in card
+
+
+def test_the_model_card_leaves_out_local_paths(handler):
+    """The exported card holds where training read and wrote on its machine; the served one not."""
+    assert handler.metadata["train_config"]["data_dir"] and handler.metadata["train_config"]["out"]
+    card = strict_json(handler.describe_handle())
+    assert not set(LOCAL_PATH_KEYS) & set(card["train_config"])
+    assert card["train_config"]["epochs"] == handler.metadata["train_config"]["epochs"]
+    assert not [value for value in json.dumps(card).split('"') if value.startswith("/")]   # no absolute path
 
 
 def test_handler_runs_on_basehandlers_cycle_and_reports_handler_time(handler, mnist_digits, caplog):
@@ -187,7 +203,47 @@ def test_handler_runs_on_basehandlers_cycle_and_reports_handler_time(handler, mn
 
 def test_describe_header_returns_the_model_card_through_the_cycle(handler):
     [(status, card)] = call(handler, [{"body": b""}], headers=[{"describe": "True"}])
-    assert status == 200 and card["labels"][7] == "7" and card == handler.metadata
+    assert status == 200 and card["labels"][7] == "7" and card == public_card(handler.metadata)
+
+
+def test_a_describe_header_in_a_batch_breaks_nothing(handler, mnist_digits):
+    """BaseHandler answers a whole batch with one card when request 0 asks for it: the other
+    requests lost their answers. In a batch the header is ignored; each request is answered."""
+    png = mnist_digits.png(0)
+    answers = call(handler, [{"body": png}, {"body": png}], headers=[{"describe": "True"}, {}])
+    assert [(status, body["digit"]) for status, body in answers] == [(200, mnist_digits.label(0))] * 2
+
+
+def test_the_model_runs_in_bounded_chunks(handler, monkeypatch):
+    """A batch holds up to 8 requests x 64 images: the model sees at most one chunk at a time."""
+    seen = []
+    real = handler.run_model
+    monkeypatch.setattr(handler, "run_model", lambda inputs: seen.append(len(inputs)) or real(inputs))
+    rows = 8 * 64 + 3
+    batch = ParsedBatch(np.zeros((rows, 1, 28, 28), np.float32), [ParsedRequest("many", list(range(rows)))])
+    _, logits = handler.inference(batch)
+    assert logits.shape == (rows, 10) and max(seen) <= INFERENCE_CHUNK_IMAGES and sum(seen) == rows
+
+
+def test_non_finite_pixels_are_refused_and_the_neighbour_served(handler, mnist_digits):
+    pixels = mnist_digits.images[0].astype(np.float32) / 255
+    pixels[5, 5] = np.nan
+    nan_tiff = encode(Image.fromarray(pixels, mode="F"), "TIFF")
+    answers = call(handler, [{"body": nan_tiff}, {"body": mnist_digits.png(1)}])
+    assert answers[0][0] == 415 and answers[0][1]["code"] == "unsupported_image"
+    assert answers[1][0] == 200 and answers[1][1]["digit"] == mnist_digits.label(1)
+
+
+def test_a_non_finite_answer_is_never_sent_as_json(handler, mnist_digits, monkeypatch):
+    """Only a broken model gets here (inputs are finite): that request gets a 500, in real JSON."""
+    def broken_model(inputs):
+        logits = np.zeros((len(inputs), 10), np.float32)
+        logits[0] = np.nan
+        return logits
+    monkeypatch.setattr(handler, "run_model", broken_model)
+    answers = call(handler, [{"body": mnist_digits.png(0)}, {"body": mnist_digits.png(1)}])
+    assert answers[0][0] == 500 and answers[0][1]["code"] == "internal_error"
+    assert answers[1][0] == 200 and 0 <= answers[1][1]["digit"] <= 9
 
 
 def logged_counts(records, name: str) -> dict[str, float]:

@@ -2,15 +2,16 @@
 requests are refused with which code, how each is answered, and that nothing raises."""
 import base64
 import json
+import logging
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
 from imaging import encode
-from serving.parsing import (HTTP_STATUS, EncodedRequest, ParsedRequest, answer_body, content_type,
-                             decode_base64, images_from_request, parse_batch)
-from serving.preprocess import ImageError
+from serving.parsing import (HTTP_STATUS, MAX_IMAGES_PER_REQUEST, EncodedRequest, ParsedRequest, answer_body,
+                             content_type, decode_base64, images_from_request, parse_batch)
+from serving.preprocess import MAX_PIXELS_PER_REQUEST, ImageError
 from training.data import MNIST_MEAN, MNIST_STD
 
 
@@ -124,3 +125,112 @@ def test_answer_bodies():
 
 def test_every_error_code_has_a_4xx_status():
     assert all(400 <= status < 500 for status in HTTP_STATUS.values())
+
+
+# --- One request can never hurt another -----------------------------------------------------
+def test_too_many_images_are_refused_in_every_shape_before_decoding():
+    over = MAX_IMAGES_PER_REQUEST + 1
+    # Undecodable items: a count checked after decoding would answer invalid_base64 / per image.
+    for request in ({"body": {"images": ["%%%"] * over}},
+                    {"body": {"images": [""] * 20_000}},        # 60 KB that killed a worker
+                    {"body": v2_document(["%%%"] * over)},
+                    {f"file{i}": b"not an image" for i in range(over)}):
+        refused = images_from_request(request)
+        assert isinstance(refused, ImageError) and refused.code == "too_many_images", request.keys()
+        assert HTTP_STATUS[refused.code] == 413 and str(MAX_IMAGES_PER_REQUEST) in str(refused)
+    at_the_limit = parse({"body": {"images": [GOOD_B64] * MAX_IMAGES_PER_REQUEST}})
+    assert at_the_limit.inputs.shape[0] == MAX_IMAGES_PER_REQUEST
+
+
+def test_the_image_cap_is_in_the_contract():
+    import yaml
+
+    from repo import REPO_ROOT
+    spec = yaml.safe_load((REPO_ROOT / "serving" / "openapi.yaml").read_text())
+    schemas = spec["components"]["schemas"]
+    assert schemas["ImagesRequest"]["properties"]["images"]["maxItems"] == MAX_IMAGES_PER_REQUEST
+    v2_input = schemas["V2InferenceRequest"]["properties"]["inputs"]["items"]["properties"]
+    assert v2_input["data"]["maxItems"] == MAX_IMAGES_PER_REQUEST
+    page = (REPO_ROOT / "serving" / "web" / "index.html").read_text()
+    assert f"at most {MAX_IMAGES_PER_REQUEST} per request" in page
+
+
+def test_a_huge_json_integer_is_invalid_json():
+    # TorchServe's own json.loads fails on it (Python's 4,300-digit limit) and passes the bytes on.
+    refused = images_from_request({"body": b"[" + b"1" * 5000 + b"]"})
+    assert isinstance(refused, ImageError) and refused.code == "invalid_json"
+
+
+def test_anything_a_request_raises_is_its_own_400_logged_once(monkeypatch, caplog):
+    import serving.parsing as parsing
+
+    real = parsing.images_from_request
+
+    def images_from_request_that_breaks(request):
+        if request.get("body") == b"boom":
+            raise ArithmeticError("nobody thought of this")
+        return real(request)
+    monkeypatch.setattr(parsing, "images_from_request", images_from_request_that_breaks)
+    with caplog.at_level(logging.INFO, logger="serving.parsing"):
+        batch = parse({"body": GOOD}, {"body": b"boom"}, {"body": GOOD})
+    served, broken, also_served = batch.requests
+    assert broken.error.code == "invalid_request" and HTTP_STATUS["invalid_request"] == 400
+    assert "ArithmeticError" in str(broken.error)
+    assert served == ParsedRequest("one", [0]) and also_served == ParsedRequest("one", [1])
+    assert batch.inputs.shape[0] == 2
+    assert len(caplog.records) == 1 and caplog.records[0].exc_info is not None
+
+
+def test_a_request_that_breaks_midway_runs_none_of_its_images(monkeypatch):
+    import serving.parsing as parsing
+
+    calls = []
+
+    def preprocess_bytes_that_breaks_on_the_third(data, mean, std, budget=None):
+        calls.append(data)
+        if len(calls) == 3:
+            raise RecursionError("deep")
+        return np.zeros((1, 28, 28), np.float32)
+    monkeypatch.setattr(parsing, "preprocess_bytes", preprocess_bytes_that_breaks_on_the_third)
+    batch = parse({"body": GOOD}, {"body": {"images": [GOOD_B64, GOOD_B64]}})
+    assert batch.requests[1].error.code == "invalid_request" and batch.inputs.shape[0] == 1
+
+
+def test_failed_images_keep_code_and_message_only():
+    """A raised ImageError's traceback holds the decoder's frames, its bytes and pixels with them."""
+    not_an_image = base64.b64encode(b"plain text").decode()
+    [request] = parse({"body": {"images": [GOOD_B64, not_an_image]}}).requests
+    failed = request.slots[1]
+    assert failed.code == "not_an_image" and str(failed)
+    assert failed.__traceback__ is None and failed.__context__ is None and failed.__cause__ is None
+
+
+def test_the_pixel_budget_is_per_request():
+    """Blank 6000x6000 PNGs (36 MP, 0.1 MB each): two fit the request's budget, a third does not."""
+    assert 2 * 36_000_000 <= MAX_PIXELS_PER_REQUEST < 3 * 36_000_000
+    blank = base64.b64encode(encode(Image.new("L", (6000, 6000), 255))).decode()
+    batch = parse({"body": {"images": [blank] * 3}}, {"body": {"images": [blank]}})
+    codes = [slot.code for slot in batch.requests[0].slots]
+    assert codes == ["no_digit", "no_digit", "too_large"]
+    assert batch.requests[1].slots[0].code == "no_digit"   # the next request has its own budget
+
+
+def test_the_largest_answer_fits_max_response_size():
+    """TorchServe kills the worker whose answer passes max_response_size; with the image cap,
+    the largest answer (64 predictions, or 64 of the longest error) must fit in both configs."""
+    from repo import REPO_ROOT
+    from serving.artifact import predictions
+    from serving.properties import read_properties
+
+    # Uniform-ish logits make every probability a full-length float repr (e.g. 0.10000000000000002).
+    logits = np.random.default_rng(0).normal(size=(MAX_IMAGES_PER_REQUEST, 10)) * 1e-3
+    answers = predictions(logits, [str(digit) for digit in range(10)], "w-0123456789ab")
+    rows = list(range(MAX_IMAGES_PER_REQUEST))
+    longest_error = max((ImageError(code, "x" * 300) for code in HTTP_STATUS), key=lambda e: len(e.code))
+    bodies = [answer_body(ParsedRequest("many", rows), answers, "mnist", "w-0123456789ab"),
+              answer_body(ParsedRequest("v2", rows, "x" * 64), answers, "mnist", "w-0123456789ab"),
+              answer_body(ParsedRequest("many", [longest_error] * MAX_IMAGES_PER_REQUEST), answers, "mnist", "v")]
+    largest = max(len(json.dumps(body).encode()) for body in bodies)
+    for config in ("config.properties", "config.production.properties"):
+        limit = int(read_properties(REPO_ROOT / config)["max_response_size"])
+        assert largest * 4 < limit, (config, largest, limit)   # with room for longer messages

@@ -3,7 +3,8 @@ import pytest
 from PIL import Image
 
 from imaging import all_formats, animated_gif, as_paper_photo, encode, exif_rotated_jpeg, png_bomb, upright_photo
-from serving.preprocess import MAX_PIXELS, ImageError, preprocess_bytes, to_mnist
+from serving.preprocess import (FORMATS, MAX_PIXELS, MAX_WORKING_SIDE, ImageError, PixelBudget, preprocess_bytes,
+                                to_mnist)
 from training.data import MNIST_MEAN, MNIST_STD
 
 MEAN, STD = MNIST_MEAN, MNIST_STD
@@ -98,3 +99,66 @@ def test_decompression_bomb_is_refused_before_decoding():
     with pytest.raises(ImageError) as raised:
         preprocess_bytes(png_bomb(side=int(MAX_PIXELS ** 0.5) + 1000), MEAN, STD)
     assert raised.value.code == "too_large"
+
+
+@pytest.mark.parametrize("fmt,data", [
+    ("EPS", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\nshowpage\n"),   # Pillow would run Ghostscript
+    ("PPM", encode(Image.new("L", (28, 28), 0).point(lambda v: 255), "PPM")),
+    ("ICO", encode(Image.new("L", (32, 32), 0), "ICO")),
+    ("TGA", encode(Image.new("L", (28, 28), 0), "TGA")),
+])
+def test_only_the_promised_formats_are_read(fmt, data):
+    with pytest.raises(ImageError) as raised:
+        preprocess_bytes(data, MEAN, STD)
+    assert raised.value.code == "not_an_image" and "PNG, JPEG, BMP, GIF, WebP, TIFF" in str(raised.value)
+    assert FORMATS == ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
+
+
+def float_tiff(pixels: np.ndarray) -> bytes:
+    return encode(Image.fromarray(pixels.astype(np.float32), mode="F"), "TIFF")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_pixels_are_unsupported(mnist_digits, bad):
+    pixels = mnist_digits.images[0].astype(np.float32) / 255
+    assert preprocess_bytes(float_tiff(pixels), MEAN, STD).shape == (1, 28, 28)   # finite: read
+    pixels[3, 4] = bad
+    with pytest.raises(ImageError) as raised:
+        preprocess_bytes(float_tiff(pixels), MEAN, STD)
+    assert raised.value.code == "unsupported_image"
+
+
+def test_the_pixel_budget_refuses_before_decoding(monkeypatch):
+    import serving.preprocess as preprocess
+
+    from PIL import ImageFile
+
+    data = encode(Image.new("L", (40, 30), 255))   # 1,200 pixels
+    budget = PixelBudget(left=1000)
+    loads = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda image: loads.append(image))
+    with pytest.raises(ImageError) as raised:
+        preprocess.decode_image(data, budget)
+    assert raised.value.code == "too_large" and loads == [] and budget.left == 1000
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "1", "RGBA", "I;16", "CMYK"])
+def test_big_images_are_reduced_before_any_float_copy(mnist_digits, monkeypatch, mode):
+    """A 40-MP float copy is 160 MB (RGBA 640 MB): to_grayscale must only see working-size images,
+    and they must still give the digit of the small image."""
+    import serving.preprocess as preprocess
+
+    photo = as_paper_photo(mnist_digits.images[0], size=(4000, 3000), scale=60, offset=(1200, 600))
+    small = photo.resize((400, 300), Image.BOX)
+    if mode == "I;16":
+        photo, small = (Image.fromarray(np.asarray(image.convert("L"), dtype=np.uint16) * 257) for image in (photo, small))
+    else:
+        photo, small = photo.convert(mode), small.convert(mode)
+    fmt = {"CMYK": "JPEG", "I;16": "TIFF"}.get(mode, "PNG")
+    seen = []
+    real = preprocess.to_grayscale
+    monkeypatch.setattr(preprocess, "to_grayscale", lambda image: seen.append(image.size) or real(image))
+    big_tensor = preprocess_bytes(encode(photo, fmt), MEAN, STD)
+    assert max(seen[0]) <= MAX_WORKING_SIDE
+    small_tensor = preprocess_bytes(encode(small, fmt), MEAN, STD)
+    assert np.corrcoef(big_tensor.ravel(), small_tensor.ravel())[0, 1] > 0.9

@@ -131,6 +131,7 @@ def test_model_card_via_management_api(running_server, trained_min_accuracy):
     assert card["model_version"] == f"w-{card['weights_sha256'][:12]}" and card["labels"][3] == "3"
     assert card["mean"] == pytest.approx(0.1307) and card["std"] == pytest.approx(0.3081)
     assert card["test_acc"] >= trained_min_accuracy and card["train_config"]["epochs"] == 2
+    assert not {"data_dir", "out", "tensorboard"} & set(card["train_config"])   # no paths of the training host
 
 
 def test_model_registration_is_disabled(running_server):
