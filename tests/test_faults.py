@@ -83,8 +83,8 @@ def test_sigterm_mid_save_leaves_no_temp_file_and_the_previous_checkpoint(tmp_pa
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]   # no temp file, no half metrics
+    assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
     assert out.read_bytes() == quick_checkpoint.read_bytes()          # the previous checkpoint, intact
     load_checkpoint(out)
 
