@@ -13,7 +13,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -88,7 +88,7 @@ def temp_pattern(path: Path) -> str:
     return f".{path.name}.*.tmp"
 
 
-def sweep_stale_temps(paths) -> list[Path]:
+def sweep_stale_temps(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Remove temp files that a killed process (SIGKILL, power loss) left beside these targets;
     returns what was removed. Call it before this process writes any of them."""
     removed = []
