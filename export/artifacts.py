@@ -1,6 +1,6 @@
 """Checkpoint -> TorchScript and ONNX, each carrying the metadata a consumer needs.
 
-Every artifact is written to a temporary name first; export.cli renames them into
+Every artifact is written to a temporary name first; export.run renames them into
 place only after the parity check passed, so a failed export leaves nothing behind.
 """
 from __future__ import annotations

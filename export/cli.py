@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from serving.artifact import INT8_NAME, SERVE_ACCURACY_FLOOR
-from training.checkpoint import CheckpointError
+from training.checkpoint import CheckpointError, sigterm_raises
 from training.data import DATA_DIR_ENV, DataError
 
 from .parity import ParityError, format_report
@@ -39,7 +39,8 @@ def main(**options) -> None:
     mnist-export --data-dir ../shared/mnist
     """
     try:
-        report = run_export(ExportConfig(**options))
+        with sigterm_raises():   # SIGTERM still removes the temp files and never splits the pair
+            report = run_export(ExportConfig(**options))
     except (CheckpointError, DataError, ExportError) as error:
         raise click.ClickException(str(error)) from None
     except ParityError as error:

@@ -1,4 +1,5 @@
-"""The export stage: checkpoint -> TorchScript + ONNX, parity-checked, then renamed into place.
+"""The export stage: checkpoint -> TorchScript + ONNX, parity-checked, then renamed into place
+together (a failed rename puts the previous ones back), then checked to carry the same weights.
 
     python -m export --data-dir ../shared/mnist
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +21,9 @@ import numpy as np
 
 from serving.artifact import (ARTIFACTS_DIR, CHECKPOINT_NAME, INT8_NAME, ONNX_NAME, PARITY_REPORT_NAME,
                               SERVE_ACCURACY_FLOOR, TORCHSCRIPT_NAME, artifact_path, load_torchscript_module,
-                              onnx_runner, onnx_session, torch_runner)
+                              onnx_runner, onnx_session, read_metadata, torch_runner)
 from serving.preprocess import normalize_in_place
+from training.checkpoint import fsync_directory, write_text_atomic
 from training.data import load_mnist
 
 from .artifacts import (ONNX_OPSET, build_metadata, export_onnx, export_torchscript, load_model, save_torchscript,
@@ -79,11 +82,58 @@ def temp_path(out_dir: Path, final_name: str, stack: ExitStack) -> Path:
     return path
 
 
-def run_export(config: ExportConfig) -> dict:
-    model, checkpoint = load_model(config.checkpoint)
-    if not config.force:
-        check_accuracy_floor(checkpoint, config.checkpoint)
-    metadata = build_metadata(checkpoint, config.model_version)
+def check_same_weights(paths: list[Path], weights_sha256: str) -> None:
+    """Every artifact carries the weights of this export: none is left from another one."""
+    for path in paths:
+        carried = read_metadata(path)["weights_sha256"]
+        if carried != weights_sha256:
+            raise ExportError(f"{path} carries weights {carried[:12]}, not this export's {weights_sha256[:12]}: "
+                              f"another export wrote to the same directory at the same time; run export again")
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def link_backup(final: Path) -> Path | None:
+    """A second name for the file now at final (a hard link: no copy), to put it back with."""
+    if not final.exists():
+        return None
+    backup = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.bak")
+    os.link(final, backup)
+    return backup
+
+
+def install_together(staged: dict[Path, Path]) -> None:
+    """Rename each staged temp file over its final name ({final: temp}). If any rename fails
+    (or SIGTERM lands between two), the files already replaced are put back: the directory
+    never holds a TorchScript/ONNX pair of two different exports."""
+    backups: dict[Path, Path | None] = {}
+    try:
+        for final, temp in staged.items():
+            fsync_file(temp)
+            backups[final] = link_backup(final)
+            os.replace(temp, final)
+    except BaseException:
+        for final, backup in backups.items():
+            if backup is not None:
+                os.replace(backup, final)
+            else:
+                final.unlink(missing_ok=True)
+        raise
+    finally:
+        for backup in backups.values():
+            if backup is not None:
+                backup.unlink(missing_ok=True)
+    fsync_directory(next(iter(staged)).parent)
+
+
+def write_report(out_dir: Path, report: dict) -> None:
+    write_text_atomic(out_dir / PARITY_REPORT_NAME, json.dumps(report, indent=1) + "\n")
+
+
+def writable_out_dir(config: ExportConfig) -> Path:
     out_dir = Path(config.out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -91,6 +141,17 @@ def run_export(config: ExportConfig) -> dict:
         probe.close()
     except OSError as error:
         raise ExportError(f"cannot write to {out_dir}: {error.strerror or error}") from None
+    return out_dir
+
+
+def run_export(config: ExportConfig) -> dict:
+    """Write every artifact to a temp name, check parity, then rename them all into place
+    together and check that they carry the same weights."""
+    model, checkpoint = load_model(config.checkpoint)
+    if not config.force:
+        check_accuracy_floor(checkpoint, config.checkpoint)
+    metadata = build_metadata(checkpoint, config.model_version)
+    out_dir = writable_out_dir(config)
     images, labels = load_mnist(config.data_dir, train=False)
     inputs = normalized_images(images, metadata)
 
@@ -103,8 +164,8 @@ def run_export(config: ExportConfig) -> dict:
         report = check_parity(backends, inputs, labels.numpy(), tolerance=config.tolerance,
                               batch_sizes=config.batch_sizes)
         report["artifacts"] = {"torchscript": str(out_dir / TORCHSCRIPT_NAME), "onnx": str(out_dir / ONNX_NAME)}
-        (out_dir / PARITY_REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
         if not report["passed"]:
+            write_report(out_dir, report)
             raise ParityError(format_report(report))
         # The accuracy measured on the exported graph travels with both artifacts.
         metadata["test_acc"] = report["accuracy"]["onnxruntime"]
@@ -112,24 +173,27 @@ def run_export(config: ExportConfig) -> dict:
                                               for value in entry["max_abs_diff"].values())
         save_torchscript(scripted, metadata, torchscript_tmp)
         set_onnx_metadata(onnx_tmp, metadata)
-        os.replace(torchscript_tmp, out_dir / TORCHSCRIPT_NAME)
-        os.replace(onnx_tmp, out_dir / ONNX_NAME)
+        staged = {out_dir / TORCHSCRIPT_NAME: torchscript_tmp, out_dir / ONNX_NAME: onnx_tmp}
         if config.quantize:
-            report["int8"] = export_int8(config, out_dir, metadata, inputs, labels.numpy(), stack)
+            int8_tmp = temp_path(out_dir, INT8_NAME, stack)
+            report["int8"] = export_int8(config, onnx_tmp, int8_tmp, metadata, inputs, labels.numpy())
             report["artifacts"]["int8"] = str(out_dir / INT8_NAME)
-            (out_dir / PARITY_REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
+            staged[out_dir / INT8_NAME] = int8_tmp
+        check_same_weights(list(staged.values()), metadata["weights_sha256"])
+        install_together(staged)
+    check_same_weights(list(staged), metadata["weights_sha256"])   # no concurrent export renamed over ours
+    write_report(out_dir, report)
     return report
 
 
-def export_int8(config: ExportConfig, out_dir: Path, metadata: dict, test_inputs: np.ndarray,
-                test_labels: np.ndarray, stack: ExitStack) -> dict:
+def export_int8(config: ExportConfig, onnx_path: Path, int8_path: Path, metadata: dict, test_inputs: np.ndarray,
+                test_labels: np.ndarray) -> dict:
     """Quantize the fp32 ONNX model on real training images; measure it against fp32."""
     from .quantize import CALIBRATION_IMAGES, compare, quantize_int8, record_in_metadata
 
     train_images, _ = load_mnist(config.data_dir, train=True)
     calibration = normalized_images(train_images[:CALIBRATION_IMAGES], metadata)
-    int8_tmp = quantize_int8(out_dir / ONNX_NAME, temp_path(out_dir, INT8_NAME, stack), calibration)
-    comparison = compare(out_dir / ONNX_NAME, int8_tmp, test_inputs, test_labels)
-    record_in_metadata(int8_tmp, metadata, comparison)
-    os.replace(int8_tmp, out_dir / INT8_NAME)
+    quantize_int8(onnx_path, int8_path, calibration)
+    comparison = compare(onnx_path, int8_path, test_inputs, test_labels)
+    record_in_metadata(int8_path, metadata, comparison)
     return comparison

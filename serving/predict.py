@@ -3,6 +3,7 @@
 
     mnist-predict --model artifacts/mnist_cnn.onnx samples/digit_7.png samples/
     mnist-predict --grpc 127.0.0.1:7070 samples/digit_7.png      # ask a running TorchServe over gRPC
+    mnist-predict --grpc 127.0.0.1:7070 --key-file key_file.json samples/   # token authorization on
 
 prints one JSON line per image, e.g.
     {"file": "samples/digit_7.png", "digit": 7, "label": "7", "confidence": 0.9991, ..., "model_version": "w-..."}
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from .artifact import ONNX_NAME, TORCHSCRIPT_NAME, ArtifactError, artifact_path, is_onnx, load, predictions
+from .grpc_client import KEY_ENV, KeyFileError, KeySource
 from .preprocess import ImageError, preprocess_bytes
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
@@ -88,13 +90,13 @@ SERVER_FAILURES = ("UNAVAILABLE", "UNAUTHENTICATED", "PERMISSION_DENIED", "NOT_F
                    "INVALID_ARGUMENT")
 
 
-def predict_over_grpc(files: list[Path], target: str, key: str | None):
+def predict_over_grpc(files: list[Path], target: str, keys: KeySource):
     """Yield one result dict per file, each file sent as one Predictions RPC to TorchServe."""
     import grpc
 
     from .grpc_client import PredictionError, connect
 
-    with connect(target, key) as client:
+    with connect(target, keys=keys) as client:
         for path in files:
             try:
                 yield {"file": str(path), **client.predict(path.read_bytes())}
@@ -135,28 +137,36 @@ def load_model(model: str | None, backend: str, threads: int):
 @click.option("--grpc", "grpc_target", metavar="HOST:PORT", default=None,
               help="Send each image to a running TorchServe's gRPC inference API (its grpc_inference_port, "
                    "7070 in config.properties) instead of running a model here.")
-@click.option("--key", default=None, help="With --grpc: the inference key (key_file.json) of a server with "
-                                          "token authorization.")
-def main(paths, model, backend, batch_size, threads, grpc_target, key) -> None:
+@click.option("--key-file", type=click.Path(dir_okay=False), default=None,
+              help=f"With --grpc: the key_file.json of a server with token authorization (re-read at every "
+                   f"call, so renewed keys are picked up). Else the key in ${KEY_ENV}, if set.")
+@click.option("--key", "removed_key", hidden=True, default=None)
+def main(paths, model, backend, batch_size, threads, grpc_target, key_file, removed_key) -> None:
     """Predict the digit in each image file (folders are searched for images)."""
+    if removed_key is not None:
+        raise click.UsageError(f"--key was removed: a key on the command line is readable by every user of this "
+                               f"machine (ps). Use --key-file key_file.json or the {KEY_ENV} environment variable")
     if grpc_target and (grpc_target.rpartition(":")[0] == "" or not grpc_target.rpartition(":")[2].isdigit()):
         raise click.UsageError(f"--grpc takes HOST:PORT, e.g. 127.0.0.1:7070, not {grpc_target!r}")
+    if key_file and not grpc_target:
+        raise click.UsageError("--key-file goes with --grpc (a local model needs no key)")
     try:
-        failures, count = print_predictions(paths, model, backend, batch_size, threads, grpc_target, key)
+        failures, count = print_predictions(paths, model, backend, batch_size, threads, grpc_target,
+                                            KeySource.from_options(key_file))
     except BackendMismatch as error:
         raise click.UsageError(str(error)) from None
-    except PredictError as error:
+    except (PredictError, KeyFileError) as error:
         raise click.ClickException(str(error)) from None
     if failures:
         click.echo(f"{failures} of {count} file(s) failed", err=True)
         sys.exit(1)
 
 
-def print_predictions(paths, model, backend, batch_size, threads, grpc_target, key) -> tuple[int, int]:
+def print_predictions(paths, model, backend, batch_size, threads, grpc_target, keys: KeySource) -> tuple[int, int]:
     """One JSON line per file on stdout, an error line per failed file on stderr; returns
     (failed files, files)."""
     if grpc_target:
-        predict = partial(predict_over_grpc, target=grpc_target, key=key)
+        predict = partial(predict_over_grpc, target=grpc_target, keys=keys)
     else:
         run_model, metadata = load_model(model, backend, threads)
         predict = partial(predict_files, run_model=run_model, metadata=metadata, batch_size=batch_size)

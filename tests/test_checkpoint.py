@@ -1,7 +1,11 @@
+import os
+import stat
+
 import pytest
 import torch
 
-from training.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_atomic, unwrap
+from training.checkpoint import (FORMAT_VERSION, CheckpointError, load_checkpoint, save_atomic, sweep_stale_temps,
+                                 unwrap, write_text_atomic)
 
 
 def test_quick_checkpoint_has_documented_keys_and_loads_weights_only(quick_checkpoint):
@@ -92,8 +96,82 @@ def test_unknown_format_version_is_rejected(tmp_path, quick_checkpoint):
         load_checkpoint(path)
 
 
-def test_pickled_objects_are_refused(tmp_path):
+class LeavesATrace:
+    """Unpickling this creates `marker`: the visible trace of code run by torch.load."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_pickled_objects_are_refused(tmp_path, quick_checkpoint):
+    # A complete checkpoint, so that only weights_only=True stands between the file and the
+    # unpickler (weights_only=False would load it, and the marker would appear).
+    checkpoint = load_checkpoint(quick_checkpoint)
+    marker = tmp_path / "unpickled"
+    checkpoint["payload"] = LeavesATrace(marker)
     path = tmp_path / "pickle.pt"
-    torch.save({"format_version": 1, "payload": object()}, path)
-    with pytest.raises(CheckpointError):
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_save_fsyncs_the_directory_after_the_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(handle):
+        events.append("fsync dir" if stat.S_ISDIR(os.fstat(handle).st_mode) else "fsync file")
+        real_fsync(handle)
+
+    def replace(source, target):
+        events.append("rename")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    save_atomic({"value": torch.ones(3)}, tmp_path / "ckpt.pt")
+    assert events == ["fsync file", "rename", "fsync dir"]
+
+
+def test_reports_are_written_atomically(tmp_path, monkeypatch):
+    """test_report.json (and metrics.jsonl, parity_report.json: the same helper) is never
+    half-written: a write that fails leaves the previous file whole and no temp file."""
+    from training.report import write_test_report
+
+    report = tmp_path / "test_report.json"
+    metrics = {"selected_by": "final", "selected_epoch": 1, "test_acc": 0.5, "per_class_acc": [0.5] * 10,
+               "confusion_matrix": [[1] * 10] * 10}
+    write_test_report(report, metrics)
+    before = report.read_text()
+
+    def full_disk(source, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        write_test_report(report, {**metrics, "test_acc": 0.9})
+    assert report.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["test_report.json"]
+
+
+def test_write_text_atomic_replaces_the_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    write_text_atomic(path, "one\n")
+    write_text_atomic(path, "two\n")
+    assert path.read_text() == "two\n" and [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_sweep_removes_only_the_targets_stale_temps(tmp_path):
+    target = tmp_path / "m.pt"
+    stale = [tmp_path / ".m.pt.k2j4h1.tmp", tmp_path / ".metrics.jsonl.abc.tmp"]
+    kept = [tmp_path / "m.pt", tmp_path / ".other.pt.abc.tmp", tmp_path / ".m.pt.abc.onnx"]
+    for path in stale + kept:
+        path.write_bytes(b"x")
+    removed = sweep_stale_temps([target, tmp_path / "metrics.jsonl", tmp_path / "absent" / "m.pt"])
+    assert sorted(removed) == sorted(stale)
+    assert sorted(tmp_path.iterdir()) == sorted(kept)

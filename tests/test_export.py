@@ -1,4 +1,7 @@
 import json
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -9,7 +12,8 @@ from click.testing import CliRunner
 from export.artifacts import build_metadata, export_onnx, export_torchscript, load_model, weights_version
 from export.cli import main as export_cli
 from export.parity import check_parity
-from export.run import AccuracyFloorError, ExportConfig, normalized_images, run_export
+from export.run import (AccuracyFloorError, ExportConfig, ExportError, check_same_weights, normalized_images,
+                        run_export)
 from serving.artifact import (INPUT_NAME, INT8_NAME, ONNX_NAME, PARITY_REPORT_NAME, SERVE_ACCURACY_FLOOR,
                               TORCHSCRIPT_NAME, load_torchscript_module, onnx_runner, onnx_session, read_metadata,
                               torch_runner)
@@ -198,3 +202,53 @@ def test_model_version_names_the_weights(tmp_path, quick_checkpoint):
                                      for name, tensor in checkpoint["model"].items()}}
     assert build_metadata(other)["model_version"] != version                           # other weights
     assert build_metadata(checkpoint, "2.1")["model_version"] == "2.1"                 # explicit wins
+
+
+# --- a directory never holds artifacts of two different exports -----------------------------
+
+def other_weights_checkpoint(tmp_path, quick_checkpoint) -> tuple:
+    checkpoint = load_checkpoint(quick_checkpoint)
+    checkpoint["model"] = {name: tensor * 1.01 if tensor.is_floating_point() else tensor
+                           for name, tensor in checkpoint["model"].items()}
+    path = tmp_path / "other.pt"
+    torch.save(checkpoint, path)
+    return path, checkpoint
+
+
+def test_a_failed_rename_leaves_the_previous_pair_whole(tmp_path, quick_export, quick_checkpoint, data_dir,
+                                                        monkeypatch):
+    previous_dir, _ = quick_export
+    out_dir = tmp_path / "out"
+    shutil.copytree(previous_dir, out_dir)
+    before = {path.name: path.read_bytes() for path in out_dir.iterdir()}
+    other, _ = other_weights_checkpoint(tmp_path, quick_checkpoint)
+    real_replace, failed = os.replace, []
+
+    def replace(source, target):   # the ONNX rename fails once, after the TorchScript one succeeded
+        if Path(target).name == ONNX_NAME and not failed:
+            failed.append(target)
+            raise OSError(28, "No space left on device")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="No space"):
+        run_export(ExportConfig(checkpoint=str(other), out_dir=str(out_dir), data_dir=data_dir, force=True,
+                                batch_sizes=(256,)))
+    assert failed
+    after = {path.name: path.read_bytes() for path in out_dir.iterdir()}
+    assert after.keys() == before.keys()           # no temp file, no backup left
+    assert after == before                         # the previous export, whole, report included
+    shas = {read_metadata(out_dir / name)["weights_sha256"] for name in (TORCHSCRIPT_NAME, ONNX_NAME)}
+    assert len(shas) == 1
+
+
+def test_artifacts_of_two_exports_are_refused(tmp_path, quick_export, quick_checkpoint):
+    out_dir, _ = quick_export
+    _, other = other_weights_checkpoint(tmp_path, quick_checkpoint)
+    model, _ = load_model(quick_checkpoint)
+    model.load_state_dict(other["model"])
+    foreign = export_onnx(model, build_metadata(other), tmp_path / ONNX_NAME)
+    own = read_metadata(out_dir / ONNX_NAME)["weights_sha256"]
+    check_same_weights([out_dir / TORCHSCRIPT_NAME, out_dir / ONNX_NAME], own)
+    with pytest.raises(ExportError, match="another export"):
+        check_same_weights([out_dir / TORCHSCRIPT_NAME, foreign], own)

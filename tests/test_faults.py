@@ -1,6 +1,8 @@
-"""Training faults with real processes: SIGKILL mid-epoch then --resume; one dead torchrun rank."""
+"""Training faults with real processes: SIGKILL mid-epoch then --resume; SIGTERM mid-save;
+one dead torchrun rank."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,14 +12,14 @@ import pytest
 
 from repo import subprocess_env, torchrun_command
 from serving.artifact import METRICS_NAME
-from training.checkpoint import load_checkpoint
+from training.checkpoint import SAVE_DELAY_ENV, load_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
 
-def start(args, cwd, torchrun=False):
+def start(args, cwd, torchrun=False, **env):
     command = torchrun_command("-m", "training", *args) if torchrun else [sys.executable, "-m", "training", *args]
-    return subprocess.Popen(command, cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE,
+    return subprocess.Popen(command, cwd=cwd, env=subprocess_env(**env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -52,6 +54,39 @@ def test_sigkill_mid_epoch_then_resume(tmp_path, data_dir, reliability_log):
     reliability_log.append({"check": "SIGKILL training mid-epoch, --resume", "cases": 1, "passed": int(ok),
                             "requests": "", "5xx": "", "worker restarts": "", "lost": 0 if ok else 1})
     assert ok
+
+
+def wait_for_new_file(directory, pattern, process, old, timeout_s=240):
+    """The first file matching pattern that is not `old`, while the process runs."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        found = [path for path in directory.glob(pattern) if path != old]
+        if found:
+            return found[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no {pattern} in {directory} (process exit status {process.poll()})")
+
+
+def test_sigterm_mid_save_leaves_no_temp_file_and_the_previous_checkpoint(tmp_path, data_dir, quick_checkpoint):
+    out = tmp_path / "m.pt"
+    shutil.copyfile(quick_checkpoint, out)                    # the previous run's checkpoint
+    stale = tmp_path / ".m.pt.killed9.tmp"                    # what a SIGKILLed save left behind
+    stale.write_bytes(b"half a checkpoint")
+    # Every save sleeps between its bytes and its rename: the SIGTERM lands inside one, for sure.
+    process = start(["--quick", "--device", "cpu", "--data-dir", data_dir, "--out", str(out)], tmp_path,
+                    **{SAVE_DELAY_ENV: "600"})
+    try:
+        wait_for_new_file(tmp_path, ".m.pt.*.tmp", process, old=stale)
+        assert not stale.exists()                             # swept at start-up
+        os.kill(process.pid, signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]   # no temp file, no half metrics
+    assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
+    assert out.read_bytes() == quick_checkpoint.read_bytes()          # the previous checkpoint, intact
+    load_checkpoint(out)
 
 
 def test_killed_rank_fails_the_job_instead_of_hanging(tmp_path, data_dir, reliability_log):

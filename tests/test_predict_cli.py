@@ -89,3 +89,32 @@ def test_a_training_checkpoint_gets_a_one_line_hint(quick_checkpoint, image_fold
     result, _ = run(["--model", str(junk), str(folder)])
     assert result.exit_code == 1 and f"cannot load model {junk}" in result.output
     assert "training checkpoint" not in result.output
+
+
+# --- the gRPC key: from a file or the environment, never argv ---------------------------------
+def test_a_key_on_the_command_line_is_refused(tmp_path):
+    result = CliRunner().invoke(predict_cli, ["--grpc", "127.0.0.1:7070", "--key", "secret", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "--key was removed" in result.output and "--key-file" in result.output
+    assert "DIGITSERVE_INFERENCE_KEY" in result.output
+
+
+@pytest.mark.parametrize("content,why", [
+    (None, "no such file"),
+    ('{"management": {"key": "m"}}', "no inference key in it"),
+])
+def test_a_key_file_without_a_key_fails_in_one_line(tmp_path, content, why):
+    key_file = tmp_path / "key_file.json"
+    if content is not None:
+        key_file.write_text(content)
+    image = tmp_path / "digit.png"
+    Image.new("L", (28, 28)).save(image)
+    result = CliRunner().invoke(predict_cli, ["--grpc", "127.0.0.1:7070", "--key-file", str(key_file), str(image)])
+    assert result.exit_code == 1
+    assert result.output == f"Error: key file {key_file}: {why} (TorchServe writes key_file.json in the " \
+                            f"directory it was started from)\n"
+
+
+def test_a_key_file_needs_grpc(tmp_path):
+    result = CliRunner().invoke(predict_cli, ["--key-file", str(tmp_path / "key_file.json"), str(tmp_path)])
+    assert result.exit_code == 2 and "--key-file goes with --grpc" in result.output

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
+import warnings
 
 import pytest
 import yaml
@@ -25,7 +27,8 @@ from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import (  # noqa: E402
     content_type_conformance, response_schema_conformance, status_code_conformance)
 
-from serving.grpc_client import PredictionError, connect, generate_stubs  # noqa: E402
+from serving.grpc_client import (KEY_ENV, ClearTextKeyWarning, KeySource, PredictionError, connect,  # noqa: E402
+                                 generate_stubs, is_loopback, load_stubs)
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -128,6 +131,47 @@ def test_stubs_come_from_the_installed_torchserve_and_are_made_once(tmp_path):
     assert {path.name: path.stat().st_mtime_ns for path in stubs.glob("*_pb2*.py")} == made
 
 
+def test_stubs_are_a_package_imported_without_sys_path_changes():
+    path_before = list(sys.path)
+    stubs = load_stubs()
+    assert stubs.inference_pb2.__name__ == "serving._grpc.inference_pb2"
+    assert stubs.inference_pb2_grpc.__name__ == "serving._grpc.inference_pb2_grpc"
+    assert sys.path == path_before
+    # No generated module went in as a top-level name that another package could shadow or take.
+    assert not {"inference_pb2", "inference_pb2_grpc", "management_pb2", "google.rpc.status_pb2"} & set(sys.modules)
+
+
+# --- the key: where it comes from, where it may travel -------------------------------------------
+@pytest.mark.parametrize("target,loopback", [
+    ("127.0.0.1:7070", True), ("127.8.9.1:7070", True), ("localhost:7070", True), ("[::1]:7070", True),
+    ("unix:/run/ts.sock", True), ("192.0.2.10:7070", False), ("[2001:db8::1]:7070", False),
+    ("digits.example.com:7070", False), ("localhost.example.com:7070", False)])
+def test_loopback_targets(target, loopback):
+    assert is_loopback(target) is loopback
+
+
+def test_a_key_sent_in_clear_text_off_this_machine_warns():
+    # Channels connect lazily: no call is made, so nothing is sent to 192.0.2.10 (a documentation address).
+    with pytest.warns(ClearTextKeyWarning, match="192.0.2.10:7070 in clear text"):
+        with connect("192.0.2.10:7070", key="secret"):
+            pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with connect("127.0.0.1:7070", key="secret"), connect("192.0.2.10:7070"):   # loopback; no key
+            pass
+
+
+def test_the_key_comes_from_the_file_at_every_call_else_the_environment(tmp_path):
+    key_file = tmp_path / "key_file.json"
+    keys = KeySource.from_options(key_file, {KEY_ENV: "from-env"})
+    key_file.write_text(json.dumps({"inference": {"key": "first"}}))
+    assert keys.current() == "first"
+    key_file.write_text(json.dumps({"inference": {"key": "renewed"}}))
+    assert keys.current() == "renewed"
+    assert KeySource.from_options(None, {KEY_ENV: "from-env"}).current() == "from-env"
+    assert not KeySource.from_options(None, {KEY_ENV: ""}).present
+
+
 def test_grpc_ping(running_server):
     with connect(grpc_target(running_server[2])) as client:
         assert client.ping() == {"status": "Healthy"}
@@ -173,12 +217,12 @@ def production_server(tmp_path_factory, exported):
     """A server from config.production.properties: token authorization on, keys in its working dir."""
     _, _, run_dir, working_dir = launch_server(tmp_path_factory.mktemp("production"), exported,
                                                "config.production.properties")
-    yield run_dir, readiness.inference_key(working_dir / "key_file.json")
+    yield run_dir, readiness.inference_key(working_dir / "key_file.json"), working_dir / "key_file.json"
     server.stop(run_dir)
 
 
 def test_grpc_token_authorization(production_server, mnist_digits):
-    run_dir, key = production_server
+    run_dir, key, _ = production_server
     image, label = mnist_digits.png(0), mnist_digits.label(0)
     for wrong_key in (None, "not-the-key"):
         with connect(grpc_target(run_dir), key=wrong_key) as client:
@@ -187,6 +231,24 @@ def test_grpc_token_authorization(production_server, mnist_digits):
             assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
     with connect(grpc_target(run_dir), key=key) as client:
         assert client.predict(image)["digit"] == label
+
+
+def test_mnist_predict_over_grpc_takes_the_key_from_a_file_or_the_environment(production_server, mnist_digits,
+                                                                              tmp_path, monkeypatch):
+    run_dir, key, key_file = production_server
+    image = tmp_path / "digit.png"
+    image.write_bytes(mnist_digits.png(0))
+    args = ["--grpc", grpc_target(run_dir), str(image)]
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    refused = CliRunner().invoke(predict_cli, args)
+    assert refused.exit_code == 1 and "PERMISSION_DENIED" in refused.output
+    from_file = CliRunner().invoke(predict_cli, args + ["--key-file", str(key_file)])
+    assert from_file.exit_code == 0, from_file.output
+    assert json.loads(from_file.stdout)["digit"] == mnist_digits.label(0)
+    monkeypatch.setenv(KEY_ENV, key)
+    from_env = CliRunner().invoke(predict_cli, args)
+    assert from_env.exit_code == 0, from_env.output
+    assert json.loads(from_env.stdout)["digit"] == mnist_digits.label(0)
 
 
 # --- The API contract ---------------------------------------------------------------------

@@ -9,9 +9,15 @@ optimizer, scaler, scheduler. Export, benchmarks and outside scripts rely on the
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -46,23 +52,94 @@ class Resumed:
     checkpoint: dict
 
 
-def save_atomic(obj, path: str | os.PathLike) -> Path:
-    """torch.save to a temp file in the target directory, then rename over the target,
-    so a crash mid-write never leaves a truncated file under the final name."""
+# A test hook: seconds to sleep inside every atomic write, after the bytes and before the
+# rename, so a test can SIGTERM a real training process in the middle of a save.
+SAVE_DELAY_ENV = "DIGITSERVE_TEST_SAVE_DELAY_S"
+
+
+class Terminated(SystemExit):
+    """SIGTERM, raised as an exception so that `finally` blocks (a save's temp-file cleanup,
+    the process group's teardown) run; exits with 128 + SIGTERM like an unhandled SIGTERM."""
+
+    def __init__(self):
+        super().__init__(128 + signal.SIGTERM)
+
+
+def raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def sigterm_raises():
+    """Within this block SIGTERM raises Terminated instead of killing the process outright.
+    Signal handlers can only be set from the main thread; elsewhere the block changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def temp_pattern(path: Path) -> str:
+    """The names write_atomic gives its temp files beside path (mkstemp adds random letters)."""
+    return f".{path.name}.*.tmp"
+
+
+def sweep_stale_temps(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Remove temp files that a killed process (SIGKILL, power loss) left beside these targets;
+    returns what was removed. Call it before this process writes any of them."""
+    removed = []
+    for path in map(Path, paths):
+        for stale in path.parent.glob(temp_pattern(path)) if path.parent.is_dir() else ():
+            stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename in this directory durable: without it, a power loss can bring back the old
+    name's contents (or none) even though the file's own bytes were fsynced."""
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """write(file) into a temp file in the target directory, fsync, rename over the target and
+    fsync the directory: a crash or SIGTERM mid-write never leaves a truncated file under the
+    final name, and the temp file is removed on any exception."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as temp_file:
-            torch.save(obj, temp_file)
+            write(temp_file)
             temp_file.flush()
+            if os.environ.get(SAVE_DELAY_ENV):
+                time.sleep(float(os.environ[SAVE_DELAY_ENV]))
             os.fsync(temp_file.fileno())
         os.chmod(temp_name, 0o644)  # mkstemp creates 0600; artifacts are meant to be shared
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)
     return path
+
+
+def save_atomic(obj, path: str | os.PathLike) -> Path:
+    """torch.save, atomically (write_atomic)."""
+    return write_atomic(path, lambda temp_file: torch.save(obj, temp_file))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """A text file (metrics.jsonl, a JSON report), atomically (write_atomic)."""
+    return write_atomic(path, lambda temp_file: temp_file.write(text.encode()))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .checkpoint import write_text_atomic
+
 REPORT_KEYS = ("selected_by", "selected_epoch", "test_acc", "per_class_acc", "confusion_matrix")
 
 
@@ -19,5 +21,5 @@ def format_confusion(metrics: dict) -> str:
 
 def write_test_report(path: Path, metrics: dict) -> None:
     report = {key: metrics[key] for key in REPORT_KEYS if key in metrics}
-    path.write_text(json.dumps(report, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(report, indent=1) + "\n")
     print(format_confusion(metrics), flush=True)

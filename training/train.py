@@ -26,7 +26,7 @@ from serving.artifact import METRICS_NAME, TEST_REPORT_NAME
 
 from . import dist
 from .checkpoint import (build_checkpoint, cpu_state_dict, refuse_to_replace_finished_run, resume_state, save_atomic,
-                         unwrap)
+                         sigterm_raises, sweep_stale_temps, unwrap, write_text_atomic)
 from .config import ConfigError, TrainConfig, validate
 from .data import epoch_seed, load_datasets, normalize
 from .model import build_model
@@ -87,11 +87,12 @@ def train(config: TrainConfig) -> TrainResult:
         raise ConfigError("fp16 autocast needs CUDA; use --amp-dtype bf16 (or auto) on the CPU")
     check_local_ranks_fit_gpus(device_name)
     refuse_to_replace_finished_run(config)   # every process checks the same file, so all stop alike
-    context = dist.setup(device_name)
-    try:
-        return run_training(config, context)
-    finally:
-        dist.teardown(context)
+    with sigterm_raises():   # SIGTERM mid-save still removes the save's temp file
+        context = dist.setup(device_name)
+        try:
+            return run_training(config, context)
+        finally:
+            dist.teardown(context)
 
 
 @torch.inference_mode()
@@ -187,6 +188,8 @@ def run_training(asked: TrainConfig, context: dist.DistContext) -> TrainResult:
     step_fn = make_step(config, state, context, data.batches)
 
     out_path = config.out_path
+    if context.is_main:   # what a SIGKILLed run (which no handler sees) left half-written
+        sweep_stale_temps([out_path, out_path.parent / METRICS_NAME, out_path.parent / TEST_REPORT_NAME])
     # Per-epoch rows travel in the checkpoint, so a resumed run rewrites metrics.jsonl exactly.
     history = list(resumed.checkpoint.get("history", [])) if resumed is not None else []
     metrics = resumed.checkpoint["metrics"] if resumed is not None else {}
@@ -218,7 +221,7 @@ def run_training(asked: TrainConfig, context: dist.DistContext) -> TrainResult:
             tensorboard.write(metrics)
         if context.is_main:
             save_atomic(build_checkpoint(state, config, metrics, history), out_path)
-            (out_path.parent / METRICS_NAME).write_text("".join(json.dumps(row) + "\n" for row in history))
+            write_text_atomic(out_path.parent / METRICS_NAME, "".join(json.dumps(row) + "\n" for row in history))
         dist.barrier(context)
 
     # Keeping the final (EMA-averaged) weights, the last epoch already measured them on the test set.
