@@ -15,7 +15,7 @@ import onnx
 import torch
 
 from serving.artifact import (INPUT_NAME, MODEL_CARD_NAME, ONNX_METADATA_KEY, OUTPUT_NAME, TORCHSCRIPT_METADATA,
-                              quiet_torchscript_deprecation)
+                              public_card, quiet_torchscript_deprecation)
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.model import build_model
 
@@ -54,7 +54,8 @@ def build_metadata(checkpoint: dict, model_version: str | None = None) -> dict:
     preprocess = checkpoint["preprocess"]
     metrics = checkpoint["metrics"]
     digest = weights_digest(checkpoint["model"])
-    return {
+    # public_card: the card travels with the model to other machines, the paths of this one stay here.
+    return public_card({
         "model_name": MODEL_CARD_NAME,
         "model_version": model_version or weights_version(digest),
         "weights_sha256": digest,
@@ -69,7 +70,7 @@ def build_metadata(checkpoint: dict, model_version: str | None = None) -> dict:
         "model_config": checkpoint["model_config"],
         "train_config": checkpoint["train_config"],
         "kernels": checkpoint.get("kernels"),   # absent from checkpoints written before it had its own key
-    }
+    })
 
 
 def example_input(metadata: dict, batch_size: int = 2) -> torch.Tensor:

@@ -204,6 +204,15 @@ def test_model_version_names_the_weights(tmp_path, quick_checkpoint):
     assert build_metadata(checkpoint, "2.1")["model_version"] == "2.1"                 # explicit wins
 
 
+def test_the_exported_card_carries_no_local_paths(quick_checkpoint):
+    from serving.artifact import LOCAL_PATH_KEYS
+    checkpoint = load_checkpoint(quick_checkpoint)
+    assert checkpoint["train_config"]["out"], "the checkpoint records where it was written"
+    train_config = build_metadata(checkpoint)["train_config"]
+    assert not set(LOCAL_PATH_KEYS) & set(train_config), train_config
+    assert train_config["epochs"] == checkpoint["train_config"]["epochs"]   # the recipe stays
+
+
 # --- a directory never holds artifacts of two different exports -----------------------------
 
 def other_weights_checkpoint(tmp_path, quick_checkpoint) -> tuple:
