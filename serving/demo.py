@@ -26,6 +26,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import click
+import psutil   # a TorchServe dependency
 
 from .properties import read_properties
 
@@ -75,13 +76,28 @@ def is_alive(pid: int) -> bool:
     return True
 
 
+SERVE_COMMAND = ("-m", "serving.demo", "serve")   # what start runs, and how stop recognises it
+
+
+def is_page_server(pid: int) -> bool:
+    """Whether pid is a live page server of ours: a pid file outlives reboots and crashes, and
+    its number may since have gone to any other process, which must never be stopped."""
+    if not is_alive(pid):
+        return False
+    try:
+        command = psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return False
+    return any(tuple(command[i:i + len(SERVE_COMMAND)]) == SERVE_COMMAND for i in range(len(command)))
+
+
 def running_pid(run_dir: Path) -> int | None:
     """The pid of the demo server started from run_dir, if it is still alive."""
     try:
         pid = int((run_dir / PID_FILE).read_text())
     except (OSError, ValueError):
         return None
-    return pid if is_alive(pid) else None
+    return pid if is_page_server(pid) else None
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -126,7 +142,7 @@ def start(config: str | os.PathLike, run_dir: str | os.PathLike) -> str:
     if pid is not None:
         raise AlreadyRunning(url, pid)
     check_port_free(host, port)
-    command = [sys.executable, "-m", "serving.demo", "serve", "--host", host, "--port", str(port)]
+    command = [sys.executable, *SERVE_COMMAND, "--host", host, "--port", str(port)]
     log = run_dir / LOG_FILE
     # Output to a file and a session of its own: `make`'s pipe closes, and the server lives on.
     with open(log, "ab") as output:

@@ -42,6 +42,22 @@ def address(properties: dict, key: str) -> str:
     return properties.get(key, DEFAULT_ADDRESSES[key])
 
 
+def key_lifetime_s(properties: dict) -> float:
+    """Seconds an inference or management key lives (token_expiration_min; TorchServe 0.12 reads
+    a fraction too, and defaults to 60 minutes)."""
+    try:
+        return float(properties.get("token_expiration_min", "60")) * 60
+    except ValueError:
+        return 3600.0
+
+
+def workflow_store(properties: dict, cwd: str | os.PathLike | None) -> Path | None:
+    """The workflow store of a server started in cwd (relative paths resolve from there), or
+    None when the config names none (TorchServe then uses model_store)."""
+    store = properties.get("workflow_store")
+    return Path(cwd or ".").resolve() / store if store else None
+
+
 def token_auth_enabled(properties: dict) -> bool:
     # TorchServe 0.12 enables token authorization unless it is explicitly disabled.
     return properties.get("disable_token_authorization", "false").lower() != "true"
@@ -138,7 +154,9 @@ PRODUCTION_OVERRIDES = {
     # answers 400 InvalidKeyException). Still bind to loopback or a private interface and put
     # TLS (a reverse proxy) in front: keys travel in headers.
     "disable_token_authorization": "false",
-    # Keys expire: a leaked key is only good for an hour.
+    # Keys expire: a leaked inference or management key is only good for an hour. `python -m
+    # serving.server run` renews both before they expire (`start` cannot: it returns), and every
+    # client of ours re-reads key_file.json. The file's "API" key, which renews them, never expires.
     "token_expiration_min": "60",
     # No browser page may read answers: a public page cannot hold the bearer key, so the demo
     # page has no place here. Empty, not absent: TorchServe 0.12 sends no
@@ -153,6 +171,8 @@ PRODUCTION_HEADER = f"""\
 # server's user only; keep it that way). Every call then needs its key:
 #   curl -H "Authorization: Bearer $(jq -r .inference.key key_file.json)" -T digit.png \\
 #        http://127.0.0.1:8080/predictions/{MODEL_NAME}
+# Keys expire (token_expiration_min): run the server with `python -m serving.server run`, which
+# renews them, and read the key from the file for every call, never once for good.
 
 """
 

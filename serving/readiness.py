@@ -36,17 +36,51 @@ def probe_image() -> bytes:
     return buffer.getvalue()
 
 
+def read_keys(key_file: Path, attempts: int = 5) -> dict | None:
+    """TorchServe's key_file.json, or None while there is none. TorchServe rewrites the file in
+    place (not atomically) each time it renews a key: a read that lands mid-write is retried."""
+    for _ in range(attempts):
+        try:
+            keys = json.loads(key_file.read_text())
+            return keys if isinstance(keys, dict) else None
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            time.sleep(0.05)
+    return None
+
+
 def api_key(key_file: Path, api: str) -> str | None:
-    """The bearer key of an API ("inference" or "management") from TorchServe's key_file.json,
-    once it exists."""
+    """The bearer key of an API ("inference", "management", or "API", the one that renews the
+    others) from TorchServe's key_file.json, read afresh: keys that expire are renewed."""
     try:
-        return json.loads(key_file.read_text())[api]["key"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return read_keys(key_file)[api]["key"]
+    except (KeyError, TypeError):
         return None
 
 
 def inference_key(key_file: Path) -> str | None:
     return api_key(key_file, "inference")
+
+
+def open_authorized(request: urllib.request.Request, key_file: Path | None, api: str, timeout_s: float):
+    """urlopen with the API's current key from key_file (none without token authorization).
+    A key renewed between our read and the server's check is refused (TorchServe 0.12 answers
+    400): read the file again and retry once with the new key."""
+    if key_file is None:
+        return urllib.request.urlopen(request, timeout=timeout_s)
+    key = api_key(key_file, api)
+    if key is None:
+        raise NotReady(f"no {api} key in {key_file}")
+    request.add_header("Authorization", f"Bearer {key}")
+    try:
+        return urllib.request.urlopen(request, timeout=timeout_s)
+    except urllib.error.HTTPError as error:
+        renewed = api_key(key_file, api)
+        if error.code != 400 or renewed in (None, key):
+            raise
+    request.add_header("Authorization", f"Bearer {renewed}")
+    return urllib.request.urlopen(request, timeout=timeout_s)
 
 
 def key_file_of(properties: dict, cwd: str | os.PathLike | None) -> Path | None:
@@ -67,15 +101,10 @@ def probe_once(inference_address: str, model: str = MODEL_NAME, key_file: Path |
     """POST the probe image once: the model's answer, or NotReady saying why not."""
     # An explicit content type: urllib would otherwise send form-urlencoded, which TorchServe parses as a form.
     headers = {"Content-Type": "application/octet-stream"}
-    if key_file is not None:
-        key = inference_key(key_file)
-        if key is None:
-            raise NotReady(f"no inference key in {key_file}")
-        headers["Authorization"] = f"Bearer {key}"
     url = f"{inference_address}/predictions/{model}"
     request = urllib.request.Request(url, data=probe_image(), method="POST", headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with open_authorized(request, key_file, "inference", timeout_s) as response:
             answer = json.loads(response.read())
     except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError) as error:
         raise NotReady(f"{url}: {reason(error)}") from None
@@ -113,15 +142,9 @@ def wait_until_answering(inference_address: str, timeout_s: float = 180.0, model
 def model_workers(management_address: str, model: str = MODEL_NAME, key_file: Path | None = None,
                   timeout_s: float = 5.0) -> list[dict]:
     """The model's workers as the management API lists them, or NotReady saying why not."""
-    headers = {}
-    if key_file is not None:
-        key = api_key(key_file, "management")
-        if key is None:
-            raise NotReady(f"no management key in {key_file}")
-        headers["Authorization"] = f"Bearer {key}"
     url = f"{management_address}/models/{model}"
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s) as response:
+        with open_authorized(urllib.request.Request(url), key_file, "management", timeout_s) as response:
             return json.loads(response.read())[0].get("workers", [])
     except urllib.error.HTTPError as error:
         raise NotReady(f"no model {model} at {management_address}" if error.code == 404

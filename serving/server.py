@@ -14,24 +14,33 @@ in serving/properties.py, the readiness checks in serving/readiness.py.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 import psutil   # a TorchServe dependency: finds and waits for its Java process
 
 from .artifact import MODEL_NAME
-from .properties import address, listeners, port_taken, read_properties
-from .readiness import NotReady, check_ready, key_file_of, probe_once, retry
+from .properties import address, key_lifetime_s, listeners, port_taken, read_properties, workflow_store
+from .readiness import NotReady, check_ready, key_file_of, open_authorized, probe_once, read_keys, retry
 
 PID_FILE = ".model_server.pid"                            # TorchServe's name, in its temp dir
 TORCHSERVE_JAVA_CLASS = "org.pytorch.serve.ModelServer"   # how torchserve itself recognises its Java
+KEY_OWNER = "key_file.owner"   # in the run dir: which key_file.json this run dir's server wrote
+# TorchServe writes key_file.json and then makes it 0600: with this umask it is private from its
+# first byte (and so is everything else the server writes).
+SERVER_UMASK = 0o077
+STOP_TIMEOUT_S = 30.0
 
 
 class ServerError(Exception):
@@ -92,6 +101,19 @@ def check_can_start(config: str | os.PathLike, run_dir: str | os.PathLike) -> di
     return properties
 
 
+def prepare_workflow_store(properties: dict, cwd: str | os.PathLike | None) -> None:
+    """The config's workflow store as an empty directory nobody but root may write (TorchServe
+    loads a workflow archive by plain name from there, and its workflow API ignores
+    enable_model_api); ServerError when something is in it already."""
+    store = workflow_store(properties, cwd)
+    if store is None:
+        return
+    store.mkdir(parents=True, exist_ok=True)
+    if any(store.iterdir()):
+        raise ServerError(f"the workflow store {store} must be empty: TorchServe would load what is in it")
+    store.chmod(0o555)
+
+
 # Lines of TorchServe's output that never say why it ended: Java stack frames, and the JVM's
 # complaint about threads still running while it shut down.
 QUIET_PREFIXES = ("at ", "...", "Exception in thread")
@@ -139,6 +161,7 @@ def start(config: str, run_dir: str | os.PathLike, timeout_s: float = 180.0,
     authorization is on (relative paths in the config resolve from there too)."""
     require_java()
     properties = check_can_start(config, run_dir)
+    prepare_workflow_store(properties, cwd)
     run_dir = Path(run_dir).resolve()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     launch_log = LaunchLog.open(run_dir)
@@ -146,7 +169,7 @@ def start(config: str, run_dir: str | os.PathLike, timeout_s: float = 180.0,
     with open(launch_log.path, "ab") as log:
         launcher = subprocess.run(torchserve_command("--start", "--ncs", "--ts-config", config),
                                   env=server_env(run_dir), stdout=log, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, cwd=cwd)
+                                  stdin=subprocess.DEVNULL, cwd=cwd, umask=SERVER_UMASK)
     java = java_process(run_dir / PID_FILE)   # the launcher wrote the pid file of the Java it started
     if launcher.returncode != 0:
         raise ServerError(f"torchserve --start failed: {launch_log.last_words()}")
@@ -155,8 +178,11 @@ def start(config: str, run_dir: str | os.PathLike, timeout_s: float = 180.0,
     inference = address(properties, "inference_address")
     key_file = key_file_of(properties, cwd)
     try:
-        return retry(lambda: probe_once(inference, MODEL_NAME, key_file), timeout_s,
-                     give_up=lambda: check_alive(java, launch_log))
+        answer = retry(lambda: probe_once(inference, MODEL_NAME, key_file), timeout_s,
+                       give_up=lambda: check_alive(java, launch_log))
+        if key_file is not None:   # its key answered: the file is this server's
+            record_key_file(run_dir, key_file)
+        return answer
     except NotReady as error:
         stop(run_dir)
         raise ServerError(f"model {MODEL_NAME} did not answer within {timeout_s:.0f} s: {error}; "
@@ -166,22 +192,53 @@ def start(config: str, run_dir: str | os.PathLike, timeout_s: float = 180.0,
         raise
 
 
-def stop(run_dir: str | os.PathLike) -> bool:
-    """Stop the server started from run_dir and wait until it has freed its ports; False when
-    none was running there."""
+def key_fingerprint(keys: dict | None) -> str | None:
+    """A server's identity in its key file: its "API" key (which never changes while it runs), hashed."""
+    try:
+        return hashlib.sha256(keys["API"]["key"].encode()).hexdigest()
+    except (KeyError, TypeError, AttributeError):
+        return None
+
+
+def record_key_file(run_dir: Path, key_file: Path) -> None:
+    """Note in run_dir which key_file.json this server wrote, so that stop removes that one only."""
+    record = {"path": str(key_file), "api_key_sha256": key_fingerprint(read_keys(key_file))}
+    (run_dir / KEY_OWNER).write_text(json.dumps(record))
+
+
+def remove_own_key_file(run_dir: Path) -> None:
+    """Delete the key file recorded in run_dir if it is still this server's: another server
+    started in the same directory since has rewritten it, and keeps it."""
+    try:
+        record = json.loads((run_dir / KEY_OWNER).read_text())
+        key_file = Path(record["path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if record.get("api_key_sha256") and key_fingerprint(read_keys(key_file)) == record["api_key_sha256"]:
+        key_file.unlink(missing_ok=True)
+    (run_dir / KEY_OWNER).unlink(missing_ok=True)
+
+
+def stop(run_dir: str | os.PathLike, timeout_s: float = STOP_TIMEOUT_S) -> bool:
+    """Stop the server started from run_dir, wait until it has freed its ports and remove its
+    key file; False when none was running there. ServerError when Java outlives timeout_s."""
     run_dir = Path(run_dir).resolve()
     java = java_process(run_dir / PID_FILE)
     if java is None:
         (run_dir / PID_FILE).unlink(missing_ok=True)
         return False
-    subprocess.run(torchserve_command("--stop"), env=server_env(run_dir),
+    # `torchserve --stop` also deletes key_file.json from its working directory, whichever
+    # server that file belongs to: run it in the run dir, where none is, and remove ours below.
+    subprocess.run(torchserve_command("--stop"), env=server_env(run_dir), cwd=run_dir,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     # --stop sends SIGTERM, deletes the pid file and returns at once: wait until Java has
     # exited and freed its ports, so that a caller may start another server on them.
     try:
-        java.wait(30)
+        java.wait(timeout_s)
     except psutil.TimeoutExpired:
-        pass
+        raise ServerError(f"TorchServe's Java (pid {java.pid}) is still running {timeout_s:.0f} s after SIGTERM "
+                          f"and may still hold its ports: `kill -9 {java.pid}`") from None
+    remove_own_key_file(run_dir)
     return True
 
 
@@ -210,13 +267,68 @@ def end_java(java: psutil.Process, stop_timeout_s: float) -> bool:
         return True
 
 
-def supervise(launcher: subprocess.Popen, pid_file: Path, stop_requests: list, stop_timeout_s: float) -> int:
+# A key is renewed once half its lifetime has passed since we first saw it: TorchServe wrote it a
+# moment before, and the other half leaves room for a slow call or a busy machine.
+RENEW_AFTER_FRACTION = 0.5
+RENEWED_APIS = ("management", "inference")
+
+
+@dataclass
+class KeyRenewer:
+    """Renews a token-authorized server's inference and management keys before they expire,
+    through TorchServe's /token API and the key file's never-expiring "API" key: TorchServe 0.12
+    renews nothing itself, and once a key has expired every call with it is refused."""
+    key_file: Path
+    management_address: str
+    lifetime_s: float
+    run_dir: Path
+    seen: dict[str, tuple[str, float]] = field(default_factory=dict)   # api -> (key, when first seen)
+    recorded: bool = False
+
+    def tick(self) -> None:
+        """Called often: renew what is due. A failed call is tried again at the next tick."""
+        keys = read_keys(self.key_file)
+        if keys is None:
+            return
+        now = time.monotonic()
+        for api in RENEWED_APIS:
+            key = (keys.get(api) or {}).get("key")
+            if key != self.seen.get(api, (None, 0.0))[0]:
+                self.seen[api] = (key, now)
+            elif now - self.seen[api][1] >= self.lifetime_s * RENEW_AFTER_FRACTION:
+                self.renew(api)
+
+    def renew(self, api: str) -> None:
+        request = urllib.request.Request(f"{self.management_address}/token?type={api}", method="POST")
+        try:
+            with open_authorized(request, self.key_file, "API", timeout_s=5):
+                pass
+        except (NotReady, urllib.error.URLError, ConnectionError, TimeoutError):
+            return   # not listening yet, or busy: the next tick tries again
+        if not self.recorded:   # the file's API key renewed a key here: the file is this server's
+            record_key_file(self.run_dir, self.key_file)
+            self.recorded = True
+
+
+def key_renewer(properties: dict, run_dir: Path) -> KeyRenewer | None:
+    """A renewer for a server started in this process's directory, when its keys expire."""
+    key_file = key_file_of(properties, None)
+    if key_file is None:
+        return None
+    return KeyRenewer(key_file, address(properties, "management_address"), key_lifetime_s(properties), run_dir)
+
+
+def supervise(launcher: subprocess.Popen, pid_file: Path, stop_requests: list, stop_timeout_s: float,
+              renewer: KeyRenewer | None = None) -> int:
     """Wait for `torchserve --foreground` to end, stopping its Java process when a signal was
-    recorded in stop_requests. 0 after a requested clean stop; non-zero otherwise."""
+    recorded in stop_requests and renewing its keys meanwhile. 0 after a requested clean stop;
+    non-zero otherwise."""
     launcher_started = psutil.Process(launcher.pid).create_time()
     java, clean_stop = None, True
     while launcher.poll() is None:
         java = java or own_java(pid_file, launcher_started)
+        if renewer is not None and java is not None and not stop_requests:
+            renewer.tick()
         if stop_requests and java is not None:
             clean_stop = end_java(java, stop_timeout_s)   # the launcher returns once Java has ended
         elif stop_requests and time.monotonic() - stop_requests[0] > stop_timeout_s:
@@ -230,6 +342,7 @@ def supervise(launcher: subprocess.Popen, pid_file: Path, stop_requests: list, s
         end_java(java, stop_timeout_s)   # the launcher was killed from outside: Java must not outlive it
     if java_process(pid_file) is None:   # ours has ended; a pid file naming another server's Java stays
         pid_file.unlink(missing_ok=True)
+        remove_own_key_file(pid_file.parent)
     if stop_requests:
         return 0 if clean_stop else 1
     if launcher.returncode != 0:   # torchserve refused to start (its reason is on stdout)
@@ -248,7 +361,8 @@ def run_foreground(config: str, run_dir: str | os.PathLike, stop_timeout_s: floa
     Its output stays on our stdout, for journald or `docker logs`; log files go to run_dir/logs.
     AlreadyRunning or ServerError, before anything starts, when it cannot start."""
     require_java()
-    check_can_start(config, run_dir)
+    properties = check_can_start(config, run_dir)
+    prepare_workflow_store(properties, None)
     run_dir = Path(run_dir).resolve()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     command = torchserve_command("--start", "--foreground", "--ncs", "--ts-config", str(config))
@@ -257,8 +371,9 @@ def run_foreground(config: str, run_dir: str | os.PathLike, stop_timeout_s: floa
                 for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         launcher = subprocess.Popen(command, env=server_env(run_dir), stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
-        return supervise(launcher, run_dir / PID_FILE, stop_requests, stop_timeout_s)
+                                    start_new_session=True, umask=SERVER_UMASK)
+        return supervise(launcher, run_dir / PID_FILE, stop_requests, stop_timeout_s,
+                         key_renewer(properties, run_dir))
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
@@ -290,8 +405,15 @@ def start_command(config: str, run_dir: str, timeout_s: float) -> None:
 
 @main.command("stop")
 @click.option("--run-dir", default=".run/torchserve", show_default=True)
-def stop_command(run_dir: str) -> None:
-    click.echo("TorchServe stopped." if stop(run_dir) else f"no TorchServe running from {run_dir}")
+@click.option("--timeout", "timeout_s", default=STOP_TIMEOUT_S, show_default=True,
+              help="Seconds Java gets to exit after SIGTERM.")
+def stop_command(run_dir: str, timeout_s: float) -> None:
+    """Stop the run dir's server (and remove its key file); exit 1 when Java outlives the timeout."""
+    try:
+        stopped = stop(run_dir, timeout_s)
+    except ServerError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo("TorchServe stopped." if stopped else f"no TorchServe running from {run_dir}")
 
 
 @main.command("ready")

@@ -33,3 +33,34 @@ def test_instance_config_moves_every_port_and_the_store(tmp_path):
     for key in ("inference_address", "management_address", "metrics_address", "grpc_inference_port"):
         assert settings[key] != base[key]
     assert settings["inference_address"] == inference and settings["model_store"] == str(tmp_path / "store")
+
+
+CONFIGS = ["config.properties", "config.production.properties"]
+MIB = 1024 * 1024
+HEAP_UNITS = {"k": 1024, "m": MIB, "g": 1024 * MIB}
+
+
+def heap_cap_bytes(vmargs: str) -> int:
+    [cap] = [arg[4:] for arg in vmargs.split() if arg.startswith("-Xmx")]
+    return int(cap[:-1]) * HEAP_UNITS[cap[-1].lower()] if cap[-1].isalpha() else int(cap)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_the_jvm_has_a_heap_cap_that_the_queued_bodies_fit_in(name):
+    properties = read_properties(REPO_ROOT / name)
+    assert "-XX:+ExitOnOutOfMemoryError" in properties["vmargs"].split()
+    queued = int(properties["job_queue_size"]) * int(properties["max_request_size"])
+    assert queued <= heap_cap_bytes(properties["vmargs"]) / 2, "queued bodies alone could fill half the heap"
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_no_url_is_allowed_and_management_fetches_nothing(name):
+    """allowed_urls is a comma-separated list of Java regexes, each matched against the whole URL
+    (Pattern.matcher(url).matches(), which fullmatch mirrors for these plain patterns)."""
+    import re
+    properties = read_properties(REPO_ROOT / name)
+    patterns = properties["allowed_urls"].split(",")
+    for url in ("file:///tmp/x.war", "http://127.0.0.1/x.mar", "https://example.com/x.war", "s3://b/x.mar"):
+        assert not any(re.fullmatch(pattern, url, re.I) for pattern in patterns), url
+    assert properties["enable_model_api"] == "false" and properties["workflow_store"]
+    assert properties["cors_allowed_methods"] == "POST"   # the page only posts multipart forms

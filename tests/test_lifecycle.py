@@ -12,6 +12,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -97,9 +98,74 @@ def test_start_stops_waiting_once_torchserve_has_died_and_quotes_why(tmp_path):
     assert "exited at start" in line and 'Invalid configuration: For input string: "abc"' in line, line
 
 
-def fake_java() -> subprocess.Popen:
+def fake_java(ignore_sigterm: bool = False) -> subprocess.Popen:
     """A process that TorchServe's own check takes for its Java: the class name on its command line."""
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", server.TORCHSERVE_JAVA_CLASS])
+    ignore = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); " if ignore_sigterm else ""
+    return subprocess.Popen([sys.executable, "-c", f"{ignore}import time; time.sleep(120)",
+                             server.TORCHSERVE_JAVA_CLASS])
+
+
+def fake_server(run_dir: Path, ignore_sigterm: bool = False) -> subprocess.Popen:
+    """A fake Java named by run_dir's pid file, as if `start` had launched it from there."""
+    java = fake_java(ignore_sigterm)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / server.PID_FILE).write_text(str(java.pid))
+    time.sleep(0.3)   # let it install its signal handler before anyone signals it
+    return java
+
+
+def test_stop_says_when_java_outlives_its_timeout(tmp_path):
+    java = fake_server(tmp_path / "run", ignore_sigterm=True)
+    try:
+        stopped = cli("serving.server", "stop", "--run-dir", tmp_path / "run", "--timeout", 2, timeout_s=60)
+        line = one_line_error(stopped)
+        assert f"(pid {java.pid}) is still running 2 s after SIGTERM" in line and f"kill -9 {java.pid}" in line, line
+        assert java.poll() is None
+    finally:
+        java.kill()
+        java.wait()
+
+
+def test_stop_leaves_other_key_files_alone(tmp_path):
+    """`torchserve --stop` deletes key_file.json from its working directory, whoever it belongs
+    to: stopping our server from a directory where another server keeps its keys must not."""
+    java = fake_server(tmp_path / "run")
+    other = tmp_path / "other_server"
+    other.mkdir()
+    (other / "key_file.json").write_text('{"API": {"key": "another servers key"}}')
+    threading.Thread(target=java.wait, daemon=True).start()   # reap it once stopped, as init would a real Java
+    try:
+        stopped = subprocess.run([sys.executable, "-m", "serving.server", "stop", "--run-dir", str(tmp_path / "run")],
+                                 cwd=other, env=subprocess_env(), capture_output=True, text=True, timeout=60)
+        assert stopped.returncode == 0 and stopped.stdout == "TorchServe stopped.\n", stopped
+        assert (other / "key_file.json").is_file(), "stop deleted another server's key file"
+    finally:
+        java.kill()
+        java.wait()
+
+
+def test_stop_removes_the_key_file_it_recorded_only_while_it_is_its_own(tmp_path):
+    key_file = tmp_path / "key_file.json"
+    for rewritten_by_another, kept in ((False, False), (True, True)):
+        key_file.write_text('{"API": {"key": "ours"}}')
+        server.record_key_file(tmp_path, key_file)
+        if rewritten_by_another:
+            key_file.write_text('{"API": {"key": "a later server started in the same directory"}}')
+        server.remove_own_key_file(tmp_path)
+        assert key_file.exists() == kept and not (tmp_path / server.KEY_OWNER).exists()
+
+
+def test_start_refuses_a_workflow_store_with_something_in_it(tmp_path):
+    """TorchServe loads a workflow archive named by a plain name from workflow_store: it must be empty."""
+    (tmp_path / "store").mkdir()
+    config = instance_config(REPO_ROOT / "config.properties", tmp_path, tmp_path / "store",
+                             workflow_store=str(tmp_path / "workflows"))[0]
+    (tmp_path / "workflows").mkdir()
+    (tmp_path / "workflows" / "planted.war").write_bytes(b"PK")
+    refused = cli("serving.server", "start", "--config", config, "--run-dir", tmp_path / "run", timeout_s=60)
+    line = one_line_error(refused)
+    assert f"the workflow store {tmp_path / 'workflows'} must be empty" in line, line
+    assert not (tmp_path / "run" / server.PID_FILE).exists()
 
 
 def test_the_supervisor_never_ends_another_servers_java(tmp_path):
@@ -166,6 +232,21 @@ def test_the_demo_page_started_twice_says_already_running(tmp_path):
     finally:
         stopped = cli("serving.demo", "stop", "--run-dir", run_dir)
     assert stopped.stdout == "Demo page server stopped.\n"
+
+
+def test_demo_stop_never_signals_a_process_that_took_over_its_pid(tmp_path):
+    """A pid file left by a crashed page server, its number since given to another process."""
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (tmp_path / "demo").mkdir()
+        (tmp_path / "demo" / "demo.pid").write_text(str(stranger.pid))
+        stopped = cli("serving.demo", "stop", "--run-dir", tmp_path / "demo")
+        assert stopped.stdout == f"no page server running from {tmp_path / 'demo'}\n", stopped
+        time.sleep(0.2)
+        assert stranger.poll() is None, "demo stop killed a process that is not its page server"
+    finally:
+        stranger.kill()
+        stranger.wait()
 
 
 def test_make_predict_fails_when_nothing_answers(tmp_path):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from http_client import request
 from imaging import as_paper_photo, hostile_corpus
-from serving.artifact import ARCHIVE_NAME, MODEL_NAME
+from serving.artifact import MODEL_NAME
 from servers import predictions_url
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -133,8 +133,3 @@ def test_model_card_via_management_api(running_server, trained_min_accuracy):
     assert card["test_acc"] >= trained_min_accuracy and card["train_config"]["epochs"] == 2
     assert not {"data_dir", "out", "tensorboard"} & set(card["train_config"])   # no paths of the training host
 
-
-def test_model_registration_is_disabled(running_server):
-    _, management, _ = running_server
-    status, _ = request(f"{management}/models?url={ARCHIVE_NAME}", method="POST")
-    assert 400 <= status < 500
