@@ -21,7 +21,7 @@ import pytest
 
 from repo import REPO_ROOT, subprocess_env
 from servers import launch_server
-from serving import server
+from serving import keys, server
 from serving.archive import ARCHIVE_SOURCES, SERVING_DIR, archive_contents, build_archive
 from serving.artifact import SERVE_ACCURACY_FLOOR, TORCHSCRIPT_NAME, read_metadata
 from serving.properties import free_ports, instance_config
@@ -148,11 +148,11 @@ def test_stop_removes_the_key_file_it_recorded_only_while_it_is_its_own(tmp_path
     key_file = tmp_path / "key_file.json"
     for rewritten_by_another, kept in ((False, False), (True, True)):
         key_file.write_text('{"API": {"key": "ours"}}')
-        server.record_key_file(tmp_path, key_file)
+        keys.record_key_file(tmp_path, key_file)
         if rewritten_by_another:
             key_file.write_text('{"API": {"key": "a later server started in the same directory"}}')
-        server.remove_own_key_file(tmp_path)
-        assert key_file.exists() == kept and not (tmp_path / server.KEY_OWNER).exists()
+        keys.remove_own_key_file(tmp_path)
+        assert key_file.exists() == kept and not (tmp_path / keys.KEY_OWNER).exists()
 
 
 def test_start_refuses_a_workflow_store_with_something_in_it(tmp_path):

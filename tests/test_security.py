@@ -25,7 +25,7 @@ import pytest
 
 from http_client import request
 from repo import REPO_ROOT, subprocess_env
-from serving import readiness, server
+from serving import keys, readiness, server
 from serving.archive import build_archive
 from serving.artifact import MODEL_NAME, TORCHSCRIPT_NAME
 from serving.properties import instance_config, read_properties, workflow_store
@@ -190,4 +190,4 @@ def test_a_stopped_server_removes_its_own_key_file_only(renewing_server):
     runner.send_signal(signal.SIGTERM)
     assert runner.wait(60) == 0
     assert not (workdir / "key_file.json").exists()
-    assert not (workdir / "run" / server.KEY_OWNER).exists()
+    assert not (workdir / "run" / keys.KEY_OWNER).exists()
