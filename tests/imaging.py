@@ -111,7 +111,7 @@ def hostile_corpus(digit: np.ndarray, other: np.ndarray) -> list[HostileCase]:
 
     Not here: binary bodies labelled application/x-www-form-urlencoded. TorchServe's Java
     frontend decodes those itself and, for many images, answers 500 ErrorDataDecoderException
-    before the handler runs (see README); the handler's hint for the rest is unit-tested."""
+    before the handler runs (see docs/security.md); the handler's hint for the rest is unit-tested."""
     png, jpeg = encode(as_paper_photo(digit)), encode(as_paper_photo(digit), "JPEG")
     octet = {"Content-Type": "application/octet-stream"}
     sixteen = Image.fromarray((np.asarray(as_paper_photo(digit).convert("L"), dtype=np.uint16) * 257))
