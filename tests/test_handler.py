@@ -225,7 +225,7 @@ def test_the_model_runs_in_bounded_chunks(handler, monkeypatch):
     monkeypatch.setattr(handler, "run_model", lambda inputs: seen.append(len(inputs)) or real(inputs))
     rows = 8 * 64 + 3
     batch = ParsedBatch(np.zeros((rows, 1, 28, 28), np.float32), [ParsedRequest("many", list(range(rows)))])
-    _, logits = handler.inference(batch)
+    logits = handler.inference(batch).logits
     assert logits.shape == (rows, 10) and max(seen) <= INFERENCE_CHUNK_IMAGES and sum(seen) == rows
 
 
@@ -289,3 +289,71 @@ def test_handler_module_defines_the_one_class_torchserve_loads():
     from ts.utils.util import list_classes_from_module
 
     assert list_classes_from_module(serving.handler) == [DigitHandler]
+
+
+# --- Explanations: POST /explanations/mnist (the frontend adds the header explain: True) --------
+EXPLAIN = {"explain": "True"}
+
+
+def test_explanations_and_predictions_share_a_batch_each_answered_as_asked(handler, mnist_digits):
+    """BaseHandler reads request 0's explain header for the whole batch; here each request's own
+    header decides (request 0 asks for a map, request 1 does not). An ONNX model cannot be
+    differentiated: its explanation requests get 400 explanations_need_torchscript, and its
+    predictions are still served."""
+    images = [base64.b64encode(mnist_digits.png(i)).decode() for i in (2, 3)]
+    requests = [{"body": mnist_digits.png(0)}, {"body": mnist_digits.png(1)}, {"body": {"images": images}},
+                {"body": b"not an image"}, {"body": mnist_digits.png(4)}]
+    headers = [EXPLAIN, {}, EXPLAIN, EXPLAIN, {}]
+    answers = call(handler, requests, headers)
+    plain = [answers[1], answers[4]]
+    assert [(status, body["digit"]) for status, body in plain] == [(200, mnist_digits.label(1)),
+                                                                   (200, mnist_digits.label(4))]
+    assert all("attributions" not in body and len(body["probabilities"]) == 10 for _, body in plain)
+    if handler.module is None:   # ONNX, int8 ONNX
+        for status, body in (answers[0], *answers[2:4]):
+            assert (status, body["code"]) == (400, "explanations_need_torchscript"), body
+            assert "TorchScript" in body["error"]
+        return
+    status, one = answers[0]
+    assert status == 200 and one["digit"] == mnist_digits.label(0)
+    assert (one["method"], one["baseline"], one["model_version"]) == ("integrated_gradients", "blank",
+                                                                      handler.metadata["model_version"])
+    assert np.asarray(one["attributions"]).shape == (28, 28)
+    status, several = answers[2]
+    assert status == 200 and [item["digit"] for item in several["explanations"]] == [mnist_digits.label(2),
+                                                                                     mnist_digits.label(3)]
+    assert all(np.asarray(item["attributions"]).shape == (28, 28) for item in several["explanations"])
+    assert answers[3][0] == 415 and answers[3][1]["code"] == "not_an_image"
+
+
+@pytest.fixture(scope="module")
+def torchscript_handler(exported):
+    handler = DigitHandler()
+    handler.initialize(make_context(exported, TORCHSCRIPT_NAME))
+    return handler
+
+
+def test_a_map_is_the_predicted_digits_and_sums_to_its_rise_over_a_blank_image(torchscript_handler, mnist_digits):
+    """Integrated Gradients' completeness: a map sums to its digit's logit here minus on a blank
+    image. A map for another digit, or one scaled or cut short, misses by far more (rises are 4-20)."""
+    handler = torchscript_handler
+    indices = range(8)
+    answers = call(handler, [{"body": mnist_digits.png(i)} for i in indices], [EXPLAIN] * len(indices))
+    inputs = mnist_digits.images[list(indices)].astype(np.float32)[:, None] / 255
+    logits = handler.run_model((inputs - handler.mean) / handler.std)
+    blank = handler.run_model(np.full((1, 1, 28, 28), -handler.mean / handler.std, np.float32))[0]
+    for (status, body), row in zip(answers, logits):
+        assert status == 200 and body["digit"] == int(row.argmax())
+        rise = row[body["digit"]] - blank[body["digit"]]
+        assert np.sum(body["attributions"]) == pytest.approx(rise, rel=0.05, abs=0.3), body["digit"]
+
+
+def test_an_explanation_takes_at_most_a_few_images(torchscript_handler, mnist_digits):
+    from serving.parsing import MAX_IMAGES_PER_EXPLANATION
+
+    images = [base64.b64encode(mnist_digits.png(i)).decode() for i in range(MAX_IMAGES_PER_EXPLANATION + 1)]
+    over, at_the_limit = call(torchscript_handler, [{"body": {"images": images}}, {"body": {"images": images[:-1]}}],
+                              [EXPLAIN, EXPLAIN])
+    assert over[0] == 413 and over[1]["code"] == "too_many_images"
+    assert str(MAX_IMAGES_PER_EXPLANATION) in over[1]["error"]
+    assert at_the_limit[0] == 200 and len(at_the_limit[1]["explanations"]) == MAX_IMAGES_PER_EXPLANATION
