@@ -17,15 +17,17 @@ from serving.archive import build_archive
 from serving.artifact import MODEL_NAME, TORCHSCRIPT_NAME
 
 
-def launch_server(tmp_path: Path, exported_dir: Path, base_config: str = "config.properties", **extra: str):
-    """Archive the exported model and start a TorchServe of our own on free ports, in its
-    own working directory; extra settings go into its config (cors_allowed_origin=...).
+def launch_server(tmp_path: Path, exported_dir: Path, base_config: str = "config.properties",
+                  serialized_name: str = TORCHSCRIPT_NAME, **extra: str):
+    """Archive the exported model (serialized_name: the TorchScript one unless told, as `make
+    archive`) and start a TorchServe of our own on free ports, in its own working directory;
+    extra settings go into its config (cors_allowed_origin=...).
     Returns (inference URL, management URL, run dir, working dir)."""
     if shutil.which("java") is None:
         pytest.fail("TorchServe needs Java 17 (`.ci/run` installs openjdk-17-jre-headless)")
     model_store = tmp_path / "model_store"
     # The test recipe's model scores ~98%, below the serving floor: forced, as tests may.
-    build_archive(exported_dir / TORCHSCRIPT_NAME, model_store, force=True)
+    build_archive(exported_dir / serialized_name, model_store, force=True)
     config, inference, management = instance_config(REPO_ROOT / base_config, tmp_path, model_store, **extra)
     run_dir = tmp_path / "run"
     server.start(str(config), run_dir, timeout_s=180, cwd=tmp_path)
@@ -34,6 +36,10 @@ def launch_server(tmp_path: Path, exported_dir: Path, base_config: str = "config
 
 def predictions_url(inference: str) -> str:
     return f"{inference}/predictions/{MODEL_NAME}"
+
+
+def explanations_url(inference: str) -> str:
+    return f"{inference}/explanations/{MODEL_NAME}"
 
 
 def v2_infer_url(inference: str) -> str:
