@@ -7,7 +7,7 @@ std and labels come from the artifact's own metadata, never from a copy here.
 Accepts per request: raw image bytes (curl -T / --data-binary), multipart form files
 (curl -F data=@digit.png), JSON {"image": "<base64>"} / {"images": ["<base64>", ...]}, or
 an Open Inference Protocol (v2) body {"inputs": [...]}. Answers per image: {"digit",
-"label", "confidence", "probabilities", "top_k", "model_version"}; per bad request a 4xx status with
+"label", "is_digit", "confidence", "probabilities", "top_k", "model_version"}; per bad request a 4xx status with
 {"error", "code"}. Good and bad requests can share a batch. parsing.py holds the request
 model; this module is the class alone (TorchServe loads a handler module of one class).
 """
@@ -25,11 +25,11 @@ from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
 if __package__:  # imported from the source tree (tests)
-    from .artifact import load, predictions, public_card, run_batched
+    from .artifact import Trust, load, predictions, public_card, run_batched
     from .parsing import (DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC, ParsedBatch, answer_body,
                           http_status, parse_batch)
 else:  # inside the model archive, the modules sit beside this file
-    from artifact import load, predictions, public_card, run_batched
+    from artifact import Trust, load, predictions, public_card, run_batched
     from parsing import (DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC, ParsedBatch, answer_body,
                          http_status, parse_batch)
 
@@ -57,6 +57,7 @@ class DigitHandler(BaseHandler):
         self.run_model, self.metadata = load(path, self.device, threads)
         self.mean, self.std = float(self.metadata["mean"]), float(self.metadata["std"])
         self.labels = list(self.metadata["labels"])
+        self.trust = Trust.from_metadata(self.metadata)
         self.run_model(np.zeros((1, *self.metadata["input_shape"]), dtype=np.float32))  # warm-up
         self.initialized = True
         logger.info("digit model %s loaded from %s, %d threads", self.metadata.get("model_version"), path, threads)
@@ -86,7 +87,7 @@ class DigitHandler(BaseHandler):
         """One JSON answer per request; a refused request gets its 4xx status."""
         batch, logits = inference_output
         version = self.metadata["model_version"]
-        answers = predictions(logits, self.labels, version) if logits is not None else []
+        answers = predictions(logits, self.labels, version, self.trust) if logits is not None else []
         for index, parsed in enumerate(batch.requests):
             self.context.set_response_content_type(index, "application/json")
             if parsed.error is not None:
