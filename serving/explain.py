@@ -2,9 +2,10 @@
 model, for the digit it predicted, against a blank image.
 
 POST /explanations/mnist answers each image with
-    {"digit": 7, "confidence": 0.998, "attributions": [[...28 floats...], ... 28 rows],
+    {"digit": 7, "is_digit": true, "confidence": 0.998, "attributions": [[...28 floats...], ... 28 rows],
      "method": "integrated_gradients", "baseline": "blank",
      "frame": {"left", "top", "pixel_width", "pixel_height"}, "model_version": "..."}
+is_digit and confidence are the prediction's (artifact.predictions: the trust record);
 attributions[row][col] is how much model input pixel (row, col) raised the predicted digit's
 logit over a blank image's (they sum to that rise, within ~2%); frame places that 28x28 grid
 on the image as sent (serving/preprocess.py's Frame), so a page can draw the map over it.
@@ -61,7 +62,7 @@ def rounded_map(attribution: np.ndarray) -> list[list[float]]:
 
 def explanation(prediction: dict, attribution: np.ndarray, frame: Frame) -> dict:
     """One image's explanation answer, from its prediction answer (artifact.predictions)."""
-    return {"digit": prediction["digit"], "confidence": prediction["confidence"],
+    return {"digit": prediction["digit"], "is_digit": prediction["is_digit"], "confidence": prediction["confidence"],
             "attributions": rounded_map(attribution), "method": METHOD, "baseline": BASELINE,
             "frame": {key: round(value, 3) for key, value in asdict(frame).items()},
             "model_version": prediction["model_version"]}

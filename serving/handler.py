@@ -8,9 +8,9 @@ a copy here.
 Accepts per request: raw image bytes (curl -T / --data-binary), multipart form files
 (curl -F data=@digit.png), JSON {"image": "<base64>"} / {"images": ["<base64>", ...]}, or
 an Open Inference Protocol (v2) body {"inputs": [...]}. Answers per image: {"digit",
-"label", "confidence", "probabilities", "top_k", "model_version"}; per bad request a 4xx status with
-{"error", "code"}. A request to /explanations/mnist gets, per image, the digit and its
-Integrated Gradients map (explain.py). Good and bad requests, predictions and explanations,
+"label", "is_digit", "confidence", "probabilities", "top_k", "model_version"}; per bad request a 4xx
+status with {"error", "code"}. A request to /explanations/mnist gets, per image, the digit and
+its Integrated Gradients map (explain.py). Good and bad requests, predictions and explanations,
 can share a batch. parsing.py holds the request model; this module is the class alone
 (TorchServe loads a handler module of one class).
 """
@@ -28,12 +28,14 @@ from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
 if __package__:  # imported from the source tree (tests)
-    from .artifact import is_onnx, load, load_torchscript_module, predictions, public_card, run_batched, torch_runner
+    from .artifact import (Trust, is_onnx, load, load_torchscript_module, predictions, public_card, run_batched,
+                           torch_runner)
     from .explain import attribute, explanation
     from .parsing import (DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC, BatchOutput, ParsedBatch, answer_body,
                           http_status, parse_batch)
 else:  # inside the model archive, the modules sit beside this file
-    from artifact import is_onnx, load, load_torchscript_module, predictions, public_card, run_batched, torch_runner
+    from artifact import (Trust, is_onnx, load, load_torchscript_module, predictions, public_card, run_batched,
+                          torch_runner)
     from explain import attribute, explanation
     from parsing import (DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC, BatchOutput, ParsedBatch, answer_body,
                          http_status, parse_batch)
@@ -62,6 +64,7 @@ class DigitHandler(BaseHandler):
         self.load_model(path, threads)
         self.mean, self.std = float(self.metadata["mean"]), float(self.metadata["std"])
         self.labels = list(self.metadata["labels"])
+        self.trust = Trust.from_metadata(self.metadata)
         self.run_model(np.zeros((1, *self.metadata["input_shape"]), dtype=np.float32))  # warm-up
         self.initialized = True
         logger.info("digit model %s loaded from %s, %d threads", self.metadata.get("model_version"), path, threads)
@@ -116,7 +119,7 @@ class DigitHandler(BaseHandler):
         """One JSON answer per request; a refused request gets its 4xx status."""
         batch, logits = inference_output.batch, inference_output.logits
         version = self.metadata["model_version"]
-        answers = predictions(logits, self.labels, version) if logits is not None else []
+        answers = predictions(logits, self.labels, version, self.trust) if logits is not None else []
         for row, attribution in inference_output.attributions.items():
             answers[row] = explanation(answers[row], attribution, batch.explained[row])
         for index, parsed in enumerate(batch.requests):

@@ -20,7 +20,8 @@ import click
 import numpy as np
 import torch
 
-from .artifact import ONNX_NAME, TORCHSCRIPT_NAME, ArtifactError, artifact_path, is_onnx, load, predictions
+from .artifact import (ONNX_NAME, TORCHSCRIPT_NAME, ArtifactError, Trust, artifact_path, is_onnx, load,
+                       predictions)
 from .grpc_client import KEY_ENV, KeyFileError, KeySource
 from .preprocess import ImageError, preprocess_bytes
 
@@ -63,10 +64,11 @@ def unreadable(path: Path, error: OSError) -> dict:
 def predict_files(files: list[Path], run_model, metadata: dict, batch_size: int):
     """Yield one result dict per file, in order; model calls are batched."""
     pending: list[tuple[Path, np.ndarray]] = []
+    trust = Trust.from_metadata(metadata)
 
     def flush():
         logits = run_model(np.stack([array for _, array in pending]))
-        for (path, _), answer in zip(pending, predictions(logits, metadata["labels"], metadata["model_version"])):
+        for (path, _), answer in zip(pending, predictions(logits, metadata["labels"], metadata["model_version"], trust)):
             yield {"file": str(path), **answer}
         pending.clear()
 

@@ -220,12 +220,13 @@ def test_the_largest_answer_fits_max_response_size():
     """TorchServe kills the worker whose answer passes max_response_size; with the image cap,
     the largest answer (64 predictions, or 64 of the longest error) must fit in both configs."""
     from repo import REPO_ROOT
-    from serving.artifact import predictions
+    from serving.artifact import Trust, predictions
     from serving.properties import read_properties
 
     # Uniform-ish logits make every probability a full-length float repr (e.g. 0.10000000000000002).
     logits = np.random.default_rng(0).normal(size=(MAX_IMAGES_PER_REQUEST, 10)) * 1e-3
-    answers = predictions(logits, [str(digit) for digit in range(10)], "w-0123456789ab")
+    refuse_all = Trust("max_softmax", 1.1, 1.0, 0.97, "val")   # "is_digit": false, the longer answer
+    answers = predictions(logits, [str(digit) for digit in range(10)], "w-0123456789ab", refuse_all)
     rows = list(range(MAX_IMAGES_PER_REQUEST))
     longest_error = max((ImageError(code, "x" * 300) for code in HTTP_STATUS), key=lambda e: len(e.code))
     bodies = [answer_body(ParsedRequest("many", rows), answers, "mnist", "w-0123456789ab"),
@@ -265,13 +266,14 @@ def test_the_largest_explanation_answer_fits_max_response_size():
     """Each map is 784 floats: with the explanation image cap, the largest answer (a full
     request of maps whose every value takes the longest form, -1.234e-05) must fit in both configs."""
     from repo import REPO_ROOT
-    from serving.artifact import predictions
+    from serving.artifact import Trust, predictions
     from serving.explain import explanation
     from serving.preprocess import UNIT_FRAME
     from serving.properties import read_properties
 
     count = MAX_IMAGES_PER_EXPLANATION
-    answers = predictions(np.zeros((count, 10)), [str(digit) for digit in range(10)], "w-0123456789ab")
+    refuse_all = Trust("max_softmax", 1.1, 1.0, 0.97, "val")   # "is_digit": false, the longer answer
+    answers = predictions(np.zeros((count, 10)), [str(digit) for digit in range(10)], "w-0123456789ab", refuse_all)
     longest = np.full((28, 28), -1.2345678e-05)
     explained = [explanation(answer, longest, UNIT_FRAME) for answer in answers]
     body = answer_body(ParsedRequest("many", list(range(count)), explain=True), explained, "mnist", "w")
