@@ -31,14 +31,14 @@ if __package__:  # imported from the source tree (tests)
     from .artifact import (Trust, is_onnx, load, load_torchscript_module, predictions, public_card, run_batched,
                            torch_runner)
     from .explain import attribute, explanation
-    from .parsing import (DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC, BatchOutput, ParsedBatch, answer_body,
-                          http_status, parse_batch)
+    from .parsing import (DIGIT_METRIC, NOT_DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC, BatchOutput,
+                          ParsedBatch, answer_body, http_status, parse_batch)
 else:  # inside the model archive, the modules sit beside this file
     from artifact import (Trust, is_onnx, load, load_torchscript_module, predictions, public_card, run_batched,
                           torch_runner)
     from explain import attribute, explanation
-    from parsing import (DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC, BatchOutput, ParsedBatch, answer_body,
-                         http_status, parse_batch)
+    from parsing import (DIGIT_METRIC, NOT_DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC, BatchOutput,
+                         ParsedBatch, answer_body, http_status, parse_batch)
 
 logger = logging.getLogger(__name__)
 
@@ -141,15 +141,18 @@ class DigitHandler(BaseHandler):
             return json.dumps({"error": "the model produced a non-finite answer", "code": "internal_error"})
 
     def record_metrics(self, batch: ParsedBatch, answers: list[dict]) -> None:
-        """DigitPredictions per answered image by digit, RequestsRejected per refused request
-        or image by error code. Counted per request (idx = its index in the batch) so that
-        TorchServe adds ModelName and Level and logs the request id; equal outcomes of one
-        request go out as one line."""
+        """DigitPredictions per answered image by digit (NotDigitImages too when it is judged not
+        a digit), RequestsRejected per refused request or image by error code. Counted per
+        request (idx = its index in the batch) so that TorchServe adds ModelName and Level and
+        logs the request id; equal outcomes of one request go out as one line."""
         counts = Counter()
         for index, parsed in enumerate(batch.requests):
             for outcome in parsed.outcomes():
                 if isinstance(outcome, int):
-                    counts[DIGIT_METRIC, "Digit", str(answers[outcome]["digit"]), index] += 1
+                    answer = answers[outcome]
+                    counts[DIGIT_METRIC, "Digit", str(answer["digit"]), index] += 1
+                    if not answer["is_digit"]:
+                        counts[NOT_DIGIT_METRIC, "Digit", str(answer["digit"]), index] += 1
                 else:
                     counts[REJECTED_METRIC, "Code", outcome.code, index] += 1
         for (name, dimension, value, index), count in counts.items():

@@ -53,6 +53,29 @@ def grpc_target(run_dir: Path) -> str:
     return f"{properties.get('grpc_inference_address', '127.0.0.1')}:{properties['grpc_inference_port']}"
 
 
+def scraped_total(run_dir: Path, metric: str) -> float:
+    """The sum over all labels of one counter on the metrics endpoint of a server from launch_server."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    address = read_properties(Path(run_dir).parent / "config.properties")["metrics_address"]
+    with urllib.request.urlopen(f"{address}/metrics", timeout=10) as response:
+        families = text_string_to_metric_families(response.read().decode())
+        return sum(sample.value for family in families if family.name == metric for sample in family.samples)
+
+
+def settled_total(run_dir: Path, metric: str, at_least: float = 0.0, timeout_s: float = 60.0) -> float:
+    """scraped_total once it has reached at_least and two reads a second apart agree: the worker
+    reports metrics asynchronously, so an answer's count can arrive after the answer."""
+    deadline = time.monotonic() + timeout_s
+    previous = scraped_total(run_dir, metric)
+    while True:
+        time.sleep(1.0)
+        value = scraped_total(run_dir, metric)
+        if (value == previous and value >= at_least) or time.monotonic() > deadline:
+            return value
+        previous = value
+
+
 def worker_pids(management: str, timeout_s: float = 120.0, replacing: Collection[int] = ()) -> list[int]:
     """PIDs of the model's workers once every one of them is READY (a worker still
     starting reports pid -1) and none is one of the pids in replacing (killed workers that the

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from imaging import NOT_DIGITS
 from repo import REPO_ROOT
 from servers import launch_server, predictions_url
 from serving import demo, server
@@ -166,6 +167,21 @@ def test_a_digit_drawn_with_the_mouse_is_recognized(page, digit):
         const pixels = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
         return pixels.every((value) => value === 255);
     }"""), "Clear left ink on the canvas"
+
+
+def test_a_letter_is_not_a_digit_and_its_best_guess_is_greyed(page):
+    draw(page, NOT_DIGITS["X"])
+    outcome = last_outcome(page)
+    assert outcome["ok"] and outcome["isDigit"] is False, outcome
+    assert page.text_content("#message").startswith("That doesn't look like a digit")
+    assert shown_digit(page) == str(outcome["digit"])     # the best guess stays, greyed
+    greyed = "getComputedStyle(document.querySelector('#answer')).color"
+    assert "guess" in page.get_attribute("#answer", "class") and page.evaluate(greyed) == "rgb(156, 163, 175)"
+
+    page.click("#clear")
+    draw(page, DRAWN_DIGITS[7])
+    assert last_outcome(page)["isDigit"] is True and shown_digit(page) == "7"
+    assert "guess" not in page.get_attribute("#answer", "class") and page.text_content("#message") == ""
 
 
 def test_real_mnist_digits_painted_on_the_canvas(page, mnist_digits):

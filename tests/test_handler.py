@@ -11,7 +11,7 @@ from PIL import Image
 
 from export.artifacts import load_model
 from export.run import normalized_images
-from imaging import all_formats, as_paper_photo, encode
+from imaging import NOT_DIGITS, all_formats, as_paper_photo, drawn_strokes, encode
 from repo import REPO_ROOT
 from serving.artifact import INT8_NAME, LOCAL_PATH_KEYS, MODEL_NAME, ONNX_NAME, TORCHSCRIPT_NAME, public_card
 from serving.properties import read_properties
@@ -22,7 +22,8 @@ from training.data import preprocess_metadata
 ts_context = pytest.importorskip("ts.context", reason="TorchServe (ts) is not installed")
 Context, RequestProcessor = ts_context.Context, ts_context.RequestProcessor
 from serving.handler import INFERENCE_CHUNK_IMAGES, DigitHandler  # noqa: E402
-from serving.parsing import DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC, ParsedBatch, ParsedRequest  # noqa: E402
+from serving.parsing import (DIGIT_METRIC, NOT_DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC,  # noqa: E402
+                             ParsedBatch, ParsedRequest)
 
 # The metrics file the server runs with; relative paths in config.properties are from the repo root.
 METRICS_CONFIG = REPO_ROOT / read_properties(REPO_ROOT / "config.properties")["metrics_config"]
@@ -280,6 +281,24 @@ def test_metrics_count_each_answered_digit_and_each_refusal_by_code(handler, mni
     messages = [record.getMessage() for record in caplog.records]
     assert any(message.startswith(f"[METRICS]{PREPROCESS_METRIC}.Milliseconds:") for message in messages)
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR], messages
+
+
+def test_drawn_non_digits_are_answered_not_a_digit_and_counted(handler, mnist_digits, caplog):
+    """Every answer says is_digit; a letter keeps its best guess, and NotDigitImages counts
+    exactly the images answered false, by best guess."""
+    letters = [drawn_strokes(strokes) for strokes in NOT_DIGITS.values()]
+    digits = [mnist_digits.png(i) for i in range(8)]
+    with caplog.at_level(logging.INFO, logger="ts.metrics"):
+        answers = [body for _, body in call(handler, [{"body": image} for image in letters + digits])]
+    assert [answer["is_digit"] for answer in answers[:len(letters)]] == [False] * len(letters)
+    assert all(0 <= answer["digit"] <= 9 and len(answer["probabilities"]) == 10 for answer in answers)
+    assert sum(answer["is_digit"] for answer in answers[len(letters):]) >= len(digits) - 1
+    refused: dict[str, float] = {}
+    for answer in answers:
+        if not answer["is_digit"]:
+            refused[str(answer["digit"])] = refused.get(str(answer["digit"]), 0) + 1
+    assert logged_counts(caplog.records, NOT_DIGIT_METRIC) == refused
+    assert sum(logged_counts(caplog.records, DIGIT_METRIC).values()) == len(answers)   # still counted there
 
 
 def test_handler_module_defines_the_one_class_torchserve_loads():

@@ -112,7 +112,8 @@ def test_form_encoded_requests_are_refused_with_a_hint():
 
 
 def test_answer_bodies():
-    answers = [{"digit": 1, "probabilities": [0.0, 1.0]}, {"digit": 0, "probabilities": [1.0, 0.0]}]
+    answers = [{"digit": 1, "is_digit": True, "probabilities": [0.0, 1.0]},
+               {"digit": 0, "is_digit": False, "probabilities": [1.0, 0.0]}]
     error = ImageError("no_digit", "blank")
     assert answer_body(ParsedRequest("one", [1]), answers, "mnist", "v1") == answers[1]
     assert answer_body(ParsedRequest.refused(error), answers, "mnist", "v1") == {"error": "blank", "code": "no_digit"}
@@ -122,6 +123,7 @@ def test_answer_bodies():
     assert (v2["model_name"], v2["model_version"], v2["id"]) == ("mnist", "v1", "9")
     assert v2["outputs"][0]["data"] == [0, 1] and v2["outputs"][1] == {
         "name": "probabilities", "datatype": "FP32", "shape": [2, 2], "data": [1.0, 0.0, 0.0, 1.0]}
+    assert v2["outputs"][2] == {"name": "is_digit", "datatype": "BOOL", "shape": [2], "data": [False, True]}
 
 
 def test_every_error_code_has_a_4xx_status():

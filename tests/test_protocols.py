@@ -14,13 +14,14 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, settings
 
 from http_client import request
-from imaging import HostileCase, hostile_corpus
+from imaging import NOT_DIGITS, HostileCase, drawn_strokes, hostile_corpus
 from repo import REPO_ROOT
 from serving import readiness, server
 from serving.artifact import MODEL_NAME, ONNX_NAME, TORCHSCRIPT_NAME, read_metadata
 from serving.parsing import EXPLANATION_CODES, HTTP_STATUS, MAX_IMAGES_PER_EXPLANATION
 from serving.predict import main as predict_cli
-from servers import explanations_url, grpc_target, launch_server, predictions_url, v2_infer_url
+from servers import (explanations_url, grpc_target, launch_server, predictions_url, settled_total,
+                     v2_infer_url)
 
 grpc = pytest.importorskip("grpc", reason="grpcio is not installed")
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed")
@@ -66,8 +67,9 @@ def test_v2_infer_answers_real_digits_as_tensors(running_server, exported, mnist
     assert status == 200, answer
     assert answer["model_name"] == MODEL_NAME and answer["id"] == "batch-7"
     assert answer["model_version"] == served_version(exported)
-    digits, probabilities = answer["outputs"]
+    digits, probabilities, is_digit = answer["outputs"]
     assert (digits["name"], digits["datatype"], digits["shape"]) == ("digit", "INT64", [16])
+    assert (is_digit["name"], is_digit["datatype"], is_digit["shape"]) == ("is_digit", "BOOL", [16])
     assert (probabilities["name"], probabilities["datatype"], probabilities["shape"]) == ("probabilities", "FP32", [16, 10])
     assert sum(d == label for d, label in zip(digits["data"], labels)) >= 15
     rows = [probabilities["data"][i * 10:(i + 1) * 10] for i in range(16)]
@@ -76,6 +78,7 @@ def test_v2_infer_answers_real_digits_as_tensors(running_server, exported, mnist
     status, plain = request(predictions_url(inference), images[0], headers=OCTET)
     assert status == 200 and json.loads(plain)["probabilities"] == pytest.approx(rows[0], abs=1e-6)
     assert json.loads(plain)["model_version"] == answer["model_version"]
+    assert json.loads(plain)["is_digit"] is is_digit["data"][0]
 
 
 def hostile_images(mnist_digits) -> list[HostileCase]:
@@ -120,6 +123,32 @@ def test_v2_request_is_all_or_nothing(running_server, mnist_digits):
     assert (status, answer["code"]) == (415, "not_an_image")
     status, answer = post_json(v2_infer_url(inference), v2_body([good]))   # the worker is fine
     assert status == 200 and answer["outputs"][0]["data"] == [mnist_digits.label(0)]
+
+
+# --- Not a digit: is_digit in every way in, and the counter ----------------------------------------
+def test_is_digit_in_rest_v2_and_grpc_and_the_counter_moves_by_the_refused(running_server, mnist_digits):
+    """Drawn letters and real digits, each sent over REST, v2 and gRPC: the three agree on
+    is_digit, the letters are refused, and NotDigitImages moves by exactly the refused count."""
+    inference, _, run_dir = running_server
+    images = [drawn_strokes(strokes) for strokes in NOT_DIGITS.values()] + [mnist_digits.png(i) for i in range(8)]
+    before = settled_total(run_dir, "NotDigitImages")
+
+    rest = [json.loads(request(predictions_url(inference), image, headers=OCTET)[1]) for image in images]
+    status, v2 = post_json(v2_infer_url(inference), v2_body(images))
+    assert status == 200, v2
+    v2_is_digit = {output["name"]: output for output in v2["outputs"]}["is_digit"]
+    with connect(grpc_target(run_dir)) as client:
+        over_grpc = [client.predict(image) for image in images]
+    flags = [answer["is_digit"] for answer in rest]
+    assert flags[:len(NOT_DIGITS)] == [False] * len(NOT_DIGITS)
+    assert sum(flags[len(NOT_DIGITS):]) >= 7
+    assert (v2_is_digit["datatype"], v2_is_digit["shape"], v2_is_digit["data"]) == ("BOOL", [len(images)], flags)
+    assert [answer["is_digit"] for answer in over_grpc] == flags
+    assert [answer["digit"] for answer in over_grpc] == [answer["digit"] for answer in rest]   # best guesses kept
+
+    refused = 3 * flags.count(False)    # each image went three ways
+    after = settled_total(run_dir, "NotDigitImages", at_least=before + refused)
+    assert after == before + refused, (before, after, refused)
 
 
 # --- Explanations (TorchServe's /explanations API) ----------------------------------------------
@@ -284,10 +313,15 @@ def test_mnist_predict_over_grpc(running_server, exported, mnist_digits, tmp_pat
         paths.append(tmp_path / f"{index}.png")
         paths[-1].write_bytes(mnist_digits.png(index))
     (tmp_path / "bad.png").write_bytes(b"not a png")
+    (tmp_path / "x.png").write_bytes(drawn_strokes(NOT_DIGITS["X"]))
     result = CliRunner().invoke(predict_cli, ["--grpc", grpc_target(running_server[2]), str(tmp_path)])
     lines = {json.loads(line)["file"]: json.loads(line) for line in result.stdout.splitlines()}
-    assert result.exit_code == 1      # one file failed
+    assert result.exit_code == 1      # one file failed; a letter is answered, not failed
     assert lines[str(tmp_path / "bad.png")]["code"] == "not_an_image"
+    letter = lines[str(tmp_path / "x.png")]
+    assert letter["is_digit"] is False and all(lines[str(path)]["is_digit"] for path in paths)
+    assert f"{tmp_path / 'x.png'}: not a digit (best guess {letter['digit']}, {letter['confidence']:.2f})" \
+        in result.stderr
     assert [lines[str(path)]["digit"] for path in paths] == [mnist_digits.label(index) for index in range(3)]
     assert {lines[str(path)]["model_version"] for path in paths} == {served_version(exported)}
 
