@@ -140,11 +140,11 @@ def hostile_corpus(digit: np.ndarray, other: np.ndarray) -> list[HostileCase]:
 
 
 # Shapes that are no digit, as a person draws them: strokes of (x, y) points, 0-1 across a
-# square. The test recipe's model refuses each (is_digit false; best guesses 2, 1 and 2 at
-# confidence 0.65, 0.39 and 0.55, under its 0.80 max-softmax threshold, measured 2026-11-29);
-# an A, H, M, W, E, # or + it took for a digit, so they are not here.
+# square. The test recipe's model refuses both with a margin (max softmax 0.39-0.58 for the K,
+# 0.47-0.55 for the star, in two training runs, under thresholds of 0.80-0.81; 2026-11-29). Not
+# here: an X (0.65-0.78, too close to the threshold between runs) and an A, H, M, N, T, V, Z, #,
+# + or box, which it takes for digits at 0.85-1.0.
 NOT_DIGITS = {
-    "X": [[(0.25, 0.2), (0.75, 0.8)], [(0.75, 0.2), (0.25, 0.8)]],
     "K": [[(0.3, 0.15), (0.3, 0.85)], [(0.72, 0.15), (0.3, 0.55), (0.72, 0.85)]],
     "star": [[(0.5, 0.15), (0.5, 0.85)], [(0.2, 0.3), (0.8, 0.7)], [(0.8, 0.3), (0.2, 0.7)]],
 }

@@ -170,7 +170,7 @@ def test_a_digit_drawn_with_the_mouse_is_recognized(page, digit):
 
 
 def test_a_letter_is_not_a_digit_and_its_best_guess_is_greyed(page):
-    draw(page, NOT_DIGITS["X"])
+    draw(page, NOT_DIGITS["K"])
     outcome = last_outcome(page)
     assert outcome["ok"] and outcome["isDigit"] is False, outcome
     assert page.text_content("#message").startswith("That doesn't look like a digit")

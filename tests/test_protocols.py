@@ -313,14 +313,14 @@ def test_mnist_predict_over_grpc(running_server, exported, mnist_digits, tmp_pat
         paths.append(tmp_path / f"{index}.png")
         paths[-1].write_bytes(mnist_digits.png(index))
     (tmp_path / "bad.png").write_bytes(b"not a png")
-    (tmp_path / "x.png").write_bytes(drawn_strokes(NOT_DIGITS["X"]))
+    (tmp_path / "k.png").write_bytes(drawn_strokes(NOT_DIGITS["K"]))
     result = CliRunner().invoke(predict_cli, ["--grpc", grpc_target(running_server[2]), str(tmp_path)])
     lines = {json.loads(line)["file"]: json.loads(line) for line in result.stdout.splitlines()}
     assert result.exit_code == 1      # one file failed; a letter is answered, not failed
     assert lines[str(tmp_path / "bad.png")]["code"] == "not_an_image"
-    letter = lines[str(tmp_path / "x.png")]
+    letter = lines[str(tmp_path / "k.png")]
     assert letter["is_digit"] is False and all(lines[str(path)]["is_digit"] for path in paths)
-    assert f"{tmp_path / 'x.png'}: not a digit (best guess {letter['digit']}, {letter['confidence']:.2f})" \
+    assert f"{tmp_path / 'k.png'}: not a digit (best guess {letter['digit']}, {letter['confidence']:.2f})" \
         in result.stderr
     assert [lines[str(path)]["digit"] for path in paths] == [mnist_digits.label(index) for index in range(3)]
     assert {lines[str(path)]["model_version"] for path in paths} == {served_version(exported)}
