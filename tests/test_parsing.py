@@ -266,7 +266,7 @@ def test_explanation_requests_refused_before_preprocessing(request_dict, explain
 
 def test_the_largest_explanation_answer_fits_max_response_size():
     """Each map is 784 floats: with the explanation image cap, the largest answer (a full
-    request of maps whose every value takes the longest form, -1.234e-05) must fit in both configs."""
+    request of maps whose every value takes the longest form, -1.235e-05) must fit in both configs."""
     from repo import REPO_ROOT
     from serving.artifact import Trust, predictions
     from serving.explain import explanation
@@ -280,8 +280,20 @@ def test_the_largest_explanation_answer_fits_max_response_size():
     explained = [explanation(answer, longest, UNIT_FRAME) for answer in answers]
     body = answer_body(ParsedRequest("many", list(range(count)), explain=True), explained, "mnist", "w")
     size = len(json.dumps(body).encode())
-    assert size > count * 784 * 10        # every value really is written long
+    assert size > count * 784 * 10        # every value really is written long (-1.235e-05, 10 characters)
     for config in ("config.properties", "config.production.properties"):
         limit = int(read_properties(REPO_ROOT / config)["max_response_size"])
         # 8 such requests in one batch are 8 answers, each its own response.
         assert size * 4 < limit, (config, size, limit)
+
+
+def test_maps_keep_four_significant_digits_of_their_largest_value():
+    """The blank background's attributions are float noise (~1e-10): rounded away, not sent long."""
+    from serving.explain import rounded_map
+
+    attribution = np.zeros((28, 28))
+    attribution[3, 4], attribution[5, 6], attribution[0, 0] = 0.123456, -0.0098765, 3e-10
+    rounded = np.asarray(rounded_map(attribution))
+    assert (rounded[3, 4], rounded[5, 6], rounded[0, 0]) == (0.1235, -0.0099, 0.0)
+    assert rounded_map(np.zeros((28, 28))) == np.zeros((28, 28)).tolist()
+    assert np.isnan(rounded_map(np.full((28, 28), np.nan))[0][0])   # left for the handler's 500
