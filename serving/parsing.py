@@ -49,7 +49,7 @@ EXPLANATION_CODES = ("explanations_need_torchscript",)
 MAX_IMAGES_PER_REQUEST = 64
 # Images one explanation request may carry: Integrated Gradients runs the model forward and
 # backward explain.IG_STEPS times per image (4 images: ~0.3 s on one core), and each answer
-# carries a 28x28 map (~9 KB of JSON), so a batch of 8 such requests stays ~2 s and ~300 KB.
+# carries a 28x28 map (3-10 KB of JSON), so a batch of 8 such requests stays ~2 s and ~300 KB.
 MAX_IMAGES_PER_EXPLANATION = 4
 # TorchServe's frontend sets this header to "True" on requests to /explanations/{model}.
 EXPLAIN_HEADER = "explain"
