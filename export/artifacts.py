@@ -15,7 +15,7 @@ import onnx
 import torch
 
 from serving.artifact import (INPUT_NAME, MODEL_CARD_NAME, ONNX_METADATA_KEY, OUTPUT_NAME, TORCHSCRIPT_METADATA,
-                              public_card, quiet_torchscript_deprecation)
+                              TRUST_METADATA, ArtifactError, Trust, public_card, quiet_torchscript_deprecation)
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.model import build_model
 
@@ -48,9 +48,19 @@ def weights_version(weights_sha256: str) -> str:
     return f"w-{weights_sha256[:12]}"
 
 
+def checkpoint_trust(checkpoint: dict) -> Trust:
+    """The finished run's trust record; a checkpoint without one cannot say what is not a digit."""
+    try:
+        return Trust.from_metadata(checkpoint)
+    except ArtifactError as error:
+        raise CheckpointError(f"checkpoint: {error} (a finished run writes it: finish the run with "
+                              f"mnist-train --resume, or train afresh)") from None
+
+
 def build_metadata(checkpoint: dict, model_version: str | None = None) -> dict:
     """The model card shipped inside every artifact: plain JSON types only. model_version
     None: the weights' own version (weights_version)."""
+    trust = checkpoint_trust(checkpoint)
     preprocess = checkpoint["preprocess"]
     metrics = checkpoint["metrics"]
     digest = weights_digest(checkpoint["model"])
@@ -64,6 +74,7 @@ def build_metadata(checkpoint: dict, model_version: str | None = None) -> dict:
         "mean": preprocess["mean"],
         "std": preprocess["std"],
         "input_shape": preprocess["input_shape"],
+        TRUST_METADATA: trust.as_dict(),
         "checkpoint_test_acc": metrics.get("test_acc"),
         "selected_by": metrics.get("selected_by", "final"),
         "selected_epoch": metrics.get("selected_epoch", metrics["epoch"]),

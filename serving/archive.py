@@ -21,7 +21,7 @@ from .artifact import (ARCHIVE_NAME, MODEL_NAME, SERVE_ACCURACY_FLOOR, TORCHSCRI
 SERVING_DIR = Path(__file__).resolve().parent
 HANDLER = "handler.py"
 # Shipped beside handler.py: the handler imports them as top-level modules inside the archive.
-HANDLER_MODULES = ("preprocess.py", "artifact.py", "protocol.py", "parsing.py")
+HANDLER_MODULES = ("preprocess.py", "artifact.py", "protocol.py", "parsing.py", "explain.py")
 MODEL_CONFIG = "model-config.yaml"
 # Every file of serving/ that goes into the archive, named once; the archiver adds the model
 # and its manifest (archive_contents).

@@ -14,6 +14,7 @@ import time
 import warnings
 import zipfile
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -45,8 +46,9 @@ def artifact_path(name: str, directory: str | os.PathLike = ARTIFACTS_DIR) -> st
 # --- Metadata: the model card inside every artifact ----------------------------------------
 TORCHSCRIPT_METADATA = "meta.json"   # TorchScript _extra_files entry
 ONNX_METADATA_KEY = "digitserve"     # ONNX metadata_props key
+TRUST_METADATA = "trust"             # the Trust record: checkpoint key, and a key of every artifact's metadata
 # What a consumer needs to turn pixels into model input and logits into answers.
-REQUIRED_METADATA = ("model_version", "labels", "mean", "std", "input_shape")
+REQUIRED_METADATA = ("model_version", "labels", "mean", "std", "input_shape", TRUST_METADATA)
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 TOP_K = 3
 
@@ -71,8 +73,15 @@ def quiet_torchscript_deprecation():
 
 def check_metadata(metadata, path) -> dict:
     missing = [key for key in REQUIRED_METADATA if not isinstance(metadata, dict) or key not in metadata]
+    if missing == [TRUST_METADATA]:
+        raise ArtifactError(f"{path}: metadata lacks {TRUST_METADATA} (written before models said what is not a "
+                            f"digit): retrain (make train) and re-export (make export)")
     if missing:
         raise ArtifactError(f"{path}: metadata lacks {', '.join(missing)}")
+    try:
+        Trust.from_metadata(metadata)
+    except ArtifactError as error:
+        raise ArtifactError(f"{path}: {error}") from None
     return metadata
 
 
@@ -199,16 +208,81 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-def predictions(logits: np.ndarray, labels: list[str], model_version: str) -> list[dict]:
+def logsumexp(logits: np.ndarray) -> np.ndarray:
+    peak = logits.max(axis=1)
+    return peak + np.log(np.exp(logits - peak[:, None]).sum(axis=1))
+
+
+# --- Trust: is it a digit at all, and how sure ---------------------------------------------
+TRUST_SCORES = ("max_softmax", "energy")   # higher = more like a digit
+
+
+@dataclass(frozen=True)
+class Trust:
+    """How the logits become is_digit and the reported probabilities. Fitted at the end of
+    training on held-out validation digits (training/trust.py), never on the test set, and
+    carried in every artifact so that the server, mnist-predict and the bench agree."""
+    score: str          # one of TRUST_SCORES; higher = more like a digit (energy: T * logsumexp(logits / T))
+    threshold: float    # is_digit = score >= threshold
+    temperature: float  # probabilities = softmax(logits / temperature); 1.0 = uncalibrated
+    accept_rate: float  # the share of held-out validation digits accepted at the threshold
+    chosen_on: str      # which data chose threshold and temperature
+
+    def __post_init__(self):
+        if self.score not in TRUST_SCORES:
+            raise ArtifactError(f"trust score {self.score!r} is not one of {', '.join(TRUST_SCORES)}")
+        if not (np.isfinite(self.threshold) and np.isfinite(self.temperature) and self.temperature > 0):
+            raise ArtifactError(f"trust threshold {self.threshold!r} / temperature {self.temperature!r} "
+                                f"must be finite, the temperature > 0")
+        if not 0 <= self.accept_rate <= 1:
+            raise ArtifactError(f"trust accept_rate {self.accept_rate!r} is not a share in [0, 1]")
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        return softmax(np.asarray(logits, dtype=np.float64) / self.temperature)
+
+    def scores(self, logits: np.ndarray) -> np.ndarray:
+        """[N] scores, higher = more like a digit. Both use the calibrated temperature, so the
+        threshold is compared with what the record was fitted on."""
+        logits = np.asarray(logits, dtype=np.float64)
+        if self.score == "energy":
+            return self.temperature * logsumexp(logits / self.temperature)
+        return self.probabilities(logits).max(axis=1)
+
+    def is_digit(self, logits: np.ndarray) -> np.ndarray:
+        return self.scores(logits) >= self.threshold
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_metadata(cls, metadata: dict) -> Trust:
+        """The record under metadata["trust"] (a checkpoint or an artifact's metadata)."""
+        record = metadata.get(TRUST_METADATA) if isinstance(metadata, dict) else None
+        if record is None:
+            raise ArtifactError(f"no {TRUST_METADATA} record: retrain (make train) and re-export (make export)")
+        if not isinstance(record, dict) or set(record) != set(cls.__dataclass_fields__):
+            raise ArtifactError(f"{TRUST_METADATA} record {record!r} does not hold exactly "
+                                f"{', '.join(cls.__dataclass_fields__)}")
+        try:
+            return cls(str(record["score"]), float(record["threshold"]), float(record["temperature"]),
+                       float(record["accept_rate"]), str(record["chosen_on"]))
+        except (TypeError, ValueError) as error:
+            raise ArtifactError(f"{TRUST_METADATA} record {record!r}: {error}") from None
+
+
+def predictions(logits: np.ndarray, labels: list[str], model_version: str, trust: Trust) -> list[dict]:
     """Logits [N, 10] -> the JSON answer for each image; model_version (the artifact's own)
-    says which model answered."""
-    probabilities = softmax(logits.astype(np.float64))
+    says which model answered, trust whether it is a digit at all and how sure (temperature).
+    The best guess stays in a not-a-digit answer, so a client can still show it."""
+    logits = np.asarray(logits, dtype=np.float64)
+    probabilities = trust.probabilities(logits)
+    is_digit = trust.is_digit(logits)
     answers = []
-    for row in probabilities:
+    for row, digit_like in zip(probabilities, is_digit):
         order = np.argsort(row)[::-1]
         digit = int(order[0])
         answers.append({
-            "digit": digit, "label": labels[digit], "confidence": float(row[digit]),
+            "digit": digit, "label": labels[digit], "is_digit": bool(digit_like), "confidence": float(row[digit]),
             "probabilities": [float(value) for value in row],
             "top_k": [{"digit": int(k), "probability": float(row[k])} for k in order[:TOP_K]],
             "model_version": model_version,

@@ -1,15 +1,18 @@
 """TorchServe handler for the digit CNN.
 
 Self-contained: it imports the standard library, NumPy, torch, `ts`, and the modules that
-the archive ships beside it (preprocess.py, artifact.py, protocol.py, parsing.py). Mean,
-std and labels come from the artifact's own metadata, never from a copy here.
+the archive ships beside it (preprocess.py, artifact.py, protocol.py, parsing.py, explain.py,
+which imports Captum). Mean, std and labels come from the artifact's own metadata, never from
+a copy here.
 
 Accepts per request: raw image bytes (curl -T / --data-binary), multipart form files
 (curl -F data=@digit.png), JSON {"image": "<base64>"} / {"images": ["<base64>", ...]}, or
 an Open Inference Protocol (v2) body {"inputs": [...]}. Answers per image: {"digit",
-"label", "confidence", "probabilities", "top_k", "model_version"}; per bad request a 4xx status with
-{"error", "code"}. Good and bad requests can share a batch. parsing.py holds the request
-model; this module is the class alone (TorchServe loads a handler module of one class).
+"label", "is_digit", "confidence", "probabilities", "top_k", "model_version"}; per bad request a 4xx
+status with {"error", "code"}. A request to /explanations/mnist gets, per image, the digit and
+its Integrated Gradients map (explain.py). Good and bad requests, predictions and explanations,
+can share a batch. parsing.py holds the request model; this module is the class alone
+(TorchServe loads a handler module of one class).
 """
 from __future__ import annotations
 
@@ -25,13 +28,17 @@ from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
 if __package__:  # imported from the source tree (tests)
-    from .artifact import load, predictions, public_card, run_batched
-    from .parsing import (DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC, ParsedBatch, answer_body,
-                          http_status, parse_batch)
+    from .artifact import (Trust, is_onnx, load, load_torchscript_module, predictions, public_card, run_batched,
+                           torch_runner)
+    from .explain import attribute, explanation
+    from .parsing import (DIGIT_METRIC, NOT_DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC, BatchOutput,
+                          ParsedBatch, answer_body, http_status, parse_batch)
 else:  # inside the model archive, the modules sit beside this file
-    from artifact import load, predictions, public_card, run_batched
-    from parsing import (DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC, ParsedBatch, answer_body,
-                         http_status, parse_batch)
+    from artifact import (Trust, is_onnx, load, load_torchscript_module, predictions, public_card, run_batched,
+                          torch_runner)
+    from explain import attribute, explanation
+    from parsing import (DIGIT_METRIC, NOT_DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC, BatchOutput,
+                         ParsedBatch, answer_body, http_status, parse_batch)
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +61,29 @@ class DigitHandler(BaseHandler):
                                    else "cpu")
         self.manifest = context.manifest
         path = os.path.join(properties["model_dir"], self.manifest["model"]["serializedFile"])
-        self.run_model, self.metadata = load(path, self.device, threads)
+        self.load_model(path, threads)
         self.mean, self.std = float(self.metadata["mean"]), float(self.metadata["std"])
         self.labels = list(self.metadata["labels"])
+        self.trust = Trust.from_metadata(self.metadata)
         self.run_model(np.zeros((1, *self.metadata["input_shape"]), dtype=np.float32))  # warm-up
         self.initialized = True
         logger.info("digit model %s loaded from %s, %d threads", self.metadata.get("model_version"), path, threads)
+
+    def load_model(self, path: str, threads: int) -> None:
+        """run_model and metadata; and, for TorchScript, the module itself, which explanations
+        differentiate (ONNX Runtime gives no gradients: self.module is None)."""
+        if is_onnx(path):
+            self.module = None
+            self.run_model, self.metadata = load(path, self.device, threads)
+        else:
+            self.module, self.metadata = load_torchscript_module(path, self.device)
+            self.run_model = torch_runner(self.module, self.device)
+
+    def _is_explain(self) -> bool:
+        # BaseHandler reads request 0's `explain` header and sends the whole batch down one path;
+        # a batch can mix /explanations and /predictions requests, so preprocess reads each
+        # request's own header (parsing.wants_explanation) and the usual cycle answers both.
+        return False
 
     def _is_describe(self) -> bool:
         # BaseHandler reads request 0's `describe` header and answers the whole batch with one
@@ -72,21 +96,32 @@ class DigitHandler(BaseHandler):
     def preprocess(self, data) -> ParsedBatch:
         started = time.perf_counter()
         headers = [self.context.get_all_request_header(index) for index in range(len(data))]
-        batch = parse_batch(data, headers, self.mean, self.std)
+        batch = parse_batch(data, headers, self.mean, self.std, explainable=self.module is not None)
         self.context.metrics.add_time(PREPROCESS_METRIC, round((time.perf_counter() - started) * 1000, 2), None, "ms")
         return batch
 
-    def inference(self, batch: ParsedBatch, *args, **kwargs):
+    def inference(self, batch: ParsedBatch, *args, **kwargs) -> BatchOutput:
         if batch.inputs is None:
-            return batch, None
-        return batch, run_batched(self.run_model, batch.inputs, INFERENCE_CHUNK_IMAGES)
-        return batch, logits
+            return BatchOutput(batch, None)
+        logits = run_batched(self.run_model, batch.inputs, INFERENCE_CHUNK_IMAGES)
+        return BatchOutput(batch, logits, self.attributions(batch, logits))
 
-    def postprocess(self, inference_output) -> list[str]:
+    def attributions(self, batch: ParsedBatch, logits: np.ndarray) -> dict[int, np.ndarray]:
+        """The map of each explained row, for the digit the model predicts there."""
+        rows = sorted(batch.explained)
+        if not rows:
+            return {}
+        maps = attribute(self.module, batch.inputs[rows], logits[rows].argmax(axis=1), self.mean, self.std,
+                         self.device)
+        return dict(zip(rows, maps))
+
+    def postprocess(self, inference_output: BatchOutput) -> list[str]:
         """One JSON answer per request; a refused request gets its 4xx status."""
-        batch, logits = inference_output
+        batch, logits = inference_output.batch, inference_output.logits
         version = self.metadata["model_version"]
-        answers = predictions(logits, self.labels, version) if logits is not None else []
+        answers = predictions(logits, self.labels, version, self.trust) if logits is not None else []
+        for row, attribution in inference_output.attributions.items():
+            answers[row] = explanation(answers[row], attribution, batch.explained[row])
         for index, parsed in enumerate(batch.requests):
             self.context.set_response_content_type(index, "application/json")
             if parsed.error is not None:
@@ -106,20 +141,19 @@ class DigitHandler(BaseHandler):
             return json.dumps({"error": "the model produced a non-finite answer", "code": "internal_error"})
 
     def record_metrics(self, batch: ParsedBatch, answers: list[dict]) -> None:
-        """DigitPredictions per answered image by digit, RequestsRejected per refused request
-        or image by error code. Counted per request (idx = its index in the batch) so that
-        TorchServe adds ModelName and Level and logs the request id; equal outcomes of one
-        request go out as one line."""
+        """DigitPredictions per answered image by digit (NotDigitImages too when it is judged not
+        a digit), RequestsRejected per refused request or image by error code. Counted per
+        request (idx = its index in the batch) so that TorchServe adds ModelName and Level and
+        logs the request id; equal outcomes of one request go out as one line."""
         counts = Counter()
         for index, parsed in enumerate(batch.requests):
             for outcome in parsed.outcomes():
                 if isinstance(outcome, int):
-                    counts[DIGIT_METRIC, "Digit", str(answers[outcome]["digit"]), index] += 1
+                    answer = answers[outcome]
+                    counts[DIGIT_METRIC, "Digit", str(answer["digit"]), index] += 1
+                    if not answer["is_digit"]:
+                        counts[NOT_DIGIT_METRIC, "Digit", str(answer["digit"]), index] += 1
                 else:
                     counts[REJECTED_METRIC, "Code", outcome.code, index] += 1
         for (name, dimension, value, index), count in counts.items():
             self.context.metrics.add_counter(name, count, index, [Dimension(dimension, value)])
-
-    def explain_handle(self, data_preprocess, raw_data):
-        # No explanations for this model: an `explain: True` header gets the usual answer.
-        return self.postprocess(self.inference(data_preprocess))

@@ -11,8 +11,11 @@ gets 400 invalid_request.
 A request is answered in one of three ways:
     one    a single image (raw body, one form file, {"image": ...}): its answer, or its 4xx error
     many   {"images": [...]} or several form files: {"predictions": [...]}, one entry per image,
-           each an answer or that image's own error
+           each an answer or that image's own error ({"explanations": [...]} when explained)
     v2     an Open Inference Protocol body: the v2 answer (protocol.py); all images or none
+
+Each request is a prediction or an explanation on its own: TorchServe marks a request to
+/explanations/{model} with the header `explain: True`, and one batch can mix both kinds.
 """
 from __future__ import annotations
 
@@ -26,27 +29,37 @@ from typing import Literal
 import numpy as np
 
 if __package__:  # imported from the source tree (tests)
-    from .preprocess import ImageError, PixelBudget, preprocess_bytes
+    from .preprocess import Frame, Framed, ImageError, PixelBudget, preprocess_framed
     from .protocol import is_v2_request, parse_v2_request, v2_answer
 else:  # inside the model archive
-    from preprocess import ImageError, PixelBudget, preprocess_bytes
+    from preprocess import Frame, Framed, ImageError, PixelBudget, preprocess_framed
     from protocol import is_v2_request, parse_v2_request, v2_answer
 
 HTTP_STATUS = {"empty": 400, "invalid_json": 400, "invalid_base64": 400, "no_image_field": 400,
                "invalid_request": 400, "corrupt_image": 400, "not_an_image": 415, "unsupported_image": 415,
-               "too_large": 413, "too_many_images": 413, "no_digit": 422, "form_encoded": 415}
+               "too_large": 413, "too_many_images": 413, "no_digit": 422, "form_encoded": 415,
+               "explanations_need_torchscript": 400}
+# Codes only an explanation request gets (POST /explanations/mnist).
+EXPLANATION_CODES = ("explanations_need_torchscript",)
 
 # Images one request may carry, whatever its shape; counted before any is decoded. It bounds
 # the answer too: 64 predictions of ~520 bytes (or 64 of the longest error) are ~35 KB, far
 # under config.properties' max_response_size (1 MiB), past which TorchServe kills the worker
 # (tests/test_parsing.py checks the worst case against that file).
 MAX_IMAGES_PER_REQUEST = 64
+# Images one explanation request may carry: Integrated Gradients runs the model forward and
+# backward explain.IG_STEPS times per image (4 images: ~0.3 s on one core), and each answer
+# carries a 28x28 map (3-10 KB of JSON), so a batch of 8 such requests stays ~2 s and ~300 KB.
+MAX_IMAGES_PER_EXPLANATION = 4
+# TorchServe's frontend sets this header to "True" on requests to /explanations/{model}.
+EXPLAIN_HEADER = "explain"
 
 logger = logging.getLogger(__name__)
 
 # Our metrics, declared with their dimensions in serving/metrics.yaml (config.properties'
 # metrics_config); TorchServe exports only what that file declares.
 DIGIT_METRIC, REJECTED_METRIC, PREPROCESS_METRIC = "DigitPredictions", "RequestsRejected", "PreprocessTime"
+NOT_DIGIT_METRIC = "NotDigitImages"   # answered images judged not a digit, by best guess
 
 Answer = Literal["one", "many", "v2"]
 
@@ -69,10 +82,11 @@ class ParsedRequest:
     slots: list[int | ImageError] = field(default_factory=list)
     id: str | None = None
     error: ImageError | None = None
+    explain: bool = False     # an explanation request: its images get attribution maps
 
     @classmethod
-    def refused(cls, error: ImageError) -> ParsedRequest:
-        return cls("one", error=error)
+    def refused(cls, error: ImageError, explain: bool = False) -> ParsedRequest:
+        return cls("one", error=error, explain=explain)
 
     def outcomes(self) -> list[int | ImageError]:
         """What each image (or the refused request) came to: a row of inputs, or an error."""
@@ -82,9 +96,20 @@ class ParsedRequest:
 @dataclass
 class ParsedBatch:
     """What preprocess hands to inference: the stacked inputs of every good image (None when
-    there is none), and each request of the batch, in order."""
+    there is none), each request of the batch, in order, and the rows to explain (those of
+    explanation requests) with where each one's input lies on its image."""
     inputs: np.ndarray | None
     requests: list[ParsedRequest]
+    explained: dict[int, Frame] = field(default_factory=dict)
+
+
+@dataclass
+class BatchOutput:
+    """What inference hands to postprocess: the logits of every row of the batch's inputs
+    (None when there is none) and an attribution map [28, 28] per explained row."""
+    batch: ParsedBatch
+    logits: np.ndarray | None
+    attributions: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 # --- Reading the images out of one request ---------------------------------------------------
@@ -160,6 +185,27 @@ def images_from_request(request: dict) -> EncodedRequest | ImageError:
     return EncodedRequest("one", [value])
 
 
+def wants_explanation(headers: dict | None) -> bool:
+    """Whether TorchServe marked this request as one to /explanations/{model}."""
+    return any(isinstance(key, str) and key.lower() == EXPLAIN_HEADER and str(value) == "True"
+               for key, value in (headers or {}).items())
+
+
+def explanation_error(encoded: EncodedRequest, explainable: bool) -> ImageError | None:
+    """Why an explanation request cannot be explained, checked before any image is decoded."""
+    if not explainable:
+        return ImageError("explanations_need_torchscript",
+                          "explanations need the TorchScript model, and this server runs the ONNX one: "
+                          "serve the archive built from the .torchscript.pt file")
+    if encoded.answer == "v2":
+        return ImageError("no_image_field", "explanations take the image as raw bytes, form files or JSON "
+                                            '{"image": ...} / {"images": [...]}, not an Open Inference Protocol body')
+    if len(encoded.images) > MAX_IMAGES_PER_EXPLANATION:
+        return ImageError("too_many_images", f"{len(encoded.images)} images in one explanation request; the limit "
+                                             f"is {MAX_IMAGES_PER_EXPLANATION}: split them over several requests")
+    return None
+
+
 def form_encoding_error(content_type: str) -> ImageError | None:
     """curl -d / --data-binary default to x-www-form-urlencoded; TorchServe then parses the
     image bytes as form fields and they are lost. Say so instead of "empty body"."""
@@ -177,30 +223,41 @@ def content_type(headers: dict | None) -> str:
 
 # --- Preprocessing a batch --------------------------------------------------------------------
 def preprocess_image(item: bytes | ImageError, mean: float, std: float,
-                     budget: PixelBudget) -> np.ndarray | ImageError:
+                     budget: PixelBudget) -> Framed | ImageError:
     if isinstance(item, ImageError):
         return item
     try:
-        return preprocess_bytes(item, mean, std, budget)
+        return preprocess_framed(item, mean, std, budget)
     except ImageError as error:
         # Code and message only: the raised error's traceback holds the decoder's frames, and
         # with them the image bytes and pixels, until the batch is answered.
         return ImageError(error.code, str(error))
 
 
-def parse_request(request: dict, headers: dict | None, mean: float, std: float,
-                  inputs: list[np.ndarray]) -> ParsedRequest:
+@dataclass(frozen=True)
+class Reading:
+    """How a batch's requests are read: the artifact's normalization, and whether the served
+    model can be explained (TorchScript; not ONNX)."""
+    mean: float
+    std: float
+    explainable: bool = True
+
+
+def parse_request(request: dict, headers: dict | None, reading: Reading,
+                  inputs: list[Framed], explain: bool) -> ParsedRequest:
     """Parse and preprocess one request; append its good images to inputs."""
     encoded = form_encoding_error(content_type(headers)) or images_from_request(request)
+    if not isinstance(encoded, ImageError) and explain:
+        encoded = explanation_error(encoded, reading.explainable) or encoded
     if isinstance(encoded, ImageError):
-        return ParsedRequest.refused(encoded)
+        return ParsedRequest.refused(encoded, explain)
     arrays = []
     budget = PixelBudget()
     for item in encoded.images:
-        array = preprocess_image(item, mean, std, budget)
+        array = preprocess_image(item, reading.mean, reading.std, budget)
         # Only "many" answers each image on its own; one image, or v2, is all or nothing.
         if isinstance(array, ImageError) and encoded.answer != "many":
-            return ParsedRequest.refused(array)
+            return ParsedRequest.refused(array, explain)
         arrays.append(array)
     slots: list[int | ImageError] = []
     for array in arrays:
@@ -209,29 +266,35 @@ def parse_request(request: dict, headers: dict | None, mean: float, std: float,
         else:
             slots.append(len(inputs))
             inputs.append(array)
-    return ParsedRequest(encoded.answer, slots, encoded.id)
+    return ParsedRequest(encoded.answer, slots, encoded.id, explain=explain)
 
 
-def parse_batch(data: list[dict], headers: list[dict | None], mean: float, std: float) -> ParsedBatch:
-    """Every request of one TorchServe batch, with its headers; never raises for bad input."""
-    inputs: list[np.ndarray] = []
-    requests = [parse_request_safely(index, request, request_headers, mean, std, inputs)
+def parse_batch(data: list[dict], headers: list[dict | None], mean: float, std: float,
+                explainable: bool = True) -> ParsedBatch:
+    """Every request of one TorchServe batch, with its headers; never raises for bad input.
+    explainable: whether explanation requests can be answered (the served model is TorchScript)."""
+    inputs: list[Framed] = []
+    reading = Reading(mean, std, explainable)
+    requests = [parse_request_safely(index, request, request_headers, reading, inputs)
                 for index, (request, request_headers) in enumerate(zip(data, headers))]
-    return ParsedBatch(np.stack(inputs) if inputs else None, requests)
+    explained = {row: inputs[row].frame for parsed in requests if parsed.explain
+                 for row in parsed.slots if isinstance(row, int)}
+    return ParsedBatch(np.stack([item.pixels for item in inputs]) if inputs else None, requests, explained)
 
 
-def parse_request_safely(index: int, request: dict, headers: dict | None, mean: float, std: float,
-                         inputs: list[np.ndarray]) -> ParsedRequest:
+def parse_request_safely(index: int, request: dict, headers: dict | None, reading: Reading,
+                         inputs: list[Framed]) -> ParsedRequest:
     """parse_request, with the request boundary's catch-all: whatever a request raises that
     nobody foresaw is that request's 400, logged once, and never the whole batch's 503."""
     first_row = len(inputs)
+    explain = wants_explanation(headers)
     try:
-        return parse_request(request, headers, mean, std, inputs)
+        return parse_request(request, headers, reading, inputs, explain)
     except Exception as error:
         del inputs[first_row:]   # none of its images is run
         logger.exception("request %d of the batch could not be parsed", index)
         return ParsedRequest.refused(ImageError("invalid_request",
-                                                f"the request could not be read ({type(error).__name__})"))
+                                                f"the request could not be read ({type(error).__name__})"), explain)
 
 
 # --- Answers ------------------------------------------------------------------------------
@@ -244,10 +307,13 @@ def http_status(error: ImageError) -> int:
 
 
 def answer_body(parsed: ParsedRequest, answers: list[dict], model_name: str, model_version: str) -> dict:
-    """The JSON answer to one request, from the batch's per-image answers (artifact.predictions)."""
+    """The JSON answer to one request, from the batch's per-image answers (artifact.predictions,
+    or explain.explanation for the rows of an explanation request), indexed by row."""
     if parsed.error is not None:
         return error_body(parsed.error)
     results = [error_body(slot) if isinstance(slot, ImageError) else answers[slot] for slot in parsed.slots]
     if parsed.answer == "v2":
         return v2_answer(model_name, model_version, results, parsed.id)
-    return {"predictions": results} if parsed.answer == "many" else results[0]
+    if parsed.answer == "many":
+        return {"explanations" if parsed.explain else "predictions": results}
+    return results[0]

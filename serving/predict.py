@@ -6,7 +6,10 @@
     mnist-predict --grpc 127.0.0.1:7070 --key-file key_file.json samples/   # token authorization on
 
 prints one JSON line per image, e.g.
-    {"file": "samples/digit_7.png", "digit": 7, "label": "7", "confidence": 0.9991, ..., "model_version": "w-..."}
+    {"file": "samples/digit_7.png", "digit": 7, "label": "7", "is_digit": true, "confidence": 0.9991, ...,
+     "model_version": "w-..."}
+An image that does not look like a digit gets "is_digit": false (its digit is the best guess)
+and a line on stderr: `samples/letter_x.png: not a digit (best guess 2, 0.65)`.
 Bad files get {"file", "error", "code"} lines; the exit status is 1 if any file failed.
 """
 from __future__ import annotations
@@ -20,7 +23,8 @@ import click
 import numpy as np
 import torch
 
-from .artifact import ONNX_NAME, TORCHSCRIPT_NAME, ArtifactError, artifact_path, is_onnx, load, predictions
+from .artifact import (ONNX_NAME, TORCHSCRIPT_NAME, ArtifactError, Trust, artifact_path, is_onnx, load,
+                       predictions)
 from .grpc_client import KEY_ENV, KeyFileError, KeySource
 from .preprocess import ImageError, preprocess_bytes
 
@@ -63,10 +67,11 @@ def unreadable(path: Path, error: OSError) -> dict:
 def predict_files(files: list[Path], run_model, metadata: dict, batch_size: int):
     """Yield one result dict per file, in order; model calls are batched."""
     pending: list[tuple[Path, np.ndarray]] = []
+    trust = Trust.from_metadata(metadata)
 
     def flush():
         logits = run_model(np.stack([array for _, array in pending]))
-        for (path, _), answer in zip(pending, predictions(logits, metadata["labels"], metadata["model_version"])):
+        for (path, _), answer in zip(pending, predictions(logits, metadata["labels"], metadata["model_version"], trust)):
             yield {"file": str(path), **answer}
         pending.clear()
 
@@ -179,7 +184,13 @@ def print_predictions(paths, model, backend, batch_size, threads, grpc_target, k
         if "error" in result:
             failures += 1
             print(f"error: {result['file']}: {result['error']}", file=sys.stderr, flush=True)
+        elif result.get("is_digit") is False:   # answered, not failed: stdout stays one JSON line per file
+            print(not_a_digit_line(result), file=sys.stderr, flush=True)
     return failures, len(files)
+
+
+def not_a_digit_line(result: dict) -> str:
+    return f"{result['file']}: not a digit (best guess {result['digit']}, {result['confidence']:.2f})"
 
 
 if __name__ == "__main__":

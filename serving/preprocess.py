@@ -49,6 +49,31 @@ class ImageError(ValueError):
         self.code = code
 
 
+@dataclass(frozen=True)
+class Frame:
+    """Where the 28x28 model input lies on the image as it was sent (EXIF orientation applied),
+    in that image's pixels: input pixel (row, col) covers the box from x = left + col * pixel_width,
+    y = top + row * pixel_height, one pixel_width by pixel_height. An explanation's map is drawn
+    over the sent image with it (the page overlays it on the drawing)."""
+    left: float
+    top: float
+    pixel_width: float
+    pixel_height: float
+
+    def scaled(self, factor: float) -> Frame:
+        return Frame(self.left * factor, self.top * factor, self.pixel_width * factor, self.pixel_height * factor)
+
+
+UNIT_FRAME = Frame(0.0, 0.0, 1.0, 1.0)   # an MNIST-like 28x28 image is the model input itself
+
+
+@dataclass(frozen=True)
+class Framed:
+    """Model input and where it came from: pixels [1, 28, 28] (or [28, 28] before normalizing)."""
+    pixels: np.ndarray
+    frame: Frame
+
+
 @dataclass
 class PixelBudget:
     """The pixels one request's images may still decode (MAX_PIXELS_PER_REQUEST): each image
@@ -103,9 +128,14 @@ def has_alpha(image: Image.Image) -> bool:
 REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "CMYK", "I", "F")
 
 
+def shrink_factor(image: Image.Image) -> int:
+    """How many pixels of image a side of one shrunk pixel covers (1: not shrunk)."""
+    return max(1, math.ceil(max(image.size) / MAX_WORKING_SIDE))
+
+
 def shrink(image: Image.Image) -> Image.Image:
     """Box-reduce an image whose longer side passes MAX_WORKING_SIDE, before any float copy."""
-    factor = math.ceil(max(image.size) / MAX_WORKING_SIDE)
+    factor = shrink_factor(image)
     if factor <= 1:
         return image
     if image.mode.startswith("I;16"):   # reduced as 32-bit, back to 16-bit: to_grayscale's scale stays 65535
@@ -158,9 +188,10 @@ def to_white_on_black(gray: np.ndarray) -> np.ndarray:
     return np.clip((gray - background) / (peak - background), 0.0, 1.0)
 
 
-def fit_digit(ink: np.ndarray) -> np.ndarray:
+def fit_digit(ink: np.ndarray) -> Framed:
     """Crop to the ink, scale the longer side to 20 px keeping the aspect ratio, and place
-    it in 28x28 with its centre of mass in the middle, as MNIST was made."""
+    it in 28x28 with its centre of mass in the middle, as MNIST was made; with the frame of
+    that 28x28 in ink's pixels."""
     rows = np.flatnonzero((ink > INK_THRESHOLD).any(axis=1))
     cols = np.flatnonzero((ink > INK_THRESHOLD).any(axis=0))
     crop = ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
@@ -182,7 +213,10 @@ def fit_digit(ink: np.ndarray) -> np.ndarray:
     left = int(np.clip(round(centre - col_centre), 0, MNIST_SIZE - digit.shape[1]))
     canvas = np.zeros((MNIST_SIZE, MNIST_SIZE), dtype=np.float32)
     canvas[top:top + digit.shape[0], left:left + digit.shape[1]] = digit
-    return canvas
+    # Resizing maps pixel edges onto pixel edges: output pixel j covers crop pixels j / scale onwards.
+    scale_x, scale_y = digit.shape[1] / width, digit.shape[0] / height
+    frame = Frame(float(cols[0] - left / scale_x), float(rows[0] - top / scale_y), 1 / scale_x, 1 / scale_y)
+    return Framed(canvas, frame)
 
 
 def is_mnist_like(gray: np.ndarray) -> bool:
@@ -193,10 +227,15 @@ def is_mnist_like(gray: np.ndarray) -> bool:
 
 def to_mnist(gray: np.ndarray) -> np.ndarray:
     """Grayscale [H, W] in [0, 1] -> MNIST-like [28, 28] in [0, 1], white ink on black."""
+    return to_mnist_framed(gray).pixels
+
+
+def to_mnist_framed(gray: np.ndarray) -> Framed:
+    """to_mnist, with the frame of the 28x28 in gray's pixels."""
     if is_mnist_like(gray):
         if float(gray.max()) - border_level(gray) < MIN_INK_CONTRAST:
             raise ImageError("no_digit", "no digit found: the image is blank or has almost no contrast")
-        return gray.astype(np.float32)
+        return Framed(gray.astype(np.float32), UNIT_FRAME)
     return fit_digit(to_white_on_black(gray))
 
 
@@ -216,10 +255,16 @@ def normalize_in_place(pixels, mean: float, std: float):
 def preprocess_bytes(data: bytes, mean: float, std: float, budget: PixelBudget | None = None) -> np.ndarray:
     """Encoded image bytes -> float32 [1, 28, 28], or ImageError. budget: the pixels the
     request may still decode (parsing.py passes one per request)."""
+    return preprocess_framed(data, mean, std, budget).pixels
+
+
+def preprocess_framed(data: bytes, mean: float, std: float, budget: PixelBudget | None = None) -> Framed:
+    """preprocess_bytes, with where the model input lies on the decoded image (its Frame)."""
     image = decode_image(data, budget)
     try:
+        fitted = to_mnist_framed(to_grayscale(shrink(image)))
         # to_mnist returns a new float32 array: normalizing it in place touches no caller's pixels.
-        return normalize_in_place(to_mnist(to_grayscale(shrink(image))), mean, std)[None]
+        return Framed(normalize_in_place(fitted.pixels, mean, std)[None], fitted.frame.scaled(shrink_factor(image)))
     except ImageError:
         raise
     except Exception as error:  # e.g. an exotic mode Pillow cannot convert: still the image's fault

@@ -9,7 +9,10 @@ with the JSON body untouched (no `service_envelope` is configured). A v2 request
 is answered
     {"model_name": "mnist", "model_version": "<the artifact's model_version>", "id": "42", "outputs": [
         {"name": "digit", "datatype": "INT64", "shape": [2], "data": [7, 2]},
-        {"name": "probabilities", "datatype": "FP32", "shape": [2, 10], "data": [...20 values, row-major...]}]}
+        {"name": "probabilities", "datatype": "FP32", "shape": [2, 10], "data": [...20 values, row-major...]},
+        {"name": "is_digit", "datatype": "BOOL", "shape": [2], "data": [true, false]}]}
+is_digit false: the image does not look like a digit (the artifact's trust record); digit is then
+the best guess, kept so a client can still show it.
 All of a v2 request's images are answered or none: one bad image fails the request, as one
 bad element fails a tensor.
 """
@@ -21,7 +24,7 @@ else:  # inside the model archive
     from preprocess import ImageError
 
 V2_INPUT_DATATYPE = "BYTES"
-DIGIT_OUTPUT, PROBABILITIES_OUTPUT = "digit", "probabilities"
+DIGIT_OUTPUT, PROBABILITIES_OUTPUT, IS_DIGIT_OUTPUT = "digit", "probabilities", "is_digit"
 V2_REQUEST_SHAPE = ('{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [N], '
                     '"data": ["<base64 image>", ...]}]}')
 
@@ -54,6 +57,7 @@ def v2_answer(model_name: str, model_version: str, answers: list[dict], request_
         {"name": DIGIT_OUTPUT, "datatype": "INT64", "shape": [rows], "data": [item["digit"] for item in answers]},
         {"name": PROBABILITIES_OUTPUT, "datatype": "FP32", "shape": [rows, classes],
          "data": [value for item in answers for value in item["probabilities"]]},
+        {"name": IS_DIGIT_OUTPUT, "datatype": "BOOL", "shape": [rows], "data": [item["is_digit"] for item in answers]},
     ]}
     if request_id is not None:
         answer["id"] = request_id

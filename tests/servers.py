@@ -17,15 +17,17 @@ from serving.archive import build_archive
 from serving.artifact import MODEL_NAME, TORCHSCRIPT_NAME
 
 
-def launch_server(tmp_path: Path, exported_dir: Path, base_config: str = "config.properties", **extra: str):
-    """Archive the exported model and start a TorchServe of our own on free ports, in its
-    own working directory; extra settings go into its config (cors_allowed_origin=...).
+def launch_server(tmp_path: Path, exported_dir: Path, base_config: str = "config.properties",
+                  serialized_name: str = TORCHSCRIPT_NAME, **extra: str):
+    """Archive the exported model (serialized_name: the TorchScript one unless told, as `make
+    archive`) and start a TorchServe of our own on free ports, in its own working directory;
+    extra settings go into its config (cors_allowed_origin=...).
     Returns (inference URL, management URL, run dir, working dir)."""
     if shutil.which("java") is None:
         pytest.fail("TorchServe needs Java 17 (`.ci/run` installs openjdk-17-jre-headless)")
     model_store = tmp_path / "model_store"
     # The test recipe's model scores ~98%, below the serving floor: forced, as tests may.
-    build_archive(exported_dir / TORCHSCRIPT_NAME, model_store, force=True)
+    build_archive(exported_dir / serialized_name, model_store, force=True)
     config, inference, management = instance_config(REPO_ROOT / base_config, tmp_path, model_store, **extra)
     run_dir = tmp_path / "run"
     server.start(str(config), run_dir, timeout_s=180, cwd=tmp_path)
@@ -34,6 +36,10 @@ def launch_server(tmp_path: Path, exported_dir: Path, base_config: str = "config
 
 def predictions_url(inference: str) -> str:
     return f"{inference}/predictions/{MODEL_NAME}"
+
+
+def explanations_url(inference: str) -> str:
+    return f"{inference}/explanations/{MODEL_NAME}"
 
 
 def v2_infer_url(inference: str) -> str:
@@ -45,6 +51,29 @@ def grpc_target(run_dir: Path) -> str:
     config that instance_config wrote beside its run dir (free ports, chosen per server)."""
     properties = read_properties(Path(run_dir).parent / "config.properties")
     return f"{properties.get('grpc_inference_address', '127.0.0.1')}:{properties['grpc_inference_port']}"
+
+
+def scraped_total(run_dir: Path, metric: str) -> float:
+    """The sum over all labels of one counter on the metrics endpoint of a server from launch_server."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    address = read_properties(Path(run_dir).parent / "config.properties")["metrics_address"]
+    with urllib.request.urlopen(f"{address}/metrics", timeout=10) as response:
+        families = text_string_to_metric_families(response.read().decode())
+        return sum(sample.value for family in families if family.name == metric for sample in family.samples)
+
+
+def settled_total(run_dir: Path, metric: str, at_least: float = 0.0, timeout_s: float = 60.0) -> float:
+    """scraped_total once it has reached at_least and two reads a second apart agree: the worker
+    reports metrics asynchronously, so an answer's count can arrive after the answer."""
+    deadline = time.monotonic() + timeout_s
+    previous = scraped_total(run_dir, metric)
+    while True:
+        time.sleep(1.0)
+        value = scraped_total(run_dir, metric)
+        if (value == previous and value >= at_least) or time.monotonic() > deadline:
+            return value
+        previous = value
 
 
 def worker_pids(management: str, timeout_s: float = 120.0, replacing: Collection[int] = ()) -> list[int]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from imaging import NOT_DIGITS
 from repo import REPO_ROOT
 from servers import launch_server, predictions_url
 from serving import demo, server
@@ -168,6 +169,21 @@ def test_a_digit_drawn_with_the_mouse_is_recognized(page, digit):
     }"""), "Clear left ink on the canvas"
 
 
+def test_a_letter_is_not_a_digit_and_its_best_guess_is_greyed(page):
+    draw(page, NOT_DIGITS["K"])
+    outcome = last_outcome(page)
+    assert outcome["ok"] and outcome["isDigit"] is False, outcome
+    assert page.text_content("#message").startswith("That doesn't look like a digit")
+    assert shown_digit(page) == str(outcome["digit"])     # the best guess stays, greyed
+    greyed = "getComputedStyle(document.querySelector('#answer')).color"
+    assert "guess" in page.get_attribute("#answer", "class") and page.evaluate(greyed) == "rgb(156, 163, 175)"
+
+    page.click("#clear")
+    draw(page, DRAWN_DIGITS[7])
+    assert last_outcome(page)["isDigit"] is True and shown_digit(page) == "7"
+    assert "guess" not in page.get_attribute("#answer", "class") and page.text_content("#message") == ""
+
+
 def test_real_mnist_digits_painted_on_the_canvas(page, mnist_digits):
     images, labels = mnist_digits
     digits = images[:MNIST_DIGITS_DRAWN]
@@ -282,3 +298,41 @@ def test_demo_refuses_a_config_that_allows_no_origin(tmp_path):
     config.write_text("cors_allowed_origin=\n")
     with pytest.raises(demo.DemoError, match="names no http origin"):
         demo.start(config, tmp_path / "demo")
+
+
+# --- Why? the explanation overlaid on the drawing --------------------------------------------------
+OVERLAY_PIXELS = """() => {
+    const drawing = document.querySelector('#canvas').getContext('2d').getImageData(0, 0, 280, 280).data;
+    const overlay = document.querySelector('#overlay').getContext('2d').getImageData(0, 0, 280, 280).data;
+    let painted = 0, onInk = 0;
+    for (let i = 3; i < overlay.length; i += 4) {
+        if (overlay[i] === 0) continue;
+        painted++;
+        if (drawing[i - 1] < 128) onInk++;   // the drawing is dark ink on white: blue channel
+    }
+    return { painted, onInk };
+}"""
+
+
+def test_why_overlays_the_map_on_the_strokes_of_the_drawing(page):
+    overlay = page.locator("#overlay")
+    assert not page.is_checked("#why")
+    draw(page, DRAWN_DIGITS[7])
+    assert last_outcome(page)["ok"] and shown_digit(page) == "7"
+    assert overlay.is_hidden() and page.evaluate(OVERLAY_PIXELS)["painted"] == 0   # off by default
+
+    page.check("#why")
+    explanation = page.evaluate("window.digitserve.lastExplanation")
+    assert explanation["ok"] and explanation["digit"] == 7, explanation
+    assert overlay.is_visible()
+    pixels = page.evaluate(OVERLAY_PIXELS)
+    # The map is drawn where the handler took each input pixel from: mostly over the strokes.
+    assert pixels["painted"] > 500 and pixels["onInk"] / pixels["painted"] >= 0.6, pixels
+
+    page.click("#clear")
+    assert overlay.is_hidden()
+    draw(page, DRAWN_DIGITS[4])      # with Why? on, every drawing is explained after its answer
+    assert last_outcome(page)["ok"] and overlay.is_visible()
+    assert page.evaluate("window.digitserve.lastExplanation")["digit"] == 4
+    page.uncheck("#why")
+    assert overlay.is_hidden()

@@ -11,7 +11,7 @@ from PIL import Image
 
 from export.artifacts import load_model
 from export.run import normalized_images
-from imaging import all_formats, as_paper_photo, encode
+from imaging import NOT_DIGITS, all_formats, as_paper_photo, drawn_strokes, encode
 from repo import REPO_ROOT
 from serving.artifact import INT8_NAME, LOCAL_PATH_KEYS, MODEL_NAME, ONNX_NAME, TORCHSCRIPT_NAME, public_card
 from serving.properties import read_properties
@@ -22,7 +22,8 @@ from training.data import preprocess_metadata
 ts_context = pytest.importorskip("ts.context", reason="TorchServe (ts) is not installed")
 Context, RequestProcessor = ts_context.Context, ts_context.RequestProcessor
 from serving.handler import INFERENCE_CHUNK_IMAGES, DigitHandler  # noqa: E402
-from serving.parsing import DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC, ParsedBatch, ParsedRequest  # noqa: E402
+from serving.parsing import (DIGIT_METRIC, NOT_DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC,  # noqa: E402
+                             ParsedBatch, ParsedRequest)
 
 # The metrics file the server runs with; relative paths in config.properties are from the repo root.
 METRICS_CONFIG = REPO_ROOT / read_properties(REPO_ROOT / "config.properties")["metrics_config"]
@@ -225,7 +226,7 @@ def test_the_model_runs_in_bounded_chunks(handler, monkeypatch):
     monkeypatch.setattr(handler, "run_model", lambda inputs: seen.append(len(inputs)) or real(inputs))
     rows = 8 * 64 + 3
     batch = ParsedBatch(np.zeros((rows, 1, 28, 28), np.float32), [ParsedRequest("many", list(range(rows)))])
-    _, logits = handler.inference(batch)
+    logits = handler.inference(batch).logits
     assert logits.shape == (rows, 10) and max(seen) <= INFERENCE_CHUNK_IMAGES and sum(seen) == rows
 
 
@@ -282,6 +283,24 @@ def test_metrics_count_each_answered_digit_and_each_refusal_by_code(handler, mni
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR], messages
 
 
+def test_drawn_non_digits_are_answered_not_a_digit_and_counted(handler, mnist_digits, caplog):
+    """Every answer says is_digit; a letter keeps its best guess, and NotDigitImages counts
+    exactly the images answered false, by best guess."""
+    letters = [drawn_strokes(strokes) for strokes in NOT_DIGITS.values()]
+    digits = [mnist_digits.png(i) for i in range(8)]
+    with caplog.at_level(logging.INFO, logger="ts.metrics"):
+        answers = [body for _, body in call(handler, [{"body": image} for image in letters + digits])]
+    assert [answer["is_digit"] for answer in answers[:len(letters)]] == [False] * len(letters)
+    assert all(0 <= answer["digit"] <= 9 and len(answer["probabilities"]) == 10 for answer in answers)
+    assert sum(answer["is_digit"] for answer in answers[len(letters):]) >= len(digits) - 1
+    refused: dict[str, float] = {}
+    for answer in answers:
+        if not answer["is_digit"]:
+            refused[str(answer["digit"])] = refused.get(str(answer["digit"]), 0) + 1
+    assert logged_counts(caplog.records, NOT_DIGIT_METRIC) == refused
+    assert sum(logged_counts(caplog.records, DIGIT_METRIC).values()) == len(answers)   # still counted there
+
+
 def test_handler_module_defines_the_one_class_torchserve_loads():
     """TorchServe's loader refuses a handler module defining more than one class (the worker
     dies at load: "Expected only one class"), so helper classes live in serving/parsing.py and serving/protocol.py."""
@@ -289,3 +308,71 @@ def test_handler_module_defines_the_one_class_torchserve_loads():
     from ts.utils.util import list_classes_from_module
 
     assert list_classes_from_module(serving.handler) == [DigitHandler]
+
+
+# --- Explanations: POST /explanations/mnist (the frontend adds the header explain: True) --------
+EXPLAIN = {"explain": "True"}
+
+
+def test_explanations_and_predictions_share_a_batch_each_answered_as_asked(handler, mnist_digits):
+    """BaseHandler reads request 0's explain header for the whole batch; here each request's own
+    header decides (request 0 asks for a map, request 1 does not). An ONNX model cannot be
+    differentiated: its explanation requests get 400 explanations_need_torchscript, and its
+    predictions are still served."""
+    images = [base64.b64encode(mnist_digits.png(i)).decode() for i in (2, 3)]
+    requests = [{"body": mnist_digits.png(0)}, {"body": mnist_digits.png(1)}, {"body": {"images": images}},
+                {"body": b"not an image"}, {"body": mnist_digits.png(4)}]
+    headers = [EXPLAIN, {}, EXPLAIN, EXPLAIN, {}]
+    answers = call(handler, requests, headers)
+    plain = [answers[1], answers[4]]
+    assert [(status, body["digit"]) for status, body in plain] == [(200, mnist_digits.label(1)),
+                                                                   (200, mnist_digits.label(4))]
+    assert all("attributions" not in body and len(body["probabilities"]) == 10 for _, body in plain)
+    if handler.module is None:   # ONNX, int8 ONNX
+        for status, body in (answers[0], *answers[2:4]):
+            assert (status, body["code"]) == (400, "explanations_need_torchscript"), body
+            assert "TorchScript" in body["error"]
+        return
+    status, one = answers[0]
+    assert status == 200 and one["digit"] == mnist_digits.label(0)
+    assert (one["method"], one["baseline"], one["model_version"]) == ("integrated_gradients", "blank",
+                                                                      handler.metadata["model_version"])
+    assert np.asarray(one["attributions"]).shape == (28, 28)
+    status, several = answers[2]
+    assert status == 200 and [item["digit"] for item in several["explanations"]] == [mnist_digits.label(2),
+                                                                                     mnist_digits.label(3)]
+    assert all(np.asarray(item["attributions"]).shape == (28, 28) for item in several["explanations"])
+    assert answers[3][0] == 415 and answers[3][1]["code"] == "not_an_image"
+
+
+@pytest.fixture(scope="module")
+def torchscript_handler(exported):
+    handler = DigitHandler()
+    handler.initialize(make_context(exported, TORCHSCRIPT_NAME))
+    return handler
+
+
+def test_a_map_is_the_predicted_digits_and_sums_to_its_rise_over_a_blank_image(torchscript_handler, mnist_digits):
+    """Integrated Gradients' completeness: a map sums to its digit's logit here minus on a blank
+    image. A map for another digit, or one scaled or cut short, misses by far more (rises are 4-20)."""
+    handler = torchscript_handler
+    indices = range(8)
+    answers = call(handler, [{"body": mnist_digits.png(i)} for i in indices], [EXPLAIN] * len(indices))
+    inputs = mnist_digits.images[list(indices)].astype(np.float32)[:, None] / 255
+    logits = handler.run_model((inputs - handler.mean) / handler.std)
+    blank = handler.run_model(np.full((1, 1, 28, 28), -handler.mean / handler.std, np.float32))[0]
+    for (status, body), row in zip(answers, logits):
+        assert status == 200 and body["digit"] == int(row.argmax())
+        rise = row[body["digit"]] - blank[body["digit"]]
+        assert np.sum(body["attributions"]) == pytest.approx(rise, rel=0.05, abs=0.3), body["digit"]
+
+
+def test_an_explanation_takes_at_most_a_few_images(torchscript_handler, mnist_digits):
+    from serving.parsing import MAX_IMAGES_PER_EXPLANATION
+
+    images = [base64.b64encode(mnist_digits.png(i)).decode() for i in range(MAX_IMAGES_PER_EXPLANATION + 1)]
+    over, at_the_limit = call(torchscript_handler, [{"body": {"images": images}}, {"body": {"images": images[:-1]}}],
+                              [EXPLAIN, EXPLAIN])
+    assert over[0] == 413 and over[1]["code"] == "too_many_images"
+    assert str(MAX_IMAGES_PER_EXPLANATION) in over[1]["error"]
+    assert at_the_limit[0] == 200 and len(at_the_limit[1]["explanations"]) == MAX_IMAGES_PER_EXPLANATION

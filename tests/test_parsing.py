@@ -9,9 +9,10 @@ import pytest
 from PIL import Image, ImageDraw
 
 from imaging import encode
-from serving.parsing import (HTTP_STATUS, MAX_IMAGES_PER_REQUEST, EncodedRequest, ParsedRequest, answer_body,
-                             content_type, decode_base64, images_from_request, parse_batch)
-from serving.preprocess import MAX_PIXELS_PER_REQUEST, ImageError
+from serving.parsing import (HTTP_STATUS, MAX_IMAGES_PER_EXPLANATION, MAX_IMAGES_PER_REQUEST, EncodedRequest,
+                             ParsedRequest, answer_body, content_type, decode_base64, images_from_request,
+                             parse_batch)
+from serving.preprocess import MAX_PIXELS_PER_REQUEST, UNIT_FRAME, Framed, ImageError
 from training.data import MNIST_MEAN, MNIST_STD
 
 
@@ -111,7 +112,8 @@ def test_form_encoded_requests_are_refused_with_a_hint():
 
 
 def test_answer_bodies():
-    answers = [{"digit": 1, "probabilities": [0.0, 1.0]}, {"digit": 0, "probabilities": [1.0, 0.0]}]
+    answers = [{"digit": 1, "is_digit": True, "probabilities": [0.0, 1.0]},
+               {"digit": 0, "is_digit": False, "probabilities": [1.0, 0.0]}]
     error = ImageError("no_digit", "blank")
     assert answer_body(ParsedRequest("one", [1]), answers, "mnist", "v1") == answers[1]
     assert answer_body(ParsedRequest.refused(error), answers, "mnist", "v1") == {"error": "blank", "code": "no_digit"}
@@ -121,6 +123,7 @@ def test_answer_bodies():
     assert (v2["model_name"], v2["model_version"], v2["id"]) == ("mnist", "v1", "9")
     assert v2["outputs"][0]["data"] == [0, 1] and v2["outputs"][1] == {
         "name": "probabilities", "datatype": "FP32", "shape": [2, 2], "data": [1.0, 0.0, 0.0, 1.0]}
+    assert v2["outputs"][2] == {"name": "is_digit", "datatype": "BOOL", "shape": [2], "data": [False, True]}
 
 
 def test_every_error_code_has_a_4xx_status():
@@ -186,12 +189,12 @@ def test_a_request_that_breaks_midway_runs_none_of_its_images(monkeypatch):
 
     calls = []
 
-    def preprocess_bytes_that_breaks_on_the_third(data, mean, std, budget=None):
+    def preprocess_framed_that_breaks_on_the_third(data, mean, std, budget=None):
         calls.append(data)
         if len(calls) == 3:
             raise RecursionError("deep")
-        return np.zeros((1, 28, 28), np.float32)
-    monkeypatch.setattr(parsing, "preprocess_bytes", preprocess_bytes_that_breaks_on_the_third)
+        return Framed(np.zeros((1, 28, 28), np.float32), UNIT_FRAME)
+    monkeypatch.setattr(parsing, "preprocess_framed", preprocess_framed_that_breaks_on_the_third)
     batch = parse({"body": GOOD}, {"body": {"images": [GOOD_B64, GOOD_B64]}})
     assert batch.requests[1].error.code == "invalid_request" and batch.inputs.shape[0] == 1
 
@@ -219,12 +222,13 @@ def test_the_largest_answer_fits_max_response_size():
     """TorchServe kills the worker whose answer passes max_response_size; with the image cap,
     the largest answer (64 predictions, or 64 of the longest error) must fit in both configs."""
     from repo import REPO_ROOT
-    from serving.artifact import predictions
+    from serving.artifact import Trust, predictions
     from serving.properties import read_properties
 
     # Uniform-ish logits make every probability a full-length float repr (e.g. 0.10000000000000002).
     logits = np.random.default_rng(0).normal(size=(MAX_IMAGES_PER_REQUEST, 10)) * 1e-3
-    answers = predictions(logits, [str(digit) for digit in range(10)], "w-0123456789ab")
+    refuse_all = Trust("max_softmax", 1.1, 1.0, 0.97, "val")   # "is_digit": false, the longer answer
+    answers = predictions(logits, [str(digit) for digit in range(10)], "w-0123456789ab", refuse_all)
     rows = list(range(MAX_IMAGES_PER_REQUEST))
     longest_error = max((ImageError(code, "x" * 300) for code in HTTP_STATUS), key=lambda e: len(e.code))
     bodies = [answer_body(ParsedRequest("many", rows), answers, "mnist", "w-0123456789ab"),
@@ -234,3 +238,62 @@ def test_the_largest_answer_fits_max_response_size():
     for config in ("config.properties", "config.production.properties"):
         limit = int(read_properties(REPO_ROOT / config)["max_response_size"])
         assert largest * 4 < limit, (config, largest, limit)   # with room for longer messages
+
+
+# --- Explanation requests (TorchServe's header explain: True) ----------------------------------
+EXPLAIN = {"explain": "True"}
+
+
+def test_explanation_requests_are_read_apart_from_predictions():
+    batch = parse({"body": GOOD}, {"body": GOOD}, {"body": {"images": [GOOD_B64, "%%%", GOOD_B64]}},
+                  headers=[EXPLAIN, {"Explain": "False"}, {"EXPLAIN": "True"}])
+    assert [request.explain for request in batch.requests] == [True, False, True]
+    assert sorted(batch.explained) == [0, 2, 3]      # row 1 is the prediction's
+    assert batch.requests[2].slots[1].code == "invalid_base64"
+
+
+@pytest.mark.parametrize("request_dict,explainable,code", [
+    ({"body": {"images": [GOOD_B64] * (MAX_IMAGES_PER_EXPLANATION + 1)}}, True, "too_many_images"),
+    ({"body": v2_document([GOOD_B64])}, True, "no_image_field"),
+    ({"body": GOOD}, False, "explanations_need_torchscript"),
+])
+def test_explanation_requests_refused_before_preprocessing(request_dict, explainable, code):
+    batch = parse_batch([request_dict], [EXPLAIN], MNIST_MEAN, MNIST_STD, explainable=explainable)
+    assert batch.requests[0].error.code == code and batch.inputs is None and not batch.explained
+    # The same body as a prediction is read as usual.
+    assert parse_batch([request_dict], [None], MNIST_MEAN, MNIST_STD, explainable=explainable).requests[0].error is None
+
+
+def test_the_largest_explanation_answer_fits_max_response_size():
+    """Each map is 784 floats: with the explanation image cap, the largest answer (a full
+    request of maps whose every value takes the longest form, -1.235e-05) must fit in both configs."""
+    from repo import REPO_ROOT
+    from serving.artifact import Trust, predictions
+    from serving.explain import explanation
+    from serving.preprocess import UNIT_FRAME
+    from serving.properties import read_properties
+
+    count = MAX_IMAGES_PER_EXPLANATION
+    refuse_all = Trust("max_softmax", 1.1, 1.0, 0.97, "val")   # "is_digit": false, the longer answer
+    answers = predictions(np.zeros((count, 10)), [str(digit) for digit in range(10)], "w-0123456789ab", refuse_all)
+    longest = np.full((28, 28), -1.2345678e-05)
+    explained = [explanation(answer, longest, UNIT_FRAME) for answer in answers]
+    body = answer_body(ParsedRequest("many", list(range(count)), explain=True), explained, "mnist", "w")
+    size = len(json.dumps(body).encode())
+    assert size > count * 784 * 10        # every value really is written long (-1.235e-05, 10 characters)
+    for config in ("config.properties", "config.production.properties"):
+        limit = int(read_properties(REPO_ROOT / config)["max_response_size"])
+        # 8 such requests in one batch are 8 answers, each its own response.
+        assert size * 4 < limit, (config, size, limit)
+
+
+def test_maps_keep_four_significant_digits_of_their_largest_value():
+    """The blank background's attributions are float noise (~1e-10): rounded away, not sent long."""
+    from serving.explain import rounded_map
+
+    attribution = np.zeros((28, 28))
+    attribution[3, 4], attribution[5, 6], attribution[0, 0] = 0.123456, -0.0098765, 3e-10
+    rounded = np.asarray(rounded_map(attribution))
+    assert (rounded[3, 4], rounded[5, 6], rounded[0, 0]) == (0.1235, -0.0099, 0.0)
+    assert rounded_map(np.zeros((28, 28))) == np.zeros((28, 28)).tolist()
+    assert np.isnan(rounded_map(np.full((28, 28), np.nan))[0][0])   # left for the handler's 500

@@ -3,8 +3,8 @@ import pytest
 from PIL import Image
 
 from imaging import all_formats, animated_gif, as_paper_photo, encode, exif_rotated_jpeg, png_bomb, upright_photo
-from serving.preprocess import (FORMATS, MAX_PIXELS, MAX_WORKING_SIDE, ImageError, PixelBudget, preprocess_bytes,
-                                to_mnist)
+from serving.preprocess import (FORMATS, MAX_PIXELS, MAX_WORKING_SIDE, UNIT_FRAME, ImageError, PixelBudget,
+                                preprocess_bytes, preprocess_framed, to_mnist)
 from training.data import MNIST_MEAN, MNIST_STD
 
 MEAN, STD = MNIST_MEAN, MNIST_STD
@@ -162,3 +162,32 @@ def test_big_images_are_reduced_before_any_float_copy(mnist_digits, monkeypatch,
     assert max(seen[0]) <= MAX_WORKING_SIDE
     small_tensor = preprocess_bytes(encode(small, fmt), MEAN, STD)
     assert np.corrcoef(big_tensor.ravel(), small_tensor.ravel())[0, 1] > 0.9
+
+
+def ink_share_under_frame(photo: Image.Image, shift: float = 0.0) -> float:
+    """The share of the model input's ink pixels whose centre, placed on the photo through the
+    frame (moved right by `shift` input pixels), falls on the photo's ink (dark on white paper)."""
+    framed = preprocess_framed(encode(photo), MEAN, STD)
+    ink = framed.pixels[0] * STD + MEAN > 0.5
+    paper = np.asarray(photo.convert("L"))
+    rows, cols = np.nonzero(ink)
+    frame = framed.frame
+    xs = (frame.left + (cols + 0.5 + shift) * frame.pixel_width).astype(int)
+    ys = (frame.top + (rows + 0.5) * frame.pixel_height).astype(int)
+    inside = (xs >= 0) & (xs < paper.shape[1]) & (ys >= 0) & (ys < paper.shape[0])
+    return float(np.mean(inside & (paper[ys.clip(0, paper.shape[0] - 1), xs.clip(0, paper.shape[1] - 1)] < 128)))
+
+
+@pytest.mark.parametrize("size,scale,offset", [((300, 220), 7, (40, 30)),            # as sent
+                                               ((3000, 2000), 60, (900, 300))])     # shrunk first
+def test_the_frame_places_the_model_input_on_the_image_sent(mnist_digits, size, scale, offset):
+    """What an explanation's map is drawn over: the input's ink lands on the photo's ink."""
+    shares = [ink_share_under_frame(as_paper_photo(image, size=size, scale=scale, offset=offset))
+              for image in mnist_digits.images[:10]]
+    assert min(shares) >= 0.9, shares
+    # A frame off by a few input pixels fails the same check: it discriminates.
+    shifted = [ink_share_under_frame(as_paper_photo(image, size=size, scale=scale, offset=offset), shift=4)
+               for image in mnist_digits.images[:10]]
+    assert np.mean(shifted) < 0.6, shifted
+    # An MNIST-like 28x28 image is the model input itself.
+    assert preprocess_framed(mnist_digits.png(0), MEAN, STD).frame == UNIT_FRAME

@@ -7,19 +7,21 @@ import json
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
 from hypothesis import HealthCheck, settings
 
 from http_client import request
-from imaging import HostileCase, hostile_corpus
+from imaging import NOT_DIGITS, HostileCase, drawn_strokes, hostile_corpus
 from repo import REPO_ROOT
 from serving import readiness, server
-from serving.artifact import MODEL_NAME, TORCHSCRIPT_NAME, read_metadata
-from serving.parsing import HTTP_STATUS
+from serving.artifact import MODEL_NAME, ONNX_NAME, TORCHSCRIPT_NAME, read_metadata
+from serving.parsing import EXPLANATION_CODES, HTTP_STATUS, MAX_IMAGES_PER_EXPLANATION
 from serving.predict import main as predict_cli
-from servers import grpc_target, launch_server, predictions_url, v2_infer_url
+from servers import (explanations_url, grpc_target, launch_server, predictions_url, settled_total,
+                     v2_infer_url)
 
 grpc = pytest.importorskip("grpc", reason="grpcio is not installed")
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed")
@@ -65,8 +67,9 @@ def test_v2_infer_answers_real_digits_as_tensors(running_server, exported, mnist
     assert status == 200, answer
     assert answer["model_name"] == MODEL_NAME and answer["id"] == "batch-7"
     assert answer["model_version"] == served_version(exported)
-    digits, probabilities = answer["outputs"]
+    digits, probabilities, is_digit = answer["outputs"]
     assert (digits["name"], digits["datatype"], digits["shape"]) == ("digit", "INT64", [16])
+    assert (is_digit["name"], is_digit["datatype"], is_digit["shape"]) == ("is_digit", "BOOL", [16])
     assert (probabilities["name"], probabilities["datatype"], probabilities["shape"]) == ("probabilities", "FP32", [16, 10])
     assert sum(d == label for d, label in zip(digits["data"], labels)) >= 15
     rows = [probabilities["data"][i * 10:(i + 1) * 10] for i in range(16)]
@@ -75,6 +78,7 @@ def test_v2_infer_answers_real_digits_as_tensors(running_server, exported, mnist
     status, plain = request(predictions_url(inference), images[0], headers=OCTET)
     assert status == 200 and json.loads(plain)["probabilities"] == pytest.approx(rows[0], abs=1e-6)
     assert json.loads(plain)["model_version"] == answer["model_version"]
+    assert json.loads(plain)["is_digit"] is is_digit["data"][0]
 
 
 def hostile_images(mnist_digits) -> list[HostileCase]:
@@ -119,6 +123,111 @@ def test_v2_request_is_all_or_nothing(running_server, mnist_digits):
     assert (status, answer["code"]) == (415, "not_an_image")
     status, answer = post_json(v2_infer_url(inference), v2_body([good]))   # the worker is fine
     assert status == 200 and answer["outputs"][0]["data"] == [mnist_digits.label(0)]
+
+
+# --- Not a digit: is_digit in every way in, and the counter ----------------------------------------
+def test_is_digit_in_rest_v2_and_grpc_and_the_counter_moves_by_the_refused(running_server, mnist_digits):
+    """Drawn letters and real digits, each sent over REST, v2 and gRPC: the three agree on
+    is_digit, the letters are refused, and NotDigitImages moves by exactly the refused count."""
+    inference, _, run_dir = running_server
+    images = [drawn_strokes(strokes) for strokes in NOT_DIGITS.values()] + [mnist_digits.png(i) for i in range(8)]
+    before = settled_total(run_dir, "NotDigitImages")
+
+    rest = [json.loads(request(predictions_url(inference), image, headers=OCTET)[1]) for image in images]
+    status, v2 = post_json(v2_infer_url(inference), v2_body(images))
+    assert status == 200, v2
+    v2_is_digit = {output["name"]: output for output in v2["outputs"]}["is_digit"]
+    with connect(grpc_target(run_dir)) as client:
+        over_grpc = [client.predict(image) for image in images]
+    flags = [answer["is_digit"] for answer in rest]
+    assert flags[:len(NOT_DIGITS)] == [False] * len(NOT_DIGITS)
+    assert sum(flags[len(NOT_DIGITS):]) >= 7
+    assert (v2_is_digit["datatype"], v2_is_digit["shape"], v2_is_digit["data"]) == ("BOOL", [len(images)], flags)
+    assert [answer["is_digit"] for answer in over_grpc] == flags
+    assert [answer["digit"] for answer in over_grpc] == [answer["digit"] for answer in rest]   # best guesses kept
+
+    refused = 3 * flags.count(False)    # each image went three ways
+    after = settled_total(run_dir, "NotDigitImages", at_least=before + refused)
+    assert after == before + refused, (before, after, refused)
+
+
+# --- Explanations (TorchServe's /explanations API) ----------------------------------------------
+EXPLAINED_DIGITS = 32
+# Integrated Gradients against a blank image puts all of it on the ink (a pixel at the baseline
+# gets nothing): 100% measured, on 48 test digits; a random map puts ~25% there, as much as
+# the dilated strokes cover of the image. Most (70%) tells the two apart with a wide margin.
+STROKE_SHARE_MIN = 0.7
+
+
+def dilated(mask: np.ndarray) -> np.ndarray:
+    """mask [N, 28, 28] grown by one pixel in all eight directions."""
+    padded = np.pad(mask, ((0, 0), (1, 1), (1, 1)))
+    grown = np.zeros_like(mask)
+    for dy in range(3):
+        for dx in range(3):
+            grown |= padded[:, dy:dy + mask.shape[1], dx:dx + mask.shape[2]]
+    return grown
+
+
+def positive_share_on_strokes(maps: np.ndarray, images: np.ndarray) -> float:
+    """The mean, over images (uint8 [N, 28, 28], MNIST's white ink), of the share of each map's
+    positive attribution that falls on its strokes (ink at half intensity or more) dilated by one pixel."""
+    positive = np.clip(maps, 0, None)
+    on_strokes = (positive * dilated(images >= 128)).sum(axis=(1, 2))
+    return float(np.mean(on_strokes / np.maximum(positive.sum(axis=(1, 2)), 1e-12)))
+
+
+def explain(inference: str, pngs: list[bytes]) -> tuple[int, dict]:
+    body = json.dumps({"images": [base64.b64encode(png).decode() for png in pngs]}).encode()
+    return post_json(explanations_url(inference), body)
+
+
+def test_explanations_put_most_positive_attribution_on_the_strokes(running_server, exported, mnist_digits):
+    inference, _, _ = running_server
+    answers = []
+    for start in range(0, EXPLAINED_DIGITS, MAX_IMAGES_PER_EXPLANATION):
+        pngs = [mnist_digits.png(i) for i in range(start, start + MAX_IMAGES_PER_EXPLANATION)]
+        status, answer = explain(inference, pngs)
+        assert status == 200, answer
+        answers += answer["explanations"]
+    labels = mnist_digits.labels[:EXPLAINED_DIGITS]
+    assert sum(answer["digit"] == label for answer, label in zip(answers, labels)) >= EXPLAINED_DIGITS - 1
+    assert {(a["method"], a["baseline"], a["model_version"]) for a in answers} == {
+        ("integrated_gradients", "blank", served_version(exported))}
+    maps, images = np.array([answer["attributions"] for answer in answers]), mnist_digits.images[:EXPLAINED_DIGITS]
+    assert maps.shape == (EXPLAINED_DIGITS, 28, 28)
+    assert positive_share_on_strokes(maps, images) >= STROKE_SHARE_MIN
+    # The criterion discriminates: a random map, or the right maps on the wrong digits, fail it.
+    random_maps = np.random.default_rng(0).normal(size=maps.shape)
+    assert positive_share_on_strokes(random_maps, images) < STROKE_SHARE_MIN
+    assert positive_share_on_strokes(maps, np.roll(images, 1, axis=0)) < STROKE_SHARE_MIN
+
+
+def test_one_image_explained_and_the_image_cap(running_server, mnist_digits):
+    inference, _, _ = running_server
+    status, answer = request(explanations_url(inference), mnist_digits.png(0), headers=OCTET)
+    answer = json.loads(answer)
+    assert status == 200 and answer["digit"] == mnist_digits.label(0) and len(answer["attributions"]) == 28
+    status, plain = request(predictions_url(inference), mnist_digits.png(0), headers=OCTET)
+    assert status == 200 and "attributions" not in json.loads(plain)   # a prediction stays a prediction
+    status, refused = explain(inference, [mnist_digits.png(0)] * (MAX_IMAGES_PER_EXPLANATION + 1))
+    assert (status, refused["code"]) == (413, "too_many_images")
+
+
+@pytest.fixture(scope="module")
+def onnx_server(tmp_path_factory, exported):
+    """A server whose archive serves the ONNX model (`make archive SERVE_MODEL=artifacts/mnist_cnn.onnx`)."""
+    inference, _, run_dir, _ = launch_server(tmp_path_factory.mktemp("onnx"), exported, serialized_name=ONNX_NAME)
+    yield inference
+    server.stop(run_dir)
+
+
+def test_an_onnx_archive_refuses_explanations_clearly_and_still_predicts(onnx_server, mnist_digits):
+    status, answer = request(explanations_url(onnx_server), mnist_digits.png(0), headers=OCTET)
+    answer = json.loads(answer)
+    assert (status, answer["code"]) == (400, "explanations_need_torchscript") and "TorchScript" in answer["error"]
+    status, plain = request(predictions_url(onnx_server), mnist_digits.png(0), headers=OCTET)
+    assert status == 200 and json.loads(plain)["digit"] == mnist_digits.label(0)
 
 
 # --- gRPC -------------------------------------------------------------------------------------
@@ -204,10 +313,15 @@ def test_mnist_predict_over_grpc(running_server, exported, mnist_digits, tmp_pat
         paths.append(tmp_path / f"{index}.png")
         paths[-1].write_bytes(mnist_digits.png(index))
     (tmp_path / "bad.png").write_bytes(b"not a png")
+    (tmp_path / "k.png").write_bytes(drawn_strokes(NOT_DIGITS["K"]))
     result = CliRunner().invoke(predict_cli, ["--grpc", grpc_target(running_server[2]), str(tmp_path)])
     lines = {json.loads(line)["file"]: json.loads(line) for line in result.stdout.splitlines()}
-    assert result.exit_code == 1      # one file failed
+    assert result.exit_code == 1      # one file failed; a letter is answered, not failed
     assert lines[str(tmp_path / "bad.png")]["code"] == "not_an_image"
+    letter = lines[str(tmp_path / "k.png")]
+    assert letter["is_digit"] is False and all(lines[str(path)]["is_digit"] for path in paths)
+    assert f"{tmp_path / 'k.png'}: not a digit (best guess {letter['digit']}, {letter['confidence']:.2f})" \
+        in result.stderr
     assert [lines[str(path)]["digit"] for path in paths] == [mnist_digits.label(index) for index in range(3)]
     assert {lines[str(path)]["model_version"] for path in paths} == {served_version(exported)}
 
@@ -252,16 +366,19 @@ def test_mnist_predict_over_grpc_takes_the_key_from_a_file_or_the_environment(pr
 
 
 # --- The API contract ---------------------------------------------------------------------
-def test_openapi_error_codes_match_the_handler():
-    """Every code the handler can send, with its status, and no other, is in the spec."""
+@pytest.mark.parametrize("path,codes", [
+    (f"/predictions/{MODEL_NAME}", set(HTTP_STATUS) - set(EXPLANATION_CODES)),
+    (f"/explanations/{MODEL_NAME}", set(HTTP_STATUS))])
+def test_openapi_error_codes_match_the_handler(path, codes):
+    """Every code the handler can send on each path, with its status, and no other, is in the spec."""
     spec = yaml.safe_load(OPENAPI_PATH.read_text())
     assert set(spec["components"]["schemas"]["Error"]["properties"]["code"]["enum"]) == set(HTTP_STATUS)
-    responses = spec["paths"][f"/predictions/{MODEL_NAME}"]["post"]["responses"]
-    for status in {str(status) for status in HTTP_STATUS.values()}:
+    responses = spec["paths"][path]["post"]["responses"]
+    for status in {str(HTTP_STATUS[code]) for code in codes}:
         name = responses[status]["$ref"].rsplit("/", 1)[1]
         schema = spec["components"]["responses"][name]["content"]["application/json"]["schema"]
         documented = set(schema["allOf"][1]["properties"]["code"]["enum"])
-        assert documented == {code for code, code_status in HTTP_STATUS.items() if str(code_status) == status}
+        assert documented == {code for code in codes if str(HTTP_STATUS[code]) == status}
 
 
 contract = schemathesis.openapi.from_path(OPENAPI_PATH)
@@ -288,10 +405,14 @@ def real_bodies(image: bytes) -> dict[str, tuple[str, object]]:
             "v2": ("application/json", json.loads(v2_body([image])))}
 
 
-@pytest.mark.parametrize("kind", ["raw png", "several images, one bad", "v2"])
-def test_real_answers_match_the_contract(running_server, mnist_digits, kind):
+@pytest.mark.parametrize("path,kind", [(f"/predictions/{MODEL_NAME}", "raw png"),
+                                       (f"/predictions/{MODEL_NAME}", "several images, one bad"),
+                                       (f"/predictions/{MODEL_NAME}", "v2"),
+                                       (f"/explanations/{MODEL_NAME}", "raw png"),
+                                       (f"/explanations/{MODEL_NAME}", "several images, one bad")])
+def test_real_answers_match_the_contract(running_server, mnist_digits, path, kind):
     """Generated images carry no digit, so the 200 answers are checked here, on a real one."""
     media_type, body = real_bodies(mnist_digits.png(0))[kind]
-    case = contract[f"/predictions/{MODEL_NAME}"]["POST"].Case(body=body, media_type=media_type)
+    case = contract[path]["POST"].Case(body=body, media_type=media_type)
     response = case.call_and_validate(base_url=running_server[0], checks=CONTRACT_CHECKS)
     assert response.status_code == 200

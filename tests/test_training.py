@@ -159,7 +159,8 @@ def test_data_step_reads_the_local_copy(data_dir):
 
 def test_validation_selection_never_looks_at_the_test_set(tmp_path, data_dir):
     out = tmp_path / "m.pt"
-    result = train(TrainConfig(quick=True, epochs=2, val_images=512, data_dir=data_dir, out=str(out)))
+    result = train(TrainConfig(quick=True, epochs=2, val_images=512, select_by="val_acc", data_dir=data_dir,
+                               out=str(out)))
     rows = read_metrics(out)
     assert all("val_acc" in row and "test_acc" not in row for row in rows)   # test is not watched per epoch
     checkpoint = load_checkpoint(out)
@@ -407,6 +408,8 @@ def test_quick_numbers_live_in_one_recipe_that_the_help_quotes():
     assert TrainConfig(quick=True, epochs=10).epochs_to_run == QUICK.max_epochs
     assert TrainConfig(quick=True).out_path.as_posix() == QUICK.out != TrainConfig().out_path.as_posix()
     assert TrainConfig(quick=True, out="x.pt").out_path.as_posix() == "x.pt"
+    assert TrainConfig(quick=True).held_out_images == QUICK.val_images < TrainConfig().held_out_images
+    assert TrainConfig(quick=True, val_images=100).held_out_images == 100
     help_text = " ".join(CliRunner().invoke(train_cli, ["--help"]).output.split())
-    assert (f"{QUICK.train_images} training and {QUICK.test_images} test images, at most {QUICK.max_epochs} "
-            f"epochs; writes {QUICK.out} unless --out") in help_text
+    assert (f"{QUICK.train_images} training, {QUICK.val_images} validation and {QUICK.test_images} test images, "
+            f"at most {QUICK.max_epochs} epochs; writes {QUICK.out} unless --out") in help_text

@@ -3,7 +3,8 @@
 Keys: format_version, model (the kept weights: by default the final EMA-averaged ones, or
 the epoch with the best validation accuracy; metrics["selected_by"] says which), model_config,
 train_config (what the user asked, e.g. amp_dtype "auto"), kernels (what the run measured and
-used: training.tuning.Kernels), preprocess, metrics, and for --resume: last_model, ema_model,
+used: training.tuning.Kernels), preprocess, metrics, trust (a finished run's serving.artifact.Trust
+record, fitted on held-out validation digits), and for --resume: last_model, ema_model,
 optimizer, scaler, scheduler. Export, benchmarks and outside scripts rely on these names.
 """
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
+
+from serving.artifact import TRUST_METADATA
 
 from .config import ConfigError, TrainConfig
 from .data import preprocess_metadata
@@ -190,6 +193,8 @@ def build_checkpoint(state, config: TrainConfig, metrics: dict, history: list) -
         "preprocess": preprocess_metadata(),
         "metrics": metrics,
         "history": history,
+        # Only a finished run has one (training.train.finish); export refuses a checkpoint without it.
+        **({TRUST_METADATA: state.trust.as_dict()} if state.trust is not None else {}),
         "last_model": cpu_state_dict(state.model),
         "ema_model": cpu_state_dict(state.ema.module) if state.ema is not None else None,
         "optimizer": state.optimizer.state_dict(),
@@ -212,6 +217,11 @@ def resume_state(config: TrainConfig) -> Resumed:
         raise CheckpointError(f"cannot resume: {path} was written before checkpoints recorded their kernels; "
                               f"train afresh")
     saved = {key: value for key, value in checkpoint["train_config"].items() if key in TrainConfig.__annotations__}
+    if "select_by" not in saved:   # written when holding out images also meant choosing the epoch by them
+        if not saved.get("val_images"):
+            raise CheckpointError(f"cannot resume: {path} was written before runs held out validation digits "
+                                  f"(the trust record is fitted on them); train afresh")
+        saved["select_by"] = "val_acc"
     for key in COMMAND_LINE_KEYS:
         saved[key] = getattr(config, key)
     saved["out"] = str(path)   # the file it continues, whatever default --quick or not would name

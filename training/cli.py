@@ -4,8 +4,8 @@ from __future__ import annotations
 import click
 
 from .checkpoint import CheckpointError
-from .config import (AMP_DTYPES, CUDA_GRAPH_CHOICES, DEFAULT_OUT, DEVICES, MEMORY_FORMATS, PIPELINES, QUICK,
-                     ConfigError, TrainConfig)
+from .config import (AMP_DTYPES, CUDA_GRAPH_CHOICES, DEFAULT_OUT, DEFAULT_VAL_IMAGES, DEVICES, MEMORY_FORMATS,
+                     PIPELINES, QUICK, SELECT_BY, ConfigError, TrainConfig)
 from .data import DATA_DIR_ENV, DataError
 from .train import train
 
@@ -51,10 +51,13 @@ DEFAULTS = TrainConfig()
               help="Torch threads per process; 0: cores divided by the processes on this machine.")
 @click.option("--train-subset", type=click.IntRange(min=0), default=DEFAULTS.train_subset,
               help="Train on the first N training images only; 0: all 60,000.")
-@click.option("--val-images", type=click.IntRange(min=0), default=DEFAULTS.val_images,
-              help="Hold out the last N training images and keep the epoch with the best accuracy on them; "
-                   "0: keep the final weights (EMA-averaged unless --ema-decay 0). Test accuracy is reported once, "
-                   "for the kept weights.")
+@click.option("--val-images", type=click.IntRange(min=1), default=None,
+              help=f"Hold out the last N training images: the not-a-digit threshold is chosen on them (never on "
+                   f"the test set), and --select-by val_acc picks the epoch by them. "
+                   f"[default: {DEFAULT_VAL_IMAGES}; with --quick: {QUICK.val_images}]")
+@click.option("--select-by", type=click.Choice(SELECT_BY), default=DEFAULTS.select_by,
+              help="final: keep the last weights (EMA-averaged unless --ema-decay 0); val_acc: the epoch with the "
+                   "best accuracy on the held-out images. Test accuracy is reported once, for the kept weights.")
 @click.option("--tensorboard", type=click.Path(file_okay=False), default=None,
               help="Write loss, accuracy, learning rate and images/s as TensorBoard events into this folder.")
 @click.option("--quick", is_flag=True, help=f"Smoke run: {QUICK.describe()}; writes {QUICK.out} unless --out.")

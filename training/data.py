@@ -133,9 +133,9 @@ class TensorBatches:
             yield normalize_in_place(pixels, MNIST_MEAN, MNIST_STD), self.labels[batch]   # augment's own output
 
 
-def textbook_loader(config: TrainConfig, context: DistContext, subset: int | None):
-    """The usual tutorial pipeline: per-image PIL transforms in DataLoader workers.
-    Kept as a selectable baseline (--pipeline torchvision) for benchmarks."""
+def textbook_loader(config: TrainConfig, context: DistContext, count: int):
+    """The usual tutorial pipeline: per-image PIL transforms in DataLoader workers, over the
+    first `count` training images. Kept as a selectable baseline (--pipeline torchvision) for benchmarks."""
     from torchvision import transforms
 
     transform = transforms.Compose([
@@ -143,9 +143,8 @@ def textbook_loader(config: TrainConfig, context: DistContext, subset: int | Non
         transforms.ToTensor(),
         transforms.Normalize((MNIST_MEAN,), (MNIST_STD,)),
     ])
-    dataset = open_mnist_dataset(config.data_dir, train=True, transform=transform)
-    if subset is not None:
-        dataset = torch.utils.data.Subset(dataset, range(subset))
+    dataset = torch.utils.data.Subset(open_mnist_dataset(config.data_dir, train=True, transform=transform),
+                                      range(count))
     sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank,
                                  shuffle=True, seed=config.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(
@@ -158,25 +157,25 @@ def textbook_loader(config: TrainConfig, context: DistContext, subset: int | Non
 @dataclass
 class Datasets:
     batches: object              # TensorBatches or the textbook DataLoader: len(), set_epoch(), iteration
-    eval_sets: dict              # name -> (uint8 images, labels): "test", and "val" when held out
+    eval_sets: dict              # name -> (uint8 images, labels): "val" (held out of training) and "test"
 
 
 def load_datasets(config: TrainConfig, context: DistContext) -> Datasets:
-    """Training batches and evaluation sets, cut down for --quick / --train-subset. With
-    --val-images N the last N training images are held out to select the epoch by."""
+    """Training batches and evaluation sets, cut down for --quick / --train-subset. The last
+    config.held_out_images training images are always held out ("val"): the trust record is
+    fitted on them, and --select-by val_acc picks the epoch by them."""
     train_images, train_labels = load_mnist(config.data_dir, train=True)
     test_images, test_labels = load_mnist(config.data_dir, train=False)
-    eval_sets = {}
-    if config.val_images:
-        if config.val_images >= len(train_labels):
-            raise ConfigError(f"--val-images {config.val_images} leaves no training images")
-        eval_sets["val"] = train_images[-config.val_images:], train_labels[-config.val_images:]
-        train_images, train_labels = train_images[:-config.val_images], train_labels[:-config.val_images]
-    train_subset = config.train_subset or (QUICK.train_images if config.quick else None)
+    held_out = config.held_out_images
+    if held_out >= len(train_labels):
+        raise ConfigError(f"--val-images {held_out} leaves no training images")
+    eval_sets = {"val": (train_images[-held_out:], train_labels[-held_out:])}
+    train_images, train_labels = train_images[:-held_out], train_labels[:-held_out]
+    count = min(config.train_subset or (QUICK.train_images if config.quick else len(train_labels)), len(train_labels))
     if config.pipeline == "tensor":
-        batches = TensorBatches(train_images[:train_subset], train_labels[:train_subset], config, context)
+        batches = TensorBatches(train_images[:count], train_labels[:count], config, context)
     else:
-        batches = textbook_loader(config, context, train_subset)
+        batches = textbook_loader(config, context, count)
     if config.quick:
         test_images, test_labels = test_images[:QUICK.test_images], test_labels[:QUICK.test_images]
     eval_sets["test"] = test_images, test_labels

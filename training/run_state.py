@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from serving.artifact import Trust
+
 from . import dist
 from .checkpoint import Resumed, unwrap
 from .config import ConfigError, TrainConfig
@@ -33,6 +35,7 @@ class RunState:
     kept_state: dict | None = None          # the weights the checkpoint ships
     kept_report: dict | None = None         # selected_epoch (and selected_val_acc) of those weights
     best_val_acc: float = -1.0
+    trust: Trust | None = None              # fitted when the run finishes (training/trust.py)
 
     @property
     def eval_model(self) -> torch.nn.Module:

@@ -34,6 +34,7 @@ from .progress import EpochProgress, TensorBoardLog
 from .report import write_test_report
 from .run_state import RunState, log, make_step, setup_run
 from .schedule import lr_at
+from .trust import fit_trust, model_logits
 
 
 @dataclass
@@ -199,8 +200,9 @@ def run_training(asked: TrainConfig, context: dist.DistContext) -> TrainResult:
                  f"kernels {state.kernels.name}, {'CUDA graph' if state.cuda_graph else 'eager'}, "
                  f"{len(data.batches)} steps/epoch of {config.batch_size} images, pipeline={config.pipeline}, "
                  f"weights kept: {config.selected_by}")
-    monitored = {name: sets for name, sets in data.eval_sets.items()
-                 if not (name == "test" and config.selected_by == "val_acc")}   # no peeking at test
+    # No peeking at test when choosing by val; val is watched only when it chooses (it costs an evaluation).
+    watched = "val" if config.selected_by == "val_acc" else "test"
+    monitored = {watched: data.eval_sets[watched]}
     tensorboard = TensorBoardLog(config.tensorboard) if context.is_main and config.tensorboard else None
     evaluations: dict = {}
     for epoch in range(state.start_epoch, epochs):
@@ -234,18 +236,28 @@ def run_training(asked: TrainConfig, context: dist.DistContext) -> TrainResult:
 
 def finish(config, state: RunState, context, data, metrics: dict, history: list, out_path: Path,
            test: dict | None) -> dict:
-    """Test accuracy of the kept weights (measured here unless `test` already holds it), into
-    the checkpoint and test_report.json."""
+    """Test accuracy of the kept weights (measured here unless `test` already holds it) and
+    their trust record (fitted on the held-out validation digits), into the checkpoint and
+    test_report.json."""
+    kept = build_model(state.model_config).to(context.device, memory_format=state.kernels.torch_memory_format)
+    kept.load_state_dict(state.kept_state)
     if test is None:
-        kept = build_model(state.model_config).to(context.device, memory_format=state.kernels.torch_memory_format)
-        kept.load_state_dict(state.kept_state)
         test = evaluate(kept, *data.eval_sets["test"], config, context, state.kernels.torch_memory_format)
     metrics = {**metrics, "test_acc": test["acc"], "test_loss": test["loss"],
                "per_class_acc": test["per_class_acc"], "confusion_matrix": test["confusion_matrix"]}
     if config.selected_by == "val_acc":
         metrics["val_acc"] = state.best_val_acc   # of the kept weights (the rows hold each epoch's)
     if context.is_main:
+        state.trust = fit_kept_trust(kept, data.eval_sets["val"][0], context)
+        log(context, f"trust: {state.trust.score} >= {state.trust.threshold:.4g} accepts "
+                     f"{state.trust.accept_rate:.2%} of {state.trust.chosen_on}")
         save_atomic(build_checkpoint(state, config, metrics, history), out_path)
         write_test_report(out_path.parent / TEST_REPORT_NAME, metrics)
     dist.barrier(context)   # no rank tears the process group down while rank 0 still writes
     return metrics
+
+
+def fit_kept_trust(kept: torch.nn.Module, val_images: torch.Tensor, context: dist.DistContext):
+    """The kept weights' trust record, chosen on the held-out digits (never the test set)."""
+    logits = model_logits(kept, val_images, device=context.device)
+    return fit_trust(logits, chosen_on=f"val: {len(val_images)} held-out training digits")
