@@ -11,6 +11,8 @@ import torch
 
 from serving.artifact import ARTIFACTS_DIR, CHECKPOINT_NAME, artifact_path
 
+from .dist import DEFAULT_PEER_TIMEOUT_S
+
 # Choice lists, written once: cli.py builds its click.Choice options from these.
 AMP_DTYPES = ("auto", "bf16", "fp16")         # auto: measured on the CPU (bf16 vs fp32), bf16/fp16 on CUDA
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")   # auto: the faster one, measured at start
@@ -68,6 +70,7 @@ class TrainConfig:
     val_images: int = 0              # hold out the last N training images to select the epoch by; 0: keep the final
                                      # weights (their EMA average while ema_decay is on)
     tensorboard: str | None = None   # directory for TensorBoard event files
+    peer_timeout_s: float = DEFAULT_PEER_TIMEOUT_S   # a rank whose peers stop answering fails after this
     quick: bool = False
     resume: bool = False
     force: bool = False              # a fresh run may replace the checkpoint of a finished run at out_path
@@ -110,6 +113,7 @@ def validate(config: TrainConfig) -> None:
         (config.eval_batch_size >= 1, "eval batch size must be >= 1"),
         (config.train_subset >= 0, "train subset must be >= 0"),
         (config.val_images >= 0, "validation images must be >= 0"),
+        (config.peer_timeout_s > 0, "peer timeout must be > 0 seconds"),
         (not (config.val_images and config.pipeline != "tensor"), "--val-images needs the tensor pipeline"),
     ]
     for ok, message in checks:
