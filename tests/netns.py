@@ -28,7 +28,7 @@ class NetnsError(RuntimeError):
 @dataclass(frozen=True)
 class Host:
     namespace: str
-    interface: str              # this host's end of the veth pair (GLOO_SOCKET_IFNAME)
+    interface: str              # this host's end of the veth pair (GLOO_SOCKET_IFNAME), inside its namespace
     address: str
 
     def command(self, *args: str) -> list[str]:
@@ -66,20 +66,24 @@ def skip_reason() -> str | None:
     return None
 
 
+INTERFACE = "eth0"          # each host's end of the veth pair, named as on a real machine
+
+
 def make_hosts(tag: str) -> tuple[Host, Host]:
-    hosts = tuple(Host(f"ds-{tag}-{side}", f"ds{tag}{side}", f"{SUBNET}.{number}")
-                  for number, side in ((1, "a"), (2, "b")))
-    a, b = hosts
+    hosts = tuple(Host(f"ds-{tag}-{side}", INTERFACE, f"{SUBNET}.{number}") for number, side in ((1, "a"), (2, "b")))
+    # Made under names unique on this machine, renamed eth0 once inside their own namespaces.
+    ends = [f"ds{tag}{side}" for side in ("a", "b")]
     for host in hosts:
         ip("netns", "add", host.namespace)
-    ip("link", "add", a.interface, "type", "veth", "peer", "name", b.interface)
-    for host in hosts:
-        ip("link", "set", host.interface, "netns", host.namespace)
+    ip("link", "add", ends[0], "type", "veth", "peer", "name", ends[1])
+    for host, end in zip(hosts, ends):
+        ip("link", "set", end, "netns", host.namespace)
         run = ("netns", "exec", host.namespace, "ip")
+        ip(*run, "link", "set", end, "name", host.interface)
         ip(*run, "addr", "add", f"{host.address}/24", "dev", host.interface)
         ip(*run, "link", "set", host.interface, "up")
         ip(*run, "link", "set", "lo", "up")   # torchrun's agent talks to its own workers over loopback
-    return a, b
+    return hosts
 
 
 def remove_hosts(tag: str) -> None:
@@ -100,11 +104,10 @@ def two_hosts() -> Iterator[tuple[Host, Host]]:
         pytest.skip(reason)
     tag = str(os.getpid())
     try:
-        hosts = make_hosts(tag)
-    except NetnsError as error:
-        remove_hosts(tag)
-        pytest.skip(f"cannot make network namespaces here: {error}")
-    try:
+        try:
+            hosts = make_hosts(tag)
+        except NetnsError as error:
+            pytest.skip(f"cannot make network namespaces here: {error}")
         yield hosts
-    finally:
+    finally:   # also after a half-made pair or a failed test: nothing of ours stays behind
         remove_hosts(tag)
