@@ -110,7 +110,8 @@ def wait_for_first_epoch(head: Node) -> None:
 
 @pytest.fixture
 def interrupted(tmp_path, quick_checkpoint) -> TrainConfig:
-    """The command of a --quick run whose checkpoint at --out stopped after epoch 1."""
+    """The command of a --quick run whose checkpoint at --out is an interrupted run's (without
+    what only the end of a run writes)."""
     checkpoint = load_checkpoint(quick_checkpoint)
     checkpoint["metrics"] = {key: value for key, value in checkpoint["metrics"].items()
                              if key not in ("confusion_matrix", "test_acc")}   # what only the end writes
@@ -133,6 +134,15 @@ def test_without_restarts_or_of_another_recipe_a_run_starts_afresh(interrupted, 
     assert not resume_after_restart(replace(interrupted, out=str(tmp_path / "none.pt"))).resume   # failed before epoch 1
     assert not resume_after_restart(replace(interrupted, lr=interrupted.lr * 2)).resume   # not this job's checkpoint
     assert not resume_after_restart(replace(interrupted, out=str(quick_checkpoint))).resume   # a finished run
+
+
+def test_ranks_that_would_start_from_different_epochs_stop(interrupted, monkeypatch):
+    """A machine without rank 0's checkpoint would start afresh while rank 0 resumes: refused."""
+    monkeypatch.setattr(dist, "all_gather_objects", lambda value, context: [value, 0])   # rank 1 found none
+    context = dist.DistContext(rank=0, world_size=2)
+    with pytest.raises(ConfigError, match="rank 0 after epoch 2, rank 1 after epoch 0"):
+        check_ranks_start_alike(resume_state(replace(interrupted, resume=True)), context)
+    check_ranks_start_alike(None, context)   # both start afresh
 
 
 # --- two machines ------------------------------------------------------------------------------
@@ -208,11 +218,3 @@ def test_lost_machine_with_restarts_resumes_and_finishes(tmp_path, data_dir, uni
     resumed = checkpoint["metrics"]["test_acc"]
     assert abs(resumed - baseline) <= ACCURACY_TOLERANCE, f"resumed {resumed:.2%}, uninterrupted {baseline:.2%}"
 
-
-def test_ranks_that_would_start_from_different_epochs_stop(interrupted, monkeypatch):
-    """A machine without rank 0's checkpoint would start afresh while rank 0 resumes: refused."""
-    monkeypatch.setattr(dist, "all_gather_objects", lambda value, context: [value, 0])   # rank 1 found none
-    context = dist.DistContext(rank=0, world_size=2)
-    with pytest.raises(ConfigError, match="rank 0 after epoch 2, rank 1 after epoch 0"):
-        check_ranks_start_alike(resume_state(replace(interrupted, resume=True)), context)
-    check_ranks_start_alike(None, context)   # both start afresh
