@@ -90,7 +90,8 @@ def start(host: Host, head: Host, tmp_path: Path, data_dir: str, elasticity: Ela
     return Node(host, process, log, out)
 
 
-def start_both(hosts: tuple[Host, Host], tmp_path, data_dir, elasticity: Elasticity = Elasticity()) -> tuple[Node, Node]:
+def start_both(hosts: tuple[Host, Host], tmp_path, data_dir,
+               elasticity: Elasticity = Elasticity()) -> tuple[Node, Node]:
     """Host a is the head: it keeps the rendezvous store, and its lower address makes it rank 0."""
     a, b = hosts
     return start(a, a, tmp_path, data_dir, elasticity), start(b, a, tmp_path, data_dir, elasticity)
@@ -131,7 +132,8 @@ def test_without_restarts_or_of_another_recipe_a_run_starts_afresh(interrupted, 
     monkeypatch.setenv(MAX_RESTARTS_ENV, "0")
     assert not resume_after_restart(interrupted).resume        # without --max-restarts, --resume is the user's
     monkeypatch.setenv(MAX_RESTARTS_ENV, "2")
-    assert not resume_after_restart(replace(interrupted, out=str(tmp_path / "none.pt"))).resume   # failed before epoch 1
+    nothing_saved = replace(interrupted, out=str(tmp_path / "none.pt"))   # the failure came before epoch 1 ended
+    assert not resume_after_restart(nothing_saved).resume
     assert not resume_after_restart(replace(interrupted, lr=interrupted.lr * 2)).resume   # not this job's checkpoint
     assert not resume_after_restart(replace(interrupted, out=str(quick_checkpoint))).resume   # a finished run
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import torch
@@ -69,7 +69,7 @@ def setup(device_name: str, timeout_s: float = DEFAULT_PEER_TIMEOUT_S) -> DistCo
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     context = DistContext(rank, local_rank, world_size, local_world_size, device)
-    return DistContext(rank, local_rank, world_size, local_world_size, device, gather_peers(context))
+    return replace(context, peers=gather_peers(context))
 
 
 def own_address() -> str | None:
