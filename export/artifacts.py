@@ -5,7 +5,6 @@ place only after the parity check passed, so a failed export leaves nothing behi
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -16,7 +15,7 @@ import torch
 
 from serving.artifact import (INPUT_NAME, MODEL_CARD_NAME, ONNX_METADATA_KEY, OUTPUT_NAME, TORCHSCRIPT_METADATA,
                               TRUST_METADATA, ArtifactError, Trust, public_card, quiet_torchscript_deprecation)
-from training.checkpoint import CheckpointError, load_checkpoint
+from training.checkpoint import CheckpointError, load_checkpoint, weights_digest
 from training.model import build_model
 
 ONNX_OPSET = 17
@@ -32,14 +31,6 @@ def load_model(checkpoint_path: str | os.PathLike) -> tuple[torch.nn.Module, dic
         raise CheckpointError(f"weights in {checkpoint_path} do not fit the model config: "
                               f"{str(error).splitlines()[0]}") from None
     return model.eval(), checkpoint
-
-
-def weights_digest(state_dict: dict) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        digest.update(name.encode())
-        digest.update(state_dict[name].detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def weights_version(weights_sha256: str) -> str:

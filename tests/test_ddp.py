@@ -6,7 +6,7 @@ import pytest
 
 from repo import TESTS_DIR, subprocess_env, torchrun_command
 from serving.artifact import CHECKPOINT_NAME
-from training.checkpoint import load_checkpoint
+from training.checkpoint import load_checkpoint, rank_digest_path, weights_digest
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +27,9 @@ def test_two_ranks_end_identical_and_only_rank0_saves(tmp_path, data_dir):
     assert len(ranks[0]["saves"]) == 3 and ranks[1]["saves"] == []
     checkpoint = load_checkpoint(tmp_path / CHECKPOINT_NAME)
     assert checkpoint["metrics"]["world_size"] == 2
+    # The kept weights too (EMA-averaged, BatchNorm statistics included): rank 1's digest is the checkpoint's.
+    rank1 = json.loads(rank_digest_path(tmp_path / CHECKPOINT_NAME, 1).read_text())
+    assert rank1["weights_sha256"] == weights_digest(checkpoint["model"])
     assert "x2 rank(s), 1 thread(s) each" in run.stdout       # threads split so cores are not oversubscribed
     assert run.stdout.count("epoch  2/2") == 1                 # only rank 0 logs
 

@@ -3,12 +3,14 @@
 Keys: format_version, model (the kept weights: by default the final EMA-averaged ones, or
 the epoch with the best validation accuracy; metrics["selected_by"] says which), model_config,
 train_config (what the user asked, e.g. amp_dtype "auto"), kernels (what the run measured and
-used: training.tuning.Kernels), preprocess, metrics, trust (a finished run's serving.artifact.Trust
-record, fitted on held-out validation digits), and for --resume: last_model, ema_model,
+used: training.tuning.Kernels), preprocess, metrics (with `hosts`: the machines that ran the
+epoch, training.dist.hosts), trust (a finished run's serving.artifact.Trust record, fitted on
+held-out validation digits), and for --resume: last_model, ema_model,
 optimizer, scaler, scheduler. Export, benchmarks and outside scripts rely on these names.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import tempfile
@@ -42,8 +44,13 @@ class FinishedRunError(ConfigError):
 
 # Settings a resumed run takes from its command line, not from the original run: where the
 # files are (they may have moved) and how this machine loads and logs them.
-COMMAND_LINE_KEYS = ("data_dir", "out", "num_workers", "device", "threads_per_rank", "tensorboard", "resume",
-                     "force")
+COMMAND_LINE_KEYS = ("data_dir", "out", "num_workers", "device", "threads_per_rank", "tensorboard", "peer_timeout_s",
+                     "resume", "force")
+# torchrun sets this in every worker it starts: its --max-restarts. A job that may be restarted
+# must resume when it is: torchrun restarts the workers after a failure (and counts it in
+# TORCHELASTIC_RESTART_COUNT) but also when a machine joins (and counts nothing), so the count
+# alone cannot tell a worker's first start from a restart.
+MAX_RESTARTS_ENV = "TORCHELASTIC_MAX_RESTARTS"
 
 
 @dataclass(frozen=True)
@@ -177,6 +184,15 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def weights_digest(state_dict: dict) -> str:
+    """sha256 over the names and bytes of a state_dict, in name order: equal digests, equal weights."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        digest.update(name.encode())
+        digest.update(state_dict[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def cpu_state_dict(model: torch.nn.Module) -> dict:
     return {name: tensor.detach().to("cpu", copy=True) for name, tensor in unwrap(model).state_dict().items()}
 
@@ -204,6 +220,13 @@ def build_checkpoint(state, config: TrainConfig, metrics: dict, history: list) -
     }
 
 
+def rank_digest_path(out_path: Path, rank: int) -> Path:
+    """Where a rank other than 0 writes the digest of the weights it ends with (rank 0's are the
+    checkpoint's): on its own machine, beside the --out it was given, so that the copies can be
+    compared across machines."""
+    return out_path.parent / f"{out_path.name}.rank{rank}.json"
+
+
 def resume_state(config: TrainConfig) -> Resumed:
     """The run whose checkpoint is at config.out_path, to continue with its own recipe and kernels."""
     path = config.out_path
@@ -226,6 +249,27 @@ def resume_state(config: TrainConfig) -> Resumed:
         saved[key] = getattr(config, key)
     saved["out"] = str(path)   # the file it continues, whatever default --quick or not would name
     return Resumed(TrainConfig(**saved), Kernels.from_dict(checkpoint["kernels"]), checkpoint)
+
+
+def recipe(train_config: dict) -> dict:
+    """What a run computes: its train_config without the settings of one command (COMMAND_LINE_KEYS)."""
+    return {key: value for key, value in train_config.items() if key not in COMMAND_LINE_KEYS}
+
+
+def resume_after_restart(config: TrainConfig) -> TrainConfig:
+    """config, with resume on when torchrun may restart this worker (--max-restarts) and --out
+    holds an unfinished run of the same recipe: the checkpoint this job wrote before a failure
+    or a machine joining made torchrun restart it. Restarted from scratch, the job would throw
+    its finished epochs away."""
+    if config.resume or int(os.environ.get(MAX_RESTARTS_ENV, "0")) == 0 or finished_run(config.out_path):
+        return config
+    try:
+        saved = load_checkpoint(config.out_path)
+    except CheckpointError:   # the failure came before the first epoch's checkpoint: start afresh
+        return config
+    if recipe(saved["train_config"]) != recipe(asdict(config)):
+        return config
+    return replace(config, resume=True)
 
 
 @dataclass(frozen=True)

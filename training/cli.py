@@ -7,6 +7,7 @@ from .checkpoint import CheckpointError
 from .config import (AMP_DTYPES, CUDA_GRAPH_CHOICES, DEFAULT_OUT, DEFAULT_VAL_IMAGES, DEVICES, MEMORY_FORMATS,
                      PIPELINES, QUICK, SELECT_BY, ConfigError, TrainConfig)
 from .data import DATA_DIR_ENV, DataError
+from .dist import PeerLostError
 from .train import train
 
 DEFAULTS = TrainConfig()
@@ -60,6 +61,9 @@ DEFAULTS = TrainConfig()
                    "best accuracy on the held-out images. Test accuracy is reported once, for the kept weights.")
 @click.option("--tensorboard", type=click.Path(file_okay=False), default=None,
               help="Write loss, accuracy, learning rate and images/s as TensorBoard events into this folder.")
+@click.option("--peer-timeout-s", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS.peer_timeout_s,
+              help="Multi-rank runs: how long a rank waits for the others in one step before it fails, naming "
+                   "them (a lost machine sends nothing: without this bound the job would hang).")
 @click.option("--quick", is_flag=True, help=f"Smoke run: {QUICK.describe()}; writes {QUICK.out} unless --out.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run whose checkpoint is at --out.")
 @click.option("--force", is_flag=True, help="Let a fresh run replace the checkpoint of a finished run at --out.")
@@ -70,10 +74,13 @@ def main(**options) -> None:
     \b
     mnist-train --data-dir ../shared/mnist
     torchrun --standalone --nproc-per-node=2 -m training --data-dir ../shared/mnist
+
+    Several machines (torchrun --nnodes 2 ... --rdzv-backend c10d): see docs/multihost.md.
+    A run that torchrun restarts (--max-restarts) resumes from its last epoch by itself.
     """
     try:
         train(TrainConfig(**options))
-    except (ConfigError, DataError, CheckpointError) as error:
+    except (ConfigError, DataError, CheckpointError, PeerLostError) as error:
         raise click.ClickException(str(error)) from None
     except KeyboardInterrupt:
         raise click.ClickException("interrupted; rerun the same command with --resume to continue") from None

@@ -11,6 +11,8 @@ import torch
 
 from serving.artifact import ARTIFACTS_DIR, CHECKPOINT_NAME, artifact_path
 
+from .dist import DEFAULT_PEER_TIMEOUT_S
+
 # Choice lists, written once: cli.py builds its click.Choice options from these.
 AMP_DTYPES = ("auto", "bf16", "fp16")         # auto: measured on the CPU (bf16 vs fp32), bf16/fp16 on CUDA
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")   # auto: the faster one, measured at start
@@ -74,6 +76,7 @@ class TrainConfig:
     select_by: str = "final"         # final: the last weights (EMA-averaged while ema_decay is on); val_acc: the
                                      # epoch with the best accuracy on the held-out images
     tensorboard: str | None = None   # directory for TensorBoard event files
+    peer_timeout_s: float = DEFAULT_PEER_TIMEOUT_S   # a rank whose peers stop answering fails after this
     quick: bool = False
     resume: bool = False
     force: bool = False              # a fresh run may replace the checkpoint of a finished run at out_path
@@ -123,6 +126,7 @@ def validate(config: TrainConfig) -> None:
         (config.train_subset >= 0, "train subset must be >= 0"),
         (config.held_out_images >= 1, "validation images must be >= 1: the trust threshold is chosen on them"),
         (config.select_by in SELECT_BY, f"select by must be one of {', '.join(SELECT_BY)}"),
+        (config.peer_timeout_s > 0, "peer timeout must be > 0 seconds"),
     ]
     for ok, message in checks:
         if not ok:

@@ -2,11 +2,34 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+# How long a rank waits for the others in one collective before it gives up: the bound on
+# how long a job whose peer machine vanished (no FIN, no RST: a power cut, a pulled cable) hangs.
+DEFAULT_PEER_TIMEOUT_S = 300.0
+
+
+class PeerLostError(RuntimeError):
+    """A collective failed: another rank stopped answering (its process or machine is gone,
+    or the network between them)."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One rank as the others know it: the machine's name and the address it reaches the
+    store from. Machines that share a name (network namespaces, cloned VMs) differ in address."""
+    rank: int
+    hostname: str
+    address: str | None
+
+    def describe(self) -> str:
+        return f"rank {self.rank} on {self.hostname} ({self.address or 'address unknown'})"
 
 
 @dataclass(frozen=True)
@@ -16,6 +39,7 @@ class DistContext:
     world_size: int = 1
     local_world_size: int = 1
     device: torch.device = torch.device("cpu")
+    peers: tuple[Peer, ...] = ()           # every rank of the job, gathered at setup
 
     @property
     def enabled(self) -> bool:
@@ -26,7 +50,7 @@ class DistContext:
         return self.rank == 0
 
 
-def setup(device_name: str, timeout_s: float = 300.0) -> DistContext:
+def setup(device_name: str, timeout_s: float = DEFAULT_PEER_TIMEOUT_S) -> DistContext:
     """Join the process group when torchrun set RANK/WORLD_SIZE; else run single-process.
 
     gloo on CPU, nccl on CUDA. The timeout makes a job whose peer died exit with an
@@ -44,7 +68,61 @@ def setup(device_name: str, timeout_s: float = 300.0) -> DistContext:
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    return DistContext(rank, local_rank, world_size, local_world_size, device)
+    context = DistContext(rank, local_rank, world_size, local_world_size, device)
+    return replace(context, peers=gather_peers(context))
+
+
+def own_address() -> str | None:
+    """The address this process reaches the job's store from (MASTER_ADDR, which torchrun
+    points at rank 0's machine): the source address the kernel routes to it. No packet is
+    sent: connecting a UDP socket only picks the route."""
+    master = os.environ.get("MASTER_ADDR")
+    if not master:
+        return None
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((master, int(os.environ.get("MASTER_PORT", "29500"))))
+            return probe.getsockname()[0]
+    except OSError:   # an unresolvable name: leave the address out rather than fail the run
+        return None
+
+
+def all_gather_objects(value, context: DistContext) -> list:
+    """Every rank's value (picklable), in rank order (a collective: every rank calls it)."""
+    if not context.enabled:
+        return [value]
+    values: list = [None] * context.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def gather_peers(context: DistContext) -> tuple[Peer, ...]:
+    return tuple(all_gather_objects(Peer(context.rank, socket.gethostname(), own_address()), context))
+
+
+def hosts(context: DistContext) -> list[dict]:
+    """The machines of the job, for the checkpoint: each one's hostname, the address its
+    ranks used and those ranks. Grouped by address too, since namespaces share a hostname."""
+    machines: dict[tuple, list[int]] = {}
+    for peer in context.peers:
+        machines.setdefault((peer.hostname, peer.address), []).append(peer.rank)
+    return [{"hostname": hostname, "address": address, "ranks": ranks}
+            for (hostname, address), ranks in machines.items()]
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """An error from the transport under a collective: gloo raises plain RuntimeErrors
+    that name its own sources (".../gloo/transport/tcp/..."), NCCL and the stores DistErrors."""
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo" in str(error))
+
+
+def peer_lost(error: BaseException, context: DistContext, timeout_s: float) -> PeerLostError:
+    """The error a rank reports when a collective failed under it, naming the other ranks:
+    gloo names the lost peer when its connection closed, never when the wait timed out."""
+    others = "; ".join(peer.describe() for peer in context.peers if peer.rank != context.rank)
+    detail = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    return PeerLostError(f"rank {context.rank} lost contact with the other rank(s) of the job "
+                         f"(waited at most {timeout_s:g} s): {others}. The collective failed with: {detail}")
 
 
 def teardown(context: DistContext) -> None:

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from serving.artifact import METRICS_NAME, TEST_REPORT_NAME
 
 from . import dist
-from .checkpoint import (build_checkpoint, cpu_state_dict, refuse_to_replace_finished_run, resume_state, save_atomic,
-                         sigterm_raises, sweep_stale_temps, unwrap, write_text_atomic)
+from .checkpoint import (build_checkpoint, cpu_state_dict, rank_digest_path, refuse_to_replace_finished_run,
+                         resume_after_restart, resume_state, save_atomic, sigterm_raises, sweep_stale_temps, unwrap,
+                         weights_digest, write_text_atomic)
 from .config import ConfigError, TrainConfig, validate
 from .data import epoch_seed, load_datasets, normalize
 from .model import build_model
@@ -87,11 +88,16 @@ def train(config: TrainConfig) -> TrainResult:
     if device_name == "cpu" and config.amp and config.amp_dtype == "fp16":
         raise ConfigError("fp16 autocast needs CUDA; use --amp-dtype bf16 (or auto) on the CPU")
     check_local_ranks_fit_gpus(device_name)
+    config = resume_after_restart(config)
     refuse_to_replace_finished_run(config)   # every process checks the same file, so all stop alike
     with sigterm_raises():   # SIGTERM mid-save still removes the save's temp file
-        context = dist.setup(device_name)
+        context = dist.setup(device_name, config.peer_timeout_s)
         try:
             return run_training(config, context)
+        except Exception as error:
+            if context.enabled and dist.is_collective_failure(error):
+                raise dist.peer_lost(error, context, config.peer_timeout_s) from None
+            raise
         finally:
             dist.teardown(context)
 
@@ -161,7 +167,7 @@ def epoch_metrics(config: TrainConfig, state: RunState, epoch: int, totals: Epoc
                "train_acc": totals.correct / totals.images, "lr": totals.lr, "train_images": totals.images,
                "images_per_s": totals.images / totals.train_seconds,
                "epoch_s": time.perf_counter() - started, "world_size": context.world_size,
-               "selected_by": config.selected_by, **state.kept_report}
+               "hosts": dist.hosts(context), "selected_by": config.selected_by, **state.kept_report}
     for name, evaluation in evaluations.items():
         metrics[f"{name}_acc"], metrics[f"{name}_loss"] = evaluation["acc"], evaluation["loss"]
     return metrics
@@ -174,8 +180,19 @@ def format_epoch(metrics: dict, evaluations: dict) -> str:
             f"{metrics['images_per_s']:6.0f} img/s  {metrics['epoch_s']:6.1f} s")
 
 
+def check_ranks_start_alike(resumed, context: dist.DistContext) -> None:
+    """Every rank reads the checkpoint at its own machine's --out: a machine without rank 0's
+    copy would start afresh while the others resume, and their steps would never match up."""
+    starts = dist.all_gather_objects(resumed.checkpoint["metrics"]["epoch"] if resumed is not None else 0, context)
+    if len(set(starts)) > 1:
+        ranks = ", ".join(f"rank {rank} after epoch {epoch}" for rank, epoch in enumerate(starts))
+        raise ConfigError(f"the ranks would start from different epochs ({ranks}): each machine resumes from "
+                          f"the checkpoint at its own --out; give every machine rank 0's (shared storage, or a copy)")
+
+
 def run_training(asked: TrainConfig, context: dist.DistContext) -> TrainResult:
     resumed = resume_state(asked) if asked.resume else None
+    check_ranks_start_alike(resumed, context)
     # A resumed run continues the original run's recipe, as its checkpoint saved it.
     config = resumed.config if resumed is not None else asked
     if config.batch_size % context.world_size:
@@ -213,6 +230,8 @@ def run_training(asked: TrainConfig, context: dist.DistContext) -> TrainResult:
                            enabled=context.is_main and sys.stdout.isatty()) as progress:
             totals = train_one_epoch(step_fn, data.batches, state, context, lr_for, progress)
         dist.broadcast_buffers(unwrap(state.model), context)
+        if state.ema is not None:   # its average of the BatchNorm statistics followed each rank's own batches
+            dist.broadcast_buffers(state.ema.module, context)
         evaluations = {name: evaluate(state.eval_model, *sets, config, context, state.kernels.torch_memory_format)
                        for name, sets in monitored.items()}
         select_weights(config, state, epoch, evaluations)
@@ -253,6 +272,11 @@ def finish(config, state: RunState, context, data, metrics: dict, history: list,
                      f"{state.trust.accept_rate:.2%} of {state.trust.chosen_on}")
         save_atomic(build_checkpoint(state, config, metrics, history), out_path)
         write_test_report(out_path.parent / TEST_REPORT_NAME, metrics)
+    else:   # the digest of this rank's copy, to compare with rank 0's checkpoint (e.g. on another machine)
+        peer = context.peers[context.rank]
+        write_text_atomic(rank_digest_path(out_path, context.rank), json.dumps(
+            {"rank": context.rank, "hostname": peer.hostname, "address": peer.address,
+             "weights_sha256": weights_digest(state.kept_state)}) + "\n")
     dist.barrier(context)   # no rank tears the process group down while rank 0 still writes
     return metrics
 
