@@ -57,6 +57,10 @@ class DigitHandler(BaseHandler):
         self.run_model, self.metadata = load(path, self.device, threads)
         self.mean, self.std = float(self.metadata["mean"]), float(self.metadata["std"])
         self.labels = list(self.metadata["labels"])
+        # Answers name the archive's version, the one TorchServe registered and a rollout switches
+        # (`serving.archive --version`, which defaults to the weights' own model_version); the
+        # describe card keeps the weights' identity. An archive built without a version has none.
+        self.model_version = self.manifest["model"].get("modelVersion") or self.metadata["model_version"]
         self.run_model(np.zeros((1, *self.metadata["input_shape"]), dtype=np.float32))  # warm-up
         self.initialized = True
         logger.info("digit model %s loaded from %s, %d threads", self.metadata.get("model_version"), path, threads)
@@ -85,7 +89,7 @@ class DigitHandler(BaseHandler):
     def postprocess(self, inference_output) -> list[str]:
         """One JSON answer per request; a refused request gets its 4xx status."""
         batch, logits = inference_output
-        version = self.metadata["model_version"]
+        version = self.model_version
         answers = predictions(logits, self.labels, version) if logits is not None else []
         for index, parsed in enumerate(batch.requests):
             self.context.set_response_content_type(index, "application/json")
