@@ -26,7 +26,7 @@ import urllib.error
 import urllib.request
 import zipfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import click
@@ -225,6 +225,10 @@ def start(fleet: Fleet, archive: str | Path, timeout_s: float = START_TIMEOUT_S)
         raise FleetError(f"a fleet is already running from {fleet.run_dir}: `make fleet-stop` first")
     if not archive.is_file():
         raise FleetError(f"no model archive at {archive}: `make archive` first")
+    try:
+        frontdoor.render(fleet, RotationState())   # a bad origin or key file: refused before anything starts
+    except FrontDoorError as error:
+        raise FleetError(str(error)) from None
     version = archive_version(archive)
     served = ServedArchive(version, f"{MODEL_NAME}-{version}.mar")
     (fleet.run_dir / "logs").mkdir(parents=True, exist_ok=True)
