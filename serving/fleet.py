@@ -34,7 +34,7 @@ from . import frontdoor, server
 from .artifact import MODEL_NAME
 from .frontdoor import FrontDoorError, RotationState
 from .properties import set_properties
-from .readiness import NotReady, check_ready, open_authorized, probe_once, reason, retry
+from .readiness import NotReady, check_ready, open_authorized, probe_image, probe_once, reason, retry
 from .rotation import (FleetError, FleetState, ServedArchive, apply_front_door, archive_version, follow_keys,
                        load_fleet, locked, nginx_master, read_state, set_rotation, write_state)
 from .topology import FLEET_DIR, FLEET_FILE, Fleet, Replica, TopologyError
@@ -128,7 +128,21 @@ def wait_until_serving(fleet: Fleet, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     for replica in fleet.replicas:
         retry(lambda: check_ready(replica.config, replica.run_dir), max(1.0, deadline - time.monotonic()))
-    retry(lambda: probe_once(fleet.front_door.http_url), max(1.0, deadline - time.monotonic()))
+    retry(lambda: probe_front_door(fleet), max(1.0, deadline - time.monotonic()))
+
+
+def probe_front_door(fleet: Fleet) -> dict:
+    """The probe image through the front door (with a client key when it asks for one)."""
+    door = fleet.front_door
+    headers = {"Content-Type": "application/octet-stream"}
+    if door.api_keys_file:
+        headers["X-API-Key"] = frontdoor.read_client_keys(door.api_keys_file)[0]
+    sent = urllib.request.Request(f"{door.http_url}/predictions/{MODEL_NAME}", data=probe_image(), headers=headers)
+    try:
+        with urllib.request.urlopen(sent, timeout=10) as response:
+            return json.loads(response.read())
+    except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError) as error:
+        raise NotReady(f"{door.http_url}: {reason(error)}") from None
 
 
 def stop(fleet: Fleet, timeout_s: float = REPLICA_STOP_S + 20) -> bool:
