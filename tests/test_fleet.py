@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -98,6 +99,19 @@ def test_bad_origins_and_client_key_files_are_refused_in_one_line(tmp_path):
     with pytest.raises(FrontDoorError, match="key 1"):
         frontdoor.render(plan_on_free_ports(tmp_path, REPO_ROOT / "config.properties", api_keys_file=keys),
                          RotationState())
+
+
+def test_a_taken_port_fails_start_at_once_naming_it(tmp_path):
+    plan = plan_on_free_ports(tmp_path / "fleet", REPO_ROOT / "config.properties")
+    archive = tmp_path / "any.mar"
+    archive.write_bytes(b"checked after the ports")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", plan.replicas[1].ports.management))
+        holder.listen()
+        with pytest.raises(fleet_module.FleetError, match=rf"port {plan.replicas[1].ports.management} "
+                                                          r"\(replica-1 management\) is taken"):
+            fleet_module.start(plan, archive)
+    assert fleet_module.supervisord_process(plan) is None
 
 
 # --- one real fleet for the rest ------------------------------------------------------------------
