@@ -5,10 +5,17 @@ for ONNX Runtime, e.g. the int8 model).
 
 packs the model (its metadata inside) and ARCHIVE_SOURCES (handler.py, the modules it imports,
 model-config.yaml) into model_store/mnist.mar. The archive version is the artifact's own
-model_version. A model whose test accuracy is below SERVE_ACCURACY_FLOOR is refused unless --force.
+model_version unless --version names another; answers carry it as model_version, so a rolling
+update shows in them:
+
+    python -m serving.archive --version 2.0 --export-path .run/v2
+    python -m serving.fleet rollout .run/v2/mnist.mar
+
+A model whose test accuracy is below SERVE_ACCURACY_FLOOR is refused unless --force.
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +34,8 @@ MODEL_CONFIG = "model-config.yaml"
 # and its manifest (archive_contents).
 ARCHIVE_SOURCES = (HANDLER, *HANDLER_MODULES, MODEL_CONFIG)
 MANIFEST = "MAR-INF/MANIFEST.json"
+# A version becomes a path segment of TorchServe's management API (/models/mnist/<version>).
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class ArchiveError(Exception):
@@ -62,9 +71,14 @@ def check_accuracy(metadata: dict, serialized_file: Path) -> None:
 
 
 def build_archive(serialized_file: str | Path, export_path: str | Path,
-                  model_config: str | Path = SERVING_DIR / MODEL_CONFIG, force: bool = False) -> Path:
+                  model_config: str | Path = SERVING_DIR / MODEL_CONFIG, force: bool = False,
+                  version: str | None = None) -> Path:
     """Returns the path of the .mar; raises ArchiveError with the reason (the archiver's message).
-    force: archive a model below SERVE_ACCURACY_FLOOR too."""
+    force: archive a model below SERVE_ACCURACY_FLOOR too. version: the archive's version, which
+    answers carry as model_version (default: the artifact's own model_version)."""
+    if version is not None and not VERSION_PATTERN.fullmatch(version):
+        raise ArchiveError(f"version {version!r} must be letters, digits, '.', '_' or '-' (at most 64), "
+                           "starting with a letter or digit: it becomes part of a URL")
     serialized_file, export_path = Path(serialized_file), Path(export_path)
     if not serialized_file.is_file():
         raise ArchiveError(f"no exported model at {serialized_file}: run `make export` first")
@@ -75,7 +89,8 @@ def build_archive(serialized_file: str | Path, export_path: str | Path,
     if not force:
         check_accuracy(metadata, serialized_file)
     export_path.mkdir(parents=True, exist_ok=True)
-    command = archive_command(str(serialized_file), str(export_path), metadata["model_version"], str(model_config))
+    command = archive_command(str(serialized_file), str(export_path), version or metadata["model_version"],
+                              str(model_config))
     run = subprocess.run(command, capture_output=True, text=True)
     if run.returncode != 0:
         raise ArchiveError(f"torch-model-archiver failed: {run.stderr.strip() or run.stdout.strip()}")
@@ -86,10 +101,12 @@ def build_archive(serialized_file: str | Path, export_path: str | Path,
 @click.option("--serialized-file", default=artifact_path(TORCHSCRIPT_NAME), show_default=True)
 @click.option("--export-path", default="model_store", show_default=True)
 @click.option("--force", is_flag=True, help=f"Archive a model below the {SERVE_ACCURACY_FLOOR:.0%} accuracy floor too.")
-def main(serialized_file: str, export_path: str, force: bool) -> None:
+@click.option("--version", default=None, help="The archive's version, answered as model_version "
+              "[default: the artifact's own model_version].")
+def main(serialized_file: str, export_path: str, force: bool, version: str | None) -> None:
     """Pack the exported model, handler and preprocessing into a TorchServe archive."""
     try:
-        click.echo(f"wrote {build_archive(serialized_file, export_path, force=force)}")
+        click.echo(f"wrote {build_archive(serialized_file, export_path, force=force, version=version)}")
     except ArchiveError as error:
         raise click.ClickException(str(error)) from None
 

@@ -65,6 +65,10 @@ class DigitHandler(BaseHandler):
         self.mean, self.std = float(self.metadata["mean"]), float(self.metadata["std"])
         self.labels = list(self.metadata["labels"])
         self.trust = Trust.from_metadata(self.metadata)
+        # Answers name the archive's version, the one TorchServe registered and a rollout switches
+        # (`serving.archive --version`, which defaults to the weights' own model_version); the
+        # describe card keeps the weights' identity. An archive built without a version has none.
+        self.model_version = self.manifest["model"].get("modelVersion") or self.metadata["model_version"]
         self.run_model(np.zeros((1, *self.metadata["input_shape"]), dtype=np.float32))  # warm-up
         self.initialized = True
         logger.info("digit model %s loaded from %s, %d threads", self.metadata.get("model_version"), path, threads)
@@ -118,8 +122,7 @@ class DigitHandler(BaseHandler):
     def postprocess(self, inference_output: BatchOutput) -> list[str]:
         """One JSON answer per request; a refused request gets its 4xx status."""
         batch, logits = inference_output.batch, inference_output.logits
-        version = self.metadata["model_version"]
-        answers = predictions(logits, self.labels, version, self.trust) if logits is not None else []
+        answers = predictions(logits, self.labels, self.model_version, self.trust) if logits is not None else []
         for row, attribution in inference_output.attributions.items():
             answers[row] = explanation(answers[row], attribution, batch.explained[row])
         for index, parsed in enumerate(batch.requests):
@@ -127,7 +130,7 @@ class DigitHandler(BaseHandler):
             if parsed.error is not None:
                 self.context.set_response_status(http_status(parsed.error), parsed.error.code, index)
         self.record_metrics(batch, answers)
-        return [self.answer_text(index, answer_body(parsed, answers, self.context.model_name, version))
+        return [self.answer_text(index, answer_body(parsed, answers, self.context.model_name, self.model_version))
                 for index, parsed in enumerate(batch.requests)]
 
     def answer_text(self, index: int, body: dict) -> str:

@@ -1,0 +1,178 @@
+"""The front door: nginx's config rendered from serving/nginx.conf.template, its certificate, and
+the calls that check and reload it. `python -m serving.fleet` uses these; the rendering itself is
+a pure function of the fleet's topology and its state (who is out of rotation, the replicas' keys).
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .artifact import MODEL_NAME
+from .properties import read_properties
+from .topology import OPEN_PATHS, WEB_DIR, Fleet, Replica
+
+TEMPLATE = Path(__file__).resolve().with_name("nginx.conf.template")
+NGINX = "/usr/sbin/nginx"
+# A client key becomes a quoted string in nginx's config: nothing that could end the quote.
+CLIENT_KEY_PATTERN = re.compile(r"[A-Za-z0-9._~+/=-]{16,256}")
+ORIGIN_PATTERN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?")
+BLOCK = re.compile(r"\{\{#(\w+)\}\}\n(.*?)\{\{/\1\}\}\n", re.S)
+PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+# TorchServe's own response timeout (config.properties), plus the margin a queued request waits.
+READ_TIMEOUT_MARGIN_S = 30
+
+
+KEEPALIVE_ON = "        keepalive 32;           # reuse connections to the replicas (needs HTTP/1.1 below)"
+# With the key hops, a kept-alive connection to a hop could outlive a reload: its far end stays in
+# an old nginx worker, which goes on sending the replica's old key. A new connection each time.
+KEEPALIVE_OFF = "        # no keepalive: each request reaches a hop of the current config (frontdoor.py)"
+
+
+class FrontDoorError(Exception):
+    """The front door cannot be configured or reloaded; the message says why, in one line."""
+
+
+@dataclass(frozen=True)
+class RotationState:
+    """What the rendered config depends on beyond the topology: the replicas out of rotation,
+    and (token auth on) each replica's current inference key."""
+    down: frozenset[str] = frozenset()
+    inference_keys: dict[str, str] = field(default_factory=dict)
+
+
+def fill(text: str, values: dict[str, object]) -> str:
+    """Every {{NAME}} replaced; FrontDoorError naming any the values lack."""
+    missing = sorted(set(PLACEHOLDER.findall(text)) - set(values))
+    if missing:
+        raise FrontDoorError(f"{TEMPLATE.name}: nothing to fill {', '.join(missing)} with")
+    return PLACEHOLDER.sub(lambda match: str(values[match.group(1)]), text)
+
+
+def read_client_keys(path: Path) -> list[str]:
+    """The allowed client keys, one a line (blank lines and # comments skipped)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as error:
+        raise FrontDoorError(f"cannot read the client key file {path}: {error.strerror}") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    bad = [index + 1 for index, key in enumerate(keys) if not CLIENT_KEY_PATTERN.fullmatch(key)]
+    if bad or not keys:
+        raise FrontDoorError(f"{path}: {'no keys' if not keys else f'key {bad[0]}'}: keys must be 16-256 of "
+                             "A-Z a-z 0-9 . _ ~ + / = -")
+    return keys
+
+
+def check_origins(origins: tuple[str, ...]) -> None:
+    for origin in origins:
+        if not ORIGIN_PATTERN.fullmatch(origin):
+            raise FrontDoorError(f"origin {origin!r} is not scheme://host[:port] (e.g. http://localhost:3000)")
+
+
+def upstream_line(fleet: Fleet, replica: Replica, state: RotationState) -> str:
+    port = replica.ports.key_hop if fleet.token_auth else replica.ports.inference
+    target = f"127.0.0.1:{port}"
+    down = " down" if replica.name in state.down else ""
+    return f"        server {target} max_fails=1 fail_timeout=2s{down};   # {replica.name}"
+
+
+def keyed_replicas(fleet: Fleet, state: RotationState) -> list[dict[str, object]]:
+    """The per-replica hop that adds its key: one per replica with token auth, none without."""
+    if not fleet.token_auth:
+        return []
+    return [{"KEY_HOP_PORT": replica.ports.key_hop, "REPLICA_ADDRESS": f"127.0.0.1:{replica.ports.inference}",
+             "INFERENCE_KEY": state.inference_keys.get(replica.name, "no-key-yet")} for replica in fleet.replicas]
+
+
+def worker_user() -> str:
+    """nginx started as root runs its workers as nobody (its own default, named so it is seen)."""
+    return "user nobody nogroup;" if os.geteuid() == 0 else "# (not root: the workers run as this user)"
+
+
+def render(fleet: Fleet, state: RotationState, template: str | None = None) -> str:
+    """nginx.conf for fleet in state."""
+    door = fleet.front_door
+    check_origins(door.origins)
+    client_keys = read_client_keys(door.api_keys_file) if door.api_keys_file else []
+    timeout_s = int(read_properties(fleet.base_config).get("default_response_timeout", "120"))
+    common = {"READ_TIMEOUT_S": timeout_s + READ_TIMEOUT_MARGIN_S}
+    values = {
+        **common, "USER": worker_user(), "NGINX_DIR": fleet.nginx_dir, "MAX_BODY_BYTES": fleet.max_body_bytes,
+        "RATE_LIMIT": door.rate_limit_per_s, "MODEL": MODEL_NAME,
+        "ORIGINS": "\n".join(f'        "{origin}" "{origin}";' for origin in door.origins),
+        "VARY": "        add_header Vary Origin always;" if door.origins else "",
+        "CLIENT_DEFAULT": 0 if client_keys else 1,
+        "CLIENT_KEYS": "\n".join(f'        "{key}" 1;' for key in client_keys),
+        "UPSTREAM_SERVERS": "\n".join(upstream_line(fleet, replica, state) for replica in fleet.replicas),
+        "ADDRESS": door.address, "HTTP_PORT": door.http_port, "TLS_PORT": door.tls_port,
+        "TLS_CERT": door.tls_cert or fleet.tls_dir / "cert.pem", "TLS_KEY": door.tls_key or fleet.tls_dir / "key.pem",
+        "WEB_DIR": WEB_DIR, "OPEN_PATHS": "^(" + "|".join(re.escape(path) for path in OPEN_PATHS) + ")$",
+        "KEEPALIVE": KEEPALIVE_OFF if fleet.token_auth else KEEPALIVE_ON,
+        "TRIES": len(fleet.replicas) + 1, "NEXT_UPSTREAM_S": timeout_s + READ_TIMEOUT_MARGIN_S,
+    }
+    text = template if template is not None else TEMPLATE.read_text()
+    text = BLOCK.sub(lambda block: "".join(fill(block.group(2), {**common, **item})
+                                           for item in keyed_replicas(fleet, state)), text)
+    return fill(text, values)
+
+
+# --- nginx itself -----------------------------------------------------------------------------
+def config_path(fleet: Fleet) -> Path:
+    return fleet.nginx_dir / "nginx.conf"
+
+
+def nginx_command(fleet: Fleet, *args: str) -> list[str]:
+    return [NGINX, "-p", str(fleet.nginx_dir), "-c", str(config_path(fleet)), *args]
+
+
+def prepare_dirs(fleet: Fleet) -> None:
+    """nginx's temp dirs, writable by its workers (nobody, when started as root)."""
+    for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (fleet.nginx_dir / "tmp" / name).mkdir(parents=True, exist_ok=True)
+    (fleet.nginx_dir / "logs").mkdir(exist_ok=True)   # nginx opens its default error log there first
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        for path in [fleet.nginx_dir / "tmp", *(fleet.nginx_dir / "tmp").iterdir()]:
+            os.chown(path, nobody.pw_uid, nobody.pw_gid)
+
+
+def write_config(fleet: Fleet, state: RotationState) -> Path:
+    """Render, write (private: it may hold the replicas' keys) and check with `nginx -t`."""
+    if shutil.which(NGINX) is None:
+        raise FrontDoorError(f"no nginx at {NGINX}: `make nginx` installs it (apt-get install nginx)")
+    prepare_dirs(fleet)
+    path = config_path(fleet)
+    candidate = path.with_suffix(".new")
+    candidate.touch(mode=0o600)
+    candidate.write_text(render(fleet, state))
+    checked = subprocess.run([NGINX, "-t", "-q", "-p", str(fleet.nginx_dir), "-c", str(candidate)],
+                             capture_output=True, text=True)
+    if checked.returncode != 0:
+        raise FrontDoorError(f"nginx refuses the rendered config {candidate}: {checked.stderr.strip()}")
+    candidate.replace(path)
+    return path
+
+
+def reload(fleet: Fleet) -> None:
+    """Graceful: new workers take the new config, the old ones finish the requests in flight."""
+    reloaded = subprocess.run(nginx_command(fleet, "-s", "reload"), capture_output=True, text=True)
+    if reloaded.returncode != 0:
+        raise FrontDoorError(f"nginx reload failed: {reloaded.stderr.strip()}")
+
+
+def make_certificate(fleet: Fleet) -> None:
+    """A self-signed certificate for 127.0.0.1 and localhost, once (kept across restarts)."""
+    cert, key = fleet.tls_dir / "cert.pem", fleet.tls_dir / "key.pem"
+    if fleet.front_door.tls_cert or (cert.is_file() and key.is_file()):
+        return
+    fleet.tls_dir.mkdir(parents=True, exist_ok=True)
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "365",
+                           "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                           "-keyout", str(key), "-out", str(cert)], capture_output=True, text=True)
+    if made.returncode != 0:
+        raise FrontDoorError(f"openssl could not make a certificate: {made.stderr.strip().splitlines()[-1:]}")
+    key.chmod(0o600)

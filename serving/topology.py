@@ -1,0 +1,193 @@
+"""The fleet's layout in one place: how many replicas, each one's name, ports, run directory and
+config, the front door's ports and the paths it opens. Pure data: `python -m serving.fleet`
+starts and stops processes from it, and other deployments (Kubernetes manifests) read the same
+records. Nothing here starts a process or opens a socket.
+
+    Fleet.plan(replicas=2)   # replica-0: inference 9080, management 9081, ... in .run/fleet/replica-0
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .artifact import ARCHIVE_NAME, MODEL_NAME
+from .properties import read_properties, token_auth_enabled
+
+DEFAULT_REPLICAS = 2
+FLEET_DIR = Path(".run/fleet")
+BASE_CONFIG = Path("config.properties")
+# Replica i listens on REPLICA_BASE_PORT + PORT_STRIDE * i + the offset of each of its ports:
+# clear of config.properties' own 8080-8082 and 7070-7071, so `make serve` can run beside.
+REPLICA_BASE_PORT = 9080
+PORT_STRIDE = 10
+FRONT_ADDRESS = "127.0.0.1"
+FRONT_HTTP_PORT = 8088
+FRONT_TLS_PORT = 8443
+# Requests per second per client address: generous for a person or a page, it only stops floods.
+DEFAULT_RATE_LIMIT = 100
+# What the front door forwards (nginx regexes, anchored); every other path answers 404:
+# management (/models), metrics, workflows (/workflows, /wfpredict), the API description.
+OPEN_PATHS = (f"/predictions/{MODEL_NAME}", f"/explanations/{MODEL_NAME}", f"/v2/models/{MODEL_NAME}/infer")
+# Paths the front door must refuse: what tests try, and what a deployment must not expose.
+CLOSED_PATHS = ("/models", f"/models/{MODEL_NAME}", "/metrics", "/workflows", f"/wfpredict/{MODEL_NAME}",
+                "/api-description", "/ping", f"/v2/models/{MODEL_NAME}", "/token")
+WEB_DIR = Path(__file__).resolve().with_name("web")
+FLEET_FILE = "fleet.json"   # in the fleet's run dir: the plan `start` used, read by the other commands
+
+
+class TopologyError(Exception):
+    """A fleet that cannot be planned as asked; the message says why, in one line."""
+
+
+@dataclass(frozen=True)
+class ReplicaPorts:
+    inference: int
+    management: int
+    metrics: int
+    grpc_inference: int
+    grpc_management: int
+    initial_worker: int   # names its workers' sockets (in the replica's own TMPDIR)
+    # With token auth on, nginx's hop to this replica that adds its key (loopback; see frontdoor.py).
+    key_hop: int
+
+    @classmethod
+    def derived(cls, index: int, base_port: int = REPLICA_BASE_PORT) -> ReplicaPorts:
+        first = base_port + PORT_STRIDE * index
+        return cls(*range(first, first + len(fields(cls))))
+
+
+@dataclass(frozen=True)
+class Replica:
+    name: str
+    ports: ReplicaPorts
+    run_dir: Path      # its config, model store, logs, pid file and key_file.json (its working dir)
+
+    @property
+    def config(self) -> Path:
+        return self.run_dir / "config.properties"
+
+    @property
+    def model_store(self) -> Path:
+        return self.run_dir / "model_store"
+
+    @property
+    def key_file(self) -> Path:
+        return self.run_dir / "key_file.json"
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.inference}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.management}"
+
+    def settings(self, base_config: Path, archive: str = ARCHIVE_NAME) -> dict[str, str]:
+        """What this replica's config.properties changes in the project's config."""
+        settings = {"inference_address": self.inference_url, "management_address": self.management_url,
+                    "metrics_address": f"http://127.0.0.1:{self.ports.metrics}",
+                    "grpc_inference_port": str(self.ports.grpc_inference),
+                    "grpc_management_port": str(self.ports.grpc_management),
+                    "initial_worker_port": str(self.ports.initial_worker),
+                    "model_store": str(self.model_store), "load_models": f"{MODEL_NAME}={archive}",
+                    "workflow_store": str(self.run_dir / "empty-workflow-store"),
+                    # A rollout registers the new archive through the management API. That API
+                    # stays on loopback, behind a key with the production config, closed at the
+                    # front door; allowed_urls=^$ still lets it load files of the model store only.
+                    "enable_model_api": "true"}
+        # CORS stays the project's: nginx hides TorchServe's one origin and sends its own list.
+        metrics_config = read_properties(base_config).get("metrics_config")
+        if metrics_config:   # relative paths resolve from the replica's run dir: anchor it to the repo
+            settings["metrics_config"] = str((base_config.parent / metrics_config).resolve())
+        return settings
+
+    def run_command(self) -> list[str]:
+        """The replica in the foreground (`run` renews its keys too); its working dir is run_dir."""
+        return [sys.executable, "-m", "serving.server", "run", "--config", str(self.config),
+                "--run-dir", str(self.run_dir)]
+
+    def probe_command(self) -> list[str]:
+        """Exit 0 when the replica answers (run it in run_dir, where its key file is)."""
+        return [sys.executable, "-m", "serving.server", "ready", "--config", str(self.config)]
+
+
+@dataclass(frozen=True)
+class FrontDoor:
+    address: str = FRONT_ADDRESS
+    http_port: int = FRONT_HTTP_PORT
+    tls_port: int = FRONT_TLS_PORT
+    rate_limit_per_s: int = DEFAULT_RATE_LIMIT
+    origins: tuple[str, ...] = ()
+    api_keys_file: Path | None = None   # one allowed client key a line; None: no client key asked
+    tls_cert: Path | None = None        # None: a self-signed one is made at first start
+    tls_key: Path | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.address}:{self.http_port}"
+
+    @property
+    def https_url(self) -> str:
+        return f"https://{self.address}:{self.tls_port}"
+
+
+@dataclass(frozen=True)
+class Fleet:
+    run_dir: Path
+    base_config: Path
+    replicas: tuple[Replica, ...]
+    front_door: FrontDoor = field(default_factory=FrontDoor)
+
+    @classmethod
+    def plan(cls, replicas: int = DEFAULT_REPLICAS, run_dir: str | os.PathLike = FLEET_DIR,
+             base_config: str | os.PathLike = BASE_CONFIG, base_port: int = REPLICA_BASE_PORT,
+             replica_ports: list[ReplicaPorts] | None = None, **front_door) -> Fleet:
+        """replicas named replica-0..N-1 on ports derived from base_port (or replica_ports, one
+        record each: tests take free ports); front_door: FrontDoor's fields."""
+        if replicas < 1:
+            raise TopologyError(f"a fleet needs at least one replica, not {replicas}")
+        if replica_ports is not None and len(replica_ports) != replicas:
+            raise TopologyError(f"{len(replica_ports)} port sets for {replicas} replicas")
+        run_dir = Path(run_dir).resolve()
+        ports = replica_ports or [ReplicaPorts.derived(index, base_port) for index in range(replicas)]
+        members = tuple(Replica(f"replica-{index}", ports[index], run_dir / f"replica-{index}")
+                        for index in range(replicas))
+        return cls(run_dir, Path(base_config).resolve(), members, FrontDoor(**front_door))
+
+    @property
+    def token_auth(self) -> bool:
+        return token_auth_enabled(read_properties(self.base_config))
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The replicas' own max_request_size, which the front door enforces first."""
+        return int(read_properties(self.base_config)["max_request_size"])
+
+    @property
+    def nginx_dir(self) -> Path:
+        return self.run_dir / "nginx"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.run_dir / "tls"
+
+    def replica(self, name: str) -> Replica:
+        for replica in self.replicas:
+            if replica.name == name:
+                return replica
+        raise TopologyError(f"no replica {name!r} in this fleet ({', '.join(r.name for r in self.replicas)})")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), default=str, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Fleet:
+        data = json.loads(text)
+        paths = lambda record, keys: {**record, **{key: Path(record[key]) if record[key] else None for key in keys}}
+        replicas = tuple(Replica(r["name"], ReplicaPorts(**r["ports"]), Path(r["run_dir"])) for r in data["replicas"])
+        door = paths(data["front_door"], ("api_keys_file", "tls_cert", "tls_key"))
+        return cls(Path(data["run_dir"]), Path(data["base_config"]), replicas,
+                   FrontDoor(**{**door, "origins": tuple(door["origins"])}))
