@@ -87,8 +87,10 @@ def worker_user() -> str:
     return "user nobody nogroup;" if os.geteuid() == 0 else "# (not root: the workers run as this user)"
 
 
-def render(fleet: Fleet, state: RotationState, template: str | None = None) -> str:
-    """nginx.conf for fleet in state."""
+def render(fleet: Fleet, state: RotationState, template: str | None = None,
+           overrides: dict[str, object] | None = None) -> str:
+    """nginx.conf for fleet in state. overrides: placeholders another deployment fills itself
+    (deploy/manifests.py: a Kubernetes Service as the upstream, the image's paths and user)."""
     door = fleet.front_door
     check_origins(door.origins)
     client_keys = read_client_keys(door.api_keys_file) if door.api_keys_file else []
@@ -106,6 +108,7 @@ def render(fleet: Fleet, state: RotationState, template: str | None = None) -> s
         "TLS_CERT": door.tls_cert or fleet.tls_dir / "cert.pem", "TLS_KEY": door.tls_key or fleet.tls_dir / "key.pem",
         "WEB_DIR": WEB_DIR, "OPEN_PATHS": "^(" + "|".join(re.escape(path) for path in OPEN_PATHS) + ")$",
         "TRIES": len(fleet.replicas) + 1, "NEXT_UPSTREAM_S": timeout_s + READ_TIMEOUT_MARGIN_S,
+        **(overrides or {}),
     }
     text = template if template is not None else TEMPLATE.read_text()
     text = BLOCK.sub(lambda block: "".join(fill(block.group(2), {**common, **item})
