@@ -1,0 +1,348 @@
+"""deploy/kubernetes: schema-valid for a pinned Kubernetes, what the generator writes, and one with
+the fleet (serving/topology.py, serving/frontdoor.py) in every probe command, port and path.
+Fast tier: no cluster, no server, no image build (Docker has no daemon here: the Dockerfile is read,
+not built)."""
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
+
+import kubernetes_validate
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from deploy import manifests as gen
+from serving.artifact import ARCHIVE_NAME
+from serving.frontdoor import RotationState, render
+from serving.properties import read_properties
+from serving.topology import Fleet, FrontDoor, ReplicaPorts
+
+from repo import REPO_ROOT
+
+KUBERNETES_VERSION = "1.33.0"   # the one version the manifests are checked against (strict: no unknown fields)
+MANIFEST_DIR = REPO_ROOT / "deploy" / "kubernetes"
+DOC = REPO_ROOT / "docs" / "kubernetes.md"
+DOCKERFILE = REPO_ROOT / "deploy" / "Dockerfile"
+
+
+def load_all() -> dict[str, list[dict]]:
+    return {path.name: list(yaml.safe_load_all(path.read_text())) for path in sorted(MANIFEST_DIR.glob("*.yaml"))}
+
+
+def objects(files: dict[str, list[dict]]) -> dict[tuple[str, str], dict]:
+    """(kind, name) -> object, over every file."""
+    return {(doc["kind"], doc["metadata"]["name"]): doc for docs in files.values() for doc in docs}
+
+
+@pytest.fixture
+def cluster() -> dict[tuple[str, str], dict]:
+    return objects(load_all())
+
+
+def pod_spec(cluster: dict, name: str) -> dict:
+    return cluster[("Deployment", name)]["spec"]["template"]["spec"]
+
+
+def container(cluster: dict, name: str) -> dict:
+    (only,) = pod_spec(cluster, name)["containers"]
+    return only
+
+
+def container_port(cluster: dict, deployment: str, name: str) -> int:
+    return next(port["containerPort"] for port in container(cluster, deployment)["ports"] if port["name"] == name)
+
+
+def configmap_file(cluster: dict, deployment: str, volume_name: str) -> tuple[PurePosixPath, str]:
+    """Where the deployment's container sees its ConfigMap volume's one file, and the file's text."""
+    pod = pod_spec(cluster, deployment)
+    volume = next(v for v in pod["volumes"] if v["name"] == volume_name)
+    ((key, text),) = cluster[("ConfigMap", volume["configMap"]["name"])]["data"].items()
+    mount = next(m for m in container(cluster, deployment)["volumeMounts"] if m["name"] == volume_name)
+    path = PurePosixPath(mount["mountPath"])
+    return (path if mount.get("subPath") == key else path / key), text
+
+
+def properties_of(text: str, tmp_path: Path) -> dict:
+    path = tmp_path / "config.properties"
+    path.write_text(text)
+    return read_properties(path)
+
+
+def open_paths_line(nginx_text: str) -> str:
+    return re.search(r"^\s*location ~ (.+) \{$", nginx_text, re.M).group(1)
+
+
+def fleet_mismatches(cluster: dict, tmp_path: Path) -> list[str]:
+    """Every probe command, port and path of the manifests that differs from what the fleet uses.
+    The expected values come from serving/topology.py and serving/frontdoor.py, never typed here."""
+    found = []
+    fleet = Fleet.plan(1, run_dir=tmp_path / "fleet")
+    replica, door = fleet.replicas[0], FrontDoor()
+    torchserve = container(cluster, gen.REPLICA)
+    config_path, config_text = configmap_file(cluster, gen.REPLICA, "config")
+    properties = properties_of(config_text, tmp_path)
+
+    # The commands: the fleet's, with the pod's config and run dir in place of the fleet's.
+    def as_fleet(command: list[str]) -> list[str]:
+        swapped = {str(config_path): str(replica.config), torchserve.get("workingDir"): str(replica.run_dir)}
+        return [swapped.get(part, part) for part in command[1:]]
+
+    for probe in ("readinessProbe", "startupProbe"):
+        command = torchserve[probe]["exec"]["command"]
+        if as_fleet(command) != replica.probe_command()[1:]:
+            found.append(f"{probe} runs {command}, the fleet probes with {replica.probe_command()[1:]}")
+    if as_fleet(torchserve["command"]) != replica.run_command()[1:]:
+        found.append(f"the replica runs {torchserve['command']}, the fleet {replica.run_command()[1:]}")
+
+    # Ports: the fleet's replica-0 ports, in the container, the config it reads, the Service and the policy.
+    for api in ("inference", "management", "metrics"):
+        expected = getattr(ReplicaPorts.derived(0), api)
+        if container_port(cluster, gen.REPLICA, api) != expected:
+            found.append(f"containerPort {api} is not the fleet's {expected}")
+        if urlsplit(properties[f"{api}_address"]).port != expected:
+            found.append(f"{api}_address in the ConfigMap is not on the fleet's port {expected}")
+    service_ports = cluster[("Service", gen.INFERENCE_SERVICE)]["spec"]["ports"]
+    if [(p["port"], p["targetPort"]) for p in service_ports] != [(replica.ports.inference, "inference")]:
+        found.append(f"the inference Service's ports {service_ports} are not inference alone")
+    liveness = torchserve["livenessProbe"]["httpGet"]["port"]
+    if liveness not in {port["name"] for port in torchserve["ports"]}:
+        found.append(f"the liveness probe's port {liveness} is no port of the container")
+
+    # The front door: the fleet's ports and open paths; its upstream is the inference Service.
+    nginx = container(cluster, gen.FRONTDOOR)
+    nginx_path, nginx_text = configmap_file(cluster, gen.FRONTDOOR, "config")
+    ports = {port["name"]: port["containerPort"] for port in nginx["ports"]}
+    if ports != {"http": door.http_port, "https": door.tls_port}:
+        found.append(f"the front door's container ports {ports} are not the fleet's")
+    listens = set(re.findall(r"^\s*listen [\d.]+:(\d+)", nginx_text, re.M))
+    if listens != {str(door.http_port), str(door.tls_port)}:
+        found.append(f"nginx listens on {listens}, the fleet's front door on {door.http_port}, {door.tls_port}")
+    fleet_paths = open_paths_line(render(fleet, RotationState()))
+    if open_paths_line(nginx_text) != fleet_paths:
+        found.append(f"the front door opens {open_paths_line(nginx_text)}, the fleet {fleet_paths}")
+    upstream = re.findall(r"^\s*server ([\w.-]+):(\d+)", nginx_text, re.M)
+    if upstream != [(gen.INFERENCE_SERVICE, str(replica.ports.inference))]:
+        found.append(f"nginx's upstream {upstream} is not the inference Service on the inference port")
+    if nginx["command"][-4:-2] != ["-c", str(nginx_path)]:
+        found.append(f"nginx reads {nginx['command'][-4:-2]}, its ConfigMap is at {nginx_path}")
+    return found
+
+
+# --- schemas -------------------------------------------------------------------------------------
+def test_every_manifest_validates_against_the_pinned_kubernetes_strictly():
+    files = load_all()
+    assert {doc["kind"] for docs in files.values() for doc in docs} >= {
+        "Deployment", "Service", "ConfigMap", "NetworkPolicy", "HorizontalPodAutoscaler"}
+    for name, docs in files.items():
+        for doc in docs:
+            assert kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True) == "1.33", name
+
+
+def test_the_validator_really_refuses_an_unknown_field():
+    """Strict means strict: a misspelt field (readinesProbe) is an error, not ignored."""
+    deployment = copy.deepcopy(objects(load_all())[("Deployment", gen.REPLICA)])
+    torchserve = deployment["spec"]["template"]["spec"]["containers"][0]
+    torchserve["readinesProbe"] = torchserve.pop("readinessProbe")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+
+
+# --- the generator -------------------------------------------------------------------------------
+def test_committed_manifests_are_what_the_generator_writes():
+    assert gen.differences() == [], "run `make manifests` (python -m deploy.manifests) and commit deploy/kubernetes"
+
+
+def test_check_exits_non_zero_naming_a_file_that_drifted(tmp_path):
+    copied = tmp_path / "kubernetes"
+    shutil.copytree(MANIFEST_DIR, copied)
+    assert CliRunner().invoke(gen.main, ["--check", "--out-dir", str(copied)]).exit_code == 0
+    hpa = copied / "hpa.yaml"
+    hpa.write_text(hpa.read_text().replace("maxReplicas: ", "maxReplicas: 1"))
+    result = CliRunner().invoke(gen.main, ["--check", "--out-dir", str(copied)])
+    assert result.exit_code == 1 and "hpa.yaml: differs" in result.output, result.output
+
+
+# --- one topology ----------------------------------------------------------------------------------
+def test_probe_commands_ports_and_paths_are_the_fleets(cluster, tmp_path):
+    assert fleet_mismatches(cluster, tmp_path) == []
+
+
+def swap(command: list[str], old: str, new: str) -> None:
+    command[command.index(old)] = new
+
+
+MUTATIONS = {
+    "readiness probe runs another command": lambda c: swap(
+        container(c, gen.REPLICA)["readinessProbe"]["exec"]["command"], "ready", "start"),
+    "startup probe reads another config": lambda c: swap(
+        container(c, gen.REPLICA)["startupProbe"]["exec"]["command"], str(gen.POD_REPLICA.config), "/etc/other.properties"),
+    "run dir is not the working dir": lambda c: container(c, gen.REPLICA).update(workingDir="/srv/elsewhere"),
+    "inference containerPort": lambda c: container(c, gen.REPLICA)["ports"][0].update(containerPort=8080),
+    "metrics address in the ConfigMap": lambda c: c[("ConfigMap", f"{gen.REPLICA}-config")]["data"].update(
+        {"config.properties": c[("ConfigMap", f"{gen.REPLICA}-config")]["data"]["config.properties"].replace(
+            f":{ReplicaPorts.derived(0).metrics}", ":8082")}),
+    "management port in the Service": lambda c: c[("Service", gen.INFERENCE_SERVICE)]["spec"]["ports"].append(
+        {"name": "management", "port": 9081, "targetPort": "management"}),
+    "front door listens elsewhere": lambda c: container(c, gen.FRONTDOOR)["ports"][0].update(containerPort=80),
+    "front door opens /metrics": lambda c: c[("ConfigMap", f"{gen.FRONTDOOR}-config")]["data"].update(
+        {"nginx.conf": c[("ConfigMap", f"{gen.FRONTDOOR}-config")]["data"]["nginx.conf"].replace(
+            "/infer)$", "/infer|/metrics)$")}),
+}
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS, ids=list(MUTATIONS))
+def test_a_value_that_parts_from_the_fleet_is_found(cluster, tmp_path, mutation):
+    """The check above can fail: each value changed in a copy of the manifests is reported."""
+    mutated = copy.deepcopy(cluster)
+    MUTATIONS[mutation](mutated)
+    assert fleet_mismatches(mutated, tmp_path) != []
+
+
+# --- security ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("deployment", [gen.REPLICA, gen.FRONTDOOR])
+def test_pods_run_non_root_on_a_read_only_root_with_writable_empty_dirs(cluster, deployment):
+    pod = pod_spec(cluster, deployment)
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    (box,) = pod["containers"]
+    context = box["securityContext"]
+    assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"] == {"drop": ["ALL"]} and context["runAsNonRoot"] is True
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    writable = {mount["mountPath"] for mount in box["volumeMounts"]
+                if not mount.get("readOnly") and "emptyDir" in volumes[mount["name"]]}
+    assert not {mount["mountPath"] for mount in box["volumeMounts"] if not mount.get("readOnly")} - writable
+    if deployment == gen.REPLICA:   # where TorchServe writes: its run dir (pid, logs, unpacked model), /tmp
+        assert {box["workingDir"], str(gen.TMP_DIR)} <= writable
+        properties_text = cluster[("ConfigMap", f"{gen.REPLICA}-config")]["data"]["config.properties"]
+        assert f"workflow_store={gen.RUN_DIR}/" in properties_text
+    else:                           # nginx: its run dir (pid, access log) and its temp files
+        nginx_dir = box["command"][box["command"].index("-p") + 1]
+        assert {nginx_dir, f"{nginx_dir}/tmp"} <= writable
+
+
+def test_no_secret_material_is_committed(cluster):
+    """Keys come from a Secret made in the cluster (docs/kubernetes.md), never from these files."""
+    assert not [key for key in cluster if key[0] == "Secret"]
+    tls = next(v for v in pod_spec(cluster, gen.FRONTDOOR)["volumes"] if v["name"] == "tls")
+    assert tls["secret"]["secretName"] == gen.TLS_SECRET
+    assert "BEGIN" not in "".join(path.read_text() for path in MANIFEST_DIR.glob("*.yaml"))
+
+
+def ports_open_outside_namespace(policy: dict) -> set:
+    """Ports of the policy's pods that a pod of another namespace (or any address) may reach."""
+    opened = set()
+    for rule in policy["spec"].get("ingress", []):
+        peers = rule.get("from")
+        outside = peers is None or any("namespaceSelector" in peer or "ipBlock" in peer for peer in peers)
+        if outside:
+            opened |= {port["port"] for port in rule.get("ports", [])} or {"every port"}
+    return opened
+
+
+def test_management_and_metrics_stay_inside_the_namespace(cluster):
+    policy = cluster[("NetworkPolicy", gen.REPLICA)]
+    labels = cluster[("Deployment", gen.REPLICA)]["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    management = container_port(cluster, gen.REPLICA, "management")
+    metrics = container_port(cluster, gen.REPLICA, "metrics")
+    assert ports_open_outside_namespace(policy) == set()
+    inference_rules = [rule for rule in policy["spec"]["ingress"]
+                       if container_port(cluster, gen.REPLICA, "inference") in {p["port"] for p in rule["ports"]}]
+    door_labels = cluster[("Deployment", gen.FRONTDOOR)]["spec"]["template"]["metadata"]["labels"]
+    assert [rule["from"] for rule in inference_rules] == [[{"podSelector": {"matchLabels": door_labels}}]]
+    in_namespace = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert {management, metrics} <= in_namespace
+
+    opened = copy.deepcopy(policy)   # the check can fail: one namespaceSelector opens them
+    opened["spec"]["ingress"][1]["from"].append({"namespaceSelector": {}})
+    assert {management, metrics} <= ports_open_outside_namespace(opened)
+
+
+# --- scaling and resources -------------------------------------------------------------------------
+def test_autoscaler_scales_on_a_request_rate_that_the_adapter_rule_serves(cluster):
+    hpa = cluster[("HorizontalPodAutoscaler", gen.REPLICA)]["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": gen.REPLICA}
+    (metric,) = hpa["metrics"]
+    assert metric["type"] in ("Pods", "Object", "External") and metric["pods"]["target"]["type"] == "AverageValue"
+    rule = gen.adapter_rule()
+    assert metric["pods"]["metric"]["name"] == rule["name"]["as"]
+    counter = re.fullmatch(r"\^(\w+)\$", rule["name"]["matches"]).group(1)
+    assert re.search(rf"\brate\(<<\.Series>>\{{<<\.LabelMatchers>>\}}\[\d+m\]\)", rule["metricsQuery"])
+    declared = yaml.safe_load((REPO_ROOT / "serving" / "metrics.yaml").read_text())["ts_metrics"]["counter"]
+    assert counter in {entry["name"] for entry in declared}   # TorchServe exports it in prometheus mode
+
+
+def test_the_docs_show_the_adapter_rule_the_autoscaler_needs():
+    blocks = re.findall(r"```yaml\n(.*?)```", DOC.read_text(), re.S)
+    rules = [yaml.safe_load(block) for block in blocks if "seriesQuery" in block]
+    assert rules and rules[0]["rules"] == [gen.adapter_rule()]
+    assert f"schema-checked against Kubernetes {KUBERNETES_VERSION.rsplit('.', 1)[0]}" in DOC.read_text()
+
+
+def test_memory_is_the_measured_footprint_with_headroom(cluster):
+    resources = container(cluster, gen.REPLICA)["resources"]
+    memory = gen.measured_memory()
+    request = int(resources["requests"]["memory"].removesuffix("Mi"))
+    limit = int(resources["limits"]["memory"].removesuffix("Mi"))
+    assert memory.measured_mib <= request < memory.measured_mib + gen.MEMORY_STEP_MIB
+    assert request * gen.HEADROOM <= limit < request * gen.HEADROOM + gen.MEMORY_STEP_MIB
+
+
+# --- the image -------------------------------------------------------------------------------------
+def instructions(dockerfile: str) -> list[tuple[str, str]]:
+    joined = re.sub(r"\\\n\s*", " ", dockerfile)
+    return [tuple(line.split(None, 1)) for line in joined.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_the_dockerfile_builds_what_the_manifests_run(cluster):
+    """Read, not built: no Docker daemon here."""
+    steps = instructions(DOCKERFILE.read_text())
+    text = " ".join(f"{op} {args}" for op, args in steps)
+    pins = {re.split(r"[=<>]", dep)[0]: dep for dep in tomllib.loads(
+        (REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    assert pins["torch"] in text and pins["torchvision"] in text   # the pins of pyproject.toml, CPU wheels
+    assert ("WORKDIR", str(gen.APP_DIR)) in steps
+    archive = f"{gen.IMAGE_MODEL_STORE.relative_to(gen.APP_DIR)}/{ARCHIVE_NAME}"
+    assert ("COPY", f"model_store/{ARCHIVE_NAME} {archive}") in steps   # what `make archive` wrote
+    assert ("USER", f"{gen.USER_ID}:{gen.USER_ID}") in steps and f"--uid {gen.USER_ID}" in text
+    assert pod_spec(cluster, gen.REPLICA)["securityContext"]["runAsUser"] == gen.USER_ID
+    cmd = yaml.safe_load(dict(steps)["CMD"])
+    assert cmd == container(cluster, gen.REPLICA)["command"]
+    made = re.search(r"mkdir -p ([^&]*)&& chown -R \S+ ([^&]*)", text)   # the mount points, the user's
+    assert {str(gen.RUN_DIR), str(gen.FRONTDOOR_DIR / "nginx" / "tmp")} <= set(made.group(1).split())
+    assert {str(gen.RUN_DIR), str(gen.FRONTDOOR_DIR)} <= set(made.group(2).split())
+    exposed = {int(port) for port in dict(steps)["EXPOSE"].split()}
+    assert exposed == {*(p["containerPort"] for p in container(cluster, gen.REPLICA)["ports"]),
+                       *(p["containerPort"] for p in container(cluster, gen.FRONTDOOR)["ports"])}
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None or not Path("/usr/sbin/nginx").exists(),
+                    reason="needs nginx and openssl (make system)")
+def test_nginx_accepts_the_front_doors_config_in_the_pods_layout(cluster, tmp_path):
+    """`nginx -t` on the ConfigMap's config, with the pod's directories moved under tmp_path and the
+    Service's name (which only the cluster resolves) replaced by loopback."""
+    _, text = configmap_file(cluster, gen.FRONTDOOR, "config")
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=t",
+                           "-keyout", str(tls / "tls.key"), "-out", str(tls / "tls.crt")], capture_output=True)
+    assert made.returncode == 0
+    nginx_dir = tmp_path / "frontdoor" / "nginx"
+    (nginx_dir / "tmp").mkdir(parents=True)   # the pod's two emptyDirs
+    for old, new in {str(gen.FRONTDOOR_DIR): str(tmp_path / "frontdoor"), str(gen.TLS_DIR): str(tls),
+                     f"{gen.INFERENCE_SERVICE}:": "127.0.0.1:", str(gen.APP_DIR): str(REPO_ROOT)}.items():
+        text = text.replace(old, new)
+    (nginx_dir / "nginx.conf").write_text(text)
+    checked = subprocess.run(["/usr/sbin/nginx", "-t", "-p", str(nginx_dir), "-c", str(nginx_dir / "nginx.conf")],
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    assert {path.name for path in (nginx_dir / "tmp").iterdir()} >= {"body", "proxy"}   # nginx made them itself
