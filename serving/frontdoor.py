@@ -27,6 +27,12 @@ PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 READ_TIMEOUT_MARGIN_S = 30
 
 
+KEEPALIVE_ON = "        keepalive 32;           # reuse connections to the replicas (needs HTTP/1.1 below)"
+# With the key hops, a kept-alive connection to a hop could outlive a reload: its far end stays in
+# an old nginx worker, which goes on sending the replica's old key. A new connection each time.
+KEEPALIVE_OFF = "        # no keepalive: each request reaches a hop of the current config (frontdoor.py)"
+
+
 class FrontDoorError(Exception):
     """The front door cannot be configured or reloaded; the message says why, in one line."""
 
@@ -107,6 +113,7 @@ def render(fleet: Fleet, state: RotationState, template: str | None = None,
         "ADDRESS": door.address, "HTTP_PORT": door.http_port, "TLS_PORT": door.tls_port,
         "TLS_CERT": door.tls_cert or fleet.tls_dir / "cert.pem", "TLS_KEY": door.tls_key or fleet.tls_dir / "key.pem",
         "WEB_DIR": WEB_DIR, "OPEN_PATHS": "^(" + "|".join(re.escape(path) for path in OPEN_PATHS) + ")$",
+        "KEEPALIVE": KEEPALIVE_OFF if fleet.token_auth else KEEPALIVE_ON,
         "TRIES": len(fleet.replicas) + 1, "NEXT_UPSTREAM_S": timeout_s + READ_TIMEOUT_MARGIN_S,
         **(overrides or {}),
     }
