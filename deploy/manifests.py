@@ -1,9 +1,9 @@
 """Kubernetes manifests for the serving side, generated from the fleet's one topology.
 
     python -m deploy.manifests            # `make manifests`
-    wrote 9 manifests to deploy/kubernetes
+    wrote 8 manifests to /path/to/repo/deploy/kubernetes
     python -m deploy.manifests --check    # exit 1 naming each file that differs from what this writes
-    deploy/kubernetes matches serving/topology.py
+    /path/to/repo/deploy/kubernetes matches serving/topology.py
 
 Ports, paths and the probe command are serving/topology.py's (replica-0's ports: each pod has a
 network of its own, so every pod is a replica-0), nginx's config is serving/frontdoor.py's
@@ -60,7 +60,7 @@ PORTS = ReplicaPorts.derived(0)
 POD_REPLICA = Replica(REPLICA, PORTS, Path(RUN_DIR))
 BIND_ALL = "0.0.0.0"   # a pod's APIs listen on its own address; the NetworkPolicy says who may connect
 
-# The request-rate metric the HPA scales on, served by prometheus-adapter (ADAPTER_RULE).
+# The request-rate metric the HPA scales on, served by prometheus-adapter (adapter_rule).
 RATE_METRIC = "digitserve_requests_per_second"
 COUNTER = "ts_inference_requests_total"   # TorchServe 0.12's counter, declared in serving/metrics.yaml
 RATE_WINDOW = "2m"
@@ -110,7 +110,7 @@ def replica_settings() -> dict[str, str]:
             "grpc_management_port": str(PORTS.grpc_management),
             "initial_worker_port": str(PORTS.initial_worker),
             "model_store": str(IMAGE_MODEL_STORE), "load_models": f"{MODEL_NAME}={ARCHIVE_NAME}",
-            "workflow_store": str(RUN_DIR / "empty-workflow-store"),
+            "workflow_store": str(POD_REPLICA.run_dir / "empty-workflow-store"),
             "metrics_config": str(APP_DIR / read_properties(BASE_CONFIG)["metrics_config"]),
             # nginx owns CORS, as in the fleet: TorchServe's single origin would be hidden anyway.
             "cors_allowed_origin": ""}
@@ -165,7 +165,8 @@ def round_up(mib: float) -> int:
     return math.ceil(mib / MEMORY_STEP_MIB) * MEMORY_STEP_MIB
 
 
-def measured_memory(footprint: Path = FOOTPRINT) -> Memory:
+def measured_memory(footprint: Path | None = None) -> Memory:
+    footprint = footprint or FOOTPRINT
     try:
         record = json.loads(footprint.read_text())
         measured = record["peak_rss_mib"]["pod"] + record["ready_probe_rss_mib"]
@@ -434,8 +435,8 @@ def rendered() -> dict[str, str]:
 
 
 def write(out_dir: Path = OUT_DIR) -> list[Path]:
+    files = rendered()   # first: a failure writes nothing
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = rendered()
     for stale in set(path.name for path in out_dir.glob("*.yaml")) - set(files):
         (out_dir / stale).unlink()
     for name, text in files.items():

@@ -346,3 +346,11 @@ def test_nginx_accepts_the_front_doors_config_in_the_pods_layout(cluster, tmp_pa
                              capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
     assert {path.name for path in (nginx_dir / "tmp").iterdir()} >= {"body", "proxy"}   # nginx made them itself
+
+
+def test_without_a_footprint_the_generator_says_so_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(gen, "FOOTPRINT", tmp_path / "footprint.json")
+    result = CliRunner().invoke(gen.main, ["--out-dir", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "run `python -m benchmarks.footprint`" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())   # nothing half-written
