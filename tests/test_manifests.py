@@ -1,13 +1,16 @@
 """deploy/kubernetes: schema-valid for a pinned Kubernetes, what the generator writes, and one with
 the fleet (serving/topology.py, serving/frontdoor.py) in every probe command, port and path.
-Fast tier: no cluster, no server, no image build (Docker has no daemon here: the Dockerfile is read,
-not built)."""
+All but one are fast: no cluster, no server, no image build (Docker has no daemon here: the
+Dockerfile is read, not built). The one slow test runs the replica with the ConfigMap's config on a
+read-only filesystem, as the pod would (root only: it needs a mount namespace)."""
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
@@ -18,12 +21,13 @@ import yaml
 from click.testing import CliRunner
 
 from deploy import manifests as gen
-from serving.artifact import ARCHIVE_NAME
+from serving.archive import build_archive
+from serving.artifact import ARCHIVE_NAME, TORCHSCRIPT_NAME
 from serving.frontdoor import RotationState, render
-from serving.properties import read_properties
+from serving.properties import free_ports, read_properties, set_properties
 from serving.topology import Fleet, FrontDoor, ReplicaPorts
 
-from repo import REPO_ROOT
+from repo import REPO_ROOT, subprocess_env
 
 KUBERNETES_VERSION = "1.33.0"   # the one version the manifests are checked against (strict: no unknown fields)
 MANIFEST_DIR = REPO_ROOT / "deploy" / "kubernetes"
@@ -354,3 +358,86 @@ def test_without_a_footprint_the_generator_says_so_in_one_line(tmp_path, monkeyp
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert "run `python -m benchmarks.footprint`" in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())   # nothing half-written
+
+
+# --- the pod's filesystem, for real ------------------------------------------------------------------
+# Inside a mount namespace of its own, every top-level directory but /tmp (the pod's /tmp emptyDir),
+# /dev, /proc and /sys is bound read-only onto itself: what a read-only root filesystem does to a writer.
+READ_ONLY_SETUP = r"""
+set -e
+for top in /*; do
+  case "$top" in /tmp|/dev|/proc|/sys) continue;; esac
+  [ -d "$top" ] && [ ! -L "$top" ] || continue
+  mount --rbind "$top" "$top"
+  findmnt -R -n -o TARGET "$top" | while read -r target; do mount -o remount,bind,ro "$target" 2>/dev/null || true; done
+done
+exec "$@"
+"""
+# Runs in there: the replica as the pod runs it, the pod's probe, a prediction, then SIGTERM.
+POD_DRIVER = r"""
+import json, subprocess, sys
+from pathlib import Path
+from serving.readiness import check_ready, probe_once, retry
+from serving.topology import Replica, ReplicaPorts
+run_dir, inference = Path(sys.argv[1]), sys.argv[2]
+written = Path(sys.argv[3])   # somewhere read-only: writing it must fail
+try:
+    written.write_text("x")
+    read_only = False
+except OSError:
+    read_only = True
+replica = Replica("pod", ReplicaPorts.derived(0), run_dir)
+server = subprocess.Popen(replica.run_command(), cwd=run_dir, stdout=open(run_dir / "run.out", "wb"),
+                          stderr=subprocess.STDOUT)
+try:
+    ready = retry(lambda: check_ready(replica.config, run_dir), 240)
+    probe = subprocess.run(replica.probe_command(), cwd=run_dir, capture_output=True, text=True)
+    answer = probe_once(inference)
+finally:
+    server.terminate()
+    status = server.wait(60)
+print(json.dumps({"read_only": read_only, "ready": ready, "probe_rc": probe.returncode, "digit": answer["digit"],
+                  "exit": status}))
+"""
+
+
+def can_make_mount_namespaces() -> str | None:
+    """Why the pod's filesystem cannot be imitated here, or None."""
+    if shutil.which("unshare") is None or shutil.which("java") is None:
+        return "needs unshare and Java"
+    if subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True).returncode != 0:
+        return "cannot make a mount namespace (needs root, as CI is)"
+    return None
+
+
+@pytest.mark.server
+@pytest.mark.skipif(can_make_mount_namespaces() is not None, reason=str(can_make_mount_namespaces()))
+def test_the_replica_serves_from_a_read_only_root_as_the_pod_does(cluster, exported, tmp_path):
+    """The ConfigMap's config, run and probed with the pod's commands, with everything read-only but
+    the run dir and /tmp: TorchServe, its workers and the probe need no other place to write.
+    The only changes to the config: the image's paths, and free loopback ports for the pod's."""
+
+    model_store = tmp_path / "model_store"
+    build_archive(exported / TORCHSCRIPT_NAME, model_store, force=True)
+    run_dir = tmp_path / "replica"
+    run_dir.mkdir()
+    _, text = configmap_file(cluster, gen.REPLICA, "config")
+    for old, new in {str(gen.IMAGE_MODEL_STORE): str(model_store), str(gen.APP_DIR): str(REPO_ROOT),
+                     str(gen.RUN_DIR): str(run_dir)}.items():
+        text = text.replace(old, new)
+    ports = free_ports(6)
+    loopback = {f"{api}_address": f"http://127.0.0.1:{port}"
+                for api, port in zip(("inference", "management", "metrics"), ports)}
+    loopback |= dict(zip(("grpc_inference_port", "grpc_management_port", "initial_worker_port"), map(str, ports[3:])))
+    (run_dir / "config.properties").write_text(set_properties(text, loopback))
+    command = ["unshare", "-m", "--propagation", "private", "bash", "-c", READ_ONLY_SETUP, "bash",
+               sys.executable, "-c", POD_DRIVER, str(run_dir),
+               loopback["inference_address"], str(REPO_ROOT / "read-only-check")]
+    # HOME on the writable side, as the image sets it to its /tmp emptyDir (ONNX Runtime writes ~/.cache).
+    env = subprocess_env(HOME=str(tmp_path), PYTHONDONTWRITEBYTECODE="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)
+    assert result.returncode == 0, result.stderr[-2000:] + (run_dir / "run.out").read_text()[-2000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["read_only"] and not (REPO_ROOT / "read-only-check").exists()
+    assert outcome["ready"].startswith("ready: mnist") and outcome["probe_rc"] == 0
+    assert outcome["digit"] == 1 and outcome["exit"] == 0   # the probe image is a drawn 1; SIGTERM: a clean stop
