@@ -18,6 +18,15 @@ MAR         := $(MODEL_STORE)/mnist.mar
 SERVE_STAMP := $(MODEL_STORE)/.serve_model
 SERVE_MODEL ?= $(or $(shell cat $(SERVE_STAMP) 2>/dev/null),$(TORCHSCRIPT))
 RUN_DIR     := .run/torchserve
+# `make fleet`: REPLICAS TorchServe replicas under supervisord behind nginx (serving/topology.py).
+FLEET_DIR   := .run/fleet
+REPLICAS    ?= 2
+FLEET_ORIGINS    ?=
+FLEET_RATE_LIMIT ?= 100
+FLEET_CONFIG     ?= config.properties
+# Optional: FLEET_TLS_CERT/FLEET_TLS_KEY (else a self-signed pair is made), FLEET_API_KEYS (a file of client keys).
+FLEET_ENV   = FLEET_ORIGINS='$(FLEET_ORIGINS)' FLEET_RATE_LIMIT=$(FLEET_RATE_LIMIT) FLEET_TLS_CERT='$(FLEET_TLS_CERT)' \
+              FLEET_TLS_KEY='$(FLEET_TLS_KEY)' FLEET_API_KEYS='$(FLEET_API_KEYS)'
 DEMO_DIR    := .run/demo
 CHROMIUM    := /usr/bin/chromium
 SAMPLES     := samples
@@ -32,7 +41,7 @@ IMG         ?= $(SAMPLES)/digit_7.png
 DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 .DEFAULT_GOAL := help
-.PHONY: help install system java browser prometheus data train export archive serve demo stop predict samples test screenshot reliability bench manifests clean FORCE
+.PHONY: help install system java browser prometheus nginx fleet fleet-stop data train export archive serve demo stop predict samples test screenshot reliability bench manifests clean FORCE
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,7 +56,7 @@ $(INSTALLED): pyproject.toml
 	grep -q '^# digitserve: a plain' $(BIN)/activate || sed 's|@CONFIG@|$(CURDIR)/config.properties|' serving/activate.sh >> $(BIN)/activate
 	touch $@
 
-system: java browser prometheus ## System packages the tests need (apt-get, only what is missing)
+system: java browser prometheus nginx ## System packages the tests need (apt-get, only what is missing)
 
 java: ## Install Java 17 (TorchServe needs it) with apt-get when missing
 	@major=$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n1); \
@@ -69,6 +78,13 @@ prometheus: ## Install Prometheus (the metrics tests scrape the server with it) 
 	  echo "installing prometheus for the metrics tests"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus \
 	    || { echo "install Prometheus (apt-get install prometheus) and rerun"; exit 1; }; \
+	fi
+
+nginx: ## Install nginx (the fleet's front door; the fleet tests start it) with apt-get when missing
+	@if [ ! -x /usr/sbin/nginx ]; then \
+	  echo "installing nginx for the fleet's front door"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nginx \
+	    || { echo "install nginx (apt-get install nginx) and rerun"; exit 1; }; \
 	fi
 
 data: $(INSTALLED) ## Check MNIST is readable (DATA_DIR) or download it into ./data
@@ -116,6 +132,13 @@ serve: java $(MAR) $(SAMPLES)/digit_9.png ## Everything above as needed, then st
 
 demo: serve ## `make serve`, then the draw-a-digit page on http://127.0.0.1:8000 (serving/web/index.html)
 	$(BIN)/python -m serving.demo start --config config.properties --run-dir $(DEMO_DIR)
+
+fleet: java nginx $(MAR) $(SAMPLES)/digit_9.png ## `make serve`'s build, then REPLICAS servers behind nginx on :8088 and :8443 (TLS)
+	$(FLEET_ENV) $(BIN)/python -m serving.fleet start \
+	    --archive $(MAR) --replicas $(REPLICAS) --config $(FLEET_CONFIG) --run-dir $(FLEET_DIR)
+
+fleet-stop: ## Stop everything `make fleet` started (replicas, nginx, supervisord)
+	$(BIN)/python -m serving.fleet stop --run-dir $(FLEET_DIR)
 
 config.production.properties: config.properties serving/properties.py | $(INSTALLED) ## Derive the token-auth config from config.properties
 	$(BIN)/python -m serving.properties production-config --base config.properties > $@

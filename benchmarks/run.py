@@ -27,7 +27,7 @@ from serving.artifact import (ARTIFACTS_DIR, CHECKPOINT_NAME, INT8_NAME, METRICS
                               load, time_batched, torch_runner)
 from training.data import load_mnist, preprocess_metadata
 
-from .serve_load import SERVING_ERRORS, ServeSettings, measure as measure_serving
+from .serve_load import FRONT_DOOR_ROWS, SERVING_ERRORS, ServeSettings, measure as measure_serving, measure_front_door
 
 HERE = Path(__file__).resolve().parent
 FORWARD_MFLOP = 38.2        # per image: convs 36.5 + linears 1.6 (multiply-adds x 2)
@@ -167,6 +167,39 @@ def serving(data_dir: str, duration_s: float) -> dict:
     return results
 
 
+FRONT_DOOR_SECONDS = 5.0   # per row: a few seconds each, the three rows in one fleet's life
+
+
+def front_door(artifacts: Path, data_dir: str, serve_seconds: float) -> dict:
+    """`make fleet`'s front door (nginx, HTTP and TLS) against one of its replicas called directly."""
+    runs = measure_front_door(str(artifacts / TORCHSCRIPT_NAME), MANY_CLIENTS, min(serve_seconds, FRONT_DOOR_SECONDS),
+                              data_dir)
+    return {row: run.__dict__ for row, run in runs.items()}
+
+
+def front_door_table(results: dict) -> list[str]:
+    rows = results.get("front_door")
+    if not rows:
+        return []
+    lines = [f"## Front door (`make fleet`: nginx in front of 2 replicas; wrk, {MANY_CLIENTS} keep-alive clients)", "",
+             "| path | requests/s | p50 ms | p99 ms | non-2xx | socket errors |", "|---|---:|---:|---:|---:|---:|"]
+    for row in FRONT_DOOR_ROWS:
+        run = rows[row]
+        lines.append(f"| {row} | {run['requests_per_s']:.0f} | {run['latency_ms'].get('p50', 0):.1f} | "
+                     f"{run['latency_ms'].get('p99', 0):.1f} | {run['non_2xx']} | {run['socket_errors']} |")
+    return lines + ["", "Direct: one replica of the same fleet, its other replica idle; the front door spreads "
+                    "the load over both replicas on the same cores.", ""]
+
+
+def front_door_summary(results: dict) -> list[str]:
+    rows = results.get("front_door")
+    if not rows:
+        return []
+    return [f"| {MANY_CLIENTS} clients: front door HTTP / TLS / direct to one replica | " +
+            " / ".join(f"{rows[row]['requests_per_s']:.0f} req/s (p99 {rows[row]['latency_ms'].get('p99', 0):.1f} ms)"
+                       for row in FRONT_DOOR_ROWS) + " |"]
+
+
 def plot(results: dict, out_dir: Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -273,6 +306,7 @@ def markdown(results: dict) -> str:
                          f"{run['latency_ms'].get('p50', 0):.1f} | {run['latency_ms'].get('p99', 0):.1f} | "
                          f"{run['non_2xx']} |")
     lines += ["", "![serving latency](serving_latency.png)", ""]
+    lines += front_door_table(results)
     return "\n".join(lines)
 
 
@@ -307,6 +341,7 @@ def readme_summary(results: dict) -> str:
         run = next(r for r in entry["runs"] if r["connections"] == MANY_CLIENTS)
         lines.append(f"| TorchServe, {MANY_CLIENTS} clients, {name} | {run['requests_per_s']:.0f} req/s, "
                      f"p99 {run['latency_ms'].get('p99', 0):.1f} ms |")
+    lines += front_door_summary(results)
     return "\n".join(lines + [README_END])
 
 
@@ -369,7 +404,8 @@ def measure_all(data_dir: str, artifacts: Path, repeats: int, serve_seconds: flo
              ("training", lambda: training(data_dir, repeats)),
              ("training_curve", lambda: training_curve(artifacts / METRICS_NAME)),
              ("kernel_probe", lambda: kernel_probe(artifacts / CHECKPOINT_NAME)),
-             ("serving", lambda: serving(data_dir, serve_seconds))]
+             ("serving", lambda: serving(data_dir, serve_seconds)),
+             ("front_door", lambda: front_door(artifacts, data_dir, serve_seconds))]
     for name, step in steps:
         started = time.perf_counter()
         results[name] = step()

@@ -1,6 +1,7 @@
 """Serving load test: a real TorchServe on free loopback ports, loaded by wrk with keep-alive.
 
     python -m benchmarks.serve_load --batch-size 16 --max-batch-delay 5 --connections 16
+    python -m benchmarks.serve_load --front-door --connections 16 --duration 5   # nginx's cost
 
 builds an archive with the given batching/worker settings, starts the server, POSTs a real
 MNIST test digit for --duration seconds per connection count, and prints (and with --json
@@ -14,17 +15,21 @@ import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import click
 import yaml
 
+from serving import fleet as fleet_stage
 from serving import server
-from serving.properties import instance_config
+from serving.properties import free_ports, instance_config
 from serving.artifact import MODEL_NAME, TORCHSCRIPT_NAME, artifact_path
 from serving.archive import SERVING_DIR, ArchiveError, build_archive
+from serving.fleet import FleetError
+from serving.frontdoor import FrontDoorError
 from serving.server import ServerError
+from serving.topology import Fleet, ReplicaPorts
 from training.samples import write_samples
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +48,7 @@ class LoadToolMissing(Exception):
 
 
 # What building the archive, starting the server or finding wrk may raise: the commands print it in one line.
-SERVING_ERRORS = (ArchiveError, ServerError, LoadToolMissing)
+SERVING_ERRORS = (ArchiveError, ServerError, FleetError, FrontDoorError, LoadToolMissing)
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,44 @@ def measure(settings: ServeSettings, connection_counts=(1, 16), duration_s: floa
             server.stop(workdir / "run")
 
 
+# The front door's rows: nginx (HTTP, then TLS) in front of the fleet's replicas, and one replica
+# of that same fleet called directly: what the proxy costs.
+FRONT_DOOR_ROWS = ("front door, HTTP", "front door, TLS", "direct to one replica")
+NO_RATE_LIMIT = 1_000_000   # requests/s: wrk from one address must measure nginx, not its limit
+
+
+def fleet_on_free_ports(workdir: Path, replicas: int, base_config: Path) -> Fleet:
+    per_replica = len(fields(ReplicaPorts))
+    ports = free_ports(replicas * per_replica + 2)
+    replica_ports = [ReplicaPorts(*ports[i * per_replica:(i + 1) * per_replica]) for i in range(replicas)]
+    return Fleet.plan(replicas, workdir / "fleet", base_config, replica_ports=replica_ports, http_port=ports[-2],
+                      tls_port=ports[-1], rate_limit_per_s=NO_RATE_LIMIT)
+
+
+def measure_front_door(serialized_file: str, connections: int = 16, duration_s: float = 5.0,
+                       data_dir: str | None = None, replicas: int = 2,
+                       base_config: Path = REPO_ROOT / "config.properties") -> dict[str, LoadResult]:
+    """wrk at `connections` clients through a fleet's front door (HTTP, TLS) and straight to one
+    of its replicas, one row each (FRONT_DOOR_ROWS)."""
+    if shutil.which("wrk") is None:
+        raise LoadToolMissing("wrk is not installed: apt-get install wrk")
+    with tempfile.TemporaryDirectory(prefix="front_door_") as temp:
+        workdir = Path(temp)
+        archive = build_archive(serialized_file, workdir / "model_store")
+        image = write_samples(data_dir, workdir / "samples")[7]
+        fleet = fleet_on_free_ports(workdir, replicas, base_config)
+        fleet_stage.start(fleet, archive)
+        urls = (fleet.front_door.http_url, fleet.front_door.https_url, fleet.replicas[0].inference_url)
+        try:
+            results = {}
+            for row, url in zip(FRONT_DOOR_ROWS, urls):
+                run_wrk(f"{url}/predictions/{MODEL_NAME}", image, 4, 2, workdir)   # warm-up, discarded
+                results[row] = run_wrk(f"{url}/predictions/{MODEL_NAME}", image, connections, duration_s, workdir)
+            return results
+        finally:
+            fleet_stage.stop(fleet)
+
+
 def format_results(settings: ServeSettings, results: list[LoadResult]) -> str:
     lines = [f"workers={settings.workers} threads/worker={settings.threads_per_worker} "
              f"batch={settings.batch_size} delay={settings.max_batch_delay_ms}ms",
@@ -150,9 +193,14 @@ def format_results(settings: ServeSettings, results: list[LoadResult]) -> str:
 @click.option("--duration", type=float, default=10.0, show_default=True, help="Seconds per client count.")
 @click.option("--data-dir", envvar="MNIST_DATA_DIR", default=None)
 @click.option("--json", "json_path", default=None, help="Also write the results here.")
-def main(connections, duration, data_dir, json_path, **settings) -> None:
+@click.option("--front-door", is_flag=True, help="Instead: a fleet's front door (HTTP, TLS) against one of its "
+              "replicas, at the largest --connections count.")
+def main(connections, duration, data_dir, json_path, front_door, **settings) -> None:
     """Load-test TorchServe with the given batching and worker settings."""
     settings = ServeSettings(**settings)
+    if front_door:
+        return front_door_command(settings.serialized_file, max(int(c) for c in connections.split(",")), duration,
+                                  data_dir)
     try:
         results = measure(settings, [int(c) for c in connections.split(",")], duration, data_dir)
     except SERVING_ERRORS as error:
@@ -161,6 +209,17 @@ def main(connections, duration, data_dir, json_path, **settings) -> None:
     if json_path:
         Path(json_path).write_text(json.dumps({"settings": asdict(settings),
                                                "results": [asdict(r) for r in results]}, indent=1) + "\n")
+
+
+def front_door_command(serialized_file: str, connections: int, duration_s: float, data_dir: str | None) -> None:
+    try:
+        rows = measure_front_door(serialized_file, connections, duration_s, data_dir)
+    except SERVING_ERRORS as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"{connections} clients, {duration_s:g} s each\n" + "\n".join(
+        f"{row:<22} {r.requests_per_s:>8.0f} req/s  p50 {r.latency_ms.get('p50', 0):6.2f} ms  "
+        f"p99 {r.latency_ms.get('p99', 0):6.2f} ms  non-2xx {r.non_2xx}  socket errors {r.socket_errors}"
+        for row, r in rows.items()))
 
 
 if __name__ == "__main__":

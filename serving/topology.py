@@ -97,9 +97,8 @@ class Replica:
                     # A rollout registers the new archive through the management API. That API
                     # stays on loopback, behind a key with the production config, closed at the
                     # front door; allowed_urls=^$ still lets it load files of the model store only.
-                    "enable_model_api": "true",
-                    # nginx owns CORS: TorchServe's single origin would be hidden anyway.
-                    "cors_allowed_origin": ""}
+                    "enable_model_api": "true"}
+        # CORS stays the project's: nginx hides TorchServe's one origin and sends its own list.
         metrics_config = read_properties(base_config).get("metrics_config")
         if metrics_config:   # relative paths resolve from the replica's run dir: anchor it to the repo
             settings["metrics_config"] = str((base_config.parent / metrics_config).resolve())

@@ -1,0 +1,96 @@
+"""A fleet on free loopback ports for tests, and bounded load through its front door."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from serving.artifact import MODEL_NAME
+from serving.properties import free_ports
+from serving.topology import Fleet, ReplicaPorts
+
+PORTS_PER_REPLICA = len(ReplicaPorts.__dataclass_fields__)
+
+
+def plan_on_free_ports(run_dir: Path, base_config: Path, replicas: int = 2, **front_door) -> Fleet:
+    """A fleet whose every port is free now (never the default 8088/8443/9080...)."""
+    ports = free_ports(replicas * PORTS_PER_REPLICA + 2)
+    replica_ports = [ReplicaPorts(*ports[i * PORTS_PER_REPLICA:(i + 1) * PORTS_PER_REPLICA]) for i in range(replicas)]
+    return Fleet.plan(replicas, run_dir, base_config, replica_ports=replica_ports,
+                      http_port=ports[-2], tls_port=ports[-1], **front_door)
+
+
+@dataclass
+class LoadReport:
+    statuses: Counter = field(default_factory=Counter)
+    versions: list[str] = field(default_factory=list)    # model_version of each answer, in order
+    failures: list[str] = field(default_factory=list)    # what went wrong, for the assertion message
+
+    @property
+    def sent(self) -> int:
+        return sum(self.statuses.values())
+
+
+class PacedLoad:
+    """`clients` threads POSTing an image to url, each at most `per_client_rps` requests a second
+    (bounded: under the front door's rate limit), until stopped. Every answer is recorded."""
+
+    def __init__(self, url: str, image: bytes, clients: int = 4, per_client_rps: float = 5.0):
+        self.url, self.image, self.interval_s = url, image, 1.0 / per_client_rps
+        self.report, self.lock, self.stopping = LoadReport(), threading.Lock(), threading.Event()
+        self.threads = [threading.Thread(target=self.client, daemon=True) for _ in range(clients)]
+
+    def __enter__(self) -> PacedLoad:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(120)
+
+    def client(self) -> None:
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            self.record(*self.send())
+            self.stopping.wait(max(0.0, self.interval_s - (time.monotonic() - started)))
+
+    def send(self) -> tuple[int, str | None, str | None]:
+        request = urllib.request.Request(self.url, data=self.image, method="POST",
+                                         headers={"Content-Type": "application/octet-stream"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read()).get("model_version"), None
+        except urllib.error.HTTPError as error:
+            return error.code, None, error.read().decode(errors="replace")[:200]
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+            return 0, None, repr(error)
+
+    def record(self, status: int, version: str | None, failure: str | None) -> None:
+        with self.lock:
+            self.report.statuses[status] += 1
+            if version:
+                self.report.versions.append(version)
+            if failure:
+                self.report.failures.append(f"{status}: {failure}")
+
+
+def predictions(front_url: str) -> str:
+    return f"{front_url}/predictions/{MODEL_NAME}"
+
+
+def wait_for(condition, timeout_s: float, interval_s: float = 0.5, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout_s:.0f} s")
+        time.sleep(interval_s)

@@ -1,0 +1,326 @@
+"""The fleet with real parts: two real TorchServe replicas under a real supervisord behind a real
+nginx, on free loopback ports, one fleet for the module. Each fault of issue 19 under bounded load:
+a replica's Java killed, a rollout (and its rollback), a rate limit hit, an origin not on the
+list, closed paths, an oversize body, TLS checked against the generated certificate; and the
+draw-a-digit page answering through the front door in a real Chromium.
+
+    MNIST_DATA_DIR=../shared/mnist .venv/bin/python -m pytest -q tests/test_fleet.py
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from fleet_helpers import PacedLoad, plan_on_free_ports, predictions, wait_for
+from http_client import request
+from repo import REPO_ROOT, subprocess_env
+from serving import fleet as fleet_module
+from serving import frontdoor
+from serving.archive import MANIFEST, ArchiveError, build_archive
+from serving.artifact import MODEL_NAME, TORCHSCRIPT_NAME, read_metadata
+from serving.frontdoor import FrontDoorError, RotationState
+from serving.properties import read_properties
+from serving.topology import CLOSED_PATHS, Fleet
+
+LISTED_ORIGIN = "http://localhost:3000"
+RATE_LIMIT = 40            # requests/s per client address; the paced loads below stay well under it
+LOAD = {"clients": 4, "per_client_rps": 4.0}   # 16 requests/s: bounded, and under RATE_LIMIT
+NEW_VERSION = "2.0"
+
+
+def manifest_version(archive: Path) -> str:
+    with zipfile.ZipFile(archive) as mar:
+        return json.loads(mar.read(MANIFEST))["model"]["modelVersion"]
+
+
+# --- without a server: the archive's version, the rendered config ---------------------------------
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory, exported) -> dict[str, Path]:
+    """The exported model as the archive `make fleet` serves (its weights' version) and as 2.0."""
+    root = tmp_path_factory.mktemp("archives")
+    return {"first": build_archive(exported / TORCHSCRIPT_NAME, root / "v1", force=True),
+            "new": build_archive(exported / TORCHSCRIPT_NAME, root / "v2", force=True, version=NEW_VERSION)}
+
+
+def test_archive_version_defaults_to_the_weights_and_can_be_named(archives, exported, tmp_path):
+    assert manifest_version(archives["first"]) == read_metadata(exported / TORCHSCRIPT_NAME)["model_version"]
+    assert manifest_version(archives["new"]) == NEW_VERSION
+    with pytest.raises(ArchiveError, match="becomes part of a URL"):
+        build_archive(exported / TORCHSCRIPT_NAME, tmp_path, force=True, version="2.0/../x")
+
+
+def test_archive_cli_takes_version_and_export_path(exported, tmp_path):
+    built = subprocess.run([sys.executable, "-m", "serving.archive", "--serialized-file", exported / TORCHSCRIPT_NAME,
+                            "--version", "3.1", "--export-path", tmp_path / "v3", "--force"],
+                           cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    assert manifest_version(tmp_path / "v3" / f"{MODEL_NAME}.mar") == "3.1"
+
+
+def nginx_accepts(fleet: Fleet, state: RotationState = RotationState()) -> str:
+    frontdoor.make_certificate(fleet)
+    return frontdoor.write_config(fleet, state).read_text()
+
+
+def test_the_template_renders_a_config_nginx_accepts_default_and_production(tmp_path):
+    plain = plan_on_free_ports(tmp_path / "plain", REPO_ROOT / "config.properties", origins=(LISTED_ORIGIN,))
+    text = nginx_accepts(plain, RotationState(down=frozenset({"replica-1"})))
+    assert "{{" not in text and f'"{LISTED_ORIGIN}" "{LISTED_ORIGIN}";' in text
+    assert re.search(rf"server 127\.0\.0\.1:{plain.replicas[1].ports.inference} .*down;", text)
+    assert f"client_max_body_size {read_properties(REPO_ROOT / 'config.properties')['max_request_size']};" in text
+    production = plan_on_free_ports(tmp_path / "prod", REPO_ROOT / "config.production.properties")
+    text = nginx_accepts(production, RotationState(inference_keys={"replica-0": "key-zero"}))
+    assert text.count('proxy_set_header Authorization "Bearer key-zero";') == 1
+    assert (production.nginx_dir / "nginx.conf").stat().st_mode & 0o077 == 0   # it holds keys
+
+
+def test_bad_origins_and_client_key_files_are_refused_in_one_line(tmp_path):
+    with pytest.raises(FrontDoorError, match="not scheme://host"):
+        frontdoor.render(plan_on_free_ports(tmp_path, REPO_ROOT / "config.properties", origins=("evil;",)),
+                         RotationState())
+    keys = tmp_path / "keys.txt"
+    keys.write_text('short"key\n')
+    with pytest.raises(FrontDoorError, match="key 1"):
+        frontdoor.render(plan_on_free_ports(tmp_path, REPO_ROOT / "config.properties", api_keys_file=keys),
+                         RotationState())
+
+
+# --- one real fleet for the rest ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, archives) -> Fleet:
+    plan = plan_on_free_ports(tmp_path_factory.mktemp("fleet"), REPO_ROOT / "config.properties",
+                              origins=(LISTED_ORIGIN,), rate_limit_per_s=RATE_LIMIT)
+    fleet_module.start(plan, archives["first"])
+    yield plan
+    assert fleet_module.stop(plan)
+    assert fleet_module.supervisord_process(plan) is None
+
+
+@pytest.fixture(scope="module")
+def digit_7(mnist_digits) -> bytes:
+    return mnist_digits.png(next(index for index in range(100) if mnist_digits.label(index) == 7))
+
+
+def front(fleet: Fleet, path: str = f"/predictions/{MODEL_NAME}") -> str:
+    return f"{fleet.front_door.http_url}{path}"
+
+
+def server_test(function):
+    """A test of the real fleet: it starts real servers and needs the trained model."""
+    return pytest.mark.slow(pytest.mark.server(function))
+
+
+@server_test
+def test_front_door_answers_a_7_with_its_model_version_rest_and_v2(fleet, digit_7, archives):
+    status, body = request(front(fleet), digit_7)
+    answer = json.loads(body)
+    assert status == 200 and answer["digit"] == 7, answer
+    assert answer["model_version"] == manifest_version(archives["first"])
+    v2 = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(digit_7).decode()]}]}
+    status, body = request(front(fleet, f"/v2/models/{MODEL_NAME}/infer"), json.dumps(v2).encode(),
+                           headers={"Content-Type": "application/json"})
+    assert status == 200 and json.loads(body)["model_version"] == manifest_version(archives["first"]), body
+
+
+@server_test
+def test_status_prints_the_issues_json_shape(fleet, archives):
+    shown = subprocess.run([sys.executable, "-m", "serving.fleet", "status", "--run-dir", fleet.run_dir],
+                           cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    status = json.loads(shown.stdout)
+    assert status["front_door"]["http"] == fleet.front_door.http_url
+    assert [set(r) for r in status["replicas"]] == \
+        [{"name", "inference", "management", "java_pid", "model_version", "ready"}] * 2
+    assert all(r["ready"] and r["java_pid"] and r["model_version"] == manifest_version(archives["first"])
+               for r in status["replicas"]), status
+
+
+@server_test
+@pytest.mark.parametrize("path", CLOSED_PATHS)
+def test_management_metrics_workflow_paths_are_404_json(fleet, path):
+    for method, data in (("GET", None), ("POST", b"x")):
+        status, body = request(front(fleet, path), data, method=method)
+        assert status == 404 and json.loads(body)["code"] == "not_found", (method, path, body)
+
+
+@server_test
+def test_a_describe_header_gets_404_not_the_model_card(fleet, digit_7):
+    status, body = request(front(fleet), digit_7,
+                           headers={"Content-Type": "application/octet-stream", "describe": "True"})
+    assert status == 404 and json.loads(body)["code"] == "not_found", body
+
+
+def cors_headers(url: str, origin: str, image: bytes) -> dict:
+    sent = urllib.request.Request(url, data=image, method="POST",
+                                  headers={"Origin": origin, "Content-Type": "application/octet-stream"})
+    with urllib.request.urlopen(sent, timeout=30) as response:
+        assert "digit" in json.loads(response.read())
+        return {key.lower(): value for key, value in response.headers.items()}
+
+
+@server_test
+def test_only_a_listed_origin_is_echoed_and_torchserves_own_is_hidden(fleet, digit_7):
+    listed = cors_headers(front(fleet), LISTED_ORIGIN, digit_7)
+    assert listed["access-control-allow-origin"] == LISTED_ORIGIN and listed["vary"] == "Origin"
+    assert "access-control-allow-origin" not in cors_headers(front(fleet), "http://evil.example", digit_7)
+    # A replica answers with config.properties' one origin (the demo page's) whatever asks...
+    replica_origin = read_properties(REPO_ROOT / "config.properties")["cors_allowed_origin"]
+    direct = cors_headers(f"{fleet.replicas[0].inference_url}/predictions/{MODEL_NAME}", "http://evil.example", digit_7)
+    assert direct["access-control-allow-origin"] == replica_origin
+    # ...which the front door hides: that origin is not on its list.
+    assert "access-control-allow-origin" not in cors_headers(front(fleet), replica_origin, digit_7)
+
+
+@server_test
+def test_an_oversize_body_is_413_json_at_the_proxy(fleet):
+    status, body = request(front(fleet), b"\0" * (fleet.max_body_bytes + 1))
+    assert status == 413 and json.loads(body)["code"] == "too_large", body
+    # Refused by nginx, no replica saw it (logged once nginx has drained the rest of the upload).
+    logged = wait_for(lambda: [line for line in (fleet.nginx_dir / "access.log").read_text().splitlines()
+                               if '" 413 ' in line], 30, what="the 413 in nginx's access log")
+    assert "upstream=- " in logged[-1], logged
+
+
+@server_test
+def test_tls_is_verified_against_the_generated_certificate(fleet, digit_7):
+    verified = ssl.create_default_context(cafile=str(fleet.tls_dir / "cert.pem"))
+    sent = urllib.request.Request(front(fleet).replace(fleet.front_door.http_url, fleet.front_door.https_url),
+                                  data=digit_7, method="POST", headers={"Content-Type": "application/octet-stream"})
+    with urllib.request.urlopen(sent, timeout=30, context=verified) as response:
+        assert json.loads(response.read())["digit"] == 7
+    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+        urllib.request.urlopen(sent, timeout=30, context=ssl.create_default_context())   # the system's CAs
+
+
+@server_test
+def test_over_the_rate_limit_the_answer_is_429_json_with_retry_after(fleet):
+    # Twice the limit and its burst at once, from this one address: the excess is refused, fast,
+    # by nginx (an empty body would be a replica's 400; a 429 never reaches a replica).
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: raw_answer(front(fleet)), range(4 * RATE_LIMIT)))
+    limited = [answer for answer in answers if answer[0] == 429]
+    assert limited, f"no 429 among {sorted({a[0] for a in answers})}"
+    status, headers, body = limited[0]
+    assert json.loads(body)["code"] == "rate_limited" and headers["Retry-After"] == "1"
+    assert headers["Content-Type"] == "application/json"
+    time.sleep(2)   # the bucket drains before the next test's load
+
+
+def raw_answer(url: str) -> tuple[int, dict, bytes]:
+    sent = urllib.request.Request(url, data=b"", method="POST", headers={"Content-Type": "application/octet-stream"})
+    try:
+        with urllib.request.urlopen(sent, timeout=30) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+# --- faults under bounded load ----------------------------------------------------------------------
+def answered_by(fleet: Fleet, port: int, after_offset: int) -> bool:
+    """nginx's access log shows a 200 from the replica on port since after_offset."""
+    with open(fleet.nginx_dir / "access.log", "rb") as log:
+        log.seek(after_offset)
+        return any(f"upstream=127.0.0.1:{port} upstream_status=200" in line
+                   for line in log.read().decode(errors="replace").splitlines())
+
+
+@server_test
+def test_a_killed_replica_loses_no_request_and_comes_back_into_rotation(fleet, digit_7):
+    victim = fleet.replicas[0]
+    killed = fleet_module.replica_status(victim)["java_pid"]
+    with PacedLoad(predictions(fleet.front_door.http_url), digit_7, **LOAD) as load:
+        time.sleep(2)
+        os.kill(killed, signal.SIGKILL)
+        back = wait_for(lambda: (s := fleet_module.replica_status(victim))["ready"] and s["java_pid"] != killed and s,
+                        240, what=f"{victim.name} restarted by supervisord")
+        offset = (fleet.nginx_dir / "access.log").stat().st_size
+        wait_for(lambda: answered_by(fleet, victim.ports.inference, offset), 60,
+                 what=f"nginx sending {victim.name} traffic again")
+    report = load.report
+    print(f"killed {victim.name}'s Java (pid {killed}); back as pid {back['java_pid']}; {report.sent} requests: "
+          f"{dict(report.statuses)}")
+    assert report.statuses == {200: report.sent} and report.sent > 50, report.failures[:5]
+
+
+def fleet_cli(fleet: Fleet, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "serving.fleet", *args, "--run-dir", str(fleet.run_dir)],
+                          cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+
+
+def served_versions(fleet: Fleet) -> list[str]:
+    return [replica["model_version"] for replica in fleet_module.status(fleet)["replicas"]]
+
+
+@server_test
+def test_a_rollout_under_load_loses_no_request_and_rollback_returns(fleet, digit_7, archives):
+    first = manifest_version(archives["first"])
+    with PacedLoad(predictions(fleet.front_door.http_url), digit_7, **LOAD) as load:
+        rolled = fleet_cli(fleet, "rollout", str(archives["new"]))
+        time.sleep(1)   # answers after the rollout, seen by the load
+    assert rolled.returncode == 0, rolled.stderr
+    assert rolled.stdout.strip() == f"rolled out {NEW_VERSION} on replica-0, replica-1 (previous: {first})"
+    report = load.report
+    print(f"rollout under load: {report.sent} requests: {dict(report.statuses)}")
+    assert report.statuses == {200: report.sent} and report.sent > 20, report.failures[:5]
+    assert report.versions[0] == first and report.versions[-1] == NEW_VERSION   # clients saw the switch
+    assert served_versions(fleet) == [NEW_VERSION, NEW_VERSION]
+    assert json.loads(request(front(fleet), digit_7)[1])["model_version"] == NEW_VERSION
+    for replica in fleet.replicas:   # a restarted replica loads the version it serves now
+        assert read_properties(replica.config)["load_models"] == f"{MODEL_NAME}={MODEL_NAME}-{NEW_VERSION}.mar"
+
+    with PacedLoad(predictions(fleet.front_door.http_url), digit_7, **LOAD) as load:
+        back = fleet_cli(fleet, "rollout", "--rollback")
+    assert back.returncode == 0, back.stderr
+    assert load.report.statuses == {200: load.report.sent}, load.report.failures[:5]
+    assert served_versions(fleet) == [first, first]
+    assert json.loads(request(front(fleet), digit_7)[1])["model_version"] == first
+
+
+@server_test
+def test_rollout_refuses_the_version_already_served_in_one_line(fleet, archives):
+    again = fleet_cli(fleet, "rollout", str(archives["first"]))
+    assert again.returncode == 1 and "already the one served" in again.stderr
+    assert "Traceback" not in again.stderr and len(again.stderr.strip().splitlines()) == 1
+
+
+# --- the page -----------------------------------------------------------------------------------------
+@pytest.mark.browser
+@server_test
+def test_the_page_from_the_front_door_gets_an_answer_with_no_cors(fleet):
+    chromium = "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.fail(f"no Chromium at {chromium}: run `make browser`")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--headless", "--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 760, "height": 560})
+            page.goto(f"{fleet.front_door.http_url}/")
+            page.wait_for_function("window.digitserve !== undefined")
+            # `/` names this same origin as the page's server: no CORS involved.
+            assert page.evaluate("window.digitserve.predictionsUrl") == predictions(fleet.front_door.http_url)
+            box = page.locator("#canvas").bounding_box()
+            page.mouse.move(box["x"] + 0.52 * box["width"], box["y"] + 0.15 * box["height"])
+            page.mouse.down()
+            page.mouse.move(box["x"] + 0.48 * box["width"], box["y"] + 0.85 * box["height"], steps=8)
+            page.mouse.up()
+            outcome = page.evaluate("window.digitserve.lastPrediction")   # the pen's release predicts
+            assert outcome["ok"], outcome
+            assert page.text_content("#answer").strip() == "1"
+        finally:
+            browser.close()
