@@ -198,11 +198,13 @@ def format_results(settings: ServeSettings, results: list[LoadResult]) -> str:
 def main(connections, duration, data_dir, json_path, front_door, **settings) -> None:
     """Load-test TorchServe with the given batching and worker settings."""
     settings = ServeSettings(**settings)
-    if front_door:
-        return front_door_command(settings.serialized_file, max(int(c) for c in connections.split(",")), duration,
-                                  data_dir)
+    counts = [int(c) for c in connections.split(",")]
     try:
-        results = measure(settings, [int(c) for c in connections.split(",")], duration, data_dir)
+        if front_door:
+            rows = measure_front_door(settings.serialized_file, max(counts), duration, data_dir)
+            click.echo(format_front_door(rows, max(counts), duration))
+            return
+        results = measure(settings, counts, duration, data_dir)
     except SERVING_ERRORS as error:
         raise click.ClickException(str(error)) from None
     click.echo(format_results(settings, results))
@@ -211,12 +213,8 @@ def main(connections, duration, data_dir, json_path, front_door, **settings) -> 
                                                "results": [asdict(r) for r in results]}, indent=1) + "\n")
 
 
-def front_door_command(serialized_file: str, connections: int, duration_s: float, data_dir: str | None) -> None:
-    try:
-        rows = measure_front_door(serialized_file, connections, duration_s, data_dir)
-    except SERVING_ERRORS as error:
-        raise click.ClickException(str(error)) from None
-    click.echo(f"{connections} clients, {duration_s:g} s each\n" + "\n".join(
+def format_front_door(rows: dict[str, LoadResult], connections: int, duration_s: float) -> str:
+    return (f"{connections} clients, {duration_s:g} s each\n" + "\n".join(
         f"{row:<22} {r.requests_per_s:>8.0f} req/s  p50 {r.latency_ms.get('p50', 0):6.2f} ms  "
         f"p99 {r.latency_ms.get('p99', 0):6.2f} ms  non-2xx {r.non_2xx}  socket errors {r.socket_errors}"
         for row, r in rows.items()))

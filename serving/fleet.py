@@ -24,7 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import click
@@ -33,10 +33,11 @@ import psutil   # a TorchServe dependency
 from . import frontdoor, server
 from .artifact import MODEL_NAME
 from .frontdoor import FrontDoorError, RotationState
-from .properties import set_properties
-from .readiness import NotReady, check_ready, open_authorized, probe_once, reason, retry
+from .properties import Listener, port_taken, set_properties
+from .readiness import NotReady, check_ready, open_authorized, probe_image, probe_once, reason, retry
 from .rotation import (FleetError, FleetState, ServedArchive, apply_front_door, archive_version, follow_keys,
                        load_fleet, locked, nginx_master, read_state, set_rotation, write_state)
+from .server import ServerError
 from .topology import FLEET_DIR, FLEET_FILE, Fleet, Replica, TopologyError
 
 SUPERVISORD = Path(sys.executable).with_name("supervisord")
@@ -45,6 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 300.0      # two replicas loading their workers at once on two cores
 SWITCH_TIMEOUT_S = 120.0     # a new version's workers to load and answer
 REPLICA_STOP_S = 40          # `run` gives Java 30 s after SIGTERM, then kills it
+
 
 # --- start and stop -----------------------------------------------------------------------------
 def supervisord_config(fleet: Fleet) -> str:
@@ -94,9 +96,11 @@ def start(fleet: Fleet, archive: str | Path, timeout_s: float = START_TIMEOUT_S)
     if not archive.is_file():
         raise FleetError(f"no model archive at {archive}: `make archive` first")
     try:
+        server.require_java()
         frontdoor.render(fleet, RotationState())   # a bad origin or key file: refused before anything starts
-    except FrontDoorError as error:
+    except (ServerError, FrontDoorError) as error:
         raise FleetError(str(error)) from None
+    check_ports_free(fleet)
     version = archive_version(archive)
     served = ServedArchive(version, f"{MODEL_NAME}-{version}.mar")
     (fleet.run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -124,11 +128,44 @@ def start(fleet: Fleet, archive: str | Path, timeout_s: float = START_TIMEOUT_S)
     return served
 
 
+def check_ports_free(fleet: Fleet) -> None:
+    """FleetError naming a port another program holds: under supervisord, nginx or a replica would
+    only fail and be restarted again and again while start waited."""
+    door = fleet.front_door
+    wanted = [Listener("front door http_port", door.address, door.http_port),
+              Listener("front door tls_port", door.address, door.tls_port)]
+    for replica in fleet.replicas:
+        ports = asdict(replica.ports)
+        ports.pop("initial_worker")   # names unix sockets in the replica's own dir, not a TCP port
+        if not fleet.token_auth:
+            ports.pop("key_hop")
+        wanted += [Listener(f"{replica.name} {name}", "127.0.0.1", port) for name, port in ports.items()]
+    for listener in wanted:
+        why = port_taken(listener)
+        if why is not None:
+            raise FleetError(f"port {listener.port} ({listener.key}) is taken: {why}; stop what holds it "
+                             "or choose other ports")
+
+
 def wait_until_serving(fleet: Fleet, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     for replica in fleet.replicas:
         retry(lambda: check_ready(replica.config, replica.run_dir), max(1.0, deadline - time.monotonic()))
-    retry(lambda: probe_once(fleet.front_door.http_url), max(1.0, deadline - time.monotonic()))
+    retry(lambda: probe_front_door(fleet), max(1.0, deadline - time.monotonic()))
+
+
+def probe_front_door(fleet: Fleet) -> dict:
+    """The probe image through the front door (with a client key when it asks for one)."""
+    door = fleet.front_door
+    headers = {"Content-Type": "application/octet-stream"}
+    if door.api_keys_file:
+        headers["X-API-Key"] = frontdoor.read_client_keys(door.api_keys_file)[0]
+    sent = urllib.request.Request(f"{door.http_url}/predictions/{MODEL_NAME}", data=probe_image(), headers=headers)
+    try:
+        with urllib.request.urlopen(sent, timeout=10) as response:
+            return json.loads(response.read())
+    except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError) as error:
+        raise NotReady(f"{door.http_url}: {reason(error)}") from None
 
 
 def stop(fleet: Fleet, timeout_s: float = REPLICA_STOP_S + 20) -> bool:

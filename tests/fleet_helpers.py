@@ -40,8 +40,10 @@ class PacedLoad:
     """`clients` threads POSTing an image to url, each at most `per_client_rps` requests a second
     (bounded: under the front door's rate limit), until stopped. Every answer is recorded."""
 
-    def __init__(self, url: str, image: bytes, clients: int = 4, per_client_rps: float = 5.0):
+    def __init__(self, url: str, image: bytes, clients: int = 4, per_client_rps: float = 5.0,
+                 headers: dict[str, str] | None = None):
         self.url, self.image, self.interval_s = url, image, 1.0 / per_client_rps
+        self.headers = {"Content-Type": "application/octet-stream", **(headers or {})}
         self.report, self.lock, self.stopping = LoadReport(), threading.Lock(), threading.Event()
         self.threads = [threading.Thread(target=self.client, daemon=True) for _ in range(clients)]
 
@@ -62,8 +64,7 @@ class PacedLoad:
             self.stopping.wait(max(0.0, self.interval_s - (time.monotonic() - started)))
 
     def send(self) -> tuple[int, str | None, str | None]:
-        request = urllib.request.Request(self.url, data=self.image, method="POST",
-                                         headers={"Content-Type": "application/octet-stream"})
+        request = urllib.request.Request(self.url, data=self.image, method="POST", headers=self.headers)
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 return response.status, json.loads(response.read()).get("model_version"), None

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -33,7 +34,8 @@ from serving import frontdoor
 from serving.archive import MANIFEST, ArchiveError, build_archive
 from serving.artifact import MODEL_NAME, TORCHSCRIPT_NAME, read_metadata
 from serving.frontdoor import FrontDoorError, RotationState
-from serving.properties import read_properties
+from serving.properties import read_properties, set_properties
+from serving.readiness import inference_key
 from serving.topology import CLOSED_PATHS, Fleet
 
 LISTED_ORIGIN = "http://localhost:3000"
@@ -97,6 +99,19 @@ def test_bad_origins_and_client_key_files_are_refused_in_one_line(tmp_path):
     with pytest.raises(FrontDoorError, match="key 1"):
         frontdoor.render(plan_on_free_ports(tmp_path, REPO_ROOT / "config.properties", api_keys_file=keys),
                          RotationState())
+
+
+def test_a_taken_port_fails_start_at_once_naming_it(tmp_path):
+    plan = plan_on_free_ports(tmp_path / "fleet", REPO_ROOT / "config.properties")
+    archive = tmp_path / "any.mar"
+    archive.write_bytes(b"checked after the ports")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", plan.replicas[1].ports.management))
+        holder.listen()
+        with pytest.raises(fleet_module.FleetError, match=rf"port {plan.replicas[1].ports.management} "
+                                                          r"\(replica-1 management\) is taken"):
+            fleet_module.start(plan, archive)
+    assert fleet_module.supervisord_process(plan) is None
 
 
 # --- one real fleet for the rest ------------------------------------------------------------------
@@ -295,6 +310,47 @@ def test_rollout_refuses_the_version_already_served_in_one_line(fleet, archives)
     again = fleet_cli(fleet, "rollout", str(archives["first"]))
     assert again.returncode == 1 and "already the one served" in again.stderr
     assert "Traceback" not in again.stderr and len(again.stderr.strip().splitlines()) == 1
+
+
+# --- the production config: replicas keep their keys, nginx adds them, clients bring their own ----
+CLIENT_KEY = "client-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def keyed_fleet(tmp_path_factory, archives) -> Fleet:
+    """A second fleet, on config.production.properties with keys that live 6 s (so the front
+    door renews each replica's inference key every 1.5 s), asking its clients for an API key."""
+    root = tmp_path_factory.mktemp("keyed")
+    production = read_properties(REPO_ROOT / "config.production.properties")
+    config = root / "short-keys.properties"
+    config.write_text(set_properties((REPO_ROOT / "config.production.properties").read_text(), {
+        "token_expiration_min": "0.1",
+        "metrics_config": str(REPO_ROOT / production["metrics_config"])}))
+    (root / "client-keys.txt").write_text(f"# allowed clients\n{CLIENT_KEY}\n")
+    plan = plan_on_free_ports(root / "fleet", config, api_keys_file=root / "client-keys.txt")
+    fleet_module.start(plan, archives["first"])
+    yield plan
+    assert fleet_module.stop(plan)
+
+
+@server_test
+def test_with_keys_nginx_adds_each_replicas_renewed_key_and_asks_clients_for_theirs(keyed_fleet, digit_7):
+    direct = request(f"{keyed_fleet.replicas[0].inference_url}/predictions/{MODEL_NAME}", digit_7)
+    assert direct[0] == 400 and b"InvalidKeyException" in direct[1]   # the replicas keep token auth
+    status, body = request(front(keyed_fleet), digit_7)
+    assert status == 401 and json.loads(body)["code"] == "unauthorized", body
+    status, _ = request(front(keyed_fleet), digit_7,
+                        headers={"Content-Type": "application/octet-stream", "X-API-Key": "not-" + CLIENT_KEY})
+    assert status == 401
+    before = {replica.name: inference_key(replica.key_file) for replica in keyed_fleet.replicas}
+    with PacedLoad(predictions(keyed_fleet.front_door.http_url), digit_7, headers={"X-API-Key": CLIENT_KEY},
+                   **LOAD) as load:
+        time.sleep(8)
+    report = load.report
+    renewed = (keyed_fleet.run_dir / "logs" / "follow-keys.log").read_text().count("inference key out of rotation")
+    print(f"keys renewed {renewed} times under load: {report.sent} requests: {dict(report.statuses)}")
+    assert report.statuses == {200: report.sent} and report.sent > 50, report.failures[:5]
+    assert renewed >= 2 and all(inference_key(r.key_file) != before[r.name] for r in keyed_fleet.replicas)
 
 
 # --- the page -----------------------------------------------------------------------------------------
