@@ -8,8 +8,13 @@
 Ports, paths and the probe command are serving/topology.py's (replica-0's ports: each pod has a
 network of its own, so every pod is a replica-0), nginx's config is serving/frontdoor.py's
 rendering of serving/nginx.conf.template with a Service as its upstream, the replica's config is
-config.properties with the cluster's addresses, and the memory figures are
-benchmarks/footprint.json's. Nothing is typed here that those files already say.
+config.production.properties (token auth on) with the cluster's addresses, and the memory figures
+are benchmarks/footprint.json's. Nothing is typed here that those files already say.
+
+Keys: TorchServe makes its own at each start and reads none from outside, so each replica pod
+runs `make fleet`'s key hop beside it (serving/keyhop.py: nginx adding the pod's current inference
+key); the Service targets the hop. Client API keys and the TLS pair are Secrets made in the
+cluster: no manifest holds a key.
 """
 from __future__ import annotations
 
@@ -26,13 +31,13 @@ import yaml
 
 from serving import server
 from serving.artifact import ARCHIVE_NAME, MODEL_NAME
-from serving.frontdoor import RotationState, nginx_command, render
-from serving.properties import read_properties, set_properties
+from serving.frontdoor import KEEPALIVE_OFF, RotationState, include_line, nginx_command, render
+from serving.properties import read_properties, set_properties, token_auth_enabled
 from serving.topology import DEFAULT_REPLICAS, Fleet, Replica, ReplicaPorts
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO_ROOT / "deploy" / "kubernetes"
-BASE_CONFIG = REPO_ROOT / "config.properties"
+BASE_CONFIG = REPO_ROOT / "config.production.properties"   # token auth on: `make config.production.properties`
 MODEL_CONFIG = REPO_ROOT / "serving" / "model-config.yaml"
 FOOTPRINT = REPO_ROOT / "benchmarks" / "footprint.json"
 
@@ -47,18 +52,23 @@ RUN_DIR = PurePosixPath("/srv/replica")             # emptyDir: pid file, logs, 
 TMP_DIR = PurePosixPath("/tmp")                     # emptyDir: HOME and anything else a library writes
 FRONTDOOR_DIR = PurePosixPath("/srv/frontdoor")     # the front door's run dir; nginx's is FRONTDOOR_DIR/nginx
 TLS_DIR = PurePosixPath("/etc/frontdoor/tls")       # the TLS Secret (kubernetes.io/tls: tls.crt, tls.key)
+API_KEYS_DIR = PurePosixPath("/etc/frontdoor/api-keys")   # the client keys Secret: API_KEYS_FILE, nginx map entries
+API_KEYS_FILE = "client-keys.map"
+HOP_DIR = PurePosixPath("/srv/key-hop")             # emptyDir: the key hop's nginx config (it holds the key), pid, temp
 
 NAME = "digitserve"
 REPLICA = f"{NAME}-replica"
 FRONTDOOR = f"{NAME}-frontdoor"
 INFERENCE_SERVICE = f"{NAME}-inference"
 TLS_SECRET = f"{FRONTDOOR}-tls"
+API_KEYS_SECRET = f"{FRONTDOOR}-api-keys"
 # One replica's ports: the fleet's replica-0. Every pod has its own network namespace.
 PORTS = ReplicaPorts.derived(0)
 # A pod is one of the fleet's replicas: the same ports, its run dir an emptyDir, its config (the
 # ConfigMap's file) where the fleet keeps a replica's, so it runs and is probed as the fleet does.
 POD_REPLICA = Replica(REPLICA, PORTS, Path(RUN_DIR))
-BIND_ALL = "0.0.0.0"   # a pod's APIs listen on its own address; the NetworkPolicy says who may connect
+BIND_ALL = "0.0.0.0"   # the key hop and metrics listen on the pod's address; the NetworkPolicy says who may connect
+LOOPBACK = "127.0.0.1"  # TorchServe's inference and management: only the pod's own containers reach them
 
 # The request-rate metric the HPA scales on, served by prometheus-adapter (adapter_rule).
 RATE_METRIC = "digitserve_requests_per_second"
@@ -99,12 +109,13 @@ class Manifest:
 
 # --- the replica's config ----------------------------------------------------------------------
 def replica_settings() -> dict[str, str]:
-    """What the cluster's replica config changes in config.properties: its addresses, and the
-    image's paths. Token authorization stays off, as in config.properties: TorchServe 0.12 makes its
-    keys afresh at each start, per pod, so a Service (one name for every pod) cannot carry the right
-    key; the NetworkPolicy is the boundary instead."""
-    return {"inference_address": f"http://{BIND_ALL}:{PORTS.inference}",
-            "management_address": f"http://{BIND_ALL}:{PORTS.management}",
+    """What the cluster's replica config changes in config.production.properties: its addresses
+    and the image's paths. Token authorization stays on: inference and management listen on the
+    pod's loopback, reached from outside only through the key hop beside them, which adds the key
+    TorchServe wrote into the pod's run dir. Metrics (no key in TorchServe 0.12) stay on the pod's
+    address for Prometheus."""
+    return {"inference_address": f"http://{LOOPBACK}:{PORTS.inference}",
+            "management_address": f"http://{LOOPBACK}:{PORTS.management}",
             "metrics_address": f"http://{BIND_ALL}:{PORTS.metrics}",
             "grpc_inference_port": str(PORTS.grpc_inference),
             "grpc_management_port": str(PORTS.grpc_management),
@@ -118,34 +129,45 @@ def replica_settings() -> dict[str, str]:
 
 def replica_config() -> str:
     header = (f"# GENERATED by `python -m deploy.manifests` from {BASE_CONFIG.name} with the cluster's addresses\n"
-              "# and the image's paths (deploy/manifests.py replica_settings). In the cluster the APIs listen on\n"
-              "# the pod's address, not loopback: the NetworkPolicy admits the front door to inference and only\n"
-              "# this namespace to management and metrics. Token authorization stays off: TorchServe 0.12 makes\n"
-              "# its keys afresh at each start, per pod, and a Service in front of the pods cannot add the key\n"
-              "# of the pod it picks.\n")
+              "# and the image's paths (deploy/manifests.py replica_settings). Token authorization is on:\n"
+              "# inference and management listen on the pod's loopback; the pod's key hop (serving/keyhop.py)\n"
+              "# adds the inference key TorchServe wrote into the run dir. Metrics listen on the pod's address.\n")
     return header + set_properties(BASE_CONFIG.read_text(), replica_settings())
 
 
 # --- the front door's config -------------------------------------------------------------------
 def frontdoor_fleet(config_path: Path) -> Fleet:
     """The fleet's front door as a pod sees it: on every address, its certificate from the Secret,
-    its run dir in the pod; config_path: the replicas' config (body limit, timeouts, token auth)."""
+    its run dir in the pod; config_path: the replicas' config (body limit, timeouts, token auth).
+    Token auth must be on: the Service reaches the pods' key hops, never TorchServe itself."""
     fleet = Fleet.plan(DEFAULT_REPLICAS, base_config=config_path, address=BIND_ALL,
                        tls_cert=Path(TLS_DIR / "tls.crt"), tls_key=Path(TLS_DIR / "tls.key"))
-    if fleet.token_auth:
-        raise ManifestError(f"{BASE_CONFIG.name} turns token authorization on: a Service in front of the "
-                            "replicas cannot add each pod's own key")
+    if not fleet.token_auth:
+        raise ManifestError(f"{BASE_CONFIG.name} turns token authorization off: the replica pods would "
+                            "serve anyone who reaches them")
     return replace(fleet, run_dir=Path(FRONTDOOR_DIR))
+
+
+def keyless(config_text: str) -> str:
+    """The replicas' config as the front door sees them: it reaches their key hops, which add the
+    key, so it renders no hops of its own (those run in the replica pods)."""
+    return set_properties(config_text, {"disable_token_authorization": "true"})
 
 
 def nginx_config(fleet: Fleet) -> str:
     """serving/nginx.conf.template rendered by serving/frontdoor.py, as `make fleet` renders it,
     with the inference Service as its one upstream and the image's paths."""
     overrides = {
-        # kube-proxy spreads connections over the ready pods; nginx sees one server, so its
-        # retries cannot reach another pod: a pod that fails its probe leaves the Service instead.
-        "UPSTREAM_SERVERS": f"        server {INFERENCE_SERVICE}:{PORTS.inference};   # the Service",
+        # kube-proxy spreads connections over the ready pods' key hops; nginx sees one server, so
+        # its retries cannot reach another pod: a pod that fails its probe leaves the Service instead.
+        "UPSTREAM_SERVERS": f"        server {INFERENCE_SERVICE}:{PORTS.key_hop};   # the Service: the pods' key hops",
         "TRIES": 1,
+        # As in the fleet: a kept-alive connection could outlive a hop's reload with a renewed key;
+        # and kube-proxy balances connections, not requests.
+        "KEEPALIVE": KEEPALIVE_OFF,
+        # The allowed client keys: the API keys Secret, mounted; a request without one gets 401.
+        "CLIENT_DEFAULT": 0,
+        "CLIENT_KEYS": include_line(API_KEYS_DIR / API_KEYS_FILE) + f"   # the {API_KEYS_SECRET} Secret",
         "USER": "# (runs as the image's model-server user: no `user` directive)",
         "WEB_DIR": APP_DIR / "serving" / "web",
     }
@@ -222,17 +244,45 @@ def in_image(command: list[str]) -> list[str]:
     return [PYTHON, *command[1:]]
 
 
+def key_hop_command() -> list[str]:
+    """serving/keyhop.py in the pod: the replica's config and run dir (its key file), the hop on
+    the pod's address at the fleet's hop port."""
+    return [PYTHON, "-m", "serving.keyhop", "--config", str(POD_REPLICA.config), "--run-dir", str(POD_REPLICA.run_dir),
+            "--hop-dir", str(HOP_DIR), "--address", BIND_ALL, "--port", str(PORTS.key_hop)]
+
+
+def key_hop_container() -> dict:
+    """nginx adding the pod's inference key (TorchServe writes it into the run dir, which this
+    container mounts read-only), and the loop that renders a renewed key in."""
+    heartbeat = {"httpGet": {"path": LIVENESS_PATH, "port": "key-hop"}}
+    return {
+        "name": "key-hop", "image": IMAGE, "imagePullPolicy": "IfNotPresent", "command": key_hop_command(),
+        "ports": [{"name": "key-hop", "containerPort": PORTS.key_hop, "protocol": "TCP"}],
+        # Ready once it forwards, with the key, to a TorchServe that answers its heartbeat.
+        "readinessProbe": {**heartbeat, "periodSeconds": PROBE_PERIOD_S, "timeoutSeconds": 5},
+        # Alive while nginx accepts (its exit ends the container: Kubernetes restarts it).
+        "livenessProbe": {"tcpSocket": {"port": "key-hop"}, "periodSeconds": 20, "failureThreshold": 3},
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
+        "securityContext": container_security(),
+        "volumeMounts": [{"name": "run", "mountPath": str(POD_REPLICA.run_dir), "readOnly": True},
+                         {"name": "config", "mountPath": str(POD_REPLICA.config), "subPath": "config.properties",
+                          "readOnly": True},
+                         {"name": "hop", "mountPath": str(HOP_DIR)}],
+    }
+
+
 def replica_deployment(config_text: str, properties: dict, memory: Memory) -> dict:
     exec_ready = {"exec": {"command": in_image(POD_REPLICA.probe_command())}}
     startup_timeout_s = int(properties["default_startup_timeout"])
     container = {
         "name": "torchserve", "image": IMAGE, "imagePullPolicy": "IfNotPresent",
         "command": in_image(POD_REPLICA.run_command()),
-        # Its working dir is its run dir, as under the fleet: `ready` runs there too.
+        # Its working dir is its run dir, as under the fleet: `ready` runs there too, and TorchServe
+        # writes key_file.json there, where the key hop reads it.
         "workingDir": str(POD_REPLICA.run_dir),
-        "ports": [{"name": "inference", "containerPort": PORTS.inference, "protocol": "TCP"},
-                  {"name": "management", "containerPort": PORTS.management, "protocol": "TCP"},
-                  {"name": "metrics", "containerPort": PORTS.metrics, "protocol": "TCP"}],
+        # Inference and management listen on the pod's loopback (no containerPort): the key hop's
+        # port is the pod's way in.
+        "ports": [{"name": "metrics", "containerPort": PORTS.metrics, "protocol": "TCP"}],
         # The command the fleet probes each replica with (serving/topology.py Replica.probe_command):
         # every worker READY and a probe image answered.
         "readinessProbe": {**exec_ready, "periodSeconds": PROBE_PERIOD_S, "timeoutSeconds": READY_TIMEOUT_S,
@@ -240,7 +290,8 @@ def replica_deployment(config_text: str, properties: dict, memory: Memory) -> di
         # Loading the model may take TorchServe's default_startup_timeout; liveness waits for it.
         "startupProbe": {**exec_ready, "periodSeconds": STARTUP_PERIOD_S, "timeoutSeconds": READY_TIMEOUT_S,
                          "failureThreshold": math.ceil((startup_timeout_s + READY_TIMEOUT_S) / STARTUP_PERIOD_S)},
-        "livenessProbe": {"httpGet": {"path": LIVENESS_PATH, "port": "inference"}, "periodSeconds": 20,
+        # Through the hop (the kubelet reaches the pod's address only, and the hop adds the key).
+        "livenessProbe": {"httpGet": {"path": LIVENESS_PATH, "port": PORTS.key_hop}, "periodSeconds": 20,
                           "timeoutSeconds": 5, "failureThreshold": 3},
         # No CPU limit: throttling a worker mid-batch only adds latency; the request reserves its cores.
         "resources": {"requests": {"cpu": str(worker_cpus()), "memory": f"{memory.request_mib}Mi"},
@@ -254,9 +305,9 @@ def replica_deployment(config_text: str, properties: dict, memory: Memory) -> di
     pod = {"automountServiceAccountToken": False, "securityContext": pod_security(),
            # `run` gives Java STOP_TIMEOUT_S after SIGTERM, then kills it: Kubernetes waits a little longer.
            "terminationGracePeriodSeconds": int(server.STOP_TIMEOUT_S) + 10,
-           "containers": [container],
+           "containers": [container, key_hop_container()],
            "volumes": [{"name": "config", "configMap": {"name": f"{REPLICA}-config"}},
-                       empty_dir("run", "1Gi"), empty_dir("tmp", "256Mi")]}
+                       empty_dir("run", "1Gi"), empty_dir("tmp", "256Mi"), empty_dir("hop", "64Mi")]}
     annotations = {"checksum/config": checksum(config_text),
                    # Prometheus' usual kubernetes-pods job scrapes these (in this namespace: the NetworkPolicy).
                    "prometheus.io/scrape": "true", "prometheus.io/port": str(PORTS.metrics),
@@ -272,7 +323,8 @@ def replica_deployment(config_text: str, properties: dict, memory: Memory) -> di
 def inference_service() -> dict:
     return {"apiVersion": "v1", "kind": "Service", "metadata": metadata(INFERENCE_SERVICE, "replica"),
             "spec": {"selector": labels("replica"),
-                     "ports": [{"name": "inference", "port": PORTS.inference, "targetPort": "inference",
+                     # The pods' key hops, never TorchServe itself: the hop adds the pod's own key.
+                     "ports": [{"name": "key-hop", "port": PORTS.key_hop, "targetPort": "key-hop",
                                 "protocol": "TCP"}]}}
 
 
@@ -293,12 +345,14 @@ def frontdoor_deployment(nginx_text: str, fleet: Fleet) -> dict:
                          {"name": "nginx-tmp", "mountPath": str(nginx_dir / "tmp")},
                          {"name": "config", "mountPath": str(nginx_dir / "nginx.conf"), "subPath": "nginx.conf",
                           "readOnly": True},
-                         {"name": "tls", "mountPath": str(TLS_DIR), "readOnly": True}],
+                         {"name": "tls", "mountPath": str(TLS_DIR), "readOnly": True},
+                         {"name": "api-keys", "mountPath": str(API_KEYS_DIR), "readOnly": True}],
     }
     pod = {"automountServiceAccountToken": False, "securityContext": pod_security(), "containers": [container],
            "volumes": [empty_dir("nginx", "64Mi"), empty_dir("nginx-tmp", "256Mi"),
                        {"name": "config", "configMap": {"name": f"{FRONTDOOR}-config"}},
-                       {"name": "tls", "secret": {"secretName": TLS_SECRET}}]}
+                       {"name": "tls", "secret": {"secretName": TLS_SECRET}},
+                       {"name": "api-keys", "secret": {"secretName": API_KEYS_SECRET}}]}
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata(FRONTDOOR, "frontdoor"),
             "spec": {"replicas": 2, "selector": {"matchLabels": labels("frontdoor")},
                      "template": {"metadata": {"labels": labels("frontdoor"),
@@ -319,15 +373,14 @@ def tcp(port: int) -> dict:
 
 
 def network_policies(fleet: Fleet) -> tuple[dict, dict]:
-    """Replicas: inference from the front door's pods only, management and metrics from pods of
-    this namespace only (a podSelector without a namespaceSelector means this namespace).
-    The front door: its two ports, from anywhere (it is the way in)."""
+    """Replicas: the key hop from the front door's pods only, metrics from pods of this namespace
+    only (a podSelector without a namespaceSelector means this namespace); inference and management
+    listen on the pod's loopback. The front door: its two ports, from anywhere (it is the way in)."""
     replica = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": metadata(REPLICA, "replica"),
                "spec": {"podSelector": {"matchLabels": labels("replica")}, "policyTypes": ["Ingress"],
                         "ingress": [{"from": [{"podSelector": {"matchLabels": labels("frontdoor")}}],
-                                     "ports": [tcp(PORTS.inference)]},
-                                    {"from": [{"podSelector": {}}],
-                                     "ports": [tcp(PORTS.management), tcp(PORTS.metrics)]}]}}
+                                     "ports": [tcp(PORTS.key_hop)]},
+                                    {"from": [{"podSelector": {}}], "ports": [tcp(PORTS.metrics)]}]}}
     door = fleet.front_door
     frontdoor = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
                  "metadata": metadata(FRONTDOOR, "frontdoor"),
@@ -363,7 +416,9 @@ def manifests() -> list[Manifest]:
         config_path.write_text(config_text)
         properties = read_properties(config_path)
         fleet = frontdoor_fleet(config_path)
-        nginx_text = nginx_config(fleet)
+        door_config = Path(directory) / "frontdoor.properties"
+        door_config.write_text(keyless(config_text))
+        nginx_text = nginx_config(replace(fleet, base_config=door_config))
     memory = measured_memory()
     resources_why = (f"Memory: requests {memory.request_mib}Mi = the {memory.measured_mib:.0f} MiB one replica took "
                      f"under load with its readiness probe, rounded up to {MEMORY_STEP_MIB} MiB",
@@ -378,11 +433,14 @@ def manifests() -> list[Manifest]:
         Manifest("replica-deployment.yaml",
                  ("The TorchServe replicas: `python -m serving.server run`, probed with `python -m serving.server "
                   "ready`", "(serving/topology.py Replica.run_command and probe_command, as `make fleet` runs and "
-                  "probes them).",
+                  "probes them),",
+                  "on config.production.properties: token auth on, inference and management on the pod's loopback.",
+                  "Beside it the key hop (`python -m serving.keyhop`, `make fleet`'s hop for one replica): nginx adding",
+                  "the inference key TorchServe wrote into the shared run dir, a renewed key followed within 0.2 s.",
                   *resources_why),
                  (replica_deployment(config_text, properties, memory),)),
         Manifest("inference-service.yaml",
-                 ("Inference only: management and metrics are reached pod by pod, inside the namespace.",),
+                 ("The pods' key hops only: TorchServe's own ports listen on each pod's loopback.",),
                  (inference_service(),)),
         Manifest("frontdoor-config.yaml",
                  ("serving/nginx.conf.template rendered by serving/frontdoor.py, as `make fleet` renders it,",
@@ -390,12 +448,13 @@ def manifests() -> list[Manifest]:
                  (config_map(f"{FRONTDOOR}-config", "frontdoor", "nginx.conf", nginx_text),)),
         Manifest("frontdoor-deployment.yaml",
                  ("nginx in front: the same image, its config from the ConfigMap, its TLS key pair from the",
-                  f"{TLS_SECRET} Secret (kubectl create secret tls {TLS_SECRET} --cert=... --key=...)."),
+                  f"{TLS_SECRET} Secret (kubectl create secret tls {TLS_SECRET} --cert=... --key=...), the allowed",
+                  f"client keys from the {API_KEYS_SECRET} Secret ({API_KEYS_FILE}: docs/kubernetes.md)."),
                  (frontdoor_deployment(nginx_text, fleet),)),
         Manifest("frontdoor-service.yaml", ("The way in: HTTP and TLS, the fleet's front door ports.",),
                  (frontdoor_service(fleet),)),
         Manifest("networkpolicy.yaml",
-                 ("Management and metrics stay inside the namespace; inference only from the front door.",),
+                 ("Metrics stay inside the namespace; the key hops only from the front door.",),
                  network_policies(fleet)),
         Manifest("hpa.yaml",
                  (f"Scales on a request RATE ({RATE_METRIC}: rate({COUNTER}[{RATE_WINDOW}]) per pod, served by",

@@ -1,5 +1,6 @@
 """deploy/kubernetes: schema-valid for a pinned Kubernetes, what the generator writes, and one with
-the fleet (serving/topology.py, serving/frontdoor.py) in every probe command, port and path.
+the fleet (serving/topology.py, serving/frontdoor.py) in every probe command, port and path; the
+replicas run with token auth behind their pod's key hop (serving/keyhop.py), and no file holds a key.
 All but one are fast: no cluster, no server, no image build (Docker has no daemon here: the
 Dockerfile is read, not built). The one slow test runs the replica with the ConfigMap's config on a
 read-only filesystem, as the pod would (root only: it needs a mount namespace)."""
@@ -23,8 +24,10 @@ from click.testing import CliRunner
 from deploy import manifests as gen
 from serving.archive import build_archive
 from serving.artifact import ARCHIVE_NAME, TORCHSCRIPT_NAME
-from serving.frontdoor import RotationState, render
-from serving.properties import free_ports, read_properties, set_properties
+from serving import keyhop
+from serving.frontdoor import (CLIENT_KEYS_MAP, RotationState, client_keys_map, make_certificate, render,
+                               write_config)
+from serving.properties import PRODUCTION_OVERRIDES, free_ports, read_properties, set_properties, token_auth_enabled
 from serving.topology import Fleet, FrontDoor, ReplicaPorts
 
 from repo import REPO_ROOT, subprocess_env
@@ -53,13 +56,16 @@ def pod_spec(cluster: dict, name: str) -> dict:
     return cluster[("Deployment", name)]["spec"]["template"]["spec"]
 
 
-def container(cluster: dict, name: str) -> dict:
-    (only,) = pod_spec(cluster, name)["containers"]
-    return only
+def container(cluster: dict, deployment: str, name: str | None = None) -> dict:
+    """The pod's container called name; without a name, its first (TorchServe, nginx)."""
+    boxes = pod_spec(cluster, deployment)["containers"]
+    return boxes[0] if name is None else next(box for box in boxes if box["name"] == name)
 
 
 def container_port(cluster: dict, deployment: str, name: str) -> int:
-    return next(port["containerPort"] for port in container(cluster, deployment)["ports"] if port["name"] == name)
+    """The pod's port called name, in whichever container declares it."""
+    return next(port["containerPort"] for box in pod_spec(cluster, deployment)["containers"]
+                for port in box.get("ports", []) if port["name"] == name)
 
 
 def configmap_file(cluster: dict, deployment: str, volume_name: str) -> tuple[PurePosixPath, str]:
@@ -107,16 +113,26 @@ def fleet_mismatches(cluster: dict, tmp_path: Path) -> list[str]:
     # Ports: the fleet's replica-0 ports, in the container, the config it reads, the Service and the policy.
     for api in ("inference", "management", "metrics"):
         expected = getattr(ReplicaPorts.derived(0), api)
-        if container_port(cluster, gen.REPLICA, api) != expected:
-            found.append(f"containerPort {api} is not the fleet's {expected}")
         if urlsplit(properties[f"{api}_address"]).port != expected:
             found.append(f"{api}_address in the ConfigMap is not on the fleet's port {expected}")
+    if container_port(cluster, gen.REPLICA, "metrics") != replica.ports.metrics:
+        found.append(f"containerPort metrics is not the fleet's {replica.ports.metrics}")
+    if container_port(cluster, gen.REPLICA, "key-hop") != replica.ports.key_hop:
+        found.append(f"containerPort key-hop is not the fleet's {replica.ports.key_hop}")
     service_ports = cluster[("Service", gen.INFERENCE_SERVICE)]["spec"]["ports"]
-    if [(p["port"], p["targetPort"]) for p in service_ports] != [(replica.ports.inference, "inference")]:
-        found.append(f"the inference Service's ports {service_ports} are not inference alone")
+    if [(p["port"], p["targetPort"]) for p in service_ports] != [(replica.ports.key_hop, "key-hop")]:
+        found.append(f"the inference Service's ports {service_ports} are not the key hop alone")
     liveness = torchserve["livenessProbe"]["httpGet"]["port"]
-    if liveness not in {port["name"] for port in torchserve["ports"]}:
-        found.append(f"the liveness probe's port {liveness} is no port of the container")
+    if liveness != replica.ports.key_hop:
+        found.append(f"the liveness probe's port {liveness} is not the key hop's (the kubelet cannot reach loopback)")
+
+    # The key hop: the fleet's hop for this replica, on its config and run dir, at the fleet's hop port.
+    hop = container(cluster, gen.REPLICA, "key-hop")["command"]
+    expected_hop = {"--config": str(config_path), "--run-dir": torchserve.get("workingDir"),
+                    "--port": str(replica.ports.key_hop)}
+    if hop[1:3] != ["-m", "serving.keyhop"] or {flag: hop[hop.index(flag) + 1] for flag in expected_hop
+                                               if flag in hop} != expected_hop:
+        found.append(f"the key hop runs {hop}, not serving.keyhop with {expected_hop}")
 
     # The front door: the fleet's ports and open paths; its upstream is the inference Service.
     nginx = container(cluster, gen.FRONTDOOR)
@@ -131,8 +147,8 @@ def fleet_mismatches(cluster: dict, tmp_path: Path) -> list[str]:
     if open_paths_line(nginx_text) != fleet_paths:
         found.append(f"the front door opens {open_paths_line(nginx_text)}, the fleet {fleet_paths}")
     upstream = re.findall(r"^\s*server ([\w.-]+):(\d+)", nginx_text, re.M)
-    if upstream != [(gen.INFERENCE_SERVICE, str(replica.ports.inference))]:
-        found.append(f"nginx's upstream {upstream} is not the inference Service on the inference port")
+    if upstream != [(gen.INFERENCE_SERVICE, str(replica.ports.key_hop))]:
+        found.append(f"nginx's upstream {upstream} is not the inference Service on the key hop's port")
     if nginx["command"][-4:-2] != ["-c", str(nginx_path)]:
         found.append(f"nginx reads {nginx['command'][-4:-2]}, its ConfigMap is at {nginx_path}")
     return found
@@ -187,7 +203,11 @@ MUTATIONS = {
     "startup probe reads another config": lambda c: swap(
         container(c, gen.REPLICA)["startupProbe"]["exec"]["command"], str(gen.POD_REPLICA.config), "/etc/other.properties"),
     "run dir is not the working dir": lambda c: container(c, gen.REPLICA).update(workingDir="/srv/elsewhere"),
-    "inference containerPort": lambda c: container(c, gen.REPLICA)["ports"][0].update(containerPort=8080),
+    "metrics containerPort": lambda c: container(c, gen.REPLICA)["ports"][0].update(containerPort=8082),
+    "Service targets TorchServe's inference port": lambda c: c[("Service", gen.INFERENCE_SERVICE)]["spec"]["ports"][
+        0].update(port=ReplicaPorts.derived(0).inference, targetPort=ReplicaPorts.derived(0).inference),
+    "key hop reads another run dir": lambda c: swap(
+        container(c, gen.REPLICA, "key-hop")["command"], str(gen.RUN_DIR), "/srv/elsewhere"),
     "metrics address in the ConfigMap": lambda c: c[("ConfigMap", f"{gen.REPLICA}-config")]["data"].update(
         {"config.properties": c[("ConfigMap", f"{gen.REPLICA}-config")]["data"]["config.properties"].replace(
             f":{ReplicaPorts.derived(0).metrics}", ":8082")}),
@@ -215,14 +235,17 @@ def test_pods_run_non_root_on_a_read_only_root_with_writable_empty_dirs(cluster,
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["automountServiceAccountToken"] is False
-    (box,) = pod["containers"]
-    context = box["securityContext"]
-    assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
-    assert context["capabilities"] == {"drop": ["ALL"]} and context["runAsNonRoot"] is True
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    for each in pod["containers"]:
+        context = each["securityContext"]
+        assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"] == {"drop": ["ALL"]} and context["runAsNonRoot"] is True
+        writable = {mount["mountPath"] for mount in each["volumeMounts"]
+                    if not mount.get("readOnly") and "emptyDir" in volumes[mount["name"]]}
+        assert not {mount["mountPath"] for mount in each["volumeMounts"] if not mount.get("readOnly")} - writable
+    box = pod["containers"][0]
     writable = {mount["mountPath"] for mount in box["volumeMounts"]
                 if not mount.get("readOnly") and "emptyDir" in volumes[mount["name"]]}
-    assert not {mount["mountPath"] for mount in box["volumeMounts"] if not mount.get("readOnly")} - writable
     if deployment == gen.REPLICA:   # where TorchServe writes: its run dir (pid, logs, unpacked model), /tmp
         assert {box["workingDir"], str(gen.TMP_DIR)} <= writable
         properties_text = cluster[("ConfigMap", f"{gen.REPLICA}-config")]["data"]["config.properties"]
@@ -232,12 +255,109 @@ def test_pods_run_non_root_on_a_read_only_root_with_writable_empty_dirs(cluster,
         assert {nginx_dir, f"{nginx_dir}/tmp"} <= writable
 
 
-def test_no_secret_material_is_committed(cluster):
-    """Keys come from a Secret made in the cluster (docs/kubernetes.md), never from these files."""
-    assert not [key for key in cluster if key[0] == "Secret"]
-    tls = next(v for v in pod_spec(cluster, gen.FRONTDOOR)["volumes"] if v["name"] == "tls")
-    assert tls["secret"]["secretName"] == gen.TLS_SECRET
-    assert "BEGIN" not in "".join(path.read_text() for path in MANIFEST_DIR.glob("*.yaml"))
+def key_material(texts: dict[str, str]) -> list[str]:
+    """Every key (or place for one) found in the manifests' texts: a Secret object, a PEM block, an
+    Authorization header, a client key in nginx's map (only `default` and `include` may be there)."""
+    found = []
+    for name, text in texts.items():
+        if re.search(r"^kind: Secret$", text, re.M) or "BEGIN" in text:
+            found.append(f"{name}: a Secret or PEM block")
+        if re.search(r"Bearer [\w=-]", text):   # a key after it (config.production.properties' header shows `$(jq ...)`)
+            found.append(f"{name}: an Authorization header with a key")
+        for block in re.findall(r"map \$http_x_api_key \$client_allowed \{\n(.*?)\n\s*\}", text, re.S):
+            entries = [line.split("#")[0].strip() for line in block.splitlines()]
+            found += [f"{name}: map entry {entry}" for entry in entries
+                      if entry and not re.fullmatch(r"(default [01]|include \S+);", entry)]
+    return found
+
+
+def manifest_texts() -> dict[str, str]:
+    return {path.name: path.read_text() for path in MANIFEST_DIR.glob("*.yaml")}
+
+
+def test_no_manifest_holds_a_key(cluster):
+    """Keys come from Secrets made in the cluster (docs/kubernetes.md) or from TorchServe inside
+    each pod, never from these files: the front door includes its client keys from a mounted Secret."""
+    texts = manifest_texts()
+    assert key_material(texts) == []
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod_spec(cluster, gen.FRONTDOOR)["volumes"] if "secret" in v}
+    assert secrets == {"tls": gen.TLS_SECRET, "api-keys": gen.API_KEYS_SECRET}
+    mount = next(m for m in container(cluster, gen.FRONTDOOR)["volumeMounts"] if m["name"] == "api-keys")
+    _, nginx_text = configmap_file(cluster, gen.FRONTDOOR, "config")
+    assert f"include {mount['mountPath']}/{gen.API_KEYS_FILE};" in nginx_text and mount["readOnly"]
+    assert re.search(r"map \$http_x_api_key \$client_allowed \{\n\s*default 0;", nginx_text)   # a key is required
+
+    # The check can fail: a key in the map, or an added header, is found.
+    leaked = {"frontdoor-config.yaml": texts["frontdoor-config.yaml"].replace(
+        "default 0;", 'default 0;\n          "client-key-0123456789abcdef" 1;')}
+    assert key_material(leaked) == ["frontdoor-config.yaml: map entry \"client-key-0123456789abcdef\" 1;"]
+    assert key_material({"x.yaml": 'proxy_set_header Authorization "Bearer k";'}) != []
+
+
+@pytest.mark.skipif(not Path("/usr/sbin/nginx").exists(), reason="needs nginx (make system)")
+def test_the_fleets_nginx_config_includes_its_client_keys_as_the_cluster_does(tmp_path):
+    """`make fleet` with FLEET_API_KEYS: nginx.conf names the map file, written beside it (private),
+    and holds no key itself; `nginx -t` (in write_config) accepts both."""
+    keys = tmp_path / "client-keys.txt"
+    keys.write_text("# allowed clients\nclient-key-0123456789abcdef\n")
+    fleet = Fleet.plan(1, run_dir=tmp_path / "fleet", base_config=REPO_ROOT / "config.properties",
+                       replica_ports=[ReplicaPorts(*free_ports(7))], http_port=free_ports(1)[0],
+                       tls_port=free_ports(1)[0], api_keys_file=keys)
+    make_certificate(fleet)
+    text = write_config(fleet, RotationState()).read_text()
+    included = fleet.nginx_dir / CLIENT_KEYS_MAP
+    assert f"include {included};" in text and key_material({"nginx.conf": text}) == []
+    assert included.read_text() == '"client-key-0123456789abcdef" 1;\n' and included.stat().st_mode & 0o077 == 0
+
+
+def key_gaps(cluster: dict, tmp_path: Path) -> list[str]:
+    """How the replica pods fall short of token auth behind their own key hop: the config's
+    production overrides, TorchServe's APIs on loopback, the Service on the hop's port."""
+    found = []
+    _, config_text = configmap_file(cluster, gen.REPLICA, "config")
+    properties = properties_of(config_text, tmp_path)
+    if not token_auth_enabled(properties):
+        found.append("the replicas run with token authorization off")
+    found += [f"{key}={properties.get(key)!r}, production says {value!r}" for key, value in PRODUCTION_OVERRIDES.items()
+              if properties.get(key) != value]
+    for api in ("inference", "management"):
+        if urlsplit(properties[f"{api}_address"]).hostname != "127.0.0.1":
+            found.append(f"TorchServe's {api} API listens on {properties[f'{api}_address']}, not the pod's loopback")
+    torchserve_ports = {urlsplit(properties[f"{api}_address"]).port for api in ("inference", "management", "metrics")}
+    torchserve_ports |= {int(properties[key]) for key in ("grpc_inference_port", "grpc_management_port")}
+    for port in cluster[("Service", gen.INFERENCE_SERVICE)]["spec"]["ports"]:
+        target = port["targetPort"]
+        number = target if isinstance(target, int) else container_port(cluster, gen.REPLICA, target)
+        owner = next((box["name"] for box in pod_spec(cluster, gen.REPLICA)["containers"]
+                      for declared in box.get("ports", []) if declared["containerPort"] == number), None)
+        if number in torchserve_ports or owner != "key-hop":
+            found.append(f"the Service targets port {target} ({owner or 'no container'}), not the key hop")
+    return found
+
+
+def test_replicas_run_with_token_auth_behind_their_key_hop(cluster, tmp_path):
+    assert key_gaps(cluster, tmp_path) == []
+
+
+KEY_MUTATIONS = {
+    "token auth off": lambda c: c[("ConfigMap", f"{gen.REPLICA}-config")]["data"].update(
+        {"config.properties": c[("ConfigMap", f"{gen.REPLICA}-config")]["data"]["config.properties"].replace(
+            "disable_token_authorization=false", "disable_token_authorization=true")}),
+    "inference on the pod's address": lambda c: c[("ConfigMap", f"{gen.REPLICA}-config")]["data"].update(
+        {"config.properties": c[("ConfigMap", f"{gen.REPLICA}-config")]["data"]["config.properties"].replace(
+            "inference_address=http://127.0.0.1", "inference_address=http://0.0.0.0")}),
+    "Service on TorchServe's metrics port": lambda c: c[("Service", gen.INFERENCE_SERVICE)]["spec"]["ports"][0].update(
+        targetPort="metrics"),
+    "Service on TorchServe's inference port": lambda c: c[("Service", gen.INFERENCE_SERVICE)]["spec"]["ports"][0].update(
+        targetPort=ReplicaPorts.derived(0).inference),
+}
+
+
+@pytest.mark.parametrize("mutation", KEY_MUTATIONS, ids=list(KEY_MUTATIONS))
+def test_a_replica_pod_without_its_key_is_found(cluster, tmp_path, mutation):
+    mutated = copy.deepcopy(cluster)
+    KEY_MUTATIONS[mutation](mutated)
+    assert key_gaps(mutated, tmp_path) != []
 
 
 def ports_open_outside_namespace(policy: dict) -> set:
@@ -256,19 +376,23 @@ def test_management_and_metrics_stay_inside_the_namespace(cluster):
     labels = cluster[("Deployment", gen.REPLICA)]["spec"]["template"]["metadata"]["labels"]
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
     assert policy["spec"]["policyTypes"] == ["Ingress"]
-    management = container_port(cluster, gen.REPLICA, "management")
     metrics = container_port(cluster, gen.REPLICA, "metrics")
     assert ports_open_outside_namespace(policy) == set()
-    inference_rules = [rule for rule in policy["spec"]["ingress"]
-                       if container_port(cluster, gen.REPLICA, "inference") in {p["port"] for p in rule["ports"]}]
+    hop_rules = [rule for rule in policy["spec"]["ingress"]
+                 if container_port(cluster, gen.REPLICA, "key-hop") in {p["port"] for p in rule["ports"]}]
     door_labels = cluster[("Deployment", gen.FRONTDOOR)]["spec"]["template"]["metadata"]["labels"]
-    assert [rule["from"] for rule in inference_rules] == [[{"podSelector": {"matchLabels": door_labels}}]]
+    assert [rule["from"] for rule in hop_rules] == [[{"podSelector": {"matchLabels": door_labels}}]]
     in_namespace = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
-    assert {management, metrics} <= in_namespace
+    assert metrics in in_namespace
+    # Management is on the pod's loopback: no container declares it, no rule admits it.
+    management = ReplicaPorts.derived(0).management
+    assert management not in in_namespace and not [
+        port for box in pod_spec(cluster, gen.REPLICA)["containers"] for port in box.get("ports", [])
+        if port["containerPort"] == management]
 
     opened = copy.deepcopy(policy)   # the check can fail: one namespaceSelector opens them
     opened["spec"]["ingress"][1]["from"].append({"namespaceSelector": {}})
-    assert {management, metrics} <= ports_open_outside_namespace(opened)
+    assert metrics in ports_open_outside_namespace(opened)
 
 
 # --- scaling and resources -------------------------------------------------------------------------
@@ -325,8 +449,9 @@ def test_the_dockerfile_builds_what_the_manifests_run(cluster):
     assert {str(gen.RUN_DIR), str(gen.FRONTDOOR_DIR / "nginx" / "tmp")} <= set(made.group(1).split())
     assert {str(gen.RUN_DIR), str(gen.FRONTDOOR_DIR)} <= set(made.group(2).split())
     exposed = {int(port) for port in dict(steps)["EXPOSE"].split()}
-    assert exposed == {*(p["containerPort"] for p in container(cluster, gen.REPLICA)["ports"]),
-                       *(p["containerPort"] for p in container(cluster, gen.FRONTDOOR)["ports"])}
+    assert exposed == {port["containerPort"] for deployment in (gen.REPLICA, gen.FRONTDOOR)
+                       for box in pod_spec(cluster, deployment)["containers"] for port in box.get("ports", [])}
+    assert str(gen.HOP_DIR) in made.group(1).split() and str(gen.HOP_DIR) in made.group(2).split()
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None or not Path("/usr/sbin/nginx").exists(),
@@ -342,7 +467,11 @@ def test_nginx_accepts_the_front_doors_config_in_the_pods_layout(cluster, tmp_pa
     assert made.returncode == 0
     nginx_dir = tmp_path / "frontdoor" / "nginx"
     (nginx_dir / "tmp").mkdir(parents=True)   # the pod's two emptyDirs
+    api_keys = tmp_path / "api-keys"          # the client keys Secret, as docs/kubernetes.md makes it
+    api_keys.mkdir()
+    (api_keys / gen.API_KEYS_FILE).write_text(client_keys_map(["client-key-0123456789abcdef"]))
     for old, new in {str(gen.FRONTDOOR_DIR): str(tmp_path / "frontdoor"), str(gen.TLS_DIR): str(tls),
+                     str(gen.API_KEYS_DIR): str(api_keys),
                      f"{gen.INFERENCE_SERVICE}:": "127.0.0.1:", str(gen.APP_DIR): str(REPO_ROOT)}.items():
         text = text.replace(old, new)
     (nginx_dir / "nginx.conf").write_text(text)
@@ -350,6 +479,41 @@ def test_nginx_accepts_the_front_doors_config_in_the_pods_layout(cluster, tmp_pa
                              capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
     assert {path.name for path in (nginx_dir / "tmp").iterdir()} >= {"body", "proxy"}   # nginx made them itself
+
+
+def hop_config(tmp_path: Path, cluster: dict, token_auth: bool = True) -> Path:
+    """The ConfigMap's config with the image's run dir under tmp_path (and token auth as asked)."""
+    _, text = configmap_file(cluster, gen.REPLICA, "config")
+    config = tmp_path / "config.properties"
+    config.write_text(set_properties(text, {"disable_token_authorization": str(not token_auth).lower()}))
+    return config
+
+
+@pytest.mark.skipif(not Path("/usr/sbin/nginx").exists(), reason="needs nginx (make system)")
+def test_nginx_accepts_the_key_hop_the_pod_runs_and_it_adds_the_current_key(cluster, tmp_path):
+    """serving/keyhop.py as the pod runs it: `nginx -t` (in write) accepts the rendered hop, on the
+    pod's address and hop port, forwarding to TorchServe's loopback inference port with the key
+    read from the run dir; no key yet: a placeholder TorchServe refuses."""
+    hop_command = container(cluster, gen.REPLICA, "key-hop")["command"]
+    address, port = (hop_command[hop_command.index(flag) + 1] for flag in ("--address", "--port"))
+    run_dir = tmp_path / "replica"
+    run_dir.mkdir()
+    hop = keyhop.plan(hop_config(tmp_path, cluster), run_dir, tmp_path / "key-hop", int(port))
+    text = keyhop.write(hop, address, None).read_text()
+    assert f"listen {address}:{port};" in text and 'Authorization "Bearer no-key-yet"' in text
+    assert f"proxy_pass http://127.0.0.1:{ReplicaPorts.derived(0).inference};" in text
+    text = keyhop.write(hop, address, "renewed-key").read_text()
+    assert text.count('proxy_set_header Authorization "Bearer renewed-key";') == 1
+    assert (hop.nginx_dir / "nginx.conf").stat().st_mode & 0o077 == 0   # it holds the key
+    assert f"client_max_body_size {read_properties(hop.base_config)['max_request_size']};" in text
+
+
+def test_the_key_hop_refuses_a_replica_without_token_auth_in_one_line(cluster, tmp_path):
+    config = hop_config(tmp_path, cluster, token_auth=False)
+    result = CliRunner().invoke(keyhop.main, ["--config", str(config), "--run-dir", str(tmp_path),
+                                              "--hop-dir", str(tmp_path / "hop"), "--port", "9086"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "turns token authorization off" in result.output and len(result.output.strip().splitlines()) == 1
 
 
 def test_without_a_footprint_the_generator_says_so_in_one_line(tmp_path, monkeypatch):
