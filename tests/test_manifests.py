@@ -537,14 +537,17 @@ for top in /*; do
 done
 exec "$@"
 """
-# Runs in there: the replica as the pod runs it, the pod's probe, a prediction, then SIGTERM.
+# Runs in there: the replica as the pod runs it, the pod's probe, its key hop (serving/keyhop.py, as
+# the pod's second container runs it); a prediction through the hop, the inference key renewed (as
+# `run` renews it), a prediction through the hop with the new key; then SIGTERM to both.
 POD_DRIVER = r"""
-import json, subprocess, sys
+import json, subprocess, sys, time, urllib.error
 from pathlib import Path
-from serving.readiness import check_ready, probe_once, retry
+from serving.keys import KeyRenewer
+from serving.readiness import NotReady, check_ready, inference_key, probe_once, retry
 from serving.topology import Replica, ReplicaPorts
-run_dir, inference = Path(sys.argv[1]), sys.argv[2]
-written = Path(sys.argv[3])   # somewhere read-only: writing it must fail
+run_dir, inference, management, hop_dir, hop_port = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4]), sys.argv[5]
+written = Path(sys.argv[6])   # somewhere read-only: writing it must fail
 try:
     written.write_text("x")
     read_only = False
@@ -553,15 +556,37 @@ except OSError:
 replica = Replica("pod", ReplicaPorts.derived(0), run_dir)
 server = subprocess.Popen(replica.run_command(), cwd=run_dir, stdout=open(run_dir / "run.out", "wb"),
                           stderr=subprocess.STDOUT)
+hop = None
 try:
     ready = retry(lambda: check_ready(replica.config, run_dir), 240)
     probe = subprocess.run(replica.probe_command(), cwd=run_dir, capture_output=True, text=True)
-    answer = probe_once(inference)
+    try:
+        probe_once(inference)
+        keyless = "answered"
+    except NotReady as error:
+        keyless = str(error)
+    hop = subprocess.Popen([sys.executable, "-m", "serving.keyhop", "--config", str(replica.config), "--run-dir",
+                            str(run_dir), "--hop-dir", str(hop_dir), "--address", "127.0.0.1", "--port", hop_port],
+                           stdout=open(run_dir / "hop.out", "wb"), stderr=subprocess.STDOUT)
+    hop_url = f"http://127.0.0.1:{hop_port}"
+    through_hop = retry(lambda: probe_once(hop_url), 30)
+    old = inference_key(replica.key_file)
+    KeyRenewer(replica.key_file, management, 3600, run_dir).renew("inference")
+    new = inference_key(replica.key_file)
+    def rendered():
+        if f"Bearer {new}" not in (hop_dir / "nginx" / "nginx.conf").read_text():
+            raise NotReady("the hop has not rendered the new key yet")
+    retry(rendered, 10)
+    renewed = retry(lambda: probe_once(hop_url), 10)   # the old key is refused from the moment of renewal
 finally:
+    if hop:
+        hop.terminate()
+        hop_exit = hop.wait(30)
     server.terminate()
     status = server.wait(60)
-print(json.dumps({"read_only": read_only, "ready": ready, "probe_rc": probe.returncode, "digit": answer["digit"],
-                  "exit": status}))
+print(json.dumps({"read_only": read_only, "ready": ready, "probe_rc": probe.returncode, "keyless": keyless,
+                  "digit": through_hop["digit"], "renewed": old != new and new is not None,
+                  "digit_renewed": renewed["digit"], "hop_exit": hop_exit, "exit": status}))
 """
 
 
@@ -578,7 +603,8 @@ def can_make_mount_namespaces() -> str | None:
 @pytest.mark.skipif(can_make_mount_namespaces() is not None, reason=str(can_make_mount_namespaces()))
 def test_the_replica_serves_from_a_read_only_root_as_the_pod_does(cluster, exported, tmp_path):
     """The ConfigMap's config, run and probed with the pod's commands, with everything read-only but
-    the run dir and /tmp: TorchServe, its workers and the probe need no other place to write.
+    the run dir and /tmp: TorchServe, its workers, the probe and the key hop need no other place to
+    write; the hop answers with TorchServe's key, and again once that key is renewed.
     The only changes to the config: the image's paths, and free loopback ports for the pod's."""
 
     model_store = tmp_path / "model_store"
@@ -589,19 +615,23 @@ def test_the_replica_serves_from_a_read_only_root_as_the_pod_does(cluster, expor
     for old, new in {str(gen.IMAGE_MODEL_STORE): str(model_store), str(gen.APP_DIR): str(REPO_ROOT),
                      str(gen.RUN_DIR): str(run_dir)}.items():
         text = text.replace(old, new)
-    ports = free_ports(6)
+    ports = free_ports(7)
     loopback = {f"{api}_address": f"http://127.0.0.1:{port}"
                 for api, port in zip(("inference", "management", "metrics"), ports)}
-    loopback |= dict(zip(("grpc_inference_port", "grpc_management_port", "initial_worker_port"), map(str, ports[3:])))
+    loopback |= dict(zip(("grpc_inference_port", "grpc_management_port", "initial_worker_port"), map(str, ports[3:6])))
     (run_dir / "config.properties").write_text(set_properties(text, loopback))
     command = ["unshare", "-m", "--propagation", "private", "bash", "-c", READ_ONLY_SETUP, "bash",
-               sys.executable, "-c", POD_DRIVER, str(run_dir),
-               loopback["inference_address"], str(REPO_ROOT / "read-only-check")]
+               sys.executable, "-c", POD_DRIVER, str(run_dir), loopback["inference_address"],
+               loopback["management_address"], str(tmp_path / "key-hop"), str(ports[6]),
+               str(REPO_ROOT / "read-only-check")]
     # HOME on the writable side, as the image sets it to its /tmp emptyDir (ONNX Runtime writes ~/.cache).
     env = subprocess_env(HOME=str(tmp_path), PYTHONDONTWRITEBYTECODE="1")
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)
-    assert result.returncode == 0, result.stderr[-2000:] + (run_dir / "run.out").read_text()[-2000:]
+    hop_log = (run_dir / "hop.out").read_text() if (run_dir / "hop.out").exists() else ""
+    assert result.returncode == 0, result.stderr[-2000:] + (run_dir / "run.out").read_text()[-2000:] + hop_log
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
     assert outcome["read_only"] and not (REPO_ROOT / "read-only-check").exists()
     assert outcome["ready"].startswith("ready: mnist") and outcome["probe_rc"] == 0
+    assert outcome["keyless"] != "answered"   # token auth on: TorchServe refuses a request without the key
     assert outcome["digit"] == 1 and outcome["exit"] == 0   # the probe image is a drawn 1; SIGTERM: a clean stop
+    assert outcome["renewed"] and outcome["digit_renewed"] == 1 and outcome["hop_exit"] == 0, hop_log
