@@ -282,7 +282,15 @@ def rollout(fleet: Fleet, archive: str | Path | None, rollback: bool = False) ->
     with locked(fleet):
         state = replace(read_state(fleet), serving=target, previous=state.serving)
         write_state(fleet, state)
+    for replica in fleet.replicas:   # only now: until every replica switched, a rollback needed them
+        unregister_all_but(replica, {state.serving.version, state.previous.version})
     return state
+
+
+def unregister_all_but(replica: Replica, kept: set[str]) -> None:
+    """Unregister the versions a rollback can no longer return to: each one holds its workers."""
+    for version in sorted(registered_versions(replica) - kept):
+        management_call(replica, f"/models/{MODEL_NAME}/{version}", method="DELETE", timeout_s=SWITCH_TIMEOUT_S)
 
 
 # --- commands -----------------------------------------------------------------------------------

@@ -281,7 +281,15 @@ def served_versions(fleet: Fleet) -> list[str]:
 
 
 @server_test
-def test_a_rollout_under_load_loses_no_request_and_rollback_returns(fleet, digit_7, archives):
+def test_rollout_refuses_the_version_already_served_in_one_line(fleet, archives):
+    again = fleet_cli(fleet, "rollout", str(archives["first"]))
+    assert again.returncode == 1 and "already the one served" in again.stderr
+    assert "Traceback" not in again.stderr and len(again.stderr.strip().splitlines()) == 1
+
+
+@server_test
+def test_a_rollout_under_load_loses_no_request_and_rollback_returns(fleet, digit_7, archives, exported,
+                                                                   tmp_path):
     first = manifest_version(archives["first"])
     with PacedLoad(predictions(fleet.front_door.http_url), digit_7, **LOAD) as load:
         rolled = fleet_cli(fleet, "rollout", str(archives["new"]))
@@ -304,12 +312,11 @@ def test_a_rollout_under_load_loses_no_request_and_rollback_returns(fleet, digit
     assert served_versions(fleet) == [first, first]
     assert json.loads(request(front(fleet), digit_7)[1])["model_version"] == first
 
-
-@server_test
-def test_rollout_refuses_the_version_already_served_in_one_line(fleet, archives):
-    again = fleet_cli(fleet, "rollout", str(archives["first"]))
-    assert again.returncode == 1 and "already the one served" in again.stderr
-    assert "Traceback" not in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    # A third version: the one before the previous is unregistered (its workers freed), the
+    # previous one stays for --rollback.
+    third = build_archive(exported / TORCHSCRIPT_NAME, tmp_path / "v3", force=True, version="3.0")
+    assert fleet_cli(fleet, "rollout", str(third)).returncode == 0
+    assert [fleet_module.registered_versions(replica) for replica in fleet.replicas] == [{first, "3.0"}] * 2
 
 
 # --- the production config: replicas keep their keys, nginx adds them, clients bring their own ----
