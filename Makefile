@@ -41,7 +41,7 @@ IMG         ?= $(SAMPLES)/digit_7.png
 DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 .DEFAULT_GOAL := help
-.PHONY: help install system java browser prometheus nginx fleet fleet-stop data train export archive serve demo stop predict samples test screenshot reliability bench clean FORCE
+.PHONY: help install system java browser prometheus nginx fleet fleet-stop data train export archive serve demo stop predict samples test screenshot reliability bench manifests clean FORCE
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -170,6 +170,9 @@ reliability: $(INSTALLED) java ## Hostile inputs, fuzzing, a 90-second load, kil
 bench: $(INSTALLED) java export ## Measure training, inference and serving against baselines: benchmarks/RESULTS.md
 	@command -v wrk >/dev/null || apt-get install -y -q wrk || { echo "bench needs wrk: apt-get install wrk"; exit 1; }
 	$(BIN)/python -m benchmarks.run $(DATA_FLAG)
+
+manifests: $(INSTALLED) ## Regenerate deploy/kubernetes/*.yaml from serving/topology.py, the nginx template and benchmarks/footprint.json
+	$(BIN)/python -m deploy.manifests
 
 clean: ## Remove artifacts, archives and server state (keeps .venv and data)
 	rm -rf $(ARTIFACTS) $(MODEL_STORE) .run $(SAMPLES) logs

@@ -31,6 +31,7 @@ KEEPALIVE_ON = "        keepalive 32;           # reuse connections to the repli
 # With the key hops, a kept-alive connection to a hop could outlive a reload: its far end stays in
 # an old nginx worker, which goes on sending the replica's old key. A new connection each time.
 KEEPALIVE_OFF = "        # no keepalive: each request reaches a hop of the current config (frontdoor.py)"
+CLIENT_KEYS_MAP = "client-keys.map"   # in nginx's dir: the allowed client keys as map entries, included
 
 
 class FrontDoorError(Exception):
@@ -67,6 +68,15 @@ def read_client_keys(path: Path) -> list[str]:
     return keys
 
 
+def client_keys_map(keys: list[str]) -> str:
+    """The body nginx's `map $http_x_api_key` includes: one allowed key a line."""
+    return "".join(f'"{key}" 1;\n' for key in keys)
+
+
+def include_line(path: object) -> str:
+    return f"        include {path};"
+
+
 def check_origins(origins: tuple[str, ...]) -> None:
     for origin in origins:
         if not ORIGIN_PATTERN.fullmatch(origin):
@@ -84,7 +94,9 @@ def keyed_replicas(fleet: Fleet, state: RotationState) -> list[dict[str, object]
     """The per-replica hop that adds its key: one per replica with token auth, none without."""
     if not fleet.token_auth:
         return []
-    return [{"KEY_HOP_PORT": replica.ports.key_hop, "REPLICA_ADDRESS": f"127.0.0.1:{replica.ports.inference}",
+    # HOP_ADDRESS: loopback in the fleet; a pod's own hop listens on the pod's address (keyhop.py).
+    return [{"HOP_ADDRESS": "127.0.0.1", "KEY_HOP_PORT": replica.ports.key_hop,
+             "REPLICA_ADDRESS": f"127.0.0.1:{replica.ports.inference}",
              "INFERENCE_KEY": state.inference_keys.get(replica.name, "no-key-yet")} for replica in fleet.replicas]
 
 
@@ -93,8 +105,10 @@ def worker_user() -> str:
     return "user nobody nogroup;" if os.geteuid() == 0 else "# (not root: the workers run as this user)"
 
 
-def render(fleet: Fleet, state: RotationState, template: str | None = None) -> str:
-    """nginx.conf for fleet in state."""
+def render(fleet: Fleet, state: RotationState, template: str | None = None,
+           overrides: dict[str, object] | None = None) -> str:
+    """nginx.conf for fleet in state. overrides: placeholders another deployment fills itself
+    (deploy/manifests.py: a Kubernetes Service as the upstream, the image's paths and user)."""
     door = fleet.front_door
     check_origins(door.origins)
     client_keys = read_client_keys(door.api_keys_file) if door.api_keys_file else []
@@ -106,16 +120,17 @@ def render(fleet: Fleet, state: RotationState, template: str | None = None) -> s
         "ORIGINS": "\n".join(f'        "{origin}" "{origin}";' for origin in door.origins),
         "VARY": "        add_header Vary Origin always;" if door.origins else "",
         "CLIENT_DEFAULT": 0 if client_keys else 1,
-        "CLIENT_KEYS": "\n".join(f'        "{key}" 1;' for key in client_keys),
+        "CLIENT_KEYS": include_line(fleet.nginx_dir / CLIENT_KEYS_MAP) if client_keys else "",   # write_config writes it
         "UPSTREAM_SERVERS": "\n".join(upstream_line(fleet, replica, state) for replica in fleet.replicas),
         "ADDRESS": door.address, "HTTP_PORT": door.http_port, "TLS_PORT": door.tls_port,
         "TLS_CERT": door.tls_cert or fleet.tls_dir / "cert.pem", "TLS_KEY": door.tls_key or fleet.tls_dir / "key.pem",
         "WEB_DIR": WEB_DIR, "OPEN_PATHS": "^(" + "|".join(re.escape(path) for path in OPEN_PATHS) + ")$",
         "KEEPALIVE": KEEPALIVE_OFF if fleet.token_auth else KEEPALIVE_ON,
         "TRIES": len(fleet.replicas) + 1, "NEXT_UPSTREAM_S": timeout_s + READ_TIMEOUT_MARGIN_S,
+        **(overrides or {}),
     }
     text = template if template is not None else TEMPLATE.read_text()
-    text = BLOCK.sub(lambda block: "".join(fill(block.group(2), {**common, **item})
+    text = BLOCK.sub(lambda block: "".join(fill(block.group(2), {**common, **item, **(overrides or {})})
                                            for item in keyed_replicas(fleet, state)), text)
     return fill(text, values)
 
@@ -140,15 +155,24 @@ def prepare_dirs(fleet: Fleet) -> None:
             os.chown(path, nobody.pw_uid, nobody.pw_gid)
 
 
-def write_config(fleet: Fleet, state: RotationState) -> Path:
-    """Render, write (private: it may hold the replicas' keys) and check with `nginx -t`."""
+def write_private(path: Path, text: str) -> None:
+    path.touch(mode=0o600)
+    path.write_text(text)
+
+
+def write_config(fleet: Fleet, state: RotationState, template: str | None = None,
+                 overrides: dict[str, object] | None = None) -> Path:
+    """Render, write (private: it may hold the replicas' keys), with the client keys' map file it
+    includes, and check with `nginx -t`. template, overrides: as render's (serving/keyhop.py)."""
     if shutil.which(NGINX) is None:
         raise FrontDoorError(f"no nginx at {NGINX}: `make nginx` installs it (apt-get install nginx)")
     prepare_dirs(fleet)
     path = config_path(fleet)
     candidate = path.with_suffix(".new")
-    candidate.touch(mode=0o600)
-    candidate.write_text(render(fleet, state))
+    write_private(candidate, render(fleet, state, template, overrides))
+    if fleet.front_door.api_keys_file and template is None:   # what render's `include` names
+        keys = read_client_keys(fleet.front_door.api_keys_file)
+        write_private(fleet.nginx_dir / CLIENT_KEYS_MAP, client_keys_map(keys))
     checked = subprocess.run([NGINX, "-t", "-q", "-p", str(fleet.nginx_dir), "-c", str(candidate)],
                              capture_output=True, text=True)
     if checked.returncode != 0:

@@ -1,0 +1,637 @@
+"""deploy/kubernetes: schema-valid for a pinned Kubernetes, what the generator writes, and one with
+the fleet (serving/topology.py, serving/frontdoor.py) in every probe command, port and path; the
+replicas run with token auth behind their pod's key hop (serving/keyhop.py), and no file holds a key.
+All but one are fast: no cluster, no server, no image build (Docker has no daemon here: the
+Dockerfile is read, not built). The one slow test runs the replica with the ConfigMap's config on a
+read-only filesystem, as the pod would (root only: it needs a mount namespace)."""
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
+
+import kubernetes_validate
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from deploy import manifests as gen
+from serving.archive import build_archive
+from serving.artifact import ARCHIVE_NAME, TORCHSCRIPT_NAME
+from serving import keyhop
+from serving.frontdoor import (CLIENT_KEYS_MAP, RotationState, client_keys_map, make_certificate, render,
+                               write_config)
+from serving.properties import PRODUCTION_OVERRIDES, free_ports, read_properties, set_properties, token_auth_enabled
+from serving.topology import Fleet, FrontDoor, ReplicaPorts
+
+from repo import REPO_ROOT, subprocess_env
+
+KUBERNETES_VERSION = "1.33.0"   # the one version the manifests are checked against (strict: no unknown fields)
+MANIFEST_DIR = REPO_ROOT / "deploy" / "kubernetes"
+DOC = REPO_ROOT / "docs" / "kubernetes.md"
+DOCKERFILE = REPO_ROOT / "deploy" / "Dockerfile"
+
+
+def load_all() -> dict[str, list[dict]]:
+    return {path.name: list(yaml.safe_load_all(path.read_text())) for path in sorted(MANIFEST_DIR.glob("*.yaml"))}
+
+
+def objects(files: dict[str, list[dict]]) -> dict[tuple[str, str], dict]:
+    """(kind, name) -> object, over every file."""
+    return {(doc["kind"], doc["metadata"]["name"]): doc for docs in files.values() for doc in docs}
+
+
+@pytest.fixture
+def cluster() -> dict[tuple[str, str], dict]:
+    return objects(load_all())
+
+
+def pod_spec(cluster: dict, name: str) -> dict:
+    return cluster[("Deployment", name)]["spec"]["template"]["spec"]
+
+
+def container(cluster: dict, deployment: str, name: str | None = None) -> dict:
+    """The pod's container called name; without a name, its first (TorchServe, nginx)."""
+    boxes = pod_spec(cluster, deployment)["containers"]
+    return boxes[0] if name is None else next(box for box in boxes if box["name"] == name)
+
+
+def container_port(cluster: dict, deployment: str, name: str) -> int:
+    """The pod's port called name, in whichever container declares it."""
+    return next(port["containerPort"] for box in pod_spec(cluster, deployment)["containers"]
+                for port in box.get("ports", []) if port["name"] == name)
+
+
+def configmap_file(cluster: dict, deployment: str, volume_name: str) -> tuple[PurePosixPath, str]:
+    """Where the deployment's container sees its ConfigMap volume's one file, and the file's text."""
+    pod = pod_spec(cluster, deployment)
+    volume = next(v for v in pod["volumes"] if v["name"] == volume_name)
+    ((key, text),) = cluster[("ConfigMap", volume["configMap"]["name"])]["data"].items()
+    mount = next(m for m in container(cluster, deployment)["volumeMounts"] if m["name"] == volume_name)
+    path = PurePosixPath(mount["mountPath"])
+    return (path if mount.get("subPath") == key else path / key), text
+
+
+def properties_of(text: str, tmp_path: Path) -> dict:
+    path = tmp_path / "config.properties"
+    path.write_text(text)
+    return read_properties(path)
+
+
+def open_paths_line(nginx_text: str) -> str:
+    return re.search(r"^\s*location ~ (.+) \{$", nginx_text, re.M).group(1)
+
+
+def fleet_mismatches(cluster: dict, tmp_path: Path) -> list[str]:
+    """Every probe command, port and path of the manifests that differs from what the fleet uses.
+    The expected values come from serving/topology.py and serving/frontdoor.py, never typed here."""
+    found = []
+    fleet = Fleet.plan(1, run_dir=tmp_path / "fleet")
+    replica, door = fleet.replicas[0], FrontDoor()
+    torchserve = container(cluster, gen.REPLICA)
+    config_path, config_text = configmap_file(cluster, gen.REPLICA, "config")
+    properties = properties_of(config_text, tmp_path)
+
+    # The commands: the fleet's, with the pod's config and run dir in place of the fleet's.
+    def as_fleet(command: list[str]) -> list[str]:
+        swapped = {str(config_path): str(replica.config), torchserve.get("workingDir"): str(replica.run_dir)}
+        return [swapped.get(part, part) for part in command[1:]]
+
+    for probe in ("readinessProbe", "startupProbe"):
+        command = torchserve[probe]["exec"]["command"]
+        if as_fleet(command) != replica.probe_command()[1:]:
+            found.append(f"{probe} runs {command}, the fleet probes with {replica.probe_command()[1:]}")
+    if as_fleet(torchserve["command"]) != replica.run_command()[1:]:
+        found.append(f"the replica runs {torchserve['command']}, the fleet {replica.run_command()[1:]}")
+
+    # Ports: the fleet's replica-0 ports, in the container, the config it reads, the Service and the policy.
+    for api in ("inference", "management", "metrics"):
+        expected = getattr(ReplicaPorts.derived(0), api)
+        if urlsplit(properties[f"{api}_address"]).port != expected:
+            found.append(f"{api}_address in the ConfigMap is not on the fleet's port {expected}")
+    if container_port(cluster, gen.REPLICA, "metrics") != replica.ports.metrics:
+        found.append(f"containerPort metrics is not the fleet's {replica.ports.metrics}")
+    if container_port(cluster, gen.REPLICA, "key-hop") != replica.ports.key_hop:
+        found.append(f"containerPort key-hop is not the fleet's {replica.ports.key_hop}")
+    service_ports = cluster[("Service", gen.INFERENCE_SERVICE)]["spec"]["ports"]
+    if [(p["port"], p["targetPort"]) for p in service_ports] != [(replica.ports.key_hop, "key-hop")]:
+        found.append(f"the inference Service's ports {service_ports} are not the key hop alone")
+    liveness = torchserve["livenessProbe"]["httpGet"]["port"]
+    if liveness != replica.ports.key_hop:
+        found.append(f"the liveness probe's port {liveness} is not the key hop's (the kubelet cannot reach loopback)")
+
+    # The key hop: the fleet's hop for this replica, on its config and run dir, at the fleet's hop port.
+    hop = container(cluster, gen.REPLICA, "key-hop")["command"]
+    expected_hop = {"--config": str(config_path), "--run-dir": torchserve.get("workingDir"),
+                    "--port": str(replica.ports.key_hop)}
+    if hop[1:3] != ["-m", "serving.keyhop"] or {flag: hop[hop.index(flag) + 1] for flag in expected_hop
+                                               if flag in hop} != expected_hop:
+        found.append(f"the key hop runs {hop}, not serving.keyhop with {expected_hop}")
+
+    # The front door: the fleet's ports and open paths; its upstream is the inference Service.
+    nginx = container(cluster, gen.FRONTDOOR)
+    nginx_path, nginx_text = configmap_file(cluster, gen.FRONTDOOR, "config")
+    ports = {port["name"]: port["containerPort"] for port in nginx["ports"]}
+    if ports != {"http": door.http_port, "https": door.tls_port}:
+        found.append(f"the front door's container ports {ports} are not the fleet's")
+    listens = set(re.findall(r"^\s*listen [\d.]+:(\d+)", nginx_text, re.M))
+    if listens != {str(door.http_port), str(door.tls_port)}:
+        found.append(f"nginx listens on {listens}, the fleet's front door on {door.http_port}, {door.tls_port}")
+    fleet_paths = open_paths_line(render(fleet, RotationState()))
+    if open_paths_line(nginx_text) != fleet_paths:
+        found.append(f"the front door opens {open_paths_line(nginx_text)}, the fleet {fleet_paths}")
+    upstream = re.findall(r"^\s*server ([\w.-]+):(\d+)", nginx_text, re.M)
+    if upstream != [(gen.INFERENCE_SERVICE, str(replica.ports.key_hop))]:
+        found.append(f"nginx's upstream {upstream} is not the inference Service on the key hop's port")
+    if nginx["command"][-4:-2] != ["-c", str(nginx_path)]:
+        found.append(f"nginx reads {nginx['command'][-4:-2]}, its ConfigMap is at {nginx_path}")
+    return found
+
+
+# --- schemas -------------------------------------------------------------------------------------
+def test_every_manifest_validates_against_the_pinned_kubernetes_strictly():
+    files = load_all()
+    assert {doc["kind"] for docs in files.values() for doc in docs} >= {
+        "Deployment", "Service", "ConfigMap", "NetworkPolicy", "HorizontalPodAutoscaler"}
+    for name, docs in files.items():
+        for doc in docs:
+            assert kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True) == "1.33", name
+
+
+def test_the_validator_really_refuses_an_unknown_field():
+    """Strict means strict: a misspelt field (readinesProbe) is an error, not ignored."""
+    deployment = copy.deepcopy(objects(load_all())[("Deployment", gen.REPLICA)])
+    torchserve = deployment["spec"]["template"]["spec"]["containers"][0]
+    torchserve["readinesProbe"] = torchserve.pop("readinessProbe")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+
+
+# --- the generator -------------------------------------------------------------------------------
+def test_committed_manifests_are_what_the_generator_writes():
+    assert gen.differences() == [], "run `make manifests` (python -m deploy.manifests) and commit deploy/kubernetes"
+
+
+def test_check_exits_non_zero_naming_a_file_that_drifted(tmp_path):
+    copied = tmp_path / "kubernetes"
+    shutil.copytree(MANIFEST_DIR, copied)
+    assert CliRunner().invoke(gen.main, ["--check", "--out-dir", str(copied)]).exit_code == 0
+    hpa = copied / "hpa.yaml"
+    hpa.write_text(hpa.read_text().replace("maxReplicas: ", "maxReplicas: 1"))
+    result = CliRunner().invoke(gen.main, ["--check", "--out-dir", str(copied)])
+    assert result.exit_code == 1 and "hpa.yaml: differs" in result.output, result.output
+
+
+# --- one topology ----------------------------------------------------------------------------------
+def test_probe_commands_ports_and_paths_are_the_fleets(cluster, tmp_path):
+    assert fleet_mismatches(cluster, tmp_path) == []
+
+
+def swap(command: list[str], old: str, new: str) -> None:
+    command[command.index(old)] = new
+
+
+MUTATIONS = {
+    "readiness probe runs another command": lambda c: swap(
+        container(c, gen.REPLICA)["readinessProbe"]["exec"]["command"], "ready", "start"),
+    "startup probe reads another config": lambda c: swap(
+        container(c, gen.REPLICA)["startupProbe"]["exec"]["command"], str(gen.POD_REPLICA.config), "/etc/other.properties"),
+    "run dir is not the working dir": lambda c: container(c, gen.REPLICA).update(workingDir="/srv/elsewhere"),
+    "metrics containerPort": lambda c: container(c, gen.REPLICA)["ports"][0].update(containerPort=8082),
+    "Service targets TorchServe's inference port": lambda c: c[("Service", gen.INFERENCE_SERVICE)]["spec"]["ports"][
+        0].update(port=ReplicaPorts.derived(0).inference, targetPort=ReplicaPorts.derived(0).inference),
+    "key hop reads another run dir": lambda c: swap(
+        container(c, gen.REPLICA, "key-hop")["command"], str(gen.RUN_DIR), "/srv/elsewhere"),
+    "metrics address in the ConfigMap": lambda c: c[("ConfigMap", f"{gen.REPLICA}-config")]["data"].update(
+        {"config.properties": c[("ConfigMap", f"{gen.REPLICA}-config")]["data"]["config.properties"].replace(
+            f":{ReplicaPorts.derived(0).metrics}", ":8082")}),
+    "management port in the Service": lambda c: c[("Service", gen.INFERENCE_SERVICE)]["spec"]["ports"].append(
+        {"name": "management", "port": 9081, "targetPort": "management"}),
+    "front door listens elsewhere": lambda c: container(c, gen.FRONTDOOR)["ports"][0].update(containerPort=80),
+    "front door opens /metrics": lambda c: c[("ConfigMap", f"{gen.FRONTDOOR}-config")]["data"].update(
+        {"nginx.conf": c[("ConfigMap", f"{gen.FRONTDOOR}-config")]["data"]["nginx.conf"].replace(
+            "/infer)$", "/infer|/metrics)$")}),
+}
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS, ids=list(MUTATIONS))
+def test_a_value_that_parts_from_the_fleet_is_found(cluster, tmp_path, mutation):
+    """The check above can fail: each value changed in a copy of the manifests is reported."""
+    mutated = copy.deepcopy(cluster)
+    MUTATIONS[mutation](mutated)
+    assert fleet_mismatches(mutated, tmp_path) != []
+
+
+# --- security ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("deployment", [gen.REPLICA, gen.FRONTDOOR])
+def test_pods_run_non_root_on_a_read_only_root_with_writable_empty_dirs(cluster, deployment):
+    pod = pod_spec(cluster, deployment)
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    for each in pod["containers"]:
+        context = each["securityContext"]
+        assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"] == {"drop": ["ALL"]} and context["runAsNonRoot"] is True
+        writable = {mount["mountPath"] for mount in each["volumeMounts"]
+                    if not mount.get("readOnly") and "emptyDir" in volumes[mount["name"]]}
+        assert not {mount["mountPath"] for mount in each["volumeMounts"] if not mount.get("readOnly")} - writable
+    box = pod["containers"][0]
+    writable = {mount["mountPath"] for mount in box["volumeMounts"]
+                if not mount.get("readOnly") and "emptyDir" in volumes[mount["name"]]}
+    if deployment == gen.REPLICA:   # where TorchServe writes: its run dir (pid, logs, unpacked model), /tmp
+        assert {box["workingDir"], str(gen.TMP_DIR)} <= writable
+        properties_text = cluster[("ConfigMap", f"{gen.REPLICA}-config")]["data"]["config.properties"]
+        assert f"workflow_store={gen.RUN_DIR}/" in properties_text
+    else:                           # nginx: its run dir (pid, access log) and its temp files
+        nginx_dir = box["command"][box["command"].index("-p") + 1]
+        assert {nginx_dir, f"{nginx_dir}/tmp"} <= writable
+
+
+def key_material(texts: dict[str, str]) -> list[str]:
+    """Every key (or place for one) found in the manifests' texts: a Secret object, a PEM block, an
+    Authorization header, a client key in nginx's map (only `default` and `include` may be there)."""
+    found = []
+    for name, text in texts.items():
+        if re.search(r"^kind: Secret$", text, re.M) or "BEGIN" in text:
+            found.append(f"{name}: a Secret or PEM block")
+        if re.search(r"Bearer [\w=-]", text):   # a key after it (config.production.properties' header shows `$(jq ...)`)
+            found.append(f"{name}: an Authorization header with a key")
+        for block in re.findall(r"map \$http_x_api_key \$client_allowed \{\n(.*?)\n\s*\}", text, re.S):
+            entries = [line.split("#")[0].strip() for line in block.splitlines()]
+            found += [f"{name}: map entry {entry}" for entry in entries
+                      if entry and not re.fullmatch(r"(default [01]|include \S+);", entry)]
+    return found
+
+
+def manifest_texts() -> dict[str, str]:
+    return {path.name: path.read_text() for path in MANIFEST_DIR.glob("*.yaml")}
+
+
+def test_no_manifest_holds_a_key(cluster):
+    """Keys come from Secrets made in the cluster (docs/kubernetes.md) or from TorchServe inside
+    each pod, never from these files: the front door includes its client keys from a mounted Secret."""
+    texts = manifest_texts()
+    assert key_material(texts) == []
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod_spec(cluster, gen.FRONTDOOR)["volumes"] if "secret" in v}
+    assert secrets == {"tls": gen.TLS_SECRET, "api-keys": gen.API_KEYS_SECRET}
+    mount = next(m for m in container(cluster, gen.FRONTDOOR)["volumeMounts"] if m["name"] == "api-keys")
+    _, nginx_text = configmap_file(cluster, gen.FRONTDOOR, "config")
+    assert f"include {mount['mountPath']}/{gen.API_KEYS_FILE};" in nginx_text and mount["readOnly"]
+    assert re.search(r"map \$http_x_api_key \$client_allowed \{\n\s*default 0;", nginx_text)   # a key is required
+
+    # The check can fail: a key in the map, or an added header, is found.
+    leaked = {"frontdoor-config.yaml": texts["frontdoor-config.yaml"].replace(
+        "default 0;", 'default 0;\n          "client-key-0123456789abcdef" 1;')}
+    assert key_material(leaked) == ["frontdoor-config.yaml: map entry \"client-key-0123456789abcdef\" 1;"]
+    assert key_material({"x.yaml": 'proxy_set_header Authorization "Bearer k";'}) != []
+
+
+@pytest.mark.skipif(not Path("/usr/sbin/nginx").exists(), reason="needs nginx (make system)")
+def test_the_fleets_nginx_config_includes_its_client_keys_as_the_cluster_does(tmp_path):
+    """`make fleet` with FLEET_API_KEYS: nginx.conf names the map file, written beside it (private),
+    and holds no key itself; `nginx -t` (in write_config) accepts both."""
+    keys = tmp_path / "client-keys.txt"
+    keys.write_text("# allowed clients\nclient-key-0123456789abcdef\n")
+    fleet = Fleet.plan(1, run_dir=tmp_path / "fleet", base_config=REPO_ROOT / "config.properties",
+                       replica_ports=[ReplicaPorts(*free_ports(7))], http_port=free_ports(1)[0],
+                       tls_port=free_ports(1)[0], api_keys_file=keys)
+    make_certificate(fleet)
+    text = write_config(fleet, RotationState()).read_text()
+    included = fleet.nginx_dir / CLIENT_KEYS_MAP
+    assert f"include {included};" in text and key_material({"nginx.conf": text}) == []
+    assert included.read_text() == '"client-key-0123456789abcdef" 1;\n' and included.stat().st_mode & 0o077 == 0
+
+
+def key_gaps(cluster: dict, tmp_path: Path) -> list[str]:
+    """How the replica pods fall short of token auth behind their own key hop: the config's
+    production overrides, TorchServe's APIs on loopback, the Service on the hop's port."""
+    found = []
+    _, config_text = configmap_file(cluster, gen.REPLICA, "config")
+    properties = properties_of(config_text, tmp_path)
+    if not token_auth_enabled(properties):
+        found.append("the replicas run with token authorization off")
+    found += [f"{key}={properties.get(key)!r}, production says {value!r}" for key, value in PRODUCTION_OVERRIDES.items()
+              if properties.get(key) != value]
+    for api in ("inference", "management"):
+        if urlsplit(properties[f"{api}_address"]).hostname != "127.0.0.1":
+            found.append(f"TorchServe's {api} API listens on {properties[f'{api}_address']}, not the pod's loopback")
+    torchserve_ports = {urlsplit(properties[f"{api}_address"]).port for api in ("inference", "management", "metrics")}
+    torchserve_ports |= {int(properties[key]) for key in ("grpc_inference_port", "grpc_management_port")}
+    for port in cluster[("Service", gen.INFERENCE_SERVICE)]["spec"]["ports"]:
+        target = port["targetPort"]
+        number = target if isinstance(target, int) else container_port(cluster, gen.REPLICA, target)
+        owner = next((box["name"] for box in pod_spec(cluster, gen.REPLICA)["containers"]
+                      for declared in box.get("ports", []) if declared["containerPort"] == number), None)
+        if number in torchserve_ports or owner != "key-hop":
+            found.append(f"the Service targets port {target} ({owner or 'no container'}), not the key hop")
+    return found
+
+
+def test_replicas_run_with_token_auth_behind_their_key_hop(cluster, tmp_path):
+    assert key_gaps(cluster, tmp_path) == []
+
+
+KEY_MUTATIONS = {
+    "token auth off": lambda c: c[("ConfigMap", f"{gen.REPLICA}-config")]["data"].update(
+        {"config.properties": c[("ConfigMap", f"{gen.REPLICA}-config")]["data"]["config.properties"].replace(
+            "disable_token_authorization=false", "disable_token_authorization=true")}),
+    "inference on the pod's address": lambda c: c[("ConfigMap", f"{gen.REPLICA}-config")]["data"].update(
+        {"config.properties": c[("ConfigMap", f"{gen.REPLICA}-config")]["data"]["config.properties"].replace(
+            "inference_address=http://127.0.0.1", "inference_address=http://0.0.0.0")}),
+    "Service on TorchServe's metrics port": lambda c: c[("Service", gen.INFERENCE_SERVICE)]["spec"]["ports"][0].update(
+        targetPort="metrics"),
+    "Service on TorchServe's inference port": lambda c: c[("Service", gen.INFERENCE_SERVICE)]["spec"]["ports"][0].update(
+        targetPort=ReplicaPorts.derived(0).inference),
+}
+
+
+@pytest.mark.parametrize("mutation", KEY_MUTATIONS, ids=list(KEY_MUTATIONS))
+def test_a_replica_pod_without_its_key_is_found(cluster, tmp_path, mutation):
+    mutated = copy.deepcopy(cluster)
+    KEY_MUTATIONS[mutation](mutated)
+    assert key_gaps(mutated, tmp_path) != []
+
+
+def ports_open_outside_namespace(policy: dict) -> set:
+    """Ports of the policy's pods that a pod of another namespace (or any address) may reach."""
+    opened = set()
+    for rule in policy["spec"].get("ingress", []):
+        peers = rule.get("from")
+        outside = peers is None or any("namespaceSelector" in peer or "ipBlock" in peer for peer in peers)
+        if outside:
+            opened |= {port["port"] for port in rule.get("ports", [])} or {"every port"}
+    return opened
+
+
+def test_management_and_metrics_stay_inside_the_namespace(cluster):
+    policy = cluster[("NetworkPolicy", gen.REPLICA)]
+    labels = cluster[("Deployment", gen.REPLICA)]["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    metrics = container_port(cluster, gen.REPLICA, "metrics")
+    assert ports_open_outside_namespace(policy) == set()
+    hop_rules = [rule for rule in policy["spec"]["ingress"]
+                 if container_port(cluster, gen.REPLICA, "key-hop") in {p["port"] for p in rule["ports"]}]
+    door_labels = cluster[("Deployment", gen.FRONTDOOR)]["spec"]["template"]["metadata"]["labels"]
+    assert [rule["from"] for rule in hop_rules] == [[{"podSelector": {"matchLabels": door_labels}}]]
+    in_namespace = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert metrics in in_namespace
+    # Management is on the pod's loopback: no container declares it, no rule admits it.
+    management = ReplicaPorts.derived(0).management
+    assert management not in in_namespace and not [
+        port for box in pod_spec(cluster, gen.REPLICA)["containers"] for port in box.get("ports", [])
+        if port["containerPort"] == management]
+
+    opened = copy.deepcopy(policy)   # the check can fail: one namespaceSelector opens them
+    opened["spec"]["ingress"][1]["from"].append({"namespaceSelector": {}})
+    assert metrics in ports_open_outside_namespace(opened)
+
+
+# --- scaling and resources -------------------------------------------------------------------------
+def test_autoscaler_scales_on_a_request_rate_that_the_adapter_rule_serves(cluster):
+    hpa = cluster[("HorizontalPodAutoscaler", gen.REPLICA)]["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": gen.REPLICA}
+    (metric,) = hpa["metrics"]
+    assert metric["type"] in ("Pods", "Object", "External") and metric["pods"]["target"]["type"] == "AverageValue"
+    rule = gen.adapter_rule()
+    assert metric["pods"]["metric"]["name"] == rule["name"]["as"]
+    counter = re.fullmatch(r"\^(\w+)\$", rule["name"]["matches"]).group(1)
+    assert re.search(rf"\brate\(<<\.Series>>\{{<<\.LabelMatchers>>\}}\[\d+m\]\)", rule["metricsQuery"])
+    declared = yaml.safe_load((REPO_ROOT / "serving" / "metrics.yaml").read_text())["ts_metrics"]["counter"]
+    assert counter in {entry["name"] for entry in declared}   # TorchServe exports it in prometheus mode
+
+
+def test_the_docs_show_the_adapter_rule_the_autoscaler_needs():
+    blocks = re.findall(r"```yaml\n(.*?)```", DOC.read_text(), re.S)
+    rules = [yaml.safe_load(block) for block in blocks if "seriesQuery" in block]
+    assert rules and rules[0]["rules"] == [gen.adapter_rule()]
+    assert f"schema-checked against Kubernetes {KUBERNETES_VERSION.rsplit('.', 1)[0]}" in DOC.read_text()
+
+
+def test_memory_is_the_measured_footprint_with_headroom(cluster):
+    resources = container(cluster, gen.REPLICA)["resources"]
+    memory = gen.measured_memory()
+    request = int(resources["requests"]["memory"].removesuffix("Mi"))
+    limit = int(resources["limits"]["memory"].removesuffix("Mi"))
+    assert memory.measured_mib <= request < memory.measured_mib + gen.MEMORY_STEP_MIB
+    assert request * gen.HEADROOM <= limit < request * gen.HEADROOM + gen.MEMORY_STEP_MIB
+
+
+# --- the image -------------------------------------------------------------------------------------
+def instructions(dockerfile: str) -> list[tuple[str, str]]:
+    joined = re.sub(r"\\\n\s*", " ", dockerfile)
+    return [tuple(line.split(None, 1)) for line in joined.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_the_dockerfile_builds_what_the_manifests_run(cluster):
+    """Read, not built: no Docker daemon here."""
+    steps = instructions(DOCKERFILE.read_text())
+    text = " ".join(f"{op} {args}" for op, args in steps)
+    pins = {re.split(r"[=<>]", dep)[0]: dep for dep in tomllib.loads(
+        (REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    assert pins["torch"] in text and pins["torchvision"] in text   # the pins of pyproject.toml, CPU wheels
+    assert ("WORKDIR", str(gen.APP_DIR)) in steps
+    archive = f"{gen.IMAGE_MODEL_STORE.relative_to(gen.APP_DIR)}/{ARCHIVE_NAME}"
+    assert ("COPY", f"model_store/{ARCHIVE_NAME} {archive}") in steps   # what `make archive` wrote
+    assert ("USER", f"{gen.USER_ID}:{gen.USER_ID}") in steps and f"--uid {gen.USER_ID}" in text
+    assert pod_spec(cluster, gen.REPLICA)["securityContext"]["runAsUser"] == gen.USER_ID
+    cmd = yaml.safe_load(dict(steps)["CMD"])
+    assert cmd == container(cluster, gen.REPLICA)["command"]
+    made = re.search(r"mkdir -p ([^&]*)&& chown -R \S+ ([^&]*)", text)   # the mount points, the user's
+    assert {str(gen.RUN_DIR), str(gen.FRONTDOOR_DIR / "nginx" / "tmp")} <= set(made.group(1).split())
+    assert {str(gen.RUN_DIR), str(gen.FRONTDOOR_DIR)} <= set(made.group(2).split())
+    exposed = {int(port) for port in dict(steps)["EXPOSE"].split()}
+    assert exposed == {port["containerPort"] for deployment in (gen.REPLICA, gen.FRONTDOOR)
+                       for box in pod_spec(cluster, deployment)["containers"] for port in box.get("ports", [])}
+    assert str(gen.HOP_DIR) in made.group(1).split() and str(gen.HOP_DIR) in made.group(2).split()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None or not Path("/usr/sbin/nginx").exists(),
+                    reason="needs nginx and openssl (make system)")
+def test_nginx_accepts_the_front_doors_config_in_the_pods_layout(cluster, tmp_path):
+    """`nginx -t` on the ConfigMap's config, with the pod's directories moved under tmp_path and the
+    Service's name (which only the cluster resolves) replaced by loopback."""
+    _, text = configmap_file(cluster, gen.FRONTDOOR, "config")
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=t",
+                           "-keyout", str(tls / "tls.key"), "-out", str(tls / "tls.crt")], capture_output=True)
+    assert made.returncode == 0
+    nginx_dir = tmp_path / "frontdoor" / "nginx"
+    (nginx_dir / "tmp").mkdir(parents=True)   # the pod's two emptyDirs
+    api_keys = tmp_path / "api-keys"          # the client keys Secret, as docs/kubernetes.md makes it
+    api_keys.mkdir()
+    (api_keys / gen.API_KEYS_FILE).write_text(client_keys_map(["client-key-0123456789abcdef"]))
+    for old, new in {str(gen.FRONTDOOR_DIR): str(tmp_path / "frontdoor"), str(gen.TLS_DIR): str(tls),
+                     str(gen.API_KEYS_DIR): str(api_keys),
+                     f"{gen.INFERENCE_SERVICE}:": "127.0.0.1:", str(gen.APP_DIR): str(REPO_ROOT)}.items():
+        text = text.replace(old, new)
+    (nginx_dir / "nginx.conf").write_text(text)
+    checked = subprocess.run(["/usr/sbin/nginx", "-t", "-p", str(nginx_dir), "-c", str(nginx_dir / "nginx.conf")],
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    assert {path.name for path in (nginx_dir / "tmp").iterdir()} >= {"body", "proxy"}   # nginx made them itself
+
+
+def hop_config(tmp_path: Path, cluster: dict, token_auth: bool = True) -> Path:
+    """The ConfigMap's config with the image's run dir under tmp_path (and token auth as asked)."""
+    _, text = configmap_file(cluster, gen.REPLICA, "config")
+    config = tmp_path / "config.properties"
+    config.write_text(set_properties(text, {"disable_token_authorization": str(not token_auth).lower()}))
+    return config
+
+
+@pytest.mark.skipif(not Path("/usr/sbin/nginx").exists(), reason="needs nginx (make system)")
+def test_nginx_accepts_the_key_hop_the_pod_runs_and_it_adds_the_current_key(cluster, tmp_path):
+    """serving/keyhop.py as the pod runs it: `nginx -t` (in write) accepts the rendered hop, on the
+    pod's address and hop port, forwarding to TorchServe's loopback inference port with the key
+    read from the run dir; no key yet: a placeholder TorchServe refuses."""
+    hop_command = container(cluster, gen.REPLICA, "key-hop")["command"]
+    address, port = (hop_command[hop_command.index(flag) + 1] for flag in ("--address", "--port"))
+    run_dir = tmp_path / "replica"
+    run_dir.mkdir()
+    hop = keyhop.plan(hop_config(tmp_path, cluster), run_dir, tmp_path / "key-hop", int(port))
+    text = keyhop.write(hop, address, None).read_text()
+    assert f"listen {address}:{port};" in text and 'Authorization "Bearer no-key-yet"' in text
+    assert f"proxy_pass http://127.0.0.1:{ReplicaPorts.derived(0).inference};" in text
+    text = keyhop.write(hop, address, "renewed-key").read_text()
+    assert text.count('proxy_set_header Authorization "Bearer renewed-key";') == 1
+    assert (hop.nginx_dir / "nginx.conf").stat().st_mode & 0o077 == 0   # it holds the key
+    assert f"client_max_body_size {read_properties(hop.base_config)['max_request_size']};" in text
+
+
+def test_the_key_hop_refuses_a_replica_without_token_auth_in_one_line(cluster, tmp_path):
+    config = hop_config(tmp_path, cluster, token_auth=False)
+    result = CliRunner().invoke(keyhop.main, ["--config", str(config), "--run-dir", str(tmp_path),
+                                              "--hop-dir", str(tmp_path / "hop"), "--port", "9086"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "turns token authorization off" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_without_a_footprint_the_generator_says_so_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(gen, "FOOTPRINT", tmp_path / "footprint.json")
+    result = CliRunner().invoke(gen.main, ["--out-dir", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "run `python -m benchmarks.footprint`" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())   # nothing half-written
+
+
+# --- the pod's filesystem, for real ------------------------------------------------------------------
+# Inside a mount namespace of its own, every top-level directory but /tmp (the pod's /tmp emptyDir),
+# /dev, /proc and /sys is bound read-only onto itself: what a read-only root filesystem does to a writer.
+READ_ONLY_SETUP = r"""
+set -e
+for top in /*; do
+  case "$top" in /tmp|/dev|/proc|/sys) continue;; esac
+  [ -d "$top" ] && [ ! -L "$top" ] || continue
+  mount --rbind "$top" "$top"
+  findmnt -R -n -o TARGET "$top" | while read -r target; do mount -o remount,bind,ro "$target" 2>/dev/null || true; done
+done
+exec "$@"
+"""
+# Runs in there: the replica as the pod runs it, the pod's probe, its key hop (serving/keyhop.py, as
+# the pod's second container runs it); a prediction through the hop, the inference key renewed (as
+# `run` renews it), a prediction through the hop with the new key; then SIGTERM to both.
+POD_DRIVER = r"""
+import json, subprocess, sys, time, urllib.error
+from pathlib import Path
+from serving.keys import KeyRenewer
+from serving.readiness import NotReady, check_ready, inference_key, probe_once, retry
+from serving.topology import Replica, ReplicaPorts
+run_dir, inference, management, hop_dir, hop_port = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4]), sys.argv[5]
+written = Path(sys.argv[6])   # somewhere read-only: writing it must fail
+try:
+    written.write_text("x")
+    read_only = False
+except OSError:
+    read_only = True
+replica = Replica("pod", ReplicaPorts.derived(0), run_dir)
+server = subprocess.Popen(replica.run_command(), cwd=run_dir, stdout=open(run_dir / "run.out", "wb"),
+                          stderr=subprocess.STDOUT)
+hop = None
+try:
+    ready = retry(lambda: check_ready(replica.config, run_dir), 240)
+    probe = subprocess.run(replica.probe_command(), cwd=run_dir, capture_output=True, text=True)
+    try:
+        probe_once(inference)
+        keyless = "answered"
+    except NotReady as error:
+        keyless = str(error)
+    hop = subprocess.Popen([sys.executable, "-m", "serving.keyhop", "--config", str(replica.config), "--run-dir",
+                            str(run_dir), "--hop-dir", str(hop_dir), "--address", "127.0.0.1", "--port", hop_port],
+                           stdout=open(run_dir / "hop.out", "wb"), stderr=subprocess.STDOUT)
+    hop_url = f"http://127.0.0.1:{hop_port}"
+    through_hop = retry(lambda: probe_once(hop_url), 30)
+    old = inference_key(replica.key_file)
+    KeyRenewer(replica.key_file, management, 3600, run_dir).renew("inference")
+    new = inference_key(replica.key_file)
+    def rendered():
+        if f"Bearer {new}" not in (hop_dir / "nginx" / "nginx.conf").read_text():
+            raise NotReady("the hop has not rendered the new key yet")
+    retry(rendered, 10)
+    renewed = retry(lambda: probe_once(hop_url), 10)   # the old key is refused from the moment of renewal
+finally:
+    if hop:
+        hop.terminate()
+        hop_exit = hop.wait(30)
+    server.terminate()
+    status = server.wait(60)
+print(json.dumps({"read_only": read_only, "ready": ready, "probe_rc": probe.returncode, "keyless": keyless,
+                  "digit": through_hop["digit"], "renewed": old != new and new is not None,
+                  "digit_renewed": renewed["digit"], "hop_exit": hop_exit, "exit": status}))
+"""
+
+
+def can_make_mount_namespaces() -> str | None:
+    """Why the pod's filesystem cannot be imitated here, or None."""
+    if shutil.which("unshare") is None or shutil.which("java") is None:
+        return "needs unshare and Java"
+    if subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True).returncode != 0:
+        return "cannot make a mount namespace (needs root, as CI is)"
+    return None
+
+
+@pytest.mark.server
+@pytest.mark.skipif(can_make_mount_namespaces() is not None, reason=str(can_make_mount_namespaces()))
+def test_the_replica_serves_from_a_read_only_root_as_the_pod_does(cluster, exported, tmp_path):
+    """The ConfigMap's config, run and probed with the pod's commands, with everything read-only but
+    the run dir and /tmp: TorchServe, its workers, the probe and the key hop need no other place to
+    write; the hop answers with TorchServe's key, and again once that key is renewed.
+    The only changes to the config: the image's paths, and free loopback ports for the pod's."""
+
+    model_store = tmp_path / "model_store"
+    build_archive(exported / TORCHSCRIPT_NAME, model_store, force=True)
+    run_dir = tmp_path / "replica"
+    run_dir.mkdir()
+    _, text = configmap_file(cluster, gen.REPLICA, "config")
+    for old, new in {str(gen.IMAGE_MODEL_STORE): str(model_store), str(gen.APP_DIR): str(REPO_ROOT),
+                     str(gen.RUN_DIR): str(run_dir)}.items():
+        text = text.replace(old, new)
+    ports = free_ports(7)
+    loopback = {f"{api}_address": f"http://127.0.0.1:{port}"
+                for api, port in zip(("inference", "management", "metrics"), ports)}
+    loopback |= dict(zip(("grpc_inference_port", "grpc_management_port", "initial_worker_port"), map(str, ports[3:6])))
+    (run_dir / "config.properties").write_text(set_properties(text, loopback))
+    command = ["unshare", "-m", "--propagation", "private", "bash", "-c", READ_ONLY_SETUP, "bash",
+               sys.executable, "-c", POD_DRIVER, str(run_dir), loopback["inference_address"],
+               loopback["management_address"], str(tmp_path / "key-hop"), str(ports[6]),
+               str(REPO_ROOT / "read-only-check")]
+    # HOME on the writable side, as the image sets it to its /tmp emptyDir (ONNX Runtime writes ~/.cache).
+    env = subprocess_env(HOME=str(tmp_path), PYTHONDONTWRITEBYTECODE="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)
+    hop_log = (run_dir / "hop.out").read_text() if (run_dir / "hop.out").exists() else ""
+    assert result.returncode == 0, result.stderr[-2000:] + (run_dir / "run.out").read_text()[-2000:] + hop_log
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["read_only"] and not (REPO_ROOT / "read-only-check").exists()
+    assert outcome["ready"].startswith("ready: mnist") and outcome["probe_rc"] == 0
+    assert outcome["keyless"] != "answered"   # token auth on: TorchServe refuses a request without the key
+    assert outcome["digit"] == 1 and outcome["exit"] == 0   # the probe image is a drawn 1; SIGTERM: a clean stop
+    assert outcome["renewed"] and outcome["digit_renewed"] == 1 and outcome["hop_exit"] == 0, hop_log
