@@ -32,7 +32,7 @@ IMG         ?= $(SAMPLES)/digit_7.png
 DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 .DEFAULT_GOAL := help
-.PHONY: help install system java browser prometheus data train export archive serve demo stop predict samples test screenshot reliability bench clean FORCE
+.PHONY: help install system java browser prometheus fonts data train export archive serve demo stop predict samples test screenshot reliability bench clean FORCE
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,7 +47,7 @@ $(INSTALLED): pyproject.toml
 	grep -q '^# digitserve: a plain' $(BIN)/activate || sed 's|@CONFIG@|$(CURDIR)/config.properties|' serving/activate.sh >> $(BIN)/activate
 	touch $@
 
-system: java browser prometheus ## System packages the tests need (apt-get, only what is missing)
+system: java browser prometheus fonts ## System packages the tests need (apt-get, only what is missing)
 
 java: ## Install Java 17 (TorchServe needs it) with apt-get when missing
 	@major=$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n1); \
@@ -69,6 +69,14 @@ prometheus: ## Install Prometheus (the metrics tests scrape the server with it) 
 	  echo "installing prometheus for the metrics tests"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus \
 	    || { echo "install Prometheus (apt-get install prometheus) and rerun"; exit 1; }; \
+	fi
+
+fonts: ## Install the DejaVu and Liberation fonts (training/synthetic.py draws letters and typed digits) when missing
+	@if [ ! -d /usr/share/fonts/truetype/dejavu ] || [ ! -d /usr/share/fonts/truetype/liberation ]; then \
+	  echo "installing fonts for the generated non-digits and typed digits"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	    fonts-dejavu-core fonts-dejavu-extra fonts-liberation \
+	    || { echo "install fonts-dejavu-core fonts-dejavu-extra fonts-liberation and rerun"; exit 1; }; \
 	fi
 
 data: $(INSTALLED) ## Check MNIST is readable (DATA_DIR) or download it into ./data
