@@ -8,7 +8,9 @@ into 20x20, centre of mass), so what the model sees here is what the served mode
 Two disjoint splits, by fonts and by seeds:
     "train": outlier exposure during training (training/outliers.py) and the real-world
              VALIDATION digits (the augmentations are chosen on them);
-    "eval":  the evaluation sets the bench reports, never trained on or chosen by.
+    "eval":  the evaluation sets the bench reports, never trained on or chosen by;
+    "fit":   labelled digits that training may mix in (--synthetic-digits): the "train" fonts,
+             other seeds.
 Outlier exposure trains on TRAINED_CATEGORIES only: symbols and doodles are never trained on,
 in any split, so their refusal measures categories the model has never seen.
 
@@ -31,8 +33,11 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from serving.preprocess import ImageError, to_grayscale, to_mnist
 
 FONT_DIRS = ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/truetype/liberation")
-SPLITS = ("train", "eval")
-SPLIT_SEEDS = {"train": 1_000, "eval": 2_000}   # disjoint seed ranges: no image is in both splits
+SPLITS = ("train", "eval", "fit")
+# Disjoint seed ranges: no image is in two splits. "fit" (labelled digits mixed into training,
+# --synthetic-digits) draws with the "train" split's fonts but its own seeds.
+SPLIT_SEEDS = {"train": 1_000, "eval": 2_000, "fit": 3_000}
+SPLIT_FONTS = {"train": 0, "eval": 1, "fit": 0}   # which half of the fonts
 
 # Letters that ARE digits in many fonts (O/0, l/1, Z/2, S/5, B/8, G/6, g/q/9, ...) are left out:
 # no model can refuse them without refusing real digits.
@@ -53,7 +58,7 @@ def font_paths(split: str) -> list[Path]:
                    if "MathTeX" not in path.name)
     if len(fonts) < 2:
         raise FileNotFoundError(f"no fonts in {', '.join(FONT_DIRS)}: `make system` installs them")
-    return fonts[SPLITS.index(split)::2]
+    return fonts[SPLIT_FONTS[split]::2]
 
 
 @dataclass(frozen=True)
@@ -184,7 +189,8 @@ def photographed(rng: np.random.Generator, sheet: Image.Image) -> Image.Image:
     sensor noise and JPEG compression."""
     frame_w, frame_h = (int(sheet.width * rng.uniform(1.2, 2.0)), int(sheet.height * rng.uniform(1.2, 2.0)))
     frame = Image.new("L", (frame_w, frame_h), sheet.getpixel((0, 0)))
-    frame.paste(sheet, (int(rng.integers(0, frame_w - sheet.width + 1)), int(rng.integers(0, frame_h - sheet.height + 1))))
+    corner = int(rng.integers(0, frame_w - sheet.width + 1)), int(rng.integers(0, frame_h - sheet.height + 1))
+    frame.paste(sheet, corner)
     pixels = np.asarray(frame, dtype=np.float32) / 255.0
     contrast = rng.uniform(0.45, 1.0)                       # grey pencil, faded print, glare
     pixels = 1.0 - (1.0 - pixels) * contrast
@@ -275,7 +281,8 @@ def doodle(rng, fonts) -> Image.Image:
 
 
 def scribble(rng, fonts) -> Image.Image:
-    strokes = [np.cumsum(rng.normal(0, 0.25, (int(rng.integers(5, 14)), 2)), axis=0) for _ in range(int(rng.integers(1, 4)))]
+    strokes = [np.cumsum(rng.normal(0, 0.25, (int(rng.integers(5, 14)), 2)), axis=0)
+               for _ in range(int(rng.integers(1, 4)))]
     every = np.vstack(strokes)
     low, high = every.min(axis=0), every.max(axis=0)
     strokes = [(stroke - low) / np.maximum(high - low, 1e-6) for stroke in strokes]
