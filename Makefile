@@ -41,7 +41,7 @@ IMG         ?= $(SAMPLES)/digit_7.png
 DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 .DEFAULT_GOAL := help
-.PHONY: help install system java browser prometheus nginx fleet fleet-stop data train export archive serve demo stop predict samples test screenshot reliability bench manifests clean FORCE
+.PHONY: help install system java browser prometheus nginx fonts fleet fleet-stop data train export archive serve demo stop predict samples test screenshot reliability bench manifests clean FORCE
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -56,7 +56,7 @@ $(INSTALLED): pyproject.toml
 	grep -q '^# digitserve: a plain' $(BIN)/activate || sed 's|@CONFIG@|$(CURDIR)/config.properties|' serving/activate.sh >> $(BIN)/activate
 	touch $@
 
-system: java browser prometheus nginx ## System packages the tests need (apt-get, only what is missing)
+system: java browser prometheus nginx fonts ## System packages the tests need (apt-get, only what is missing)
 
 java: ## Install Java 17 (TorchServe needs it) with apt-get when missing
 	@major=$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n1); \
@@ -85,6 +85,14 @@ nginx: ## Install nginx (the fleet's front door; the fleet tests start it) with 
 	  echo "installing nginx for the fleet's front door"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nginx \
 	    || { echo "install nginx (apt-get install nginx) and rerun"; exit 1; }; \
+	fi
+
+fonts: ## Install the DejaVu and Liberation fonts (training/synthetic.py draws letters and typed digits) when missing
+	@if [ ! -d /usr/share/fonts/truetype/dejavu ] || [ ! -d /usr/share/fonts/truetype/liberation ]; then \
+	  echo "installing fonts for the generated non-digits and typed digits"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	    fonts-dejavu-core fonts-dejavu-extra fonts-liberation \
+	    || { echo "install fonts-dejavu-core fonts-dejavu-extra fonts-liberation and rerun"; exit 1; }; \
 	fi
 
 data: $(INSTALLED) ## Check MNIST is readable (DATA_DIR) or download it into ./data

@@ -28,6 +28,7 @@ from serving.artifact import (ARTIFACTS_DIR, CHECKPOINT_NAME, INT8_NAME, METRICS
 from training.data import load_mnist, preprocess_metadata
 
 from .serve_load import FRONT_DOOR_ROWS, SERVING_ERRORS, ServeSettings, measure as measure_serving, measure_front_door
+from .trust import measure as measure_trust, readme_lines as trust_readme_lines, write as write_trust
 
 HERE = Path(__file__).resolve().parent
 FORWARD_MFLOP = 38.2        # per image: convs 36.5 + linears 1.6 (multiply-adds x 2)
@@ -99,7 +100,8 @@ def training(data_dir: str, repeats: int) -> dict:
     ours = ["--train-subset", str(OURS_TRAIN_IMAGES)]
     configs = {
         TEXTBOOK: (["--pipeline", "torchvision", "--num-workers", str(TEXTBOOK_WORKERS), "--batch-size",
-                    str(TEXTBOOK_BATCH), "--no-amp", "--train-subset", str(TEXTBOOK_TRAIN_IMAGES)], False),
+                    str(TEXTBOOK_BATCH), "--no-amp", "--train-subset", str(TEXTBOOK_TRAIN_IMAGES),
+                    "--outlier-weight", "0", "--synthetic-digits", "0"], False),   # the textbook recipe: MNIST alone
         **{f"ours, forced {fmt}+{dtype}": (ours + ["--memory-format", fmt] +
                                            (["--amp-dtype", "bf16"] if dtype == "bf16" else ["--no-amp"]), False)
            for fmt in ("channels_last", "contiguous") for dtype in ("bf16", "fp32")},
@@ -307,6 +309,11 @@ def markdown(results: dict) -> str:
                          f"{run['non_2xx']} |")
     lines += ["", "![serving latency](serving_latency.png)", ""]
     lines += front_door_table(results)
+    if results.get("trust"):
+        lines += ["## Trust (not a digit, calibration, real-world digits)", "",
+                  "Refusal per category, acceptance, AUROC per score, ECE before/after the temperature, per-digit "
+                  "errors and the reliability diagram: [TRUST.md](TRUST.md) (also alone: "
+                  "`python -m benchmarks.trust --data-dir DATA`, about a minute).", ""]
     return "\n".join(lines)
 
 
@@ -342,6 +349,8 @@ def readme_summary(results: dict) -> str:
         lines.append(f"| TorchServe, {MANY_CLIENTS} clients, {name} | {run['requests_per_s']:.0f} req/s, "
                      f"p99 {run['latency_ms'].get('p99', 0):.1f} ms |")
     lines += front_door_summary(results)
+    if results.get("trust"):
+        lines += trust_readme_lines(results["trust"])
     return "\n".join(lines + [README_END])
 
 
@@ -386,6 +395,8 @@ def run_bench(data_dir: str, artifacts: Path, repeats: int, serve_seconds: float
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, out_dir)
+    if results.get("trust"):
+        write_trust(results["trust"], out_dir, results["command"])
     report = markdown(results)
     (out_dir / "RESULTS.md").write_text(report)
     update_readme(results)
@@ -405,7 +416,8 @@ def measure_all(data_dir: str, artifacts: Path, repeats: int, serve_seconds: flo
              ("training_curve", lambda: training_curve(artifacts / METRICS_NAME)),
              ("kernel_probe", lambda: kernel_probe(artifacts / CHECKPOINT_NAME)),
              ("serving", lambda: serving(data_dir, serve_seconds)),
-             ("front_door", lambda: front_door(artifacts, data_dir, serve_seconds))]
+             ("front_door", lambda: front_door(artifacts, data_dir, serve_seconds)),
+             ("trust", lambda: measure_trust(data_dir, str(artifacts / CHECKPOINT_NAME)))]
     for name, step in steps:
         started = time.perf_counter()
         results[name] = step()

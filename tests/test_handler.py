@@ -13,7 +13,7 @@ from export.artifacts import load_model
 from export.run import normalized_images
 from imaging import NOT_DIGITS, all_formats, as_paper_photo, drawn_strokes, encode
 from repo import REPO_ROOT
-from serving.artifact import INT8_NAME, LOCAL_PATH_KEYS, MODEL_NAME, ONNX_NAME, TORCHSCRIPT_NAME, public_card
+from serving.artifact import INT8_NAME, LOCAL_PATH_KEYS, MODEL_NAME, ONNX_NAME, TORCHSCRIPT_NAME, Trust, public_card
 from serving.properties import read_properties
 from training.data import preprocess_metadata
 
@@ -86,10 +86,11 @@ def test_response_schema(handler, mnist_digits):
 
 def test_predictions_agree_with_the_eager_model(handler, mnist_digits, trained_checkpoint):
     images = mnist_digits.images[:64]
-    model, _ = load_model(trained_checkpoint)
+    model, checkpoint = load_model(trained_checkpoint)
     with torch.inference_mode():
         eager = model(torch.from_numpy(normalized_images(torch.tensor(images), preprocess_metadata())))
-    eager_probabilities = torch.softmax(eager, dim=1).numpy()
+    # Answers report probabilities at the trust record's calibrated temperature (issue 18).
+    eager_probabilities = Trust.from_metadata(checkpoint).probabilities(eager.double().numpy())
     answers = call(handler, [{"body": encode(Image.fromarray(image))} for image in images])
     int8 = handler.metadata.get("quantization") is not None
     for (status, body), expected in zip(answers, eager_probabilities):

@@ -412,4 +412,4 @@ def test_quick_numbers_live_in_one_recipe_that_the_help_quotes():
     assert TrainConfig(quick=True, val_images=100).held_out_images == 100
     help_text = " ".join(CliRunner().invoke(train_cli, ["--help"]).output.split())
     assert (f"{QUICK.train_images} training, {QUICK.val_images} validation and {QUICK.test_images} test images, "
-            f"at most {QUICK.max_epochs} epochs; writes {QUICK.out} unless --out") in help_text
+            f"no outlier exposure or generated digits, at most {QUICK.max_epochs} epochs; writes {QUICK.out} unless --out") in help_text

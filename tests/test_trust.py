@@ -65,7 +65,7 @@ def test_the_threshold_accepts_the_asked_share_of_validation_digits():
     from training.trust import fit_trust
 
     logits = np.random.default_rng(0).normal(size=(1000, 10)) * 3
-    trust = fit_trust(logits, chosen_on="val: synthetic")
+    trust = fit_trust(logits, None, chosen_on="val: synthetic")
     accepted = trust.is_digit(logits).mean()
     assert 0.97 <= accepted < 0.972 and trust.accept_rate == accepted
     assert trust.chosen_on == "val: synthetic" and trust.temperature == 1.0
@@ -85,12 +85,13 @@ def test_a_quick_run_fits_its_trust_on_held_out_digits_only(quick_checkpoint, da
     # it was chosen on them, and the test set played no part.
     model = build_model(checkpoint["model_config"])
     model.load_state_dict(checkpoint["model"])
-    train_images, _ = load_mnist(data_dir, train=True)
+    train_images, train_labels = load_mnist(data_dir, train=True)
     from training.trust import fit_trust
-    refit = fit_trust(model_logits(model, train_images[-QUICK.val_images:]), chosen_on=trust.chosen_on)
+    val_images, val_labels = train_images[-QUICK.val_images:], train_labels[-QUICK.val_images:].numpy()
+    refit = fit_trust(model_logits(model, val_images), val_labels, chosen_on=trust.chosen_on)
     assert refit.threshold == pytest.approx(trust.threshold, rel=1e-6)
-    on_test = fit_trust(model_logits(model, torch.from_numpy(mnist_digits.images[:QUICK.val_images].copy())),
-                        chosen_on=trust.chosen_on)
+    on_test = fit_trust(model_logits(model, mnist_digits.images[:QUICK.val_images].copy()),
+                        mnist_digits.labels[:QUICK.val_images], chosen_on=trust.chosen_on)
     assert on_test.threshold != pytest.approx(trust.threshold, rel=1e-6)
 
 
@@ -105,3 +106,129 @@ def test_export_refuses_a_checkpoint_without_a_trust_record(quick_checkpoint, tm
         run_export(ExportConfig(checkpoint=str(tmp_path / "old.pt"), out_dir=str(tmp_path / "out"),
                                 data_dir=data_dir, force=True))
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# --- the generated sets, outlier exposure, augmentation -----------------------------------------
+
+def test_the_generated_sets_are_deterministic_and_their_splits_disjoint():
+    from training.synthetic import font_paths, non_digits, real_world_digits
+
+    first, again = non_digits("eval", 6), non_digits("eval", 6)
+    np.testing.assert_array_equal(first.images, again.images)
+    assert first.images.shape[1:] == (28, 28) and first.images.dtype == np.float32
+    assert set(first.categories) == {"letters", "words", "symbols", "doodles", "scribbles", "textures", "noise"}
+    other = non_digits("train", 6)
+    assert not any(np.array_equal(a, b) for a in first.images for b in other.images)
+    assert not set(font_paths("train")) & set(font_paths("eval"))
+    # An image does not depend on how many are made: a larger set starts with the smaller one.
+    larger = non_digits("eval", 8, ("letters",))
+    np.testing.assert_array_equal(larger.images[:6], first.only("letters"))
+    digits = real_world_digits("eval", 20)
+    assert digits.labels.tolist() == [index % 10 for index in range(20)] * 3
+    # What the server's preprocessing makes: white ink on black, a 20x20 box in 28x28.
+    assert digits.images.max() == pytest.approx(1.0, abs=0.05) and digits.images[:, :3].max() < 0.05
+
+
+def test_outlier_exposure_pushes_towards_uniform_and_rides_behind_the_digits(data_dir):
+    from training.config import TrainConfig
+    from training.data import load_datasets
+    from training.dist import setup, teardown
+    from training.outliers import uniform_cross_entropy
+
+    assert uniform_cross_entropy(torch.zeros(4, 10)).item() == pytest.approx(np.log(10), abs=1e-6)
+    assert uniform_cross_entropy(torch.eye(10) * 5).item() > np.log(10) + 1.0
+    context = setup("cpu")
+    try:
+        data = load_datasets(TrainConfig(quick=True, data_dir=data_dir, outlier_weight=0.5, outlier_images=40),
+                             context)
+        pixels, labels = next(iter(data.batches))
+        assert len(pixels) == len(labels) + data.batches.outliers_per_batch > len(labels)
+        plain = load_datasets(TrainConfig(quick=True, data_dir=data_dir, outlier_weight=0), context)
+        assert len(next(iter(plain.batches))[0]) == len(labels)
+        # Generated digits join MNIST's, labelled (QUICK.train_images MNIST images in a quick run).
+        mixed = load_datasets(TrainConfig(quick=True, data_dir=data_dir, synthetic_digits=30), context)
+        assert len(mixed.batches.labels) == len(plain.batches.labels) + 30
+        assert mixed.batches.labels[-30:].tolist() == [index % 10 for index in range(15)] * 2
+    finally:
+        teardown(context)
+
+
+def test_stroke_change_thickens_thins_or_leaves_alone():
+    from training.data import change_strokes
+
+    image = torch.zeros(3, 1, 28, 28)
+    image[:, :, 6:22, 13:15] = 1.0   # a 2-px vertical stroke
+    changed = change_strokes(image, torch.tensor([1.0, -0.5, 0.0]).view(3, 1, 1, 1))
+    ink = changed.sum(dim=(1, 2, 3))
+    assert ink[0] > image[0].sum() > ink[1] and torch.equal(changed[2], image[2])
+
+
+def test_auroc_and_ece_on_cases_worked_by_hand():
+    from benchmarks.trust import auroc
+    from training.trust import expected_calibration_error, fit_temperature
+
+    assert auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
+    assert auroc(np.array([1.0]), np.array([1.0])) == 0.5
+    assert auroc(np.array([0.0, 3.0]), np.array([1.0, 2.0])) == 0.5
+    probabilities = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
+    # 0.9 bin: both right (gap 0.1); 0.6 bin: one of two right (gap 0.1): ECE 0.1.
+    assert expected_calibration_error(probabilities, np.array([0, 0, 0, 1])) == pytest.approx(0.1)
+    # Overconfident logits (right 80% of the time at ~99.9% confidence) want a temperature > 1.
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 2000)
+    guesses = np.where(rng.random(2000) < 0.8, labels, (labels + 1) % 10)
+    logits = np.eye(10)[guesses] * 8.0
+    assert fit_temperature(logits, labels) > 1.5
+
+
+# --- the tests' trained model ----------------------------------------------------------------------
+# The test recipe (conftest.TEST_RECIPE: 2 epochs on 16,384 images, outlier exposure on) refused
+# REFUSED_MEASURED of these non-digits and accepted ACCEPTED_MEASURED of MNIST test digits; the bars
+# keep a margin below that (the aim for `make train` is 98% / 97%, benchmarks/TRUST.md).
+TRAINED_MIN_REFUSED = 0.85
+TRAINED_MIN_ACCEPTED = 0.93
+
+
+def refusal_and_acceptance(trust: Trust, non_digit_logits: np.ndarray, digit_logits: np.ndarray) -> tuple[float, float]:
+    return float((~trust.is_digit(non_digit_logits)).mean()), float(trust.is_digit(digit_logits).mean())
+
+
+@pytest.fixture(scope="module")
+def trained_outputs(trained_checkpoint, mnist_digits):
+    from export.artifacts import load_model
+    from training.synthetic import non_digits
+    from training.trust import model_logits
+
+    model, checkpoint = load_model(trained_checkpoint)
+    return (Trust.from_metadata(checkpoint), model_logits(model, non_digits("eval", 30).images),
+            model_logits(model, mnist_digits.images[:2000].copy()))
+
+
+def test_the_trained_models_trust_refuses_non_digits_and_accepts_digits(trained_outputs):
+    trust, non_digit_logits, digit_logits = trained_outputs
+    refused, accepted = refusal_and_acceptance(trust, non_digit_logits, digit_logits)
+    assert trust.chosen_on.startswith("val: 5000 held-out")
+    assert refused >= TRAINED_MIN_REFUSED and accepted >= TRAINED_MIN_ACCEPTED, (refused, accepted)
+
+
+def test_a_wrong_threshold_fails_those_bars(trained_outputs):
+    trust, non_digit_logits, digit_logits = trained_outputs
+    for threshold in (np.inf, -np.inf):   # refuse everything, accept everything
+        wrong = Trust(trust.score, float(np.nan_to_num(threshold)), trust.temperature, trust.accept_rate,
+                      trust.chosen_on)
+        refused, accepted = refusal_and_acceptance(wrong, non_digit_logits, digit_logits)
+        assert not (refused >= TRAINED_MIN_REFUSED and accepted >= TRAINED_MIN_ACCEPTED), threshold
+
+
+def test_the_options_of_trust_training_are_checked_with_a_reason():
+    from training.config import ConfigError, TrainConfig, validate
+
+    for config, reason in ((TrainConfig(pipeline="torchvision", synthetic_digits=0), "--outlier-weight 0"),
+                           (TrainConfig(pipeline="torchvision", outlier_weight=0), "--synthetic-digits 0"),
+                           (TrainConfig(val_images=0), "trust threshold is chosen on them"),
+                           (TrainConfig(select_by="test_acc"), "select by"),
+                           (TrainConfig(max_stroke_change=2.0), "stroke change")):
+        with pytest.raises(ConfigError, match=reason):
+            validate(config)
+    validate(TrainConfig(pipeline="torchvision", outlier_weight=0, synthetic_digits=0))
+    assert TrainConfig().outlier_loss_weight == 0.5 and TrainConfig(quick=True).outlier_loss_weight == 0

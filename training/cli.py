@@ -4,8 +4,9 @@ from __future__ import annotations
 import click
 
 from .checkpoint import CheckpointError
-from .config import (AMP_DTYPES, CUDA_GRAPH_CHOICES, DEFAULT_OUT, DEFAULT_VAL_IMAGES, DEVICES, MEMORY_FORMATS,
-                     PIPELINES, QUICK, SELECT_BY, ConfigError, TrainConfig)
+from .config import (AMP_DTYPES, CUDA_GRAPH_CHOICES, DEFAULT_OUT, DEFAULT_OUTLIER_IMAGES, DEFAULT_OUTLIER_WEIGHT,
+                     DEFAULT_SYNTHETIC_DIGITS, DEFAULT_VAL_IMAGES, DEVICES, MEMORY_FORMATS, PIPELINES, QUICK,
+                     SELECT_BY, ConfigError, TrainConfig)
 from .data import DATA_DIR_ENV, DataError
 from .dist import PeerLostError
 from .train import train
@@ -59,6 +60,21 @@ DEFAULTS = TrainConfig()
 @click.option("--select-by", type=click.Choice(SELECT_BY), default=DEFAULTS.select_by,
               help="final: keep the last weights (EMA-averaged unless --ema-decay 0); val_acc: the epoch with the "
                    "best accuracy on the held-out images. Test accuracy is reported once, for the kept weights.")
+@click.option("--max-stroke-change", type=click.FloatRange(0, 1), default=DEFAULTS.max_stroke_change,
+              help="Augmentation: thicken or thin each image's strokes by up to this share of a 3x3 "
+                   "dilation/erosion (bold and light typefaces, markers and fine pens); 0: off.")
+@click.option("--synthetic-digits", type=click.IntRange(min=0), default=None,
+              help=f"Add this many generated typed and drawn digits (training/synthetic.py, their own fonts and "
+                   f"seeds) to the training set; 0: MNIST only. [default: {DEFAULT_SYNTHETIC_DIGITS}; with --quick: "
+                   f"{QUICK.synthetic_digits}]")
+@click.option("--outlier-weight", type=click.FloatRange(min=0), default=None,
+              help=f"Outlier exposure: every batch also holds generated non-digits (letters, words, scribbles, "
+                   f"textures, noise; training/synthetic.py), and the loss pushes their probabilities towards "
+                   f"uniform with this weight, so that 'not a digit' can be told. 0: off. "
+                   f"[default: {DEFAULT_OUTLIER_WEIGHT}; with --quick: {QUICK.outlier_weight}]")
+@click.option("--outlier-images", type=click.IntRange(min=1), default=None,
+              help=f"Generated non-digits to draw them from. [default: {DEFAULT_OUTLIER_IMAGES}; with --quick: "
+                   f"{QUICK.outlier_images}]")
 @click.option("--tensorboard", type=click.Path(file_okay=False), default=None,
               help="Write loss, accuracy, learning rate and images/s as TensorBoard events into this folder.")
 @click.option("--peer-timeout-s", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS.peer_timeout_s,

@@ -18,6 +18,7 @@ from serving.preprocess import normalize_in_place
 
 from .config import QUICK, ConfigError, TrainConfig
 from .dist import DistContext
+from .outliers import outlier_pool, outliers_per_batch
 
 MNIST_MEAN = 0.1307  # pixel mean of the 60,000 training images, scaled to [0, 1]
 MNIST_STD = 0.3081   # their standard deviation
@@ -77,8 +78,9 @@ def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
 
 
 def augment(images: torch.Tensor, *, max_rotation_deg: float, max_shift_px: float,
-            generator: torch.Generator) -> torch.Tensor:
-    """Random rotation and translation of a whole batch in one grid_sample call.
+            generator: torch.Generator, max_stroke_change: float = 0.0) -> torch.Tensor:
+    """Random rotation and translation of a whole batch in one grid_sample call, then (with
+    max_stroke_change) strokes thickened or thinned per image (change_strokes).
 
     images: float [N, 1, H, W] in [0, 1] pixel space, so zero padding is background ink-free.
     """
@@ -93,7 +95,21 @@ def augment(images: torch.Tensor, *, max_rotation_deg: float, max_shift_px: floa
         torch.stack([sin, cos, shifts[:, 1] * 2 / height], dim=1),
     ], dim=1).to(images.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    moved = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if not max_stroke_change:
+        return moved
+    change = (torch.rand(n, 1, 1, 1, generator=generator, device=images.device) * 2 - 1) * max_stroke_change
+    return change_strokes(moved, change.to(images.dtype))
+
+
+def change_strokes(images: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+    """Thicker strokes where change > 0 (towards a 3x3 dilation), thinner where < 0 (towards a
+    3x3 erosion), by |change| in [0, 1]: digits typed in bold or light faces, drawn with a
+    marker or a fine pen, are what MNIST's uniform pen lacks (training/synthetic.py's real-world set)."""
+    dilated = F.max_pool2d(images, 3, stride=1, padding=1)
+    eroded = -F.max_pool2d(-images, 3, stride=1, padding=1)
+    target = torch.where(change > 0, dilated, eroded)
+    return images + change.abs() * (target - images)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -105,12 +121,18 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 class TensorBatches:
     """The training set as one uint8 tensor on the training device (47 MB: on a GPU it stays
     there); each batch is indexed, augmented and normalized as a whole on that device: no
-    per-image Python work, no loader processes, no host-to-device copies."""
+    per-image Python work, no loader processes, no host-to-device copies.
 
-    def __init__(self, images, labels, config: TrainConfig, context: DistContext):
+    With outliers (outlier exposure, training/outliers.py) each batch's pixels end with
+    outliers_per_batch generated non-digits, drawn at random from that pool and augmented alike;
+    its labels are the digits' only, so pixels[:len(labels)] are the digits."""
+
+    def __init__(self, images, labels, config: TrainConfig, context: DistContext, outliers=None):
         self.images, self.labels = images.to(context.device), labels.to(context.device)
+        self.outliers = outliers.to(context.device) if outliers is not None else None
         self.config, self.context = config, context
         self.batch_per_rank = config.batch_size // context.world_size
+        self.outliers_per_batch = outliers_per_batch(self.batch_per_rank) if outliers is not None else 0
         # Only used for its index arithmetic: the same shuffling and sharding as any DDP loader.
         self.sampler = DistributedSampler(range(len(labels)), num_replicas=context.world_size,
                                           rank=context.rank, shuffle=True, seed=config.seed, drop_last=True)
@@ -123,13 +145,21 @@ class TensorBatches:
         self.sampler.set_epoch(epoch)
         self.generator.manual_seed(epoch_seed(self.config.seed, epoch, self.context.rank))
 
+    def batch_pixels(self, batch: torch.Tensor) -> torch.Tensor:
+        pixels = self.images[batch]
+        if self.outliers is not None:
+            drawn = torch.randint(len(self.outliers), (self.outliers_per_batch,), generator=self.generator,
+                                  device=self.outliers.device)
+            pixels = torch.cat([pixels, self.outliers[drawn]])
+        return pixels.unsqueeze(1).float().div_(255.0)
+
     def __iter__(self):
         indices = torch.tensor(list(self.sampler), device=self.images.device)
         for step in range(len(self)):
             batch = indices[step * self.batch_per_rank:(step + 1) * self.batch_per_rank]
-            pixels = self.images[batch].unsqueeze(1).float().div_(255.0)
-            pixels = augment(pixels, max_rotation_deg=self.config.max_rotation_deg,
-                             max_shift_px=self.config.max_shift_px, generator=self.generator)
+            pixels = augment(self.batch_pixels(batch), max_rotation_deg=self.config.max_rotation_deg,
+                             max_shift_px=self.config.max_shift_px, generator=self.generator,
+                             max_stroke_change=self.config.max_stroke_change)
             yield normalize_in_place(pixels, MNIST_MEAN, MNIST_STD), self.labels[batch]   # augment's own output
 
 
@@ -160,6 +190,17 @@ class Datasets:
     eval_sets: dict              # name -> (uint8 images, labels): "val" (held out of training) and "test"
 
 
+def with_synthetic_digits(images: torch.Tensor, labels: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST plus `count` generated typed and drawn digits (training/synthetic.py, split "fit")."""
+    if not count:
+        return images, labels
+    from .synthetic import real_world_digits
+
+    made = real_world_digits("fit", -(-count // 2), styles=("typed", "drawn"))
+    return (torch.cat([images, torch.from_numpy(made.as_uint8()[:count])]),
+            torch.cat([labels, torch.from_numpy(made.labels[:count])]))
+
+
 def load_datasets(config: TrainConfig, context: DistContext) -> Datasets:
     """Training batches and evaluation sets, cut down for --quick / --train-subset. The last
     config.held_out_images training images are always held out ("val"): the trust record is
@@ -173,7 +214,10 @@ def load_datasets(config: TrainConfig, context: DistContext) -> Datasets:
     train_images, train_labels = train_images[:-held_out], train_labels[:-held_out]
     count = min(config.train_subset or (QUICK.train_images if config.quick else len(train_labels)), len(train_labels))
     if config.pipeline == "tensor":
-        batches = TensorBatches(train_images[:count], train_labels[:count], config, context)
+        outliers = outlier_pool(config.outlier_pool_images) if config.outlier_loss_weight else None
+        images, labels = with_synthetic_digits(train_images[:count], train_labels[:count],
+                                               config.synthetic_digit_count)
+        batches = TensorBatches(images, labels, config, context, outliers)
     else:
         batches = textbook_loader(config, context, count)
     if config.quick:

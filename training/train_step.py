@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError, TrainConfig
+from .outliers import uniform_cross_entropy
 from .tuning import Kernels
 
 
@@ -55,8 +56,13 @@ class EagerStep:
 
     def forward_backward_update(self, pixels, labels) -> None:
         with torch.autocast(self.device.type, dtype=self.kernels.torch_amp_dtype, enabled=self.kernels.amp):
-            logits = self.model(pixels)
+            every_logit = self.model(pixels)
+            # Rows past the labels are generated non-digits (outlier exposure, training/outliers.py):
+            # static slices, so a CUDA graph can still record the step.
+            logits = every_logit[:len(labels)]
             loss = F.cross_entropy(logits, labels, label_smoothing=self.config.label_smoothing)
+            if len(every_logit) > len(labels):
+                loss = loss + self.config.outlier_loss_weight * uniform_cross_entropy(every_logit[len(labels):].float())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.config.grad_clip_norm:

@@ -1,0 +1,401 @@
+"""Images that are not MNIST, made here, reproducibly: non-digits by category, and digits as
+people outside MNIST write, type and photograph them.
+
+Every image is drawn as a user would send it (dark ink on light paper, any size, off-centre)
+and then goes through the server's own preprocessing (serving.preprocess: invert, crop, fit
+into 20x20, centre of mass), so what the model sees here is what the served model sees.
+
+Two disjoint splits, by fonts and by seeds:
+    "train": outlier exposure during training (training/outliers.py) and the real-world
+             VALIDATION digits (the augmentations are chosen on them);
+    "eval":  the evaluation sets the bench reports, never trained on or chosen by;
+    "fit":   labelled digits that training may mix in (--synthetic-digits): the "train" fonts,
+             other seeds.
+Outlier exposure trains on TRAINED_CATEGORIES only: symbols and doodles are never trained on,
+in any split, so their refusal measures categories the model has never seen.
+
+There is no photo set on this machine: "textures" are generated gradients, gratings, smooth
+noise and blurred shape collages that stand in for photos of surfaces and scenes.
+
+    python -m training.synthetic out_dir     # writes a contact sheet PNG per set, to look at
+"""
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from serving.preprocess import ImageError, to_grayscale, to_mnist
+
+FONT_DIRS = ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/truetype/liberation")
+SPLITS = ("train", "eval", "fit")
+# Disjoint seed ranges: no image is in two splits. "fit" (labelled digits mixed into training,
+# --synthetic-digits) draws with the "train" split's fonts but its own seeds.
+SPLIT_SEEDS = {"train": 1_000, "eval": 2_000, "fit": 3_000}
+SPLIT_FONTS = {"train": 0, "eval": 1, "fit": 0}   # which half of the fonts
+
+# Letters that ARE digits in many fonts (O/0, l/1, Z/2, S/5, B/8, G/6, g/q/9, ...) are left out:
+# no model can refuse them without refusing real digits.
+LETTERS = "ACEFHKLMNPRUVWXYacdefhkmnprtuvwxy"
+WORDS = ("cat", "dog", "the", "and", "hello", "yes", "ok", "hi", "sun", "tree", "love", "abc", "xyz",
+         "word", "test", "mama", "help", "stop", "text", "ink", "pen", "map", "key", "data", "run")
+# Symbols a 20x20 crop would turn into a plain stroke (| / \ ! ( ) [ ] { } -) look like a 1: left out.
+SYMBOLS = "+=#%&@$?*~^<>§¶€£¥©®→←↑↓∞π∑√µΩ÷×"
+NON_DIGIT_CATEGORIES = ("letters", "words", "symbols", "doodles", "scribbles", "textures", "noise")
+TRAINED_CATEGORIES = ("letters", "words", "scribbles", "textures", "noise")   # outlier exposure uses these
+DIGIT_STYLES = ("typed", "drawn", "photographed")
+
+
+def font_paths(split: str) -> list[Path]:
+    """The split's fonts: every other font file on this machine, in name order, so each split
+    holds sans, serif, mono, condensed, light and bold faces, and none is in both."""
+    fonts = sorted(path for directory in FONT_DIRS for path in Path(directory).glob("*.ttf")
+                   if "MathTeX" not in path.name)
+    if len(fonts) < 2:
+        raise FileNotFoundError(f"no fonts in {', '.join(FONT_DIRS)}: `make system` installs them")
+    return fonts[SPLIT_FONTS[split]::2]
+
+
+@dataclass(frozen=True)
+class SyntheticSet:
+    """images float32 [N, 28, 28] in [0, 1], white ink on black, as serving's preprocessing
+    made them; categories [N] (a category or a digit style); labels [N] (-1: not a digit).
+    blank: per category, the images that preprocessing itself refused as blank (the server
+    answers those 422 no_digit: refused before the model)."""
+    images: np.ndarray
+    categories: np.ndarray
+    labels: np.ndarray
+    blank: dict
+
+    def only(self, category: str) -> np.ndarray:
+        return self.images[self.categories == category]
+
+    def as_uint8(self) -> np.ndarray:
+        return np.round(self.images * 255).astype(np.uint8)
+
+
+# --- drawing helpers ---------------------------------------------------------------------------
+def paper(rng: np.random.Generator, size: tuple[int, int] | None = None) -> Image.Image:
+    width, height = size or (int(rng.integers(90, 220)), int(rng.integers(90, 220)))
+    return Image.new("L", (width, height), int(rng.integers(200, 256)))
+
+
+def ink(rng: np.random.Generator) -> int:
+    return int(rng.integers(0, 90))
+
+
+def font(rng: np.random.Generator, fonts: list[Path], size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(str(fonts[int(rng.integers(len(fonts)))]), size)
+
+
+def draw_text(rng: np.random.Generator, fonts: list[Path], text: str) -> Image.Image:
+    """Text in a random font and size, slightly rotated, off-centre on a sheet of paper."""
+    face = font(rng, fonts, int(rng.integers(28, 90)))
+    left, top, right, bottom = face.getbbox(text)
+    sheet = paper(rng, (right - left + int(rng.integers(20, 90)), bottom - top + int(rng.integers(20, 90))))
+    background = sheet.getpixel((0, 0))
+    x = int(rng.integers(5, sheet.width - (right - left) - 4)) - left
+    y = int(rng.integers(5, sheet.height - (bottom - top) - 4)) - top
+    ImageDraw.Draw(sheet).text((x, y), text, fill=ink(rng), font=face)
+    return sheet.rotate(float(rng.uniform(-12, 12)), resample=Image.BILINEAR, expand=True, fillcolor=background)
+
+
+def smooth_path(points: np.ndarray, steps: int = 8) -> np.ndarray:
+    """A Catmull-Rom curve through the points, so drawn strokes bend instead of kinking."""
+    if len(points) < 3:
+        return points
+    padded = np.vstack([points[0], points, points[-1]])
+    t = np.linspace(0, 1, steps, endpoint=False)[:, None]
+    curve = []
+    for p0, p1, p2, p3 in zip(padded, padded[1:], padded[2:], padded[3:]):
+        curve.append(0.5 * (2 * p1 + (p2 - p0) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t ** 2
+                            + (3 * p1 - p0 - 3 * p2 + p3) * t ** 3))
+    return np.vstack(curve + [points[-1:]])
+
+
+def draw_strokes(rng: np.random.Generator, strokes: list[np.ndarray], width_share: tuple[float, float],
+                 jitter: float = 0.02) -> Image.Image:
+    """Strokes in the unit box (y down), bent by a random affine map and jitter, drawn with a
+    pen of random thickness on paper, as on the draw-a-digit page or with a marker."""
+    size = int(rng.integers(100, 220))
+    sheet = paper(rng, (size, size))
+    angle, shear = math.radians(rng.uniform(-12, 12)), rng.uniform(-0.25, 0.25)
+    scale = np.array([rng.uniform(0.65, 1.1), rng.uniform(0.85, 1.1)])
+    rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    transform = rotation @ np.array([[1, shear], [0, 1]]) * scale
+    offset = rng.uniform(-0.08, 0.08, 2)
+    pen = max(1, int(size * 0.6 * rng.uniform(*width_share)))
+    draw = ImageDraw.Draw(sheet)
+    colour = ink(rng)
+    for stroke in strokes:
+        points = stroke + rng.normal(0, jitter, stroke.shape)
+        points = ((points - 0.5) @ transform.T + 0.5 + offset) * size * 0.6 + size * 0.2
+        path = [tuple(point) for point in smooth_path(points)]
+        draw.line(path, fill=colour, width=pen, joint="curve")
+        for end in (path[0], path[-1]):   # round pen ends
+            draw.ellipse([end[0] - pen / 2, end[1] - pen / 2, end[0] + pen / 2, end[1] + pen / 2], fill=colour)
+    return sheet
+
+
+def ellipse(cx: float, cy: float, rx: float, ry: float, start: float = 0.0, turn: float = 1.0,
+            points: int = 14) -> np.ndarray:
+    t = start + np.linspace(0, 2 * math.pi * turn, points)
+    return np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], axis=1)
+
+
+def pts(*xy: float) -> np.ndarray:
+    return np.array(xy, dtype=float).reshape(-1, 2)
+
+
+# Each digit as people draw it, in a few common variants (1 with and without flag and base,
+# open and closed 4, 7 with and without the bar, 9 with a straight and a curved tail).
+DIGIT_STROKES: dict[int, list[list[np.ndarray]]] = {
+    0: [[ellipse(0.5, 0.5, 0.3, 0.45, -math.pi / 2, 1.05)]],
+    1: [[pts(0.5, 0.05, 0.5, 0.95)], [pts(0.3, 0.25, 0.55, 0.05, 0.55, 0.95)],
+        [pts(0.3, 0.25, 0.55, 0.05, 0.55, 0.95), pts(0.3, 0.95, 0.8, 0.95)]],
+    2: [[pts(0.2, 0.25, 0.35, 0.08, 0.65, 0.08, 0.8, 0.28, 0.7, 0.5, 0.2, 0.95, 0.85, 0.95)]],
+    3: [[pts(0.2, 0.15, 0.5, 0.05, 0.78, 0.2, 0.7, 0.42, 0.45, 0.5, 0.75, 0.6, 0.8, 0.82, 0.5, 0.96, 0.2, 0.85)],
+        [pts(0.2, 0.08, 0.78, 0.08, 0.45, 0.42, 0.78, 0.62, 0.72, 0.88, 0.45, 0.96, 0.2, 0.88)]],
+    4: [[pts(0.65, 0.95, 0.65, 0.05, 0.15, 0.65, 0.85, 0.65)],
+        [pts(0.25, 0.05, 0.2, 0.6, 0.85, 0.6), pts(0.65, 0.3, 0.65, 0.95)]],
+    5: [[pts(0.75, 0.07, 0.3, 0.07, 0.25, 0.45, 0.55, 0.4, 0.78, 0.55, 0.75, 0.85, 0.5, 0.96, 0.2, 0.87)]],
+    6: [[pts(0.7, 0.08, 0.4, 0.3, 0.25, 0.65, 0.35, 0.92, 0.6, 0.95, 0.75, 0.75, 0.6, 0.55, 0.35, 0.58,
+             0.27, 0.7)]],
+    7: [[pts(0.15, 0.08, 0.85, 0.08, 0.4, 0.95)],
+        [pts(0.15, 0.08, 0.85, 0.08, 0.4, 0.95), pts(0.35, 0.5, 0.75, 0.5)]],
+    8: [[ellipse(0.5, 0.27, 0.22, 0.21, math.pi / 2, 1.0), ellipse(0.5, 0.71, 0.27, 0.24, -math.pi / 2, 1.0)]],
+    9: [[ellipse(0.5, 0.3, 0.26, 0.24, 0, 1.0), pts(0.76, 0.3, 0.74, 0.95)],
+        [ellipse(0.5, 0.3, 0.26, 0.24, 0, 1.0), pts(0.76, 0.3, 0.72, 0.7, 0.45, 0.95)]],
+}
+
+
+# --- digits from outside MNIST -----------------------------------------------------------------
+def typed_digit(rng: np.random.Generator, fonts: list[Path], digit: int) -> Image.Image:
+    return draw_text(rng, fonts, str(digit))
+
+
+def drawn_digit(rng: np.random.Generator, fonts: list[Path], digit: int) -> Image.Image:
+    variants = DIGIT_STROKES[digit]
+    return draw_strokes(rng, variants[int(rng.integers(len(variants)))], width_share=(0.03, 0.16))
+
+
+def photographed(rng: np.random.Generator, sheet: Image.Image) -> Image.Image:
+    """A photo of the sheet: off-centre in a bigger frame, uneven light, low contrast, blur,
+    sensor noise and JPEG compression."""
+    frame_w, frame_h = (int(sheet.width * rng.uniform(1.2, 2.0)), int(sheet.height * rng.uniform(1.2, 2.0)))
+    frame = Image.new("L", (frame_w, frame_h), sheet.getpixel((0, 0)))
+    corner = int(rng.integers(0, frame_w - sheet.width + 1)), int(rng.integers(0, frame_h - sheet.height + 1))
+    frame.paste(sheet, corner)
+    pixels = np.asarray(frame, dtype=np.float32) / 255.0
+    contrast = rng.uniform(0.45, 1.0)                       # grey pencil, faded print, glare
+    pixels = 1.0 - (1.0 - pixels) * contrast
+    yy, xx = np.mgrid[0:frame_h, 0:frame_w] / max(frame_w, frame_h)
+    angle = rng.uniform(0, 2 * math.pi)
+    light = 1.0 - rng.uniform(0.0, 0.15) * (np.cos(angle) * xx + np.sin(angle) * yy)   # a shadow across the page
+    pixels = pixels * light + rng.normal(0, rng.uniform(0.005, 0.04), pixels.shape)
+    photo = Image.fromarray(np.clip(pixels * 255, 0, 255).astype(np.uint8))
+    photo = photo.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 2.0)))
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=int(rng.integers(30, 90)))
+    return Image.open(buffer)
+
+
+def photographed_digit(rng: np.random.Generator, fonts: list[Path], digit: int) -> Image.Image:
+    sheet = typed_digit(rng, fonts, digit) if rng.random() < 0.5 else drawn_digit(rng, fonts, digit)
+    return photographed(rng, sheet)
+
+
+DIGIT_MAKERS: dict[str, Callable] = {"typed": typed_digit, "drawn": drawn_digit, "photographed": photographed_digit}
+
+
+# --- non-digits --------------------------------------------------------------------------------
+def letter(rng, fonts) -> Image.Image:
+    return draw_text(rng, fonts, LETTERS[int(rng.integers(len(LETTERS)))])
+
+
+def word(rng, fonts) -> Image.Image:
+    text = WORDS[int(rng.integers(len(WORDS)))]
+    return draw_text(rng, fonts, text.upper() if rng.random() < 0.3 else text)
+
+
+def symbol(rng, fonts) -> Image.Image:
+    return draw_text(rng, fonts, SYMBOLS[int(rng.integers(len(SYMBOLS)))])
+
+
+def star(rng) -> list[np.ndarray]:
+    spikes = int(rng.integers(5, 8))
+    t = np.linspace(-math.pi / 2, 1.5 * math.pi, 2 * spikes + 1)
+    radius = np.where(np.arange(2 * spikes + 1) % 2 == 0, 0.48, rng.uniform(0.15, 0.3))
+    return [np.stack([0.5 + radius * np.cos(t), 0.5 + radius * np.sin(t)], axis=1)]
+
+
+def house(rng) -> list[np.ndarray]:
+    return [pts(0.15, 0.45, 0.5, 0.08, 0.85, 0.45, 0.85, 0.95, 0.15, 0.95, 0.15, 0.45, 0.85, 0.45),
+            pts(0.42, 0.95, 0.42, 0.7, 0.58, 0.7, 0.58, 0.95)]
+
+
+def smiley(rng) -> list[np.ndarray]:
+    return [ellipse(0.5, 0.5, 0.45, 0.45, 0, 1.0, 20), ellipse(0.35, 0.38, 0.04, 0.05, 0, 1.0, 6),
+            ellipse(0.65, 0.38, 0.04, 0.05, 0, 1.0, 6), ellipse(0.5, 0.55, 0.22, 0.2, 0.2, 0.38, 8)]
+
+
+def spiral(rng) -> list[np.ndarray]:
+    t = np.linspace(0, rng.uniform(3, 5) * math.pi, 40)
+    radius = 0.45 * t / t[-1]
+    return [np.stack([0.5 + radius * np.cos(t), 0.5 + radius * np.sin(t)], axis=1)]
+
+
+def grid(rng) -> list[np.ndarray]:
+    lines = np.linspace(0.1, 0.9, int(rng.integers(3, 5)))
+    return [pts(x, 0.05, x, 0.95) for x in lines] + [pts(0.05, y, 0.95, y) for y in lines]
+
+
+def zigzag(rng) -> list[np.ndarray]:
+    count = int(rng.integers(4, 9))
+    return [np.stack([np.linspace(0.05, 0.95, count), np.where(np.arange(count) % 2, 0.2, 0.8)], axis=1)]
+
+
+def sun(rng) -> list[np.ndarray]:
+    rays = [pts(0.5 + 0.28 * math.cos(a), 0.5 + 0.28 * math.sin(a), 0.5 + 0.48 * math.cos(a),
+                0.5 + 0.48 * math.sin(a)) for a in np.linspace(0, 2 * math.pi, 9)[:-1]]
+    return [ellipse(0.5, 0.5, 0.2, 0.2, 0, 1.0, 12)] + rays
+
+
+def heart(rng) -> list[np.ndarray]:
+    t = np.linspace(0, 2 * math.pi, 30)
+    x, y = 16 * np.sin(t) ** 3, -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+    return [np.stack([0.5 + x / 36, 0.45 + y / 36], axis=1)]
+
+
+DOODLES = (star, house, smiley, spiral, grid, zigzag, sun, heart)
+
+
+def doodle(rng, fonts) -> Image.Image:
+    shape = DOODLES[int(rng.integers(len(DOODLES)))]
+    return draw_strokes(rng, shape(rng), width_share=(0.02, 0.08), jitter=0.01)
+
+
+def scribble(rng, fonts) -> Image.Image:
+    strokes = [np.cumsum(rng.normal(0, 0.25, (int(rng.integers(5, 14)), 2)), axis=0)
+               for _ in range(int(rng.integers(1, 4)))]
+    every = np.vstack(strokes)
+    low, high = every.min(axis=0), every.max(axis=0)
+    strokes = [(stroke - low) / np.maximum(high - low, 1e-6) for stroke in strokes]
+    return draw_strokes(rng, strokes, width_share=(0.02, 0.12), jitter=0.0)
+
+
+def texture(rng, fonts) -> Image.Image:
+    """A stand-in for a photo: smooth noise, a grating, a checkerboard or a collage of blurred shapes."""
+    size = (int(rng.integers(80, 200)), int(rng.integers(80, 200)))
+    kind = int(rng.integers(4))
+    yy, xx = np.mgrid[0:size[1], 0:size[0]] / 40.0
+    if kind == 0:
+        coarse = rng.random((int(rng.integers(3, 9)), int(rng.integers(3, 9)))).astype(np.float32)
+        pixels = np.asarray(Image.fromarray(coarse, mode="F").resize(size, Image.BICUBIC))
+    elif kind == 1:
+        angle, frequency = rng.uniform(0, math.pi), rng.uniform(0.5, 4)
+        pixels = 0.5 + 0.5 * np.sin(2 * math.pi * frequency * (np.cos(angle) * xx + np.sin(angle) * yy))
+    elif kind == 2:
+        cell = rng.uniform(0.3, 1.5)
+        pixels = ((np.floor(xx / cell) + np.floor(yy / cell)) % 2).astype(np.float32)
+    else:
+        collage = Image.new("L", size, int(rng.integers(0, 256)))
+        draw = ImageDraw.Draw(collage)
+        for _ in range(int(rng.integers(3, 12))):
+            box = sorted(rng.integers(0, size[0], 2)), sorted(rng.integers(0, size[1], 2))
+            shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+            shape([box[0][0], box[1][0], box[0][1], box[1][1]], fill=int(rng.integers(0, 256)))
+        pixels = np.asarray(collage.filter(ImageFilter.GaussianBlur(rng.uniform(0, 4))), dtype=np.float32) / 255
+    pixels = np.clip(pixels + rng.normal(0, 0.03, pixels.shape), 0, 1)
+    return Image.fromarray((pixels * 255).astype(np.uint8))
+
+
+def noise(rng, fonts) -> Image.Image:
+    size = (int(rng.integers(28, 200)), int(rng.integers(28, 200)))
+    kind = int(rng.integers(3))
+    if kind == 0:
+        pixels = rng.random(size[::-1])
+    elif kind == 1:
+        pixels = np.clip(rng.normal(0.5, rng.uniform(0.1, 0.4), size[::-1]), 0, 1)
+    else:
+        pixels = np.where(rng.random(size[::-1]) < rng.uniform(0.01, 0.2), 0.0, 1.0)   # specks on paper
+    return Image.fromarray((pixels * 255).astype(np.uint8))
+
+
+NON_DIGIT_MAKERS: dict[str, Callable] = {"letters": letter, "words": word, "symbols": symbol, "doodles": doodle,
+                                         "scribbles": scribble, "textures": texture, "noise": noise}
+
+
+# --- the sets ----------------------------------------------------------------------------------
+def served(image: Image.Image) -> np.ndarray | None:
+    """The image as the server's preprocessing hands it to the model; None when it refuses it."""
+    try:
+        return to_mnist(to_grayscale(image))
+    except ImageError:
+        return None
+
+
+def image_rng(split: str, category: str, index: int) -> np.random.Generator:
+    """One generator per image: an image does not change when a set is made larger or smaller."""
+    names = NON_DIGIT_CATEGORIES + DIGIT_STYLES
+    return np.random.default_rng([SPLIT_SEEDS[split], names.index(category), index])
+
+
+def build_set(split: str, per_category: dict[str, int], make_one: Callable) -> SyntheticSet:
+    fonts = font_paths(split)
+    images, categories, labels, blank = [], [], [], {}
+    for category, count in per_category.items():
+        blank[category] = 0
+        for index in range(count):
+            rng = image_rng(split, category, index)
+            picture, label = make_one(category, index, rng, fonts)
+            pixels = served(picture)
+            if pixels is None:
+                blank[category] += 1
+                continue
+            images.append(pixels)
+            categories.append(category)
+            labels.append(label)
+    return SyntheticSet(np.stack(images).astype(np.float32), np.array(categories), np.array(labels, dtype=np.int64),
+                        blank)
+
+
+def non_digits(split: str, per_category: int, categories: tuple[str, ...] = NON_DIGIT_CATEGORIES) -> SyntheticSet:
+    """per_category images of each category (fewer where preprocessing refused some as blank)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}")
+    return build_set(split, {category: per_category for category in categories},
+                     lambda category, index, rng, fonts: (NON_DIGIT_MAKERS[category](rng, fonts), -1))
+
+
+def real_world_digits(split: str, per_style: int, styles: tuple[str, ...] = DIGIT_STYLES) -> SyntheticSet:
+    """per_style digits of each style, the digits 0-9 in turn. Split "train" is the
+    validation part (augmentations are chosen on it), "eval" the held-out part the bench reports."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}")
+    return build_set(split, {style: per_style for style in styles},
+                     lambda style, index, rng, fonts: (DIGIT_MAKERS[style](rng, fonts, index % 10), index % 10))
+
+
+def contact_sheet(images: np.ndarray, columns: int = 20) -> Image.Image:
+    rows = math.ceil(len(images) / columns)
+    sheet = np.zeros((rows * 30, columns * 30), dtype=np.uint8)
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        sheet[row * 30 + 1:row * 30 + 29, column * 30 + 1:column * 30 + 29] = np.round(image * 255)
+    return Image.fromarray(sheet)
+
+
+if __name__ == "__main__":
+    import sys
+
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "synthetic")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, made in (("non_digits", non_digits("eval", 40)), ("real_world_digits", real_world_digits("eval", 60))):
+        contact_sheet(made.images).save(out / f"{name}.png")
+        print(f"{out / name}.png: {len(made.images)} images, refused as blank: {made.blank}")
