@@ -28,7 +28,7 @@ from serving.artifact import (ARTIFACTS_DIR, CHECKPOINT_NAME, INT8_NAME, METRICS
 from training.data import load_mnist, preprocess_metadata
 
 from .serve_load import FRONT_DOOR_ROWS, SERVING_ERRORS, ServeSettings, measure as measure_serving, measure_front_door
-from .trust import measure as measure_trust, readme_lines as trust_readme_lines, write as write_trust
+from .trust import measure as measure_trust, readme_lines as trust_readme_lines, train_before, write as write_trust
 
 HERE = Path(__file__).resolve().parent
 FORWARD_MFLOP = 38.2        # per image: convs 36.5 + linears 1.6 (multiply-adds x 2)
@@ -417,7 +417,7 @@ def measure_all(data_dir: str, artifacts: Path, repeats: int, serve_seconds: flo
              ("kernel_probe", lambda: kernel_probe(artifacts / CHECKPOINT_NAME)),
              ("serving", lambda: serving(data_dir, serve_seconds)),
              ("front_door", lambda: front_door(artifacts, data_dir, serve_seconds)),
-             ("trust", lambda: measure_trust(data_dir, str(artifacts / CHECKPOINT_NAME)))]
+             ("trust", lambda: measure_trust(data_dir, str(artifacts / CHECKPOINT_NAME), train_before(data_dir)))]
     for name, step in steps:
         started = time.perf_counter()
         results[name] = step()

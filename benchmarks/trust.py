@@ -3,7 +3,11 @@ from MNIST and from outside it, calibration, per-digit errors. Part of `make ben
 (benchmarks/run.py calls measure), or alone, in about a minute:
 
     python -m benchmarks.trust --data-dir ../shared/mnist [--checkpoint artifacts/mnist_cnn.pt]
-                               [--before OTHER_CHECKPOINT]
+                               [--before OTHER_CHECKPOINT | --train-before]
+
+--train-before first trains "before" (BEFORE_CHECKPOINT, a few minutes): `make train`'s recipe
+without what training does for trust (outlier exposure, generated digits), so the per-digit
+table shows what they changed; `make bench` does this.
 
 writes benchmarks/TRUST.md, trust.json and reliability.png. Non-digits and real-world digits
 come from training/synthetic.py's "eval" split (never trained on, never chosen by); the
@@ -13,6 +17,8 @@ training does; MNIST test digits are only measured.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +31,16 @@ HERE = Path(__file__).resolve().parent
 PER_CATEGORY = 300     # non-digits of each category (eval split)
 PER_STYLE = 400        # real-world digits of each style (eval split: the held-out part)
 AIM_REFUSED, AIM_ACCEPTED = 0.98, 0.97
+# "before": the default recipe with training's trust additions off (training/config.py).
+BEFORE_FLAGS = ("--outlier-weight", "0", "--synthetic-digits", "0")
+BEFORE_CHECKPOINT = artifact_path(CHECKPOINT_NAME, Path(ARTIFACTS_DIR) / "before")
+
+
+def train_before(data_dir: str, out: str = BEFORE_CHECKPOINT) -> str:
+    """Train the "before" model afresh (replacing any earlier one: it must be this code's)."""
+    subprocess.run([sys.executable, "-m", "training", "--data-dir", data_dir, "--out", out, "--force",
+                    *BEFORE_FLAGS], check=True, stdout=subprocess.DEVNULL)
+    return out
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
@@ -240,7 +256,8 @@ def markdown(results: dict, command: str, cpu: str) -> str:
                 lines.append(f"| {model_name} | {set_name}, {style} | " + " | ".join(f"{e:.1%}" for e in errors) + " |")
     if "before" in results:
         before = results["before"]
-        lines += ["", f"before: `{before['checkpoint']}` (MNIST test {before['mnist_test_acc']:.2%})."]
+        lines += ["", f"before: `{before['checkpoint']}`, the same recipe trained with `{' '.join(BEFORE_FLAGS)}` "
+                      f"(MNIST test {before['mnist_test_acc']:.2%})."]
     return "\n".join(lines) + "\n"
 
 
@@ -273,19 +290,26 @@ def write(results: dict, out_dir: Path, command: str) -> None:
 @click.option("--data-dir", envvar="MNIST_DATA_DIR", required=True, help="MNIST copy (env MNIST_DATA_DIR).")
 @click.option("--checkpoint", default=artifact_path(CHECKPOINT_NAME, ARTIFACTS_DIR), show_default=True)
 @click.option("--before", default=None, help="Another checkpoint whose per-digit errors to show beside.")
+@click.option("--train-before", "train_before_flag", is_flag=True, help=f"Train the before model first ({' '.join(BEFORE_FLAGS)}).")
 @click.option("--per-category", type=click.IntRange(min=10), default=PER_CATEGORY, show_default=True)
 @click.option("--per-style", type=click.IntRange(min=10), default=PER_STYLE, show_default=True)
 @click.option("--out-dir", default=str(HERE), show_default=True)
-def main(data_dir, checkpoint, before, per_category, per_style, out_dir) -> None:
+def main(data_dir, checkpoint, before, train_before_flag, per_category, per_style, out_dir) -> None:
     """Measure refusal, acceptance, calibration and per-digit errors of a checkpoint."""
     from training.checkpoint import CheckpointError
+    if before and train_before_flag:
+        raise click.UsageError("--before and --train-before: give one")
     try:
+        if train_before_flag:
+            before = train_before(data_dir)
         results = measure(data_dir, checkpoint, before, per_category, per_style)
+    except subprocess.CalledProcessError as error:
+        raise click.ClickException(f"training the before model failed (exit {error.returncode})") from None
     except (CheckpointError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from None
     command = "python -m benchmarks.trust --data-dir DATA" + (f" --checkpoint {checkpoint}" if checkpoint !=
                                                               artifact_path(CHECKPOINT_NAME) else "") \
-        + (f" --before {before}" if before else "")
+        + (" --train-before" if train_before_flag else f" --before {before}" if before else "")
     write(results, Path(out_dir), command)
     click.echo((Path(out_dir) / "TRUST.md").read_text())
 
