@@ -106,11 +106,11 @@ $(BIN)/python -m training.data $(DATA_DIR)
 $(BIN)/mnist-train $(DATA_FLAG) --out $(CHECKPOINT) --force $(TRAIN_ARGS)
 endef
 
-train: $(INSTALLED) ## Train the CNN; writes (and replaces) artifacts/mnist_cnn.pt
+train: $(INSTALLED) fonts ## Train the CNN; writes (and replaces) artifacts/mnist_cnn.pt
 	$(TRAIN_RECIPE)
 
 # File targets: `make serve` rebuilds only what is missing or older than its inputs.
-$(CHECKPOINT): | $(INSTALLED)
+$(CHECKPOINT): | $(INSTALLED) fonts
 	$(TRAIN_RECIPE)
 
 # FORCE=1: export and archive a model below the serving accuracy floor (serving/artifact.py).

@@ -232,3 +232,17 @@ def test_the_options_of_trust_training_are_checked_with_a_reason():
             validate(config)
     validate(TrainConfig(pipeline="torchvision", outlier_weight=0, synthetic_digits=0))
     assert TrainConfig().outlier_loss_weight == 0.5 and TrainConfig(quick=True).outlier_loss_weight == 0
+
+
+def test_training_without_the_fonts_says_how_to_install_them(monkeypatch, tmp_path, data_dir):
+    """The generated non-digits are drawn in system fonts: on a machine without them, mnist-train
+    ends with one line naming `make fonts`, not a traceback (make train installs them first)."""
+    from click.testing import CliRunner
+
+    from training import synthetic
+    from training.cli import main
+    monkeypatch.setattr(synthetic, "FONT_DIRS", (str(tmp_path / "no-fonts"),))
+    result = CliRunner().invoke(main, ["--data-dir", data_dir, "--train-subset", "512", "--epochs", "1",
+                                       "--out", str(tmp_path / "m.pt")])
+    assert result.exit_code == 1, result.output
+    assert "make fonts" in result.output and "Traceback" not in result.output

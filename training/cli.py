@@ -9,6 +9,7 @@ from .config import (AMP_DTYPES, CUDA_GRAPH_CHOICES, DEFAULT_OUT, DEFAULT_OUTLIE
                      SELECT_BY, ConfigError, TrainConfig)
 from .data import DATA_DIR_ENV, DataError
 from .dist import PeerLostError
+from .synthetic import FontsMissing
 from .train import train
 
 DEFAULTS = TrainConfig()
@@ -96,7 +97,7 @@ def main(**options) -> None:
     """
     try:
         train(TrainConfig(**options))
-    except (ConfigError, DataError, CheckpointError, PeerLostError) as error:
+    except (ConfigError, DataError, CheckpointError, PeerLostError, FontsMissing) as error:
         raise click.ClickException(str(error)) from None
     except KeyboardInterrupt:
         raise click.ClickException("interrupted; rerun the same command with --resume to continue") from None

@@ -51,13 +51,17 @@ TRAINED_CATEGORIES = ("letters", "words", "scribbles", "textures", "noise")   # 
 DIGIT_STYLES = ("typed", "drawn", "photographed")
 
 
+class FontsMissing(Exception):
+    """The fonts that letters, words and typed digits are drawn in are not installed."""
+
+
 def font_paths(split: str) -> list[Path]:
     """The split's fonts: every other font file on this machine, in name order, so each split
     holds sans, serif, mono, condensed, light and bold faces, and none is in both."""
     fonts = sorted(path for directory in FONT_DIRS for path in Path(directory).glob("*.ttf")
                    if "MathTeX" not in path.name)
     if len(fonts) < 2:
-        raise FileNotFoundError(f"no fonts in {', '.join(FONT_DIRS)}: `make system` installs them")
+        raise FontsMissing(f"no fonts in {', '.join(FONT_DIRS)}: `make fonts` (or `make system`) installs them")
     return fonts[SPLIT_FONTS[split]::2]
 
 
