@@ -65,7 +65,8 @@ def rounded_map(attribution: np.ndarray) -> list[list[float]]:
     if not math.isfinite(largest) or largest == 0:   # non-finite: the handler answers that request 500
         return attribution.astype(np.float64).tolist()
     decimals = ATTRIBUTION_DIGITS - math.ceil(math.log10(largest))
-    return np.round(attribution.astype(np.float64), decimals).tolist()
+    # + 0.0: a tiny negative value rounds to -0.0, which JSON would carry as "-0.0".
+    return (np.round(attribution.astype(np.float64), decimals) + 0.0).tolist()
 
 
 def explanation(prediction: dict, attribution: np.ndarray, frame: Frame) -> dict:

@@ -297,3 +297,6 @@ def test_maps_keep_four_significant_digits_of_their_largest_value():
     assert (rounded[3, 4], rounded[5, 6], rounded[0, 0]) == (0.1235, -0.0099, 0.0)
     assert rounded_map(np.zeros((28, 28))) == np.zeros((28, 28)).tolist()
     assert np.isnan(rounded_map(np.full((28, 28), np.nan))[0][0])   # left for the handler's 500
+    attribution[1, 1] = -3e-10   # rounds to zero: sent as 0.0, never as JSON's "-0.0"
+    sent = json.loads(json.dumps(rounded_map(attribution)))
+    assert sent[1][1] == 0.0 and np.copysign(1.0, sent[1][1]) == 1.0
