@@ -105,10 +105,14 @@ def prepare_workflow_store(properties: dict, cwd: str | os.PathLike | None) -> N
     store = workflow_store(properties, cwd)
     if store is None:
         return
-    store.mkdir(parents=True, exist_ok=True)
-    if any(store.iterdir()):
-        raise ServerError(f"the workflow store {store} must be empty: TorchServe would load what is in it")
-    store.chmod(0o555)
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        if any(store.iterdir()):
+            raise ServerError(f"the workflow store {store} must be empty: TorchServe would load what is in it")
+        store.chmod(0o555)
+    except OSError as error:   # e.g. a read-only filesystem: say which setting, not a traceback
+        raise ServerError(f"cannot prepare the workflow store {store} (workflow_store in the config): "
+                          f"{error.strerror}") from None
 
 
 # Lines of TorchServe's output that never say why it ended: Java stack frames, and the JVM's

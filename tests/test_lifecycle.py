@@ -168,6 +168,18 @@ def test_start_refuses_a_workflow_store_with_something_in_it(tmp_path):
     assert not (tmp_path / "run" / server.PID_FILE).exists()
 
 
+def test_start_names_a_workflow_store_it_cannot_make_in_one_line(tmp_path):
+    """A workflow_store under a file (or on a read-only filesystem) is a config mistake: one line
+    naming the setting, not an OSError traceback."""
+    (tmp_path / "store").mkdir()
+    (tmp_path / "a-file").write_text("not a directory")
+    config = instance_config(REPO_ROOT / "config.properties", tmp_path, tmp_path / "store",
+                             workflow_store=str(tmp_path / "a-file" / "workflows"))[0]
+    refused = cli("serving.server", "start", "--config", config, "--run-dir", tmp_path / "run", timeout_s=60)
+    line = one_line_error(refused)
+    assert "cannot prepare the workflow store" in line and "workflow_store" in line, line
+
+
 def test_the_supervisor_never_ends_another_servers_java(tmp_path):
     """`run` from a run dir whose pid file names another server's live Java: torchserve refuses
     ("already running", exit 1), and the supervisor must leave that Java and its pid file alone."""
