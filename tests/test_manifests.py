@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -620,17 +621,21 @@ def test_the_replica_serves_from_a_read_only_root_as_the_pod_does(cluster, expor
                 for api, port in zip(("inference", "management", "metrics"), ports)}
     loopback |= dict(zip(("grpc_inference_port", "grpc_management_port", "initial_worker_port"), map(str, ports[3:6])))
     (run_dir / "config.properties").write_text(set_properties(text, loopback))
+    # A place that must be read-only in there: outside /tmp (writable, as the pod's emptyDir is),
+    # and outside the checkout, which may itself sit under /tmp (a CI clone does).
+    read_only_check = Path("/var/tmp") / f"digitserve-read-only-check-{os.getpid()}"
+    read_only_check.unlink(missing_ok=True)
     command = ["unshare", "-m", "--propagation", "private", "bash", "-c", READ_ONLY_SETUP, "bash",
                sys.executable, "-c", POD_DRIVER, str(run_dir), loopback["inference_address"],
                loopback["management_address"], str(tmp_path / "key-hop"), str(ports[6]),
-               str(REPO_ROOT / "read-only-check")]
+               str(read_only_check)]
     # HOME on the writable side, as the image sets it to its /tmp emptyDir (ONNX Runtime writes ~/.cache).
     env = subprocess_env(HOME=str(tmp_path), PYTHONDONTWRITEBYTECODE="1")
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)
     hop_log = (run_dir / "hop.out").read_text() if (run_dir / "hop.out").exists() else ""
     assert result.returncode == 0, result.stderr[-2000:] + (run_dir / "run.out").read_text()[-2000:] + hop_log
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
-    assert outcome["read_only"] and not (REPO_ROOT / "read-only-check").exists()
+    assert outcome["read_only"] and not read_only_check.exists()
     assert outcome["ready"].startswith("ready: mnist") and outcome["probe_rc"] == 0
     assert outcome["keyless"] != "answered"   # token auth on: TorchServe refuses a request without the key
     assert outcome["digit"] == 1 and outcome["exit"] == 0   # the probe image is a drawn 1; SIGTERM: a clean stop
