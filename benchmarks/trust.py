@@ -205,7 +205,11 @@ def plot_reliability(results: dict, path: Path) -> None:
                 ece_key = "ece_t1" if label.endswith("T=1") else f"ece_t{results['calibration'][name]['temperature']:g}"
                 axis.plot([p[0] for p in points], [p[1] for p in points], marker="o",
                           label=f"{label.split(' ', 1)[1]} (ECE {results['calibration'][name][ece_key]:.3f})")
-        axis.set(xlabel="confidence", ylabel="accuracy", title=f"Reliability: {title}", xlim=(0, 1), ylim=(0, 1.02))
+                for confidence, accuracy, count in points:   # a bin of 3 images says little: show it
+                    axis.annotate(str(count), (confidence, accuracy), textcoords="offset points", xytext=(0, 6),
+                                  ha="center", fontsize=7)
+        axis.set(xlabel="confidence (numbers: images in the bin)", ylabel="accuracy", title=f"Reliability: {title}",
+                 xlim=(0, 1), ylim=(0, 1.08))
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()
