@@ -104,33 +104,28 @@ class TrainConfig:
     resume: bool = False
     force: bool = False              # a fresh run may replace the checkpoint of a finished run at out_path
 
-    @property
-    def selected_by(self) -> str:
-        return self.select_by
+    def recipe_value(self, name: str, default):
+        """A setting whose None means "the recipe's": as asked, else --quick's, else default."""
+        asked = getattr(self, name)
+        if asked is not None:
+            return asked
+        return getattr(QUICK, name) if self.quick else default
 
     @property
     def held_out_images(self) -> int:
-        if self.val_images is not None:
-            return self.val_images
-        return QUICK.val_images if self.quick else DEFAULT_VAL_IMAGES
+        return self.recipe_value("val_images", DEFAULT_VAL_IMAGES)
 
     @property
     def synthetic_digit_count(self) -> int:
-        if self.synthetic_digits is not None:
-            return self.synthetic_digits
-        return QUICK.synthetic_digits if self.quick else DEFAULT_SYNTHETIC_DIGITS
+        return self.recipe_value("synthetic_digits", DEFAULT_SYNTHETIC_DIGITS)
 
     @property
     def outlier_loss_weight(self) -> float:
-        if self.outlier_weight is not None:
-            return self.outlier_weight
-        return QUICK.outlier_weight if self.quick else DEFAULT_OUTLIER_WEIGHT
+        return self.recipe_value("outlier_weight", DEFAULT_OUTLIER_WEIGHT)
 
     @property
     def outlier_pool_images(self) -> int:
-        if self.outlier_images is not None:
-            return self.outlier_images
-        return QUICK.outlier_images if self.quick else DEFAULT_OUTLIER_IMAGES
+        return self.recipe_value("outlier_images", DEFAULT_OUTLIER_IMAGES)
 
     @property
     def out_path(self) -> Path:

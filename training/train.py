@@ -155,10 +155,10 @@ def select_weights(config: TrainConfig, state: RunState, epoch: int, evaluations
     """Keep the final weights (their EMA average while EMA is on), or the epoch with the best
     held-out validation accuracy: never choose on the test set, whose accuracy is then reported
     for the kept weights."""
-    if config.selected_by == "final" or evaluations["val"]["acc"] > state.best_val_acc:
+    if config.select_by == "final" or evaluations["val"]["acc"] > state.best_val_acc:
         state.kept_state = cpu_state_dict(state.eval_model)
         state.kept_report = {"selected_epoch": epoch + 1}
-        if config.selected_by == "val_acc":
+        if config.select_by == "val_acc":
             state.best_val_acc = evaluations["val"]["acc"]
             state.kept_report["selected_val_acc"] = state.best_val_acc
 
@@ -169,7 +169,7 @@ def epoch_metrics(config: TrainConfig, state: RunState, epoch: int, totals: Epoc
                "train_acc": totals.correct / totals.images, "lr": totals.lr, "train_images": totals.images,
                "images_per_s": totals.images / totals.train_seconds,
                "epoch_s": time.perf_counter() - started, "world_size": context.world_size,
-               "hosts": dist.hosts(context), "selected_by": config.selected_by, **state.kept_report}
+               "hosts": dist.hosts(context), "selected_by": config.select_by, **state.kept_report}
     for name, evaluation in evaluations.items():
         metrics[f"{name}_acc"], metrics[f"{name}_loss"] = evaluation["acc"], evaluation["loss"]
     return metrics
@@ -218,9 +218,9 @@ def run_training(asked: TrainConfig, context: dist.DistContext) -> TrainResult:
     log(context, f"training on {context.device} x{context.world_size} rank(s), {threads} thread(s) each, "
                  f"kernels {state.kernels.name}, {'CUDA graph' if state.cuda_graph else 'eager'}, "
                  f"{len(data.batches)} steps/epoch of {config.batch_size} images, pipeline={config.pipeline}, "
-                 f"weights kept: {config.selected_by}")
+                 f"weights kept: {config.select_by}")
     # No peeking at test when choosing by val; val is watched only when it chooses (it costs an evaluation).
-    watched = "val" if config.selected_by == "val_acc" else "test"
+    watched = "val" if config.select_by == "val_acc" else "test"
     monitored = {watched: data.eval_sets[watched]}
     tensorboard = TensorBoardLog(config.tensorboard) if context.is_main and config.tensorboard else None
     evaluations: dict = {}
@@ -248,7 +248,7 @@ def run_training(asked: TrainConfig, context: dist.DistContext) -> TrainResult:
         dist.barrier(context)
 
     # Keeping the final (EMA-averaged) weights, the last epoch already measured them on the test set.
-    test = evaluations.get("test") if config.selected_by == "final" else None
+    test = evaluations.get("test") if config.select_by == "final" else None
     metrics = finish(config, state, context, data, metrics, history, out_path, test)
     if tensorboard:
         tensorboard.close()
@@ -266,7 +266,7 @@ def finish(config, state: RunState, context, data, metrics: dict, history: list,
         test = evaluate(kept, *data.eval_sets["test"], config, context, state.kernels.torch_memory_format)
     metrics = {**metrics, "test_acc": test["acc"], "test_loss": test["loss"],
                "per_class_acc": test["per_class_acc"], "confusion_matrix": test["confusion_matrix"]}
-    if config.selected_by == "val_acc":
+    if config.select_by == "val_acc":
         metrics["val_acc"] = state.best_val_acc   # of the kept weights (the rows hold each epoch's)
     if context.is_main:
         state.trust = fit_kept_trust(kept, *data.eval_sets["val"], context)
