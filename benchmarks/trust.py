@@ -180,16 +180,9 @@ def measure(data_dir: str, checkpoint: str = artifact_path(CHECKPOINT_NAME), bef
 
 def reliability_bins(outputs: dict, temperature: float, bins: int = 15) -> dict:
     """Per set and temperature: mean confidence, accuracy and count in each confidence bin."""
-    curves = {}
-    for name in ("mnist_test", "real_world"):
-        logits, labels = outputs[name]
-        for label, t in (("T=1", 1.0), (f"T={temperature:g}", temperature)):
-            probabilities = softmax(logits / t)
-            confidence, correct = probabilities.max(1), probabilities.argmax(1) == labels
-            which = np.clip(np.digitize(confidence, np.linspace(0, 1, bins + 1)[1:-1], right=True), 0, bins - 1)
-            curves[f"{name} {label}"] = [(float(confidence[which == b].mean()), float(correct[which == b].mean()),
-                                          int((which == b).sum())) for b in range(bins) if (which == b).any()]
-    return curves
+    from training.trust import confidence_bins
+    return {f"{name} {label}": confidence_bins(softmax(outputs[name][0] / t), outputs[name][1], bins)
+            for name in ("mnist_test", "real_world") for label, t in (("T=1", 1.0), (f"T={temperature:g}", temperature))}
 
 
 def plot_reliability(results: dict, path: Path) -> None:

@@ -45,14 +45,18 @@ def threshold_at(scores: np.ndarray, accept_rate: float) -> float:
     return float(np.sort(scores)[refused])
 
 
+def confidence_bins(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> list[tuple]:
+    """Per non-empty equal-width confidence bin: (mean confidence, accuracy, images in it)."""
+    confidence, correct = probabilities.max(axis=1), probabilities.argmax(axis=1) == labels
+    which = np.clip(np.digitize(confidence, np.linspace(0, 1, bins + 1)[1:-1], right=True), 0, bins - 1)
+    return [(float(confidence[which == b].mean()), float(correct[which == b].mean()), int((which == b).sum()))
+            for b in range(bins) if (which == b).any()]
+
+
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
     """ECE: the confidence-weighted gap between confidence and accuracy over equal-width bins."""
-    confidence, correct = probabilities.max(axis=1), probabilities.argmax(axis=1) == labels
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    gaps = [abs(correct[which == b].mean() - confidence[which == b].mean()) * (which == b).mean()
-            for b in range(bins) if (which == b).any()]
-    return float(sum(gaps))
+    return float(sum(abs(accuracy - confidence) * count
+                     for confidence, accuracy, count in confidence_bins(probabilities, labels, bins)) / len(labels))
 
 
 def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
