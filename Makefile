@@ -18,7 +18,7 @@ MAR         := $(MODEL_STORE)/mnist.mar
 SERVE_STAMP := $(MODEL_STORE)/.serve_model
 SERVE_MODEL ?= $(or $(shell cat $(SERVE_STAMP) 2>/dev/null),$(TORCHSCRIPT))
 RUN_DIR     := .run/torchserve
-# `make fleet`: REPLICAS TorchServe replicas under supervisord behind nginx (serving/topology.py).
+# `make fleet`: REPLICAS TorchServe replicas under supervisord behind nginx (serving/fleet/topology.py).
 FLEET_DIR   := .run/fleet
 REPLICAS    ?= 2
 FLEET_ORIGINS    ?=
@@ -53,7 +53,7 @@ $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(PIP_FLAGS) --upgrade pip
 	$(BIN)/pip install --quiet $(PIP_FLAGS) -e '.[test,bench]'
-	grep -q '^# digitserve: a plain' $(BIN)/activate || sed 's|@CONFIG@|$(CURDIR)/config.properties|' serving/activate.sh >> $(BIN)/activate
+	grep -q '^# digitserve: a plain' $(BIN)/activate || sed 's|@CONFIG@|$(CURDIR)/config.properties|' serving/server/activate.sh >> $(BIN)/activate
 	touch $@
 
 system: java browser prometheus nginx fonts ## System packages the tests need (apt-get, only what is missing)
@@ -113,7 +113,7 @@ train: $(INSTALLED) fonts ## Train the CNN; writes (and replaces) artifacts/mnis
 $(CHECKPOINT): | $(INSTALLED) fonts
 	$(TRAIN_RECIPE)
 
-# FORCE=1: export and archive a model below the serving accuracy floor (serving/artifact.py).
+# FORCE=1: export and archive a model below the serving accuracy floor (serving/handler/artifact.py).
 FORCE_FLAG := $(if $(FORCE),--force)
 
 $(TORCHSCRIPT) $(ONNX) $(INT8) &: $(CHECKPOINT) $(wildcard export/*.py)
@@ -125,8 +125,8 @@ export: $(TORCHSCRIPT) $(ONNX) $(INT8) ## Export TorchScript + ONNX (+ int8 ONNX
 $(SERVE_STAMP): FORCE
 	@mkdir -p $(MODEL_STORE); echo '$(SERVE_MODEL)' | cmp -s - $@ || echo '$(SERVE_MODEL)' > $@
 
-$(MAR): $(SERVE_MODEL) $(SERVE_STAMP) $(wildcard serving/*.py) serving/model-config.yaml
-	$(BIN)/python -m serving.archive --serialized-file $(SERVE_MODEL) --export-path $(MODEL_STORE) $(FORCE_FLAG)
+$(MAR): $(SERVE_MODEL) $(SERVE_STAMP) $(wildcard serving/handler/*)
+	$(BIN)/python -m serving.server.archive --serialized-file $(SERVE_MODEL) --export-path $(MODEL_STORE) $(FORCE_FLAG)
 
 archive: $(MAR) ## Build model_store/mnist.mar (SERVE_MODEL=artifacts/mnist_cnn.int8.onnx: int8; FORCE=1: below 99% too)
 
@@ -139,7 +139,7 @@ serve: java $(MAR) $(SAMPLES)/digit_9.png ## Everything above as needed, then st
 	$(BIN)/python -m serving.server start --config config.properties --run-dir $(RUN_DIR)
 
 demo: serve ## `make serve`, then the draw-a-digit page on http://127.0.0.1:8000 (serving/web/index.html)
-	$(BIN)/python -m serving.demo start --config config.properties --run-dir $(DEMO_DIR)
+	$(BIN)/python -m serving.web.demo start --config config.properties --run-dir $(DEMO_DIR)
 
 fleet: java nginx $(MAR) $(SAMPLES)/digit_9.png ## `make serve`'s build, then REPLICAS servers behind nginx on :8088 and :8443 (TLS)
 	$(FLEET_ENV) $(BIN)/python -m serving.fleet start \
@@ -148,12 +148,12 @@ fleet: java nginx $(MAR) $(SAMPLES)/digit_9.png ## `make serve`'s build, then RE
 fleet-stop: ## Stop everything `make fleet` started (replicas, nginx, supervisord)
 	$(BIN)/python -m serving.fleet stop --run-dir $(FLEET_DIR)
 
-config.production.properties: config.properties serving/properties.py | $(INSTALLED) ## Derive the token-auth config from config.properties
-	$(BIN)/python -m serving.properties production-config --base config.properties > $@
+config.production.properties: config.properties serving/server/properties.py | $(INSTALLED) ## Derive the token-auth config from config.properties
+	$(BIN)/python -m serving.server.properties production-config --base config.properties > $@
 
 stop: ## Stop the TorchServe started by `make serve` and the page server of `make demo`
 	$(BIN)/python -m serving.server stop --run-dir $(RUN_DIR)
-	$(BIN)/python -m serving.demo stop --run-dir $(DEMO_DIR)
+	$(BIN)/python -m serving.web.demo stop --run-dir $(DEMO_DIR)
 
 # Where `make serve`'s server answers: config.properties' own inference_address, not a second copy.
 INFERENCE_ADDRESS := $(shell sed -n 's/^inference_address=//p' config.properties)
@@ -179,7 +179,7 @@ bench: $(INSTALLED) java export ## Measure training, inference and serving again
 	@command -v wrk >/dev/null || apt-get install -y -q wrk || { echo "bench needs wrk: apt-get install wrk"; exit 1; }
 	$(BIN)/python -m benchmarks.run $(DATA_FLAG)
 
-manifests: $(INSTALLED) ## Regenerate deploy/kubernetes/*.yaml from serving/topology.py, the nginx template and benchmarks/footprint.json
+manifests: $(INSTALLED) ## Regenerate deploy/kubernetes/*.yaml from serving/fleet/topology.py, the nginx template and benchmarks/footprint.json
 	$(BIN)/python -m deploy.manifests
 
 clean: ## Remove artifacts, archives and server state (keeps .venv and data)

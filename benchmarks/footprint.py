@@ -28,13 +28,13 @@ import click
 import psutil
 import torch
 
-from serving import server
-from serving.archive import ArchiveError, build_archive
-from serving.artifact import TORCHSCRIPT_NAME, artifact_path
-from serving.properties import instance_config
-from serving.readiness import NotReady, check_ready, probe_once, retry
-from serving.server import ServerError
-from serving.topology import Replica, ReplicaPorts
+from serving.server import server
+from serving.server.archive import ArchiveError, build_archive
+from serving.handler.artifact import TORCHSCRIPT_NAME, artifact_path
+from serving.server.properties import instance_config
+from serving.server.readiness import NotReady, check_ready, probe_once, retry
+from serving.server.server import ServerError
+from serving.fleet.topology import Replica, ReplicaPorts
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FOOTPRINT_JSON = Path(__file__).resolve().with_name("footprint.json")
@@ -147,7 +147,7 @@ def measure(serialized_file: str, seconds: float, clients: int, workdir: Path) -
     model_store = workdir / "model_store"
     build_archive(serialized_file, model_store, force=True)   # memory, not accuracy, is measured here
     config, inference, _ = instance_config(REPO_ROOT / "config.properties", workdir, model_store)
-    # Run and probed as the fleet and the pods do (serving/topology.py), in workdir, where
+    # Run and probed as the fleet and the pods do (serving/fleet/topology.py), in workdir, where
     # instance_config wrote the config; the record's own ports are unused by its commands.
     replica = Replica("footprint", ReplicaPorts.derived(0), workdir)
     with open(workdir / "run.out", "wb") as log:

@@ -24,7 +24,7 @@ from pathlib import Path
 import click
 import torch
 
-from serving.artifact import CHECKPOINT_NAME, METRICS_NAME
+from serving.handler.artifact import CHECKPOINT_NAME, METRICS_NAME
 from training.config import TrainConfig
 from training.model import build_model
 from training.train_step import EagerStep, GraphedStep

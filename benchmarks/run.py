@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from export.run import normalized_images
-from serving.artifact import (ARTIFACTS_DIR, CHECKPOINT_NAME, INT8_NAME, METRICS_NAME, ONNX_NAME, TORCHSCRIPT_NAME,
-                              load, time_batched, torch_runner)
+from serving.handler.artifact import (ARTIFACTS_DIR, CHECKPOINT_NAME, INT8_NAME, METRICS_NAME, ONNX_NAME, TORCHSCRIPT_NAME,
+                                      load, time_batched, torch_runner)
 from training.data import load_mnist, preprocess_metadata
 
 from .serve_load import FRONT_DOOR_ROWS, SERVING_ERRORS, ServeSettings, measure as measure_serving, measure_front_door
@@ -161,7 +161,7 @@ def serving(data_dir: str, duration_s: float) -> dict:
     for name, settings, overrides in (
             (f"baseline: TorchServe defaults ({baseline.workers} workers x {baseline.threads_per_worker} threads, "
              "no batching)", baseline, {}),
-            ("ours: serving/model-config.yaml, Prometheus metrics on", tuned, {}),
+            ("ours: serving/handler/model-config.yaml, Prometheus metrics on", tuned, {}),
             ("ours, metrics in log mode (metrics_mode=log)", tuned, {"metrics_mode": "log"})):
         runs = measure_serving(settings, SERVE_CLIENTS, duration_s, data_dir, **overrides)
         results[name] = {"settings": settings.__dict__, "config_overrides": overrides,

@@ -21,15 +21,15 @@ from pathlib import Path
 import click
 import yaml
 
-from serving import fleet as fleet_stage
-from serving import server
-from serving.properties import free_ports, instance_config
-from serving.artifact import MODEL_NAME, TORCHSCRIPT_NAME, artifact_path
-from serving.archive import SERVING_DIR, ArchiveError, build_archive
-from serving.fleet import FleetError
-from serving.frontdoor import FrontDoorError
-from serving.server import ServerError
-from serving.topology import Fleet, ReplicaPorts
+from serving.fleet import fleet as fleet_stage
+from serving.server import server
+from serving.server.properties import free_ports, instance_config
+from serving.handler.artifact import MODEL_NAME, TORCHSCRIPT_NAME, artifact_path
+from serving.server.archive import SHIPPED_DIR, ArchiveError, build_archive
+from serving.fleet.fleet import FleetError
+from serving.fleet.frontdoor import FrontDoorError
+from serving.server.server import ServerError
+from serving.fleet.topology import Fleet, ReplicaPorts
 from training.samples import write_samples
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -61,8 +61,8 @@ class ServeSettings:
 
     @classmethod
     def shipped(cls) -> "ServeSettings":
-        """The settings the archive ships with (serving/model-config.yaml)."""
-        config = yaml.safe_load((SERVING_DIR / "model-config.yaml").read_text())
+        """The settings the archive ships with (serving/handler/model-config.yaml)."""
+        config = yaml.safe_load((SHIPPED_DIR / "model-config.yaml").read_text())
         return cls(config["minWorkers"], config["handler"]["threads"], config["batchSize"], config["maxBatchDelay"])
 
 
@@ -81,7 +81,7 @@ class LoadResult:
 
 
 def model_config_for(settings: ServeSettings, path: Path) -> Path:
-    config = yaml.safe_load((SERVING_DIR / "model-config.yaml").read_text())
+    config = yaml.safe_load((SHIPPED_DIR / "model-config.yaml").read_text())
     config.update(minWorkers=settings.workers, maxWorkers=settings.workers, batchSize=settings.batch_size,
                   maxBatchDelay=settings.max_batch_delay_ms)
     config.setdefault("handler", {})["threads"] = settings.threads_per_worker

@@ -25,7 +25,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from serving.artifact import ARTIFACTS_DIR, CHECKPOINT_NAME, TRUST_SCORES, Trust, artifact_path, softmax
+from serving.handler.artifact import ARTIFACTS_DIR, CHECKPOINT_NAME, TRUST_SCORES, Trust, artifact_path, softmax
 
 HERE = Path(__file__).resolve().parent
 PER_CATEGORY = 300     # non-digits of each category (eval split)

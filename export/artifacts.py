@@ -13,8 +13,8 @@ from pathlib import Path
 import onnx
 import torch
 
-from serving.artifact import (INPUT_NAME, MODEL_CARD_NAME, ONNX_METADATA_KEY, OUTPUT_NAME, TORCHSCRIPT_METADATA,
-                              TRUST_METADATA, ArtifactError, Trust, public_card, quiet_torchscript_deprecation)
+from serving.handler.artifact import (INPUT_NAME, MODEL_CARD_NAME, ONNX_METADATA_KEY, OUTPUT_NAME, TORCHSCRIPT_METADATA,
+                                      TRUST_METADATA, ArtifactError, Trust, public_card, quiet_torchscript_deprecation)
 from training.checkpoint import CheckpointError, load_checkpoint, weights_digest
 from training.model import build_model
 

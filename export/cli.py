@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from serving.artifact import INT8_NAME, SERVE_ACCURACY_FLOOR
+from serving.handler.artifact import INT8_NAME, SERVE_ACCURACY_FLOOR
 from training.checkpoint import CheckpointError, sigterm_raises
 from training.data import DATA_DIR_ENV, DataError
 

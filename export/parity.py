@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from serving.artifact import Runner, run_batched
+from serving.handler.artifact import Runner, run_batched
 
 DEFAULT_TOLERANCE = 1e-4       # max |logit difference|; fp32 kernels differ by ~1e-6 here
 DEFAULT_BATCH_SIZES = (1, 7, 256)

@@ -15,7 +15,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
                                       quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from serving.artifact import INPUT_NAME, onnx_runner, onnx_session, run_batched, time_batched
+from serving.handler.artifact import INPUT_NAME, onnx_runner, onnx_session, run_batched, time_batched
 
 from .artifacts import set_onnx_metadata
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.artifact import (ARTIFACTS_DIR, CHECKPOINT_NAME, INT8_NAME, ONNX_NAME, PARITY_REPORT_NAME,
-                              SERVE_ACCURACY_FLOOR, TORCHSCRIPT_NAME, artifact_path, load_torchscript_module,
-                              onnx_runner, onnx_session, read_metadata, torch_runner)
-from serving.preprocess import normalize_in_place
+from serving.handler.artifact import (ARTIFACTS_DIR, CHECKPOINT_NAME, INT8_NAME, ONNX_NAME, PARITY_REPORT_NAME,
+                                      SERVE_ACCURACY_FLOOR, TORCHSCRIPT_NAME, artifact_path, load_torchscript_module,
+                                      onnx_runner, onnx_session, read_metadata, torch_runner)
+from serving.handler.preprocess import normalize_in_place
 from training.checkpoint import fsync_directory, write_text_atomic
 from training.data import load_mnist
 

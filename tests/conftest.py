@@ -9,7 +9,7 @@ import torch
 
 from imaging import MnistDigits
 from repo import REPO_ROOT
-from serving.artifact import CHECKPOINT_NAME
+from serving.handler.artifact import CHECKPOINT_NAME
 from training.data import DATA_DIR_ENV
 
 
@@ -100,7 +100,7 @@ def _restore_torch_threads():
 @pytest.fixture(scope="session")
 def running_server(tmp_path_factory, exported):
     """One shared server for the tests that only send requests."""
-    from serving import server
+    from serving.server import server
     from servers import launch_server
 
     inference, management, run_dir, _ = launch_server(tmp_path_factory.mktemp("torchserve"), exported)

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from serving.artifact import CHECKPOINT_NAME
+from serving.handler.artifact import CHECKPOINT_NAME
 from training import train as train_module
 from training.train import TrainConfig, train
 

@@ -10,9 +10,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serving.artifact import MODEL_NAME
-from serving.properties import free_ports
-from serving.topology import Fleet, ReplicaPorts
+from serving.handler.artifact import MODEL_NAME
+from serving.server.properties import free_ports
+from serving.fleet.topology import Fleet, ReplicaPorts
 
 PORTS_PER_REPLICA = len(ReplicaPorts.__dataclass_fields__)
 

@@ -11,10 +11,10 @@ from typing import Collection
 import pytest
 
 from repo import REPO_ROOT
-from serving import server
-from serving.properties import instance_config, read_properties
-from serving.archive import build_archive
-from serving.artifact import MODEL_NAME, TORCHSCRIPT_NAME
+from serving.server import server
+from serving.server.properties import instance_config, read_properties
+from serving.server.archive import build_archive
+from serving.handler.artifact import MODEL_NAME, TORCHSCRIPT_NAME
 
 
 def launch_server(tmp_path: Path, exported_dir: Path, base_config: str = "config.properties",

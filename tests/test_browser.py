@@ -23,10 +23,11 @@ import pytest
 from imaging import NOT_DIGITS
 from repo import REPO_ROOT
 from servers import launch_server, predictions_url
-from serving import demo, server
-from serving.properties import free_ports, read_properties
-from serving.readiness import probe_image
-from serving.parsing import HTTP_STATUS
+from serving.web import demo
+from serving.server import server
+from serving.server.properties import free_ports, read_properties
+from serving.server.readiness import probe_image
+from serving.handler.parsing import HTTP_STATUS
 
 pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.slow]
 

@@ -2,7 +2,7 @@
 import pytest
 
 from repo import REPO_ROOT
-from serving.properties import PRODUCTION_OVERRIDES, instance_config, production_config, read_properties, set_properties
+from serving.server.properties import PRODUCTION_OVERRIDES, instance_config, production_config, read_properties, set_properties
 
 
 def test_committed_production_config_is_the_derived_one():

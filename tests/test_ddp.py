@@ -5,7 +5,7 @@ import subprocess
 import pytest
 
 from repo import TESTS_DIR, subprocess_env, torchrun_command
-from serving.artifact import CHECKPOINT_NAME
+from serving.handler.artifact import CHECKPOINT_NAME
 from training.checkpoint import load_checkpoint, rank_digest_path, weights_digest
 
 pytestmark = pytest.mark.slow

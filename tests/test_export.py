@@ -14,9 +14,9 @@ from export.cli import main as export_cli
 from export.parity import check_parity
 from export.run import (AccuracyFloorError, ExportConfig, ExportError, check_same_weights, normalized_images,
                         run_export)
-from serving.artifact import (INPUT_NAME, INT8_NAME, LOCAL_PATH_KEYS, ONNX_NAME, PARITY_REPORT_NAME,
-                              SERVE_ACCURACY_FLOOR, TORCHSCRIPT_NAME, load_torchscript_module, onnx_runner, onnx_session, read_metadata,
-                              torch_runner)
+from serving.handler.artifact import (INPUT_NAME, INT8_NAME, LOCAL_PATH_KEYS, ONNX_NAME, PARITY_REPORT_NAME,
+                                      SERVE_ACCURACY_FLOOR, TORCHSCRIPT_NAME, load_torchscript_module, onnx_runner, onnx_session, read_metadata,
+                                      torch_runner)
 from training.checkpoint import load_checkpoint
 from training.data import preprocess_metadata
 

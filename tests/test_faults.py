@@ -11,7 +11,7 @@ import time
 import pytest
 
 from repo import subprocess_env, torchrun_command
-from serving.artifact import METRICS_NAME
+from serving.handler.artifact import METRICS_NAME
 from training.checkpoint import SAVE_DELAY_ENV, load_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]

@@ -29,14 +29,14 @@ import pytest
 from fleet_helpers import PacedLoad, plan_on_free_ports, predictions, wait_for
 from http_client import request
 from repo import REPO_ROOT, subprocess_env
-from serving import fleet as fleet_module
-from serving import frontdoor
-from serving.archive import MANIFEST, ArchiveError, build_archive
-from serving.artifact import MODEL_NAME, TORCHSCRIPT_NAME, read_metadata
-from serving.frontdoor import FrontDoorError, RotationState
-from serving.properties import read_properties, set_properties
-from serving.readiness import inference_key
-from serving.topology import CLOSED_PATHS, Fleet
+from serving.fleet import fleet as fleet_module
+from serving.fleet import frontdoor
+from serving.server.archive import MANIFEST, ArchiveError, build_archive
+from serving.handler.artifact import MODEL_NAME, TORCHSCRIPT_NAME, read_metadata
+from serving.fleet.frontdoor import FrontDoorError, RotationState
+from serving.server.properties import read_properties, set_properties
+from serving.server.readiness import inference_key
+from serving.fleet.topology import CLOSED_PATHS, Fleet
 
 LISTED_ORIGIN = "http://localhost:3000"
 RATE_LIMIT = 40            # requests/s per client address; the paced loads below stay well under it
@@ -66,7 +66,7 @@ def test_archive_version_defaults_to_the_weights_and_can_be_named(archives, expo
 
 
 def test_archive_cli_takes_version_and_export_path(exported, tmp_path):
-    built = subprocess.run([sys.executable, "-m", "serving.archive", "--serialized-file", exported / TORCHSCRIPT_NAME,
+    built = subprocess.run([sys.executable, "-m", "serving.server.archive", "--serialized-file", exported / TORCHSCRIPT_NAME,
                             "--version", "3.1", "--export-path", tmp_path / "v3", "--force"],
                            cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True)
     assert built.returncode == 0, built.stderr

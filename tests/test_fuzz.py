@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from serving.preprocess import ImageError, preprocess_bytes
+from serving.handler.preprocess import ImageError, preprocess_bytes
 from training.data import MNIST_MEAN, MNIST_STD
 
 pytestmark = pytest.mark.reliability

@@ -13,17 +13,17 @@ from export.artifacts import load_model
 from export.run import normalized_images
 from imaging import NOT_DIGITS, all_formats, as_paper_photo, drawn_strokes, encode
 from repo import REPO_ROOT
-from serving.artifact import INT8_NAME, LOCAL_PATH_KEYS, MODEL_NAME, ONNX_NAME, TORCHSCRIPT_NAME, Trust, public_card
-from serving.properties import read_properties
+from serving.handler.artifact import INT8_NAME, LOCAL_PATH_KEYS, MODEL_NAME, ONNX_NAME, TORCHSCRIPT_NAME, Trust, public_card
+from serving.server.properties import read_properties
 from training.data import preprocess_metadata
 
 # TorchServe is a serving dependency, not a training one: where it is absent (a GPU box with
 # torch only), this file is skipped as a whole instead of failing to collect.
 ts_context = pytest.importorskip("ts.context", reason="TorchServe (ts) is not installed")
 Context, RequestProcessor = ts_context.Context, ts_context.RequestProcessor
-from serving.handler import INFERENCE_CHUNK_IMAGES, DigitHandler  # noqa: E402
-from serving.parsing import (DIGIT_METRIC, NOT_DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC,  # noqa: E402
-                             ParsedBatch, ParsedRequest)
+from serving.handler.handler import INFERENCE_CHUNK_IMAGES, DigitHandler  # noqa: E402
+from serving.handler.parsing import (DIGIT_METRIC, NOT_DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC,  # noqa: E402
+                                     ParsedBatch, ParsedRequest)
 
 # The metrics file the server runs with; relative paths in config.properties are from the repo root.
 METRICS_CONFIG = REPO_ROOT / read_properties(REPO_ROOT / "config.properties")["metrics_config"]
@@ -37,7 +37,7 @@ def make_context(model_dir, serialized_file, batch_size=8, yaml_config=None):
 
 def metrics_cache():
     """TorchServe's own metrics cache, set up as its worker sets it up for a batch, from the
-    metrics file the server is configured with (serving/metrics.yaml)."""
+    metrics file the server is configured with (serving/server/metrics.yaml)."""
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
     cache = MetricsCacheYamlImpl(str(METRICS_CONFIG))
@@ -304,11 +304,11 @@ def test_drawn_non_digits_are_answered_not_a_digit_and_counted(handler, mnist_di
 
 def test_handler_module_defines_the_one_class_torchserve_loads():
     """TorchServe's loader refuses a handler module defining more than one class (the worker
-    dies at load: "Expected only one class"), so helper classes live in serving/parsing.py and serving/protocol.py."""
-    import serving.handler
+    dies at load: "Expected only one class"), so helper classes live in serving/handler/parsing.py and serving/handler/protocol.py."""
+    import serving.handler.handler
     from ts.utils.util import list_classes_from_module
 
-    assert list_classes_from_module(serving.handler) == [DigitHandler]
+    assert list_classes_from_module(serving.handler.handler) == [DigitHandler]
 
 
 # --- Explanations: POST /explanations/mnist (the frontend adds the header explain: True) --------
@@ -369,7 +369,7 @@ def test_a_map_is_the_predicted_digits_and_sums_to_its_rise_over_a_blank_image(t
 
 
 def test_an_explanation_takes_at_most_a_few_images(torchscript_handler, mnist_digits):
-    from serving.parsing import MAX_IMAGES_PER_EXPLANATION
+    from serving.handler.parsing import MAX_IMAGES_PER_EXPLANATION
 
     images = [base64.b64encode(mnist_digits.png(i)).decode() for i in range(MAX_IMAGES_PER_EXPLANATION + 1)]
     over, at_the_limit = call(torchscript_handler, [{"body": {"images": images}}, {"body": {"images": images[:-1]}}],

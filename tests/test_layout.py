@@ -1,5 +1,11 @@
-"""The code's shape, checked: imports run one way (commands -> stages -> the artifact contract),
-and only commands speak Click."""
+"""The code's shape, checked: folders are roles, imports run one way (commands -> stages -> the
+artifact contract), what ships in the archive is exactly serving/handler/, and only commands
+speak Click.
+
+The roles: training/ and export/ (the pipeline's stages), serving/handler/ (what the .mar ships:
+the artifact contract, preprocessing, the handler), serving/server/ (one TorchServe's operation
+and the packer), serving/fleet/ (replicas behind nginx), serving/clients/ (mnist-predict, gRPC),
+serving/web/ (the page), deploy/ (the cluster), benchmarks/."""
 from __future__ import annotations
 
 import ast
@@ -8,30 +14,109 @@ from pathlib import Path
 import pytest
 
 from repo import REPO_ROOT
+from serving.server.archive import ARCHIVE_SOURCES, SHIPPED_DIR
 
-PACKAGES = ("training", "export", "serving", "benchmarks")
+PACKAGES = ("training", "export", "serving", "deploy", "benchmarks")
+SERVING_ROLES = ("handler", "server", "fleet", "clients", "web")
+
+# role -> the roles it must never import ("never" rules; everything else is allowed).
+NEVER = {
+    "serving.handler": {"training", "export", "serving.server", "serving.fleet", "serving.clients", "serving.web",
+                        "deploy", "benchmarks"},
+    "serving.server": {"training", "export", "serving.fleet", "serving.clients", "serving.web", "deploy",
+                       "benchmarks"},
+    "serving.clients": {"training", "export", "serving.fleet", "serving.web", "deploy", "benchmarks"},
+    "serving.web": {"training", "export", "serving.fleet", "serving.clients", "deploy", "benchmarks"},
+    "serving.fleet": {"training", "export", "serving.clients", "deploy", "benchmarks"},
+    "training": {"export", "serving.server", "serving.fleet", "serving.clients", "serving.web", "deploy",
+                 "benchmarks"},
+    "export": {"serving.server", "serving.fleet", "serving.clients", "serving.web", "deploy", "benchmarks"},
+}
 
 
 def modules(package: str) -> list[Path]:
     return sorted((REPO_ROOT / package).rglob("*.py"))
 
 
-def imported_names(path: Path) -> set[str]:
-    """Every module a file imports, absolute or relative (resolved against its package)."""
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts)
+
+
+def role_of(name: str) -> str | None:
+    """The role of a dotted module name of ours (serving.fleet.topology -> serving.fleet), else None."""
+    parts = name.split(".")
+    if parts[0] == "serving" and len(parts) > 1 and parts[1] in SERVING_ROLES:
+        return f"serving.{parts[1]}"
+    return parts[0] if parts[0] in PACKAGES else None
+
+
+def imported_names(path: Path, source: str | None = None) -> set[str]:
+    """Every module a file imports, absolute or relative (resolved against the file's own package)."""
     names = set()
-    package = path.relative_to(REPO_ROOT).parts[0]
-    for node in ast.walk(ast.parse(path.read_text())):
+    package = module_name(path).split(".")[:-1]
+    for node in ast.walk(ast.parse(source if source is not None else path.read_text())):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            names.add(node.module or "" if node.level == 0 else f"{package}.{node.module or ''}")
+            if node.level == 0:
+                base = node.module or ""
+            else:
+                base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)   # from serving import fleet
     return names
 
 
-@pytest.mark.parametrize("path", modules("serving"), ids=lambda p: str(p.relative_to(REPO_ROOT)))
-def test_serving_never_imports_training_or_export(path):
-    stages = {name.split(".")[0] for name in imported_names(path)} & {"training", "export"}
-    assert not stages, f"{path.name} imports {stages}: serving/ ships alone and must not depend on them"
+def broken_rules(path: Path, source: str | None = None) -> list[str]:
+    """The 'never' rules a file breaks, as 'role imports name' lines."""
+    role = role_of(module_name(path))
+    forbidden = NEVER.get(role, set())
+    return sorted(f"{role} imports {name}" for name in imported_names(path, source)
+                  if role_of(name) in forbidden and role_of(name) != role)
+
+
+ALL_MODULES = [path for package in PACKAGES for path in modules(package)]
+
+
+@pytest.mark.parametrize("path", ALL_MODULES, ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_imports_run_one_way(path):
+    broken = broken_rules(path)
+    assert not broken, f"{path.relative_to(REPO_ROOT)} breaks the layout's rules: {broken}"
+
+
+@pytest.mark.parametrize("path, line, rule", [
+    ("serving/handler/preprocess.py", "from serving.server.properties import read_properties", "serving.server"),
+    ("serving/handler/handler.py", "import training.model", "training"),
+    ("serving/server/server.py", "from serving.fleet import topology", "serving.fleet"),
+    ("serving/server/keys.py", "from ..clients.grpc_client import KeySource", "serving.clients"),
+    ("serving/clients/predict.py", "from serving.fleet.topology import Fleet", "serving.fleet"),
+    ("training/train.py", "from export.run import run_export", "export"),
+    ("training/data.py", "from serving.fleet.frontdoor import render", "serving.fleet"),
+    ("export/run.py", "from serving.server import server", "serving.server"),
+])
+def test_each_rule_catches_a_deliberate_violation(path, line, rule):
+    """The checker itself: a file of that role given the forbidden import is flagged."""
+    source = (REPO_ROOT / path).read_text() + "\n" + line + "\n"
+    assert any(hit.endswith(f" imports {rule}") or f" imports {rule}." in hit
+               for hit in broken_rules(REPO_ROOT / path, source)), line
+
+
+def test_the_shipped_folder_is_exactly_what_the_archive_ships():
+    """serving/handler/ holds the archive's sources and nothing else (the archive adds the model and
+    its manifest); test_lifecycle compares a real .mar's names with the folder too."""
+    in_folder = {path.name for path in SHIPPED_DIR.iterdir() if path.name != "__pycache__"}
+    assert in_folder == set(ARCHIVE_SOURCES), (in_folder ^ set(ARCHIVE_SOURCES))
+
+
+def test_what_ships_imports_only_its_own_folder():
+    """Inside the archive the shipped modules sit side by side, without the serving package: each
+    imports the standard library, third-party packages and its siblings, nothing else of ours."""
+    siblings = {name[:-3] for name in ARCHIVE_SOURCES if name.endswith(".py")}
+    for name in sorted(siblings):
+        path = SHIPPED_DIR / f"{name}.py"
+        ours = {imported for imported in imported_names(path) if role_of(imported) is not None}
+        outside = {imported for imported in ours if role_of(imported) != "serving.handler"}
+        assert not outside, f"{name}.py imports {outside}, which the archive does not ship"
 
 
 def is_click_command(function: ast.FunctionDef) -> bool:

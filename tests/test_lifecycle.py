@@ -21,11 +21,12 @@ import pytest
 
 from repo import REPO_ROOT, subprocess_env
 from servers import launch_server
-from serving import keys, server
-from serving.archive import ARCHIVE_SOURCES, SERVING_DIR, archive_contents, build_archive
-from serving.artifact import SERVE_ACCURACY_FLOOR, TORCHSCRIPT_NAME, read_metadata
-from serving.properties import free_ports, instance_config
-from serving.readiness import probe_once
+from serving.server import keys
+from serving.server import server
+from serving.server.archive import ARCHIVE_SOURCES, SHIPPED_DIR, archive_contents, build_archive
+from serving.handler.artifact import SERVE_ACCURACY_FLOOR, TORCHSCRIPT_NAME, read_metadata
+from serving.server.properties import free_ports, instance_config
+from serving.server.readiness import probe_once
 
 FAIL_FAST_S = 30.0   # "at once": well under the 180 s start timeout, with room for a slow machine
 
@@ -53,7 +54,7 @@ def bare_config(tmp_path) -> Path:
 def test_stop_says_when_nothing_was_running(tmp_path):
     stopped = cli("serving.server", "stop", "--run-dir", tmp_path / "run")
     assert stopped.returncode == 0 and stopped.stdout == f"no TorchServe running from {tmp_path / 'run'}\n", stopped
-    page = cli("serving.demo", "stop", "--run-dir", tmp_path / "demo")
+    page = cli("serving.web.demo", "stop", "--run-dir", tmp_path / "demo")
     assert page.returncode == 0 and page.stdout == f"no page server running from {tmp_path / 'demo'}\n", page
 
 
@@ -236,13 +237,13 @@ def test_the_demo_page_started_twice_says_already_running(tmp_path):
     config.write_text(f"cors_allowed_origin=http://127.0.0.1:{port}\n")
     run_dir = tmp_path / "demo"
     try:
-        first = cli("serving.demo", "start", "--config", config, "--run-dir", run_dir, timeout_s=60)
+        first = cli("serving.web.demo", "start", "--config", config, "--run-dir", run_dir, timeout_s=60)
         assert first.returncode == 0 and first.stdout.startswith(f"The draw-a-digit page: http://127.0.0.1:{port}/")
-        second = cli("serving.demo", "start", "--config", config, "--run-dir", run_dir, timeout_s=60)
+        second = cli("serving.web.demo", "start", "--config", config, "--run-dir", run_dir, timeout_s=60)
         assert second.returncode == 0, second
         assert second.stdout.startswith(f"The draw-a-digit page is already running: http://127.0.0.1:{port}/"), second
     finally:
-        stopped = cli("serving.demo", "stop", "--run-dir", run_dir)
+        stopped = cli("serving.web.demo", "stop", "--run-dir", run_dir)
     assert stopped.stdout == "Demo page server stopped.\n"
 
 
@@ -252,7 +253,7 @@ def test_demo_stop_never_signals_a_process_that_took_over_its_pid(tmp_path):
     try:
         (tmp_path / "demo").mkdir()
         (tmp_path / "demo" / "demo.pid").write_text(str(stranger.pid))
-        stopped = cli("serving.demo", "stop", "--run-dir", tmp_path / "demo")
+        stopped = cli("serving.web.demo", "stop", "--run-dir", tmp_path / "demo")
         assert stopped.stdout == f"no page server running from {tmp_path / 'demo'}\n", stopped
         time.sleep(0.2)
         assert stranger.poll() is None, "demo stop killed a process that is not its page server"
@@ -286,15 +287,15 @@ def local_imports(source: Path) -> set[str]:
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.Import):
             names.update(alias.name.split(".")[0] for alias in node.names)
-    return {f"{name}.py" for name in names if (SERVING_DIR / f"{name}.py").is_file()}
+    return {f"{name}.py" for name in names if (SHIPPED_DIR / f"{name}.py").is_file()}
 
 
 def test_shipped_modules_import_only_what_the_archive_ships():
     shipped = {name for name in ARCHIVE_SOURCES if name.endswith(".py")}
     for name in sorted(shipped):
-        missing = local_imports(SERVING_DIR / name) - shipped
+        missing = local_imports(SHIPPED_DIR / name) - shipped
         assert not missing, f"{name} imports {missing}, which the archive does not ship"
-        assert "serving" not in re.findall(r"^\s*(?:from|import) (\w+)", (SERVING_DIR / name).read_text(), re.M), \
+        assert "serving" not in re.findall(r"^\s*(?:from|import) (\w+)", (SHIPPED_DIR / name).read_text(), re.M), \
             f"{name} imports the serving package, which does not exist inside the archive"
 
 
@@ -309,10 +310,10 @@ def test_the_archive_refuses_a_model_below_the_floor_unless_forced(tmp_path, exp
     model = exported / TORCHSCRIPT_NAME
     accuracy = read_metadata(model)["checkpoint_test_acc"]
     assert accuracy < SERVE_ACCURACY_FLOOR, "the test model is meant to be below the floor (~98%)"
-    refused = cli("serving.archive", "--serialized-file", model, "--export-path", tmp_path)
+    refused = cli("serving.server.archive", "--serialized-file", model, "--export-path", tmp_path)
     line = one_line_error(refused)
     assert f"{accuracy:.2%}" in line and f"{SERVE_ACCURACY_FLOOR:.0%} floor" in line and "--force" in line, line
     assert not (tmp_path / "mnist.mar").exists()
-    forced = cli("serving.archive", "--serialized-file", model, "--export-path", tmp_path, "--force")
+    forced = cli("serving.server.archive", "--serialized-file", model, "--export-path", tmp_path, "--force")
     assert forced.returncode == 0 and (tmp_path / "mnist.mar").is_file(), forced
 

@@ -1,6 +1,6 @@
 """deploy/kubernetes: schema-valid for a pinned Kubernetes, what the generator writes, and one with
-the fleet (serving/topology.py, serving/frontdoor.py) in every probe command, port and path; the
-replicas run with token auth behind their pod's key hop (serving/keyhop.py), and no file holds a key.
+the fleet (serving/fleet/topology.py, serving/fleet/frontdoor.py) in every probe command, port and path; the
+replicas run with token auth behind their pod's key hop (serving/fleet/keyhop.py), and no file holds a key.
 All but one are fast: no cluster, no server, no image build (Docker has no daemon here: the
 Dockerfile is read, not built). The one slow test runs the replica with the ConfigMap's config on a
 read-only filesystem, as the pod would (root only: it needs a mount namespace)."""
@@ -23,13 +23,13 @@ import yaml
 from click.testing import CliRunner
 
 from deploy import manifests as gen
-from serving.archive import build_archive
-from serving.artifact import ARCHIVE_NAME, TORCHSCRIPT_NAME
-from serving import keyhop
-from serving.frontdoor import (CLIENT_KEYS_MAP, RotationState, client_keys_map, make_certificate, render,
-                               write_config)
-from serving.properties import PRODUCTION_OVERRIDES, free_ports, read_properties, set_properties, token_auth_enabled
-from serving.topology import Fleet, FrontDoor, ReplicaPorts
+from serving.server.archive import build_archive
+from serving.handler.artifact import ARCHIVE_NAME, TORCHSCRIPT_NAME
+from serving.fleet import keyhop
+from serving.fleet.frontdoor import (CLIENT_KEYS_MAP, RotationState, client_keys_map, make_certificate, render,
+                                     write_config)
+from serving.server.properties import PRODUCTION_OVERRIDES, free_ports, read_properties, set_properties, token_auth_enabled
+from serving.fleet.topology import Fleet, FrontDoor, ReplicaPorts
 
 from repo import REPO_ROOT, subprocess_env
 
@@ -91,7 +91,7 @@ def open_paths_line(nginx_text: str) -> str:
 
 def fleet_mismatches(cluster: dict, tmp_path: Path) -> list[str]:
     """Every probe command, port and path of the manifests that differs from what the fleet uses.
-    The expected values come from serving/topology.py and serving/frontdoor.py, never typed here."""
+    The expected values come from serving/fleet/topology.py and serving/fleet/frontdoor.py, never typed here."""
     found = []
     fleet = Fleet.plan(1, run_dir=tmp_path / "fleet")
     replica, door = fleet.replicas[0], FrontDoor()
@@ -131,9 +131,9 @@ def fleet_mismatches(cluster: dict, tmp_path: Path) -> list[str]:
     hop = container(cluster, gen.REPLICA, "key-hop")["command"]
     expected_hop = {"--config": str(config_path), "--run-dir": torchserve.get("workingDir"),
                     "--port": str(replica.ports.key_hop)}
-    if hop[1:3] != ["-m", "serving.keyhop"] or {flag: hop[hop.index(flag) + 1] for flag in expected_hop
+    if hop[1:3] != ["-m", "serving.fleet.keyhop"] or {flag: hop[hop.index(flag) + 1] for flag in expected_hop
                                                if flag in hop} != expected_hop:
-        found.append(f"the key hop runs {hop}, not serving.keyhop with {expected_hop}")
+        found.append(f"the key hop runs {hop}, not serving.fleet.keyhop with {expected_hop}")
 
     # The front door: the fleet's ports and open paths; its upstream is the inference Service.
     nginx = container(cluster, gen.FRONTDOOR)
@@ -406,7 +406,7 @@ def test_autoscaler_scales_on_a_request_rate_that_the_adapter_rule_serves(cluste
     assert metric["pods"]["metric"]["name"] == rule["name"]["as"]
     counter = re.fullmatch(r"\^(\w+)\$", rule["name"]["matches"]).group(1)
     assert re.search(rf"\brate\(<<\.Series>>\{{<<\.LabelMatchers>>\}}\[\d+m\]\)", rule["metricsQuery"])
-    declared = yaml.safe_load((REPO_ROOT / "serving" / "metrics.yaml").read_text())["ts_metrics"]["counter"]
+    declared = yaml.safe_load((REPO_ROOT / "serving" / "server" / "metrics.yaml").read_text())["ts_metrics"]["counter"]
     assert counter in {entry["name"] for entry in declared}   # TorchServe exports it in prometheus mode
 
 
@@ -492,7 +492,7 @@ def hop_config(tmp_path: Path, cluster: dict, token_auth: bool = True) -> Path:
 
 @pytest.mark.skipif(not Path("/usr/sbin/nginx").exists(), reason="needs nginx (make system)")
 def test_nginx_accepts_the_key_hop_the_pod_runs_and_it_adds_the_current_key(cluster, tmp_path):
-    """serving/keyhop.py as the pod runs it: `nginx -t` (in write) accepts the rendered hop, on the
+    """serving/fleet/keyhop.py as the pod runs it: `nginx -t` (in write) accepts the rendered hop, on the
     pod's address and hop port, forwarding to TorchServe's loopback inference port with the key
     read from the run dir; no key yet: a placeholder TorchServe refuses."""
     hop_command = container(cluster, gen.REPLICA, "key-hop")["command"]
@@ -538,15 +538,15 @@ for top in /*; do
 done
 exec "$@"
 """
-# Runs in there: the replica as the pod runs it, the pod's probe, its key hop (serving/keyhop.py, as
+# Runs in there: the replica as the pod runs it, the pod's probe, its key hop (serving/fleet/keyhop.py, as
 # the pod's second container runs it); a prediction through the hop, the inference key renewed (as
 # `run` renews it), a prediction through the hop with the new key; then SIGTERM to both.
 POD_DRIVER = r"""
 import json, subprocess, sys, time, urllib.error
 from pathlib import Path
-from serving.keys import KeyRenewer
-from serving.readiness import NotReady, check_ready, inference_key, probe_once, retry
-from serving.topology import Replica, ReplicaPorts
+from serving.server.keys import KeyRenewer
+from serving.server.readiness import NotReady, check_ready, inference_key, probe_once, retry
+from serving.fleet.topology import Replica, ReplicaPorts
 run_dir, inference, management, hop_dir, hop_port = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4]), sys.argv[5]
 written = Path(sys.argv[6])   # somewhere read-only: writing it must fail
 try:
@@ -566,7 +566,7 @@ try:
         keyless = "answered"
     except NotReady as error:
         keyless = str(error)
-    hop = subprocess.Popen([sys.executable, "-m", "serving.keyhop", "--config", str(replica.config), "--run-dir",
+    hop = subprocess.Popen([sys.executable, "-m", "serving.fleet.keyhop", "--config", str(replica.config), "--run-dir",
                             str(run_dir), "--hop-dir", str(hop_dir), "--address", "127.0.0.1", "--port", hop_port],
                            stdout=open(run_dir / "hop.out", "wb"), stderr=subprocess.STDOUT)
     hop_url = f"http://127.0.0.1:{hop_port}"

@@ -19,7 +19,7 @@ import pytest
 
 from netns import Host, two_hosts
 from repo import REPO_ROOT, subprocess_env
-from serving.artifact import CHECKPOINT_NAME
+from serving.handler.artifact import CHECKPOINT_NAME
 from training import dist
 from training.checkpoint import (MAX_RESTARTS_ENV, load_checkpoint, rank_digest_path, resume_after_restart,
                                  resume_state, save_atomic, weights_digest)

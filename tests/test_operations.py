@@ -26,10 +26,11 @@ import pytest
 from http_client import request
 from imaging import hostile_corpus
 from repo import REPO_ROOT, subprocess_env
-from serving import readiness, server
-from serving.properties import free_ports, instance_config, read_properties
-from serving.archive import build_archive
-from serving.artifact import MODEL_NAME, TORCHSCRIPT_NAME
+from serving.server import readiness
+from serving.server import server
+from serving.server.properties import free_ports, instance_config, read_properties
+from serving.server.archive import build_archive
+from serving.handler.artifact import MODEL_NAME, TORCHSCRIPT_NAME
 from servers import launch_server, predictions_url, worker_pids
 
 GOOD_REQUESTS = 12
@@ -308,7 +309,7 @@ def test_plain_torchserve_start_in_an_activated_venv_serves(tmp_path, exported):
     run_dir = tmp_path / "run"
     (run_dir / "logs").mkdir(parents=True)
     activate = tmp_path / "activate"
-    activate.write_text((REPO_ROOT / "serving" / "activate.sh").read_text().replace("@CONFIG@", str(config)))
+    activate.write_text((REPO_ROOT / "serving" / "server" / "activate.sh").read_text().replace("@CONFIG@", str(config)))
     env = {**server.server_env(run_dir), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     with open(run_dir / "logs" / "torchserve.out", "wb") as log:
         subprocess.run(["bash", "-c", f'source "{activate}" && torchserve --start --ncs'], cwd=tmp_path,

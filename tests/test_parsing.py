@@ -1,4 +1,4 @@
-"""The handler's request model (serving/parsing.py) without TorchServe or a model: which
+"""The handler's request model (serving/handler/parsing.py) without TorchServe or a model: which
 requests are refused with which code, how each is answered, and that nothing raises."""
 import base64
 import json
@@ -9,10 +9,10 @@ import pytest
 from PIL import Image, ImageDraw
 
 from imaging import encode
-from serving.parsing import (HTTP_STATUS, MAX_IMAGES_PER_EXPLANATION, MAX_IMAGES_PER_REQUEST, EncodedRequest,
-                             ParsedRequest, answer_body, content_type, decode_base64, images_from_request,
-                             parse_batch)
-from serving.preprocess import MAX_PIXELS_PER_REQUEST, UNIT_FRAME, Framed, ImageError
+from serving.handler.parsing import (HTTP_STATUS, MAX_IMAGES_PER_EXPLANATION, MAX_IMAGES_PER_REQUEST, EncodedRequest,
+                                     ParsedRequest, answer_body, content_type, decode_base64, images_from_request,
+                                     parse_batch)
+from serving.handler.preprocess import MAX_PIXELS_PER_REQUEST, UNIT_FRAME, Framed, ImageError
 from training.data import MNIST_MEAN, MNIST_STD
 
 
@@ -149,7 +149,7 @@ def test_the_image_cap_is_in_the_contract():
     import yaml
 
     from repo import REPO_ROOT
-    spec = yaml.safe_load((REPO_ROOT / "serving" / "openapi.yaml").read_text())
+    spec = yaml.safe_load((REPO_ROOT / "serving" / "server" / "openapi.yaml").read_text())
     schemas = spec["components"]["schemas"]
     assert schemas["ImagesRequest"]["properties"]["images"]["maxItems"] == MAX_IMAGES_PER_REQUEST
     v2_input = schemas["V2InferenceRequest"]["properties"]["inputs"]["items"]["properties"]
@@ -165,7 +165,7 @@ def test_a_huge_json_integer_is_invalid_json():
 
 
 def test_anything_a_request_raises_is_its_own_400_logged_once(monkeypatch, caplog):
-    import serving.parsing as parsing
+    import serving.handler.parsing as parsing
 
     real = parsing.images_from_request
 
@@ -174,7 +174,7 @@ def test_anything_a_request_raises_is_its_own_400_logged_once(monkeypatch, caplo
             raise ArithmeticError("nobody thought of this")
         return real(request)
     monkeypatch.setattr(parsing, "images_from_request", images_from_request_that_breaks)
-    with caplog.at_level(logging.INFO, logger="serving.parsing"):
+    with caplog.at_level(logging.INFO, logger="serving.handler.parsing"):
         batch = parse({"body": GOOD}, {"body": b"boom"}, {"body": GOOD})
     served, broken, also_served = batch.requests
     assert broken.error.code == "invalid_request" and HTTP_STATUS["invalid_request"] == 400
@@ -185,7 +185,7 @@ def test_anything_a_request_raises_is_its_own_400_logged_once(monkeypatch, caplo
 
 
 def test_a_request_that_breaks_midway_runs_none_of_its_images(monkeypatch):
-    import serving.parsing as parsing
+    import serving.handler.parsing as parsing
 
     calls = []
 
@@ -222,8 +222,8 @@ def test_the_largest_answer_fits_max_response_size():
     """TorchServe kills the worker whose answer passes max_response_size; with the image cap,
     the largest answer (64 predictions, or 64 of the longest error) must fit in both configs."""
     from repo import REPO_ROOT
-    from serving.artifact import Trust, predictions
-    from serving.properties import read_properties
+    from serving.handler.artifact import Trust, predictions
+    from serving.server.properties import read_properties
 
     # Uniform-ish logits make every probability a full-length float repr (e.g. 0.10000000000000002).
     logits = np.random.default_rng(0).normal(size=(MAX_IMAGES_PER_REQUEST, 10)) * 1e-3
@@ -268,10 +268,10 @@ def test_the_largest_explanation_answer_fits_max_response_size():
     """Each map is 784 floats: with the explanation image cap, the largest answer (a full
     request of maps whose every value takes the longest form, -1.235e-05) must fit in both configs."""
     from repo import REPO_ROOT
-    from serving.artifact import Trust, predictions
-    from serving.explain import explanation
-    from serving.preprocess import UNIT_FRAME
-    from serving.properties import read_properties
+    from serving.handler.artifact import Trust, predictions
+    from serving.handler.explain import explanation
+    from serving.handler.preprocess import UNIT_FRAME
+    from serving.server.properties import read_properties
 
     count = MAX_IMAGES_PER_EXPLANATION
     refuse_all = Trust("max_softmax", 1.1, 1.0, 0.97, "val")   # "is_digit": false, the longer answer
@@ -289,7 +289,7 @@ def test_the_largest_explanation_answer_fits_max_response_size():
 
 def test_maps_keep_four_significant_digits_of_their_largest_value():
     """The blank background's attributions are float noise (~1e-10): rounded away, not sent long."""
-    from serving.explain import rounded_map
+    from serving.handler.explain import rounded_map
 
     attribution = np.zeros((28, 28))
     attribution[3, 4], attribution[5, 6], attribution[0, 0] = 0.123456, -0.0098765, 3e-10

@@ -4,9 +4,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from serving.artifact import ONNX_NAME, TORCHSCRIPT_NAME, read_metadata
+from serving.handler.artifact import ONNX_NAME, TORCHSCRIPT_NAME, read_metadata
 from imaging import as_paper_photo
-from serving.predict import main as predict_cli
+from serving.clients.predict import main as predict_cli
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@ import pytest
 from PIL import Image
 
 from imaging import all_formats, animated_gif, as_paper_photo, encode, exif_rotated_jpeg, png_bomb, upright_photo
-from serving.preprocess import (FORMATS, MAX_PIXELS, MAX_WORKING_SIDE, UNIT_FRAME, ImageError, PixelBudget,
-                                preprocess_bytes, preprocess_framed, to_mnist)
+from serving.handler.preprocess import (FORMATS, MAX_PIXELS, MAX_WORKING_SIDE, UNIT_FRAME, ImageError, PixelBudget,
+                                        preprocess_bytes, preprocess_framed, to_mnist)
 from training.data import MNIST_MEAN, MNIST_STD
 
 MEAN, STD = MNIST_MEAN, MNIST_STD
@@ -129,7 +129,7 @@ def test_non_finite_pixels_are_unsupported(mnist_digits, bad):
 
 
 def test_the_pixel_budget_refuses_before_decoding(monkeypatch):
-    import serving.preprocess as preprocess
+    import serving.handler.preprocess as preprocess
 
     from PIL import ImageFile
 
@@ -146,7 +146,7 @@ def test_the_pixel_budget_refuses_before_decoding(monkeypatch):
 def test_big_images_are_reduced_before_any_float_copy(mnist_digits, monkeypatch, mode):
     """A 40-MP float copy is 160 MB (RGBA 640 MB): to_grayscale must only see working-size images,
     and they must still give the digit of the small image."""
-    import serving.preprocess as preprocess
+    import serving.handler.preprocess as preprocess
 
     photo = as_paper_photo(mnist_digits.images[0], size=(4000, 3000), scale=60, offset=(1200, 600))
     small = photo.resize((400, 300), Image.BOX)

@@ -1,5 +1,5 @@
 """The other ways in: the Open Inference Protocol (v2) over REST, TorchServe's gRPC API, and
-the API contract in serving/openapi.yaml, each against a real TorchServe on loopback."""
+the API contract in serving/server/openapi.yaml, each against a real TorchServe on loopback."""
 from __future__ import annotations
 
 import base64
@@ -16,10 +16,11 @@ from hypothesis import HealthCheck, settings
 from http_client import request
 from imaging import NOT_DIGITS, HostileCase, drawn_strokes, hostile_corpus
 from repo import REPO_ROOT
-from serving import readiness, server
-from serving.artifact import MODEL_NAME, ONNX_NAME, TORCHSCRIPT_NAME, read_metadata
-from serving.parsing import EXPLANATION_CODES, HTTP_STATUS, MAX_IMAGES_PER_EXPLANATION
-from serving.predict import main as predict_cli
+from serving.server import readiness
+from serving.server import server
+from serving.handler.artifact import MODEL_NAME, ONNX_NAME, TORCHSCRIPT_NAME, read_metadata
+from serving.handler.parsing import EXPLANATION_CODES, HTTP_STATUS, MAX_IMAGES_PER_EXPLANATION
+from serving.clients.predict import main as predict_cli
 from servers import (explanations_url, grpc_target, launch_server, predictions_url, settled_total,
                      v2_infer_url)
 
@@ -27,14 +28,14 @@ grpc = pytest.importorskip("grpc", reason="grpcio is not installed")
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed")
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import (  # noqa: E402
-    content_type_conformance, response_schema_conformance, status_code_conformance)
+                                               content_type_conformance, response_schema_conformance, status_code_conformance)
 
-from serving.grpc_client import (KEY_ENV, ClearTextKeyWarning, KeySource, PredictionError, connect,  # noqa: E402
-                                 generate_stubs, is_loopback, load_stubs)
+from serving.clients.grpc_client import (KEY_ENV, ClearTextKeyWarning, KeySource, PredictionError, connect,  # noqa: E402
+                                         generate_stubs, is_loopback, load_stubs)
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-OPENAPI_PATH = REPO_ROOT / "serving" / "openapi.yaml"
+OPENAPI_PATH = REPO_ROOT / "serving" / "server" / "openapi.yaml"
 OCTET = {"Content-Type": "application/octet-stream"}
 JSON = {"Content-Type": "application/json"}
 GRPC_DIGITS = 200

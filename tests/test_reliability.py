@@ -18,10 +18,10 @@ import pytest
 
 from http_client import request
 from imaging import hostile_corpus
-from serving import server
-from serving.artifact import MODEL_NAME, TORCHSCRIPT_NAME, load
-from serving.preprocess import preprocess_bytes
-from serving.properties import read_properties
+from serving.server import server
+from serving.handler.artifact import MODEL_NAME, TORCHSCRIPT_NAME, load
+from serving.handler.preprocess import preprocess_bytes
+from serving.server.properties import read_properties
 from servers import launch_server, predictions_url, worker_pids
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.reliability]

@@ -25,10 +25,12 @@ import pytest
 
 from http_client import request
 from repo import REPO_ROOT, subprocess_env
-from serving import keys, readiness, server
-from serving.archive import build_archive
-from serving.artifact import MODEL_NAME, TORCHSCRIPT_NAME
-from serving.properties import instance_config, read_properties, workflow_store
+from serving.server import keys
+from serving.server import readiness
+from serving.server import server
+from serving.server.archive import build_archive
+from serving.handler.artifact import MODEL_NAME, TORCHSCRIPT_NAME
+from serving.server.properties import instance_config, read_properties, workflow_store
 from servers import predictions_url
 
 LIFETIME_MIN = 0.05                 # token_expiration_min: TorchServe 0.12 reads a fraction

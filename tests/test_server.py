@@ -10,7 +10,7 @@ from PIL import Image
 
 from http_client import request
 from imaging import as_paper_photo, hostile_corpus
-from serving.artifact import MODEL_NAME
+from serving.handler.artifact import MODEL_NAME
 from servers import predictions_url
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]

@@ -327,7 +327,7 @@ def test_batches_and_augmentation_follow_the_device_generator():
 # --- normalization: one function for training, export and serving -------------------------------
 
 def test_one_normalization_for_numpy_and_torch_in_place_keeping_float32():
-    from serving.preprocess import normalize_in_place
+    from serving.handler.preprocess import normalize_in_place
     pixels = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
     expected = (pixels - np.float32(0.1307)) / np.float32(0.3081)   # what export and serving computed before
     array = pixels.copy()
@@ -353,7 +353,7 @@ def as_full_run(quick_checkpoint: Path, out: Path) -> Path:
 
 def test_a_quick_run_after_a_real_one_leaves_the_trained_checkpoint_untouched(tmp_path, data_dir,
                                                                              quick_checkpoint, monkeypatch):
-    from serving.artifact import CHECKPOINT_NAME
+    from serving.handler.artifact import CHECKPOINT_NAME
     from training.config import QUICK
     monkeypatch.chdir(tmp_path)
     trained = tmp_path / "artifacts" / CHECKPOINT_NAME          # where `make train` writes the real model

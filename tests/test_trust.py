@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from serving.artifact import TRUST_METADATA, ArtifactError, Trust, check_metadata, predictions
+from serving.handler.artifact import TRUST_METADATA, ArtifactError, Trust, check_metadata, predictions
 
 LABELS = [str(digit) for digit in range(10)]
 

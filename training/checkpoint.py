@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 import torch
 
-from serving.artifact import TRUST_METADATA
+from serving.handler.artifact import TRUST_METADATA
 
 from .config import ConfigError, TrainConfig
 from .data import preprocess_metadata

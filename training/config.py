@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from serving.artifact import ARTIFACTS_DIR, CHECKPOINT_NAME, artifact_path
+from serving.handler.artifact import ARTIFACTS_DIR, CHECKPOINT_NAME, artifact_path
 
 from .dist import DEFAULT_PEER_TIMEOUT_S
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
-from serving.preprocess import normalize_in_place
+from serving.handler.preprocess import normalize_in_place
 
 from .config import QUICK, ConfigError, TrainConfig
 from .dist import DistContext

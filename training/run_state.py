@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from serving.artifact import Trust
+from serving.handler.artifact import Trust
 
 from . import dist
 from .checkpoint import Resumed, unwrap

@@ -2,7 +2,7 @@
 people outside MNIST write, type and photograph them.
 
 Every image is drawn as a user would send it (dark ink on light paper, any size, off-centre)
-and then goes through the server's own preprocessing (serving.preprocess: invert, crop, fit
+and then goes through the server's own preprocessing (serving.handler.preprocess: invert, crop, fit
 into 20x20, centre of mass), so what the model sees here is what the served model sees.
 
 Two disjoint splits, by fonts and by seeds:
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from serving.preprocess import ImageError, to_grayscale, to_mnist
+from serving.handler.preprocess import ImageError, to_grayscale, to_mnist
 
 FONT_DIRS = ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/truetype/liberation")
 SPLITS = ("train", "eval", "fit")

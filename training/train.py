@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from serving.artifact import METRICS_NAME, TEST_REPORT_NAME
+from serving.handler.artifact import METRICS_NAME, TEST_REPORT_NAME
 
 from . import dist
 from .checkpoint import (build_checkpoint, cpu_state_dict, rank_digest_path, refuse_to_replace_finished_run,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from serving.artifact import Trust, softmax
-from serving.preprocess import normalize_in_place
+from serving.handler.artifact import Trust, softmax
+from serving.handler.preprocess import normalize_in_place
 
 from .data import MNIST_MEAN, MNIST_STD
 

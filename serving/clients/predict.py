@@ -1,4 +1,4 @@
-"""`mnist-predict` / `python -m serving.predict`: classify image files with ONNX Runtime
+"""`mnist-predict` / `python -m serving.clients.predict`: classify image files with ONNX Runtime
 (or TorchScript), using the same preprocessing and the same JSON answer as the server.
 
     mnist-predict --model artifacts/mnist_cnn.onnx samples/digit_7.png samples/
@@ -23,10 +23,10 @@ import click
 import numpy as np
 import torch
 
-from .artifact import (ONNX_NAME, TORCHSCRIPT_NAME, ArtifactError, Trust, artifact_path, is_onnx, load,
-                       predictions)
-from .grpc_client import KEY_ENV, KeyFileError, KeySource
-from .preprocess import ImageError, preprocess_bytes
+from serving.handler.artifact import (ONNX_NAME, TORCHSCRIPT_NAME, ArtifactError, Trust, artifact_path, is_onnx, load,
+                                      predictions)
+from serving.clients.grpc_client import KEY_ENV, KeyFileError, KeySource
+from serving.handler.preprocess import ImageError, preprocess_bytes
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
 DEFAULT_MODELS = {"onnx": artifact_path(ONNX_NAME), "torchscript": artifact_path(TORCHSCRIPT_NAME)}
@@ -99,7 +99,7 @@ def predict_over_grpc(files: list[Path], target: str, keys: KeySource):
     """Yield one result dict per file, each file sent as one Predictions RPC to TorchServe."""
     import grpc
 
-    from .grpc_client import PredictionError, connect
+    from serving.clients.grpc_client import PredictionError, connect
 
     with connect(target, keys=keys) as client:
         for path in files:
@@ -194,4 +194,4 @@ def not_a_digit_line(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    main(prog_name="python -m serving.predict")
+    main(prog_name="python -m serving.clients.predict")

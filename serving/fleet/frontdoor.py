@@ -1,4 +1,4 @@
-"""The front door: nginx's config rendered from serving/nginx.conf.template, its certificate, and
+"""The front door: nginx's config rendered from serving/fleet/nginx.conf.template, its certificate, and
 the calls that check and reload it. `python -m serving.fleet` uses these; the rendering itself is
 a pure function of the fleet's topology and its state (who is out of rotation, the replicas' keys).
 """
@@ -12,9 +12,9 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artifact import MODEL_NAME
-from .properties import read_properties
-from .topology import OPEN_PATHS, WEB_DIR, Fleet, Replica
+from serving.handler.artifact import MODEL_NAME
+from serving.server.properties import read_properties
+from serving.fleet.topology import OPEN_PATHS, WEB_DIR, Fleet, Replica
 
 TEMPLATE = Path(__file__).resolve().with_name("nginx.conf.template")
 NGINX = "/usr/sbin/nginx"
@@ -163,7 +163,7 @@ def write_private(path: Path, text: str) -> None:
 def write_config(fleet: Fleet, state: RotationState, template: str | None = None,
                  overrides: dict[str, object] | None = None) -> Path:
     """Render, write (private: it may hold the replicas' keys), with the client keys' map file it
-    includes, and check with `nginx -t`. template, overrides: as render's (serving/keyhop.py)."""
+    includes, and check with `nginx -t`. template, overrides: as render's (serving/fleet/keyhop.py)."""
     if shutil.which(NGINX) is None:
         raise FrontDoorError(f"no nginx at {NGINX}: `make nginx` installs it (apt-get install nginx)")
     prepare_dirs(fleet)

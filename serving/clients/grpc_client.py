@@ -1,6 +1,6 @@
 """TorchServe's gRPC inference API from Python, with stubs made from the installed TorchServe.
 
-    python -m serving.grpc_client          # (re)generate the stubs now; prints where they are
+    python -m serving.clients.grpc_client          # (re)generate the stubs now; prints where they are
 
 Nothing is vendored: the .proto files are read from TorchServe's own frontend jar
 (ts/frontend/model-server.jar), so the stubs always match the server that is installed. They
@@ -8,7 +8,7 @@ are generated with grpcio-tools on first use into the package serving._grpc (git
 generated imports are rewritten to relative ones, so nothing goes on sys.path) and again
 whenever the jar's .proto files change (a TorchServe upgrade); no make step is needed.
 
-    from serving.grpc_client import KeySource, connect
+    from serving.clients.grpc_client import KeySource, connect
     with connect("127.0.0.1:7070") as client:          # keys=KeySource(key_file=...) with token authorization
         client.ping()                                   # {"status": "Healthy"}
         client.predict(Path("digit.png").read_bytes())  # {"digit": 7, ...}, or PredictionError
@@ -37,8 +37,8 @@ from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
 
-from .artifact import MODEL_NAME
-from .readiness import inference_key
+from serving.handler.artifact import MODEL_NAME
+from serving.server.readiness import inference_key
 
 STUBS_DIR = Path(__file__).resolve().parent / "_grpc"
 STAMP_NAME = "protos.sha256"

@@ -56,7 +56,7 @@ EXPLAIN_HEADER = "explain"
 
 logger = logging.getLogger(__name__)
 
-# Our metrics, declared with their dimensions in serving/metrics.yaml (config.properties'
+# Our metrics, declared with their dimensions in serving/server/metrics.yaml (config.properties'
 # metrics_config); TorchServe exports only what that file declares.
 DIGIT_METRIC, REJECTED_METRIC, PREPROCESS_METRIC = "DigitPredictions", "RequestsRejected", "PreprocessTime"
 NOT_DIGIT_METRIC = "NotDigitImages"   # answered images judged not a digit, by best guess

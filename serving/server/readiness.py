@@ -15,8 +15,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from .artifact import MODEL_NAME
-from .properties import address, read_properties, token_auth_enabled
+from serving.handler.artifact import MODEL_NAME
+from serving.server.properties import address, read_properties, token_auth_enabled
 
 T = TypeVar("T")
 

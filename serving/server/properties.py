@@ -1,6 +1,6 @@
 """TorchServe's config.properties: read it, derive copies of it, and name the ports it listens on.
 
-    python -m serving.properties production-config --base config.properties > config.production.properties
+    python -m serving.server.properties production-config --base config.properties > config.production.properties
 
 `make config.production.properties` runs that; PRODUCTION_OVERRIDES below is the one place the
 production differences are written. instance_config makes the copy on free loopback ports that
@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import click
 
-from .artifact import MODEL_NAME
+from serving.handler.artifact import MODEL_NAME
 
 # TorchServe 0.12's own defaults for what a config leaves out (its gRPC APIs are always on).
 DEFAULT_ADDRESSES = {"inference_address": "http://127.0.0.1:8080",
@@ -165,7 +165,7 @@ PRODUCTION_OVERRIDES = {
 }
 PRODUCTION_HEADER = f"""\
 # GENERATED from config.properties by `make config.production.properties`: do not edit here.
-# The differences (PRODUCTION_OVERRIDES in serving/properties.py, with their reasons) are at the end.
+# The differences (PRODUCTION_OVERRIDES in serving/server/properties.py, with their reasons) are at the end.
 #   torchserve --start --ncs --ts-config config.production.properties > torchserve.log 2>&1
 # At start TorchServe writes key_file.json into its working directory (readable by the
 # server's user only; keep it that way). Every call then needs its key:
@@ -182,7 +182,7 @@ def production_config(base_text: str) -> str:
     text and set again, with their reasons, in a block at the end."""
     lines = [line for line in base_text.splitlines()
              if line.split("=", 1)[0].strip() not in PRODUCTION_OVERRIDES or line.lstrip().startswith("#")]
-    block = ["", "# --- Production overrides (serving/properties.py PRODUCTION_OVERRIDES)."]
+    block = ["", "# --- Production overrides (serving/server/properties.py PRODUCTION_OVERRIDES)."]
     block += [f"{key}={value}" for key, value in PRODUCTION_OVERRIDES.items()]
     return PRODUCTION_HEADER + "\n".join(lines).rstrip("\n") + "\n" + "\n".join(block) + "\n"
 

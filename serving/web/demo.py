@@ -1,7 +1,7 @@
 """Serve the draw-a-digit page (serving/web/) in the background, on the origin TorchServe allows.
 
-    python -m serving.demo start --config config.properties --run-dir .run/demo
-    python -m serving.demo stop --run-dir .run/demo
+    python -m serving.web.demo start --config config.properties --run-dir .run/demo
+    python -m serving.web.demo stop --run-dir .run/demo
 
 `make demo` runs `make serve` and then `start`, which prints
     The draw-a-digit page: http://127.0.0.1:8000/ (log: .run/demo/demo.log; `make stop` stops it)
@@ -28,9 +28,9 @@ from urllib.parse import urlsplit
 import click
 import psutil   # a TorchServe dependency
 
-from .properties import read_properties
+from serving.server.properties import read_properties
+from serving.web import WEB_DIR
 
-WEB_DIR = Path(__file__).resolve().with_name("web")
 PID_FILE, LOG_FILE = "demo.pid", "demo.log"
 
 
@@ -76,7 +76,7 @@ def is_alive(pid: int) -> bool:
     return True
 
 
-SERVE_COMMAND = ("-m", "serving.demo", "serve")   # what start runs, and how stop recognises it
+SERVE_COMMAND = ("-m", "serving.web.demo", "serve")   # what start runs, and how stop recognises it
 
 
 def is_page_server(pid: int) -> bool:
@@ -147,7 +147,7 @@ def start(config: str | os.PathLike, run_dir: str | os.PathLike) -> str:
     # Output to a file and a session of its own: `make`'s pipe closes, and the server lives on.
     with open(log, "ab") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True, cwd=Path(__file__).resolve().parent.parent)
+                                   start_new_session=True, cwd=Path(__file__).resolve().parents[2])
     (run_dir / PID_FILE).write_text(str(process.pid))
     try:
         wait_until_serving(url, process, log)

@@ -10,8 +10,8 @@
 Each instance keeps its pid file and logs in its own run dir (TorchServe puts the pid
 file in the temp dir, so TMPDIR is pointed there): stopping one never stops another, and
 `start` or `run` from a run dir whose server is up touches nothing. The config's parsing lives
-in serving/properties.py, the readiness checks in serving/readiness.py, the token keys' upkeep
-(renewal, whose key file is whose) in serving/keys.py.
+in serving/server/properties.py, the readiness checks in serving/server/readiness.py, the token keys' upkeep
+(renewal, whose key file is whose) in serving/server/keys.py.
 """
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ from pathlib import Path
 import click
 import psutil   # a TorchServe dependency: finds and waits for its Java process
 
-from .artifact import MODEL_NAME
-from .keys import KeyRenewer, key_renewer, record_key_file, remove_own_key_file
-from .properties import address, listeners, port_taken, read_properties, workflow_store
-from .readiness import NotReady, check_ready, key_file_of, probe_once, retry
+from serving.handler.artifact import MODEL_NAME
+from serving.server.keys import KeyRenewer, key_renewer, record_key_file, remove_own_key_file
+from serving.server.properties import address, listeners, port_taken, read_properties, workflow_store
+from serving.server.readiness import NotReady, check_ready, key_file_of, probe_once, retry
 
 PID_FILE = ".model_server.pid"                            # TorchServe's name, in its temp dir
 TORCHSERVE_JAVA_CLASS = "org.pytorch.serve.ModelServer"   # how torchserve itself recognises its Java

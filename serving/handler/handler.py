@@ -66,7 +66,7 @@ class DigitHandler(BaseHandler):
         self.labels = list(self.metadata["labels"])
         self.trust = Trust.from_metadata(self.metadata)
         # Answers name the archive's version, the one TorchServe registered and a rollout switches
-        # (`serving.archive --version`, which defaults to the weights' own model_version); the
+        # (`serving.server.archive --version`, which defaults to the weights' own model_version); the
         # describe card keeps the weights' identity. An archive built without a version has none.
         self.model_version = self.manifest["model"].get("modelVersion") or self.metadata["model_version"]
         self.run_model(np.zeros((1, *self.metadata["input_shape"]), dtype=np.float32))  # warm-up

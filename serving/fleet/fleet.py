@@ -8,12 +8,12 @@
     python -m serving.fleet rollout --rollback
     python -m serving.fleet stop                                      # `make fleet-stop`
 
-The layout (names, ports, directories) is serving/topology.py's; nginx's config is rendered by
-serving/frontdoor.py from serving/nginx.conf.template. supervisord (config generated into the
+The layout (names, ports, directories) is serving/fleet/topology.py's; nginx's config is rendered by
+serving/fleet/frontdoor.py from serving/nginx.conf.template. supervisord (config generated into the
 fleet's run dir) runs each replica as `python -m serving.server run`, which exits non-zero when
 its Java dies, so supervisord starts it again; and nginx in the foreground; and, with token auth
 on, `follow-keys`, which renders each replica's renewed inference key into nginx's config
-(serving/rotation.py: the fleet's state and nginx following it).
+(serving/fleet/rotation.py: the fleet's state and nginx following it).
 """
 from __future__ import annotations
 
@@ -30,19 +30,21 @@ from pathlib import Path
 import click
 import psutil   # a TorchServe dependency
 
-from . import frontdoor, server
-from .artifact import MODEL_NAME
-from .frontdoor import FrontDoorError, RotationState
-from .properties import Listener, port_taken, set_properties
-from .readiness import NotReady, check_ready, open_authorized, probe_image, probe_once, reason, retry
-from .rotation import (FleetError, FleetState, ServedArchive, apply_front_door, archive_version, follow_keys,
-                       load_fleet, locked, nginx_master, read_state, set_rotation, write_state)
-from .server import ServerError
-from .topology import FLEET_DIR, FLEET_FILE, Fleet, Replica, TopologyError
+from serving.fleet import frontdoor
+
+from serving.server import server
+from serving.handler.artifact import MODEL_NAME
+from serving.fleet.frontdoor import FrontDoorError, RotationState
+from serving.server.properties import Listener, port_taken, set_properties
+from serving.server.readiness import NotReady, check_ready, open_authorized, probe_image, probe_once, reason, retry
+from serving.fleet.rotation import (FleetError, FleetState, ServedArchive, apply_front_door, archive_version, follow_keys,
+                                    load_fleet, locked, nginx_master, read_state, set_rotation, write_state)
+from serving.server.server import ServerError
+from serving.fleet.topology import FLEET_DIR, FLEET_FILE, Fleet, Replica, TopologyError
 
 SUPERVISORD = Path(sys.executable).with_name("supervisord")
 SUPERVISORCTL = Path(sys.executable).with_name("supervisorctl")
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 300.0      # two replicas loading their workers at once on two cores
 SWITCH_TIMEOUT_S = 120.0     # a new version's workers to load and answer
 REPLICA_STOP_S = 40          # `run` gives Java 30 s after SIGTERM, then kills it

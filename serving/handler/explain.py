@@ -8,7 +8,7 @@ POST /explanations/mnist answers each image with
 is_digit and confidence are the prediction's (artifact.predictions: the trust record);
 attributions[row][col] is how much model input pixel (row, col) raised the predicted digit's
 logit over a blank image's (they sum to that rise, within ~2%); frame places that 28x28 grid
-on the image as sent (serving/preprocess.py's Frame), so a page can draw the map over it.
+on the image as sent (serving/handler/preprocess.py's Frame), so a page can draw the map over it.
 
 Shipped beside handler.py in the model archive (the handler imports it as a top-level module
 there). Captum is a project dependency (pyproject.toml); the ONNX model has no gradients, so an

@@ -15,8 +15,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .properties import address, key_lifetime_s
-from .readiness import NotReady, key_file_of, open_authorized, read_keys
+from serving.server.properties import address, key_lifetime_s
+from serving.server.readiness import NotReady, key_file_of, open_authorized, read_keys
 
 KEY_OWNER = "key_file.owner"   # in the run dir: which key_file.json this run dir's server wrote
 

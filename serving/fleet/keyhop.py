@@ -2,13 +2,13 @@
 key to every request it forwards, and the loop that keeps that key current. deploy/kubernetes runs
 it as the replica pod's second container, on the same image:
 
-    python -m serving.keyhop --config /srv/replica/config.properties --run-dir /srv/replica \\
+    python -m serving.fleet.keyhop --config /srv/replica/config.properties --run-dir /srv/replica \\
         --hop-dir /srv/key-hop --address 0.0.0.0 --port 9086
     key hop 0.0.0.0:9086 -> 127.0.0.1:9080, its key from /srv/replica/key_file.json
 
-It is `make fleet`'s hop for one replica: the server block is serving/nginx.conf.template's
-KEYED_REPLICA block rendered by serving/frontdoor.py, and a new key is rendered in and nginx
-reloaded as serving/rotation.py does it (the call returns once no old worker accepts). TorchServe
+It is `make fleet`'s hop for one replica: the server block is serving/fleet/nginx.conf.template's
+KEYED_REPLICA block rendered by serving/fleet/frontdoor.py, and a new key is rendered in and nginx
+reloaded as serving/fleet/rotation.py does it (the call returns once no old worker accepts). TorchServe
 writes its keys into its working dir (the run dir, an emptyDir both containers mount) and
 `serving.server run` renews them at half their lifetime; the hop follows the file within
 KEY_POLL_S. The keys never leave the pod.
@@ -25,12 +25,12 @@ from urllib.parse import urlsplit
 
 import click
 
-from . import frontdoor
-from .frontdoor import FrontDoorError, RotationState
-from .properties import read_properties
-from .readiness import inference_key
-from .rotation import KEY_POLL_S, FleetError, reloaded_workers
-from .topology import Fleet, Replica, ReplicaPorts
+from serving.fleet import frontdoor
+from serving.fleet.frontdoor import FrontDoorError, RotationState
+from serving.server.properties import read_properties
+from serving.server.readiness import inference_key
+from serving.fleet.rotation import KEY_POLL_S, FleetError, reloaded_workers
+from serving.fleet.topology import Fleet, Replica, ReplicaPorts
 
 HOP_TEMPLATE = Path(__file__).resolve().with_name("nginx-key-hop.conf.template")
 NGINX_STOP_S = 10

@@ -2,7 +2,7 @@
 serves, which replicas are out of rotation) under a lock, nginx's config re-rendered and reloaded
 for it, and, with token auth, each replica's inference key kept current in that config.
 
-`python -m serving.fleet` (serving/fleet.py) starts, stops and rolls out; this module is what its
+`python -m serving.fleet` (serving/fleet/fleet.py) starts, stops and rolls out; this module is what its
 rollout and its supervised `follow-keys` program share.
 """
 from __future__ import annotations
@@ -17,13 +17,15 @@ from pathlib import Path
 
 import psutil   # a TorchServe dependency
 
-from . import frontdoor, server
-from .archive import MANIFEST
-from .frontdoor import RotationState
-from .keys import RENEW_AFTER_FRACTION, KeyRenewer
-from .properties import key_lifetime_s, read_properties
-from .readiness import NotReady, inference_key, retry
-from .topology import FLEET_FILE, Fleet, Replica
+from serving.fleet import frontdoor
+
+from serving.server import server
+from serving.server.archive import MANIFEST
+from serving.fleet.frontdoor import RotationState
+from serving.server.keys import RENEW_AFTER_FRACTION, KeyRenewer
+from serving.server.properties import key_lifetime_s, read_properties
+from serving.server.readiness import NotReady, inference_key, retry
+from serving.fleet.topology import FLEET_FILE, Fleet, Replica
 
 STATE_FILE = "state.json"
 RENDERED_KEYS = "keys.json"   # in nginx's dir: the keys its running config sends
@@ -197,7 +199,7 @@ def follow_keys(fleet: Fleet, poll_s: float = KEY_POLL_S) -> None:
     file goes (its Java died), re-render nginx's config and reload, so the front door always
     sends each replica its current key. The front door renews each inference key itself, out
     of rotation, at FRONT_RENEW_FRACTION of its lifetime: before the replica's own renewer (at
-    half of it, serving/keys.py) would swap it under requests in flight."""
+    half of it, serving/server/keys.py) would swap it under requests in flight."""
     rendered: dict[str, str | None] = {}
     first_seen: dict[str, tuple[str | None, float]] = {}
     while True:

@@ -13,8 +13,9 @@ import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .artifact import ARCHIVE_NAME, MODEL_NAME
-from .properties import read_properties, token_auth_enabled
+from serving.handler.artifact import ARCHIVE_NAME, MODEL_NAME
+from serving.server.properties import read_properties, token_auth_enabled
+from serving.web import WEB_DIR
 
 DEFAULT_REPLICAS = 2
 FLEET_DIR = Path(".run/fleet")
@@ -34,7 +35,7 @@ OPEN_PATHS = (f"/predictions/{MODEL_NAME}", f"/explanations/{MODEL_NAME}", f"/v2
 # Paths the front door must refuse: what tests try, and what a deployment must not expose.
 CLOSED_PATHS = ("/models", f"/models/{MODEL_NAME}", "/metrics", "/workflows", f"/wfpredict/{MODEL_NAME}",
                 "/api-description", "/ping", f"/v2/models/{MODEL_NAME}", "/token")
-WEB_DIR = Path(__file__).resolve().with_name("web")
+
 FLEET_FILE = "fleet.json"   # in the fleet's run dir: the plan `start` used, read by the other commands
 
 

@@ -1,14 +1,14 @@
 """Build the TorchServe model archive (.mar) from an exported artifact (TorchScript, or ONNX
 for ONNX Runtime, e.g. the int8 model).
 
-    python -m serving.archive --serialized-file artifacts/mnist_cnn.torchscript.pt --export-path model_store
+    python -m serving.server.archive --serialized-file artifacts/mnist_cnn.torchscript.pt --export-path model_store
 
 packs the model (its metadata inside) and ARCHIVE_SOURCES (handler.py, the modules it imports,
 model-config.yaml) into model_store/mnist.mar. The archive version is the artifact's own
 model_version unless --version names another; answers carry it as model_version, so a rolling
 update shows in them:
 
-    python -m serving.archive --version 2.0 --export-path .run/v2
+    python -m serving.server.archive --version 2.0 --export-path .run/v2
     python -m serving.fleet rollout .run/v2/mnist.mar
 
 A model whose test accuracy is below SERVE_ACCURACY_FLOOR is refused unless --force.
@@ -22,15 +22,16 @@ from pathlib import Path
 
 import click
 
-from .artifact import (ARCHIVE_NAME, MODEL_NAME, SERVE_ACCURACY_FLOOR, TORCHSCRIPT_NAME, artifact_path,
-                       read_metadata)
+from serving.handler.artifact import (ARCHIVE_NAME, MODEL_NAME, SERVE_ACCURACY_FLOOR, TORCHSCRIPT_NAME, artifact_path,
+                                      read_metadata)
 
-SERVING_DIR = Path(__file__).resolve().parent
+# What ships in the archive is exactly serving/handler/ (tests/test_layout.py compares the two).
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "handler"
 HANDLER = "handler.py"
 # Shipped beside handler.py: the handler imports them as top-level modules inside the archive.
 HANDLER_MODULES = ("preprocess.py", "artifact.py", "protocol.py", "parsing.py", "explain.py")
 MODEL_CONFIG = "model-config.yaml"
-# Every file of serving/ that goes into the archive, named once; the archiver adds the model
+# Every file of serving/handler/ that goes into the archive, named once; the archiver adds the model
 # and its manifest (archive_contents).
 ARCHIVE_SOURCES = (HANDLER, *HANDLER_MODULES, MODEL_CONFIG)
 MANIFEST = "MAR-INF/MANIFEST.json"
@@ -51,8 +52,8 @@ def archive_command(serialized_file: str, export_path: str, version: str, model_
     return [str(Path(sys.executable).with_name("torch-model-archiver")), "--force",
             "--model-name", MODEL_NAME, "--version", version,
             "--serialized-file", serialized_file,
-            "--handler", str(SERVING_DIR / HANDLER),
-            "--extra-files", ",".join(str(SERVING_DIR / name) for name in HANDLER_MODULES),
+            "--handler", str(SHIPPED_DIR / HANDLER),
+            "--extra-files", ",".join(str(SHIPPED_DIR / name) for name in HANDLER_MODULES),
             "--config-file", model_config,
             "--export-path", export_path]
 
@@ -71,7 +72,7 @@ def check_accuracy(metadata: dict, serialized_file: Path) -> None:
 
 
 def build_archive(serialized_file: str | Path, export_path: str | Path,
-                  model_config: str | Path = SERVING_DIR / MODEL_CONFIG, force: bool = False,
+                  model_config: str | Path = SHIPPED_DIR / MODEL_CONFIG, force: bool = False,
                   version: str | None = None) -> Path:
     """Returns the path of the .mar; raises ArchiveError with the reason (the archiver's message).
     force: archive a model below SERVE_ACCURACY_FLOOR too. version: the archive's version, which
