@@ -117,6 +117,9 @@ def test_what_ships_imports_only_its_own_folder():
         ours = {imported for imported in imported_names(path) if role_of(imported) is not None}
         outside = {imported for imported in ours if role_of(imported) != "serving.handler"}
         assert not outside, f"{name}.py imports {outside}, which the archive does not ship"
+        absolute = [node.module for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("serving")]
+        assert not absolute, f"{name}.py imports {absolute}: the serving package does not exist inside the archive"
 
 
 def is_click_command(function: ast.FunctionDef) -> bool:
