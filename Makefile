@@ -121,12 +121,20 @@ $(TORCHSCRIPT) $(ONNX) $(INT8) &: $(CHECKPOINT) $(wildcard export/*.py)
 
 export: $(TORCHSCRIPT) $(ONNX) $(INT8) ## Export TorchScript + ONNX (+ int8 ONNX) with the parity check
 
-# Rewritten only when SERVE_MODEL changes, so switching models rebuilds the archive.
+# Rewritten only when SERVE_MODEL changes, so switching models rebuilds the archive. The choice
+# it replaces waits in $(SERVE_STAMP).prev until the archive is built: a choice whose archive
+# fails (a model below the floor, say) is taken back, so the next `make serve` serves the last
+# good one instead of failing the same way.
 $(SERVE_STAMP): FORCE
-	@mkdir -p $(MODEL_STORE); echo '$(SERVE_MODEL)' | cmp -s - $@ || echo '$(SERVE_MODEL)' > $@
+	@mkdir -p $(MODEL_STORE); echo '$(SERVE_MODEL)' | cmp -s - $@ || \
+	  { if [ -f $@ ]; then mv $@ $@.prev; fi; echo '$(SERVE_MODEL)' > $@; }
 
 $(MAR): $(SERVE_MODEL) $(SERVE_STAMP) $(wildcard serving/handler/*)
-	$(BIN)/python -m serving.server.archive --serialized-file $(SERVE_MODEL) --export-path $(MODEL_STORE) $(FORCE_FLAG)
+	@$(BIN)/python -m serving.server.archive --serialized-file $(SERVE_MODEL) --export-path $(MODEL_STORE) $(FORCE_FLAG) \
+	  && rm -f $(SERVE_STAMP).prev \
+	  || { if [ -f $(SERVE_STAMP).prev ]; then mv $(SERVE_STAMP).prev $(SERVE_STAMP); else rm -f $(SERVE_STAMP); fi; \
+	       echo "SERVE_MODEL=$(SERVE_MODEL) not archived: the next make serve serves $$(cat $(SERVE_STAMP) 2>/dev/null || echo $(TORCHSCRIPT))"; \
+	       exit 1; }
 
 archive: $(MAR) ## Build model_store/mnist.mar (SERVE_MODEL=artifacts/mnist_cnn.int8.onnx: int8; FORCE=1: below 99% too)
 
@@ -182,5 +190,8 @@ bench: $(INSTALLED) java export ## Measure training, inference and serving again
 manifests: $(INSTALLED) ## Regenerate deploy/kubernetes/*.yaml from serving/fleet/topology.py, the nginx template and benchmarks/footprint.json
 	$(BIN)/python -m deploy.manifests
 
-clean: ## Remove artifacts, archives and server state (keeps .venv and data)
+# Servers first: their pid files live in .run/, and a server left running without them is orphaned
+# (the next start fails on its ports). A stop that fails (Java outliving its timeout) stops clean too.
+clean: ## Stop what make serve/demo/fleet started, then remove artifacts, archives and server state (keeps .venv and data)
+	@if [ -x $(BIN)/python ]; then $(MAKE) --no-print-directory stop fleet-stop; fi
 	rm -rf $(ARTIFACTS) $(MODEL_STORE) .run $(SAMPLES) logs
