@@ -244,8 +244,8 @@ def test_stubs_come_from_the_installed_torchserve_and_are_made_once(tmp_path):
 def test_stubs_are_a_package_imported_without_sys_path_changes():
     path_before = list(sys.path)
     stubs = load_stubs()
-    assert stubs.inference_pb2.__name__ == "serving._grpc.inference_pb2"
-    assert stubs.inference_pb2_grpc.__name__ == "serving._grpc.inference_pb2_grpc"
+    assert stubs.inference_pb2.__name__ == "serving.clients._grpc.inference_pb2"
+    assert stubs.inference_pb2_grpc.__name__ == "serving.clients._grpc.inference_pb2_grpc"
     assert sys.path == path_before
     # No generated module went in as a top-level name that another package could shadow or take.
     assert not {"inference_pb2", "inference_pb2_grpc", "management_pb2", "google.rpc.status_pb2"} & set(sys.modules)

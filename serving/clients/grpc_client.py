@@ -4,7 +4,7 @@
 
 Nothing is vendored: the .proto files are read from TorchServe's own frontend jar
 (ts/frontend/model-server.jar), so the stubs always match the server that is installed. They
-are generated with grpcio-tools on first use into the package serving._grpc (git-ignored; the
+are generated with grpcio-tools on first use into the package serving.clients._grpc (git-ignored; the
 generated imports are rewritten to relative ones, so nothing goes on sys.path) and again
 whenever the jar's .proto files change (a TorchServe upgrade); no make step is needed.
 
