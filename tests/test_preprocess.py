@@ -101,6 +101,15 @@ def test_decompression_bomb_is_refused_before_decoding():
     assert raised.value.code == "too_large"
 
 
+@pytest.mark.parametrize("side", [20_000, 50_000])
+def test_a_huge_declared_size_is_called_too_large_not_unreadable(side):
+    # Past twice Pillow's own limit, Image.open itself refuses: the answer must still speak of size.
+    with pytest.raises(ImageError) as raised:
+        preprocess_bytes(png_bomb(side=side), MEAN, STD)
+    assert raised.value.code == "too_large"
+    assert "not an image" not in str(raised.value) and f"{MAX_PIXELS:,}" in str(raised.value)
+
+
 @pytest.mark.parametrize("fmt,data", [
     ("EPS", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\nshowpage\n"),   # Pillow would run Ghostscript
     ("PPM", encode(Image.new("L", (28, 28), 0).point(lambda v: 255), "PPM")),

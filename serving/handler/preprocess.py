@@ -110,10 +110,12 @@ def decode_image(data: bytes, budget: PixelBudget | None = None) -> Image.Image:
             return ImageOps.exif_transpose(image)
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as error:
-        code = "too_large" if isinstance(error, Image.DecompressionBombError) else "not_an_image"
-        raise ImageError(code, "body is not an image in a format we read (PNG, JPEG, BMP, GIF, WebP, TIFF)") \
-            from None
+    except Image.DecompressionBombError:   # Image.open refuses sizes past twice Pillow's own limit
+        raise ImageError("too_large", f"image declares more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels; "
+                                      f"the limit is {MAX_PIXELS:,} pixels") from None
+    except UnidentifiedImageError:
+        raise ImageError("not_an_image", "body is not an image in a format we read (PNG, JPEG, BMP, GIF, WebP, "
+                                         "TIFF)") from None
     except MemoryError:
         raise ImageError("too_large", "image too large to decode") from None
     except Exception as error:  # Pillow's decoders raise OSError, SyntaxError, struct.error, ... on bad data
