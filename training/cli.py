@@ -1,6 +1,9 @@
 """`mnist-train` / `python -m training`: options map onto TrainConfig, then train() runs."""
 from __future__ import annotations
 
+import os
+import sys
+
 import click
 
 from .checkpoint import CheckpointError
@@ -100,4 +103,16 @@ def main(**options) -> None:
     except (ConfigError, DataError, CheckpointError, PeerLostError, FontsMissing) as error:
         raise click.ClickException(str(error)) from None
     except KeyboardInterrupt:
-        raise click.ClickException("interrupted; rerun the same command with --resume to continue") from None
+        interrupted()
+
+
+def interrupted() -> None:
+    """Ctrl-C: one line from rank 0, a quiet exit from the other ranks (under torchrun each gets
+    the signal), status 130. os._exit skips the process group's teardown, which aborts the
+    interpreter ("Fatal Python error: Aborted", status 134) when the signal cut a collective;
+    every checkpoint write is already complete or removed by then (write_atomic)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo("interrupted; rerun the same command with --resume to continue", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
