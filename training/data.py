@@ -63,10 +63,19 @@ def open_mnist_dataset(data_dir: str | os.PathLike | None, train: bool, transfor
     try:
         return MNIST(str(root), train=train, download=download, transform=transform)
     except RuntimeError as error:  # torchvision: 'Dataset not found' or a failed download
-        hint = "check the network" if download else "the IDX files are missing or incomplete"
-        raise DataError(f"could not load MNIST from {root} ({hint}): {error}") from None
+        raise DataError(unreadable_mnist(root, download, error)) from None
     except OSError as error:
         raise DataError(f"could not read or download MNIST into {root}: {error}") from None
+
+
+def unreadable_mnist(root: Path, downloading: bool, error: RuntimeError) -> str:
+    """One line: a failed download (torchvision's message spans lines, one per mirror) says
+    how to point at a copy instead; a copy that does not load says what is wrong with it."""
+    if downloading:
+        return (f"no MNIST copy in {root}/ and the download failed (offline?): pass --data-dir with an "
+                f"existing copy (torchvision layout, e.g. ../shared/mnist) or set ${DATA_DIR_ENV}")
+    reason = " ".join(str(error).split())
+    return f"could not load MNIST from {root} (the IDX files are missing or incomplete): {reason}"
 
 
 def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
