@@ -1,14 +1,16 @@
 """Write real MNIST test digits as PNG files, for curl and mnist-predict examples.
 
     python -m training.samples --data-dir ../shared/mnist --out samples
-writes samples/digit_0.png ... samples/digit_9.png (the first test image of each digit).
+writes samples/digit_0.png ... samples/digit_9.png (the first test image of each digit) and
+samples/letter_k.png, a typed K drawn as MNIST draws digits (white on black, 28x28): something
+the server should answer with is_digit false.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from .data import DATA_DIR_ENV, DataError, load_mnist
 
@@ -27,7 +29,16 @@ def write_samples(data_dir: str | None, out: str | Path, per_digit: int = 1) -> 
             counts[label] += 1
         if min(counts) >= per_digit:
             break
+    written.append(write_letter(out / "letter_k.png", "K"))
     return written
+
+
+def write_letter(path: Path, letter: str) -> Path:
+    """A letter in Pillow's built-in font, centred on 28x28 black: needs no system fonts."""
+    image = Image.new("L", (28, 28), 0)
+    ImageDraw.Draw(image).text((14, 14), letter, fill=255, anchor="mm", font=ImageFont.load_default(size=22))
+    image.save(path)
+    return path
 
 
 @click.command()

@@ -9,7 +9,7 @@ prints one JSON line per image, e.g.
     {"file": "samples/digit_7.png", "digit": 7, "label": "7", "is_digit": true, "confidence": 0.9991, ...,
      "model_version": "w-..."}
 An image that does not look like a digit gets "is_digit": false (its digit is the best guess)
-and a line on stderr: `samples/letter_x.png: not a digit (best guess 2, 0.65)`.
+and a line on stderr: `samples/letter_k.png: not a digit (best guess D, C)`.
 Bad files get {"file", "error", "code"} lines; the exit status is 1 if any file failed.
 """
 from __future__ import annotations
