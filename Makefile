@@ -138,18 +138,18 @@ $(MAR): $(SERVE_MODEL) $(SERVE_STAMP) $(wildcard serving/handler/*)
 
 archive: $(MAR) ## Build model_store/mnist.mar (SERVE_MODEL=artifacts/mnist_cnn.int8.onnx: int8; FORCE=1: below 99% too)
 
-$(SAMPLES)/digit_9.png: | $(INSTALLED)
+$(SAMPLES)/letter_k.png: | $(INSTALLED)
 	$(BIN)/python -m training.samples $(DATA_FLAG) --out $(SAMPLES)
 
-samples: $(SAMPLES)/digit_9.png ## Write real MNIST test digits as PNG into samples/
+samples: $(SAMPLES)/letter_k.png ## Write real MNIST test digits as PNG into samples/
 
-serve: java $(MAR) $(SAMPLES)/digit_9.png ## Everything above as needed, then start TorchServe and wait until it answers
+serve: java $(MAR) $(SAMPLES)/letter_k.png ## Everything above as needed, then start TorchServe and wait until it answers
 	$(BIN)/python -m serving.server start --config config.properties --run-dir $(RUN_DIR)
 
 demo: serve ## `make serve`, then the draw-a-digit page on http://127.0.0.1:8000 (serving/web/index.html)
 	$(BIN)/python -m serving.web.demo start --config config.properties --run-dir $(DEMO_DIR)
 
-fleet: java nginx $(MAR) $(SAMPLES)/digit_9.png ## `make serve`'s build, then REPLICAS servers behind nginx on :8088 and :8443 (TLS)
+fleet: java nginx $(MAR) $(SAMPLES)/letter_k.png ## `make serve`'s build, then REPLICAS servers behind nginx on :8088 and :8443 (TLS)
 	$(FLEET_ENV) $(BIN)/python -m serving.fleet start \
 	    --archive $(MAR) --replicas $(REPLICAS) --config $(FLEET_CONFIG) --run-dir $(FLEET_DIR)
 

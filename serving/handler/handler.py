@@ -95,7 +95,11 @@ class DigitHandler(BaseHandler):
         return len(self.context.request_processor) == 1 and super()._is_describe()
 
     def describe_handle(self):
-        return json.dumps(public_card(self.metadata), allow_nan=False)
+        # The int8 ONNX, fp32 ONNX and TorchScript files of one training run share its
+        # model_version: the card also names the file served and the runtime that runs it.
+        served = {"served_file": self.manifest["model"]["serializedFile"],
+                  "runtime": "onnxruntime" if self.module is None else "torchscript"}
+        return json.dumps({**public_card(self.metadata), **served}, allow_nan=False)
 
     def preprocess(self, data) -> ParsedBatch:
         started = time.perf_counter()

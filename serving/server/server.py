@@ -31,6 +31,7 @@ from serving.handler.artifact import MODEL_NAME
 from serving.server.keys import KeyRenewer, key_renewer, record_key_file, remove_own_key_file
 from serving.server.properties import address, listeners, port_taken, read_properties, workflow_store
 from serving.server.readiness import NotReady, check_ready, key_file_of, probe_once, retry
+from serving.server import served
 
 PID_FILE = ".model_server.pid"                            # TorchServe's name, in its temp dir
 TORCHSERVE_JAVA_CLASS = "org.pytorch.serve.ModelServer"   # how torchserve itself recognises its Java
@@ -165,6 +166,7 @@ def start(config: str, run_dir: str | os.PathLike, timeout_s: float = 180.0,
     prepare_workflow_store(properties, cwd)
     run_dir = Path(run_dir).resolve()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    served.record(run_dir, served.on_disk(properties, cwd))   # what this start loads
     launch_log = LaunchLog.open(run_dir)
     # TorchServe's Java process inherits stdout: send it to a file, or a caller's pipe never closes.
     with open(launch_log.path, "ab") as log:
@@ -317,13 +319,31 @@ def start_command(config: str, run_dir: str, timeout_s: float) -> None:
     try:
         answer = start(config, run_dir, timeout_s=timeout_s)
     except AlreadyRunning as running:
-        click.echo(f"TorchServe is already running from {run_dir} (pid {running.pid}): "
-                   f"{running.inference_address}/predictions/{MODEL_NAME}. Stop it with `make stop`.")
-        return
+        changed = stale_archives(config, run_dir)
+        if not changed:
+            click.echo(f"TorchServe is already running from {run_dir} (pid {running.pid}): "
+                       f"{running.inference_address}/predictions/{MODEL_NAME}. Stop it with `make stop`.")
+            return
+        click.echo(f"TorchServe (pid {running.pid}) serves an older {', '.join(Path(path).name for path in changed)} "
+                   f"than the one on disk now: restarting it to serve the new one")
+        try:
+            stop(run_dir)
+            answer = start(config, run_dir, timeout_s=timeout_s)
+        except ServerError as error:
+            raise click.ClickException(str(error)) from None
     except ServerError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"TorchServe is up: {address(read_properties(config), 'inference_address')}/predictions/{MODEL_NAME} "
-               f"answered a probe image with digit {answer['digit']}. Logs: {run_dir}/logs. Stop with `make stop`.")
+               f"(model_version {answer.get('model_version')}) answered a probe image with digit {answer['digit']}. "
+               f"Logs: {run_dir}/logs. Stop with `make stop`.")
+
+
+def stale_archives(config: str, run_dir: str | os.PathLike) -> list[str]:
+    """The archives that changed on disk since run_dir's server loaded them; all of them when
+    the server left no record (one started before records were kept: it may serve anything)."""
+    now = served.on_disk(read_properties(config), None)
+    before = served.recorded(Path(run_dir).resolve()) or served.Served({})
+    return before.changed(now)
 
 
 @main.command("stop")
