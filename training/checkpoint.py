@@ -15,7 +15,6 @@ import os
 import signal
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -62,9 +61,10 @@ class Resumed:
     checkpoint: dict
 
 
-# A test hook: seconds to sleep inside every atomic write, after the bytes and before the
-# rename, so a test can SIGTERM a real training process in the middle of a save.
-SAVE_DELAY_ENV = "DIGITSERVE_TEST_SAVE_DELAY_S"
+# A test hook: where every atomic write sends this process a SIGTERM, so a test can interrupt a
+# real training run in a save, deterministically: "write" (inside the writer, at its second
+# bytes: inside torch.save's zip writer) or "rename" (after the bytes, before the rename).
+SIGTERM_IN_SAVE_ENV = "DIGITSERVE_TEST_SIGTERM_IN_SAVE"
 
 
 class Terminated(SystemExit):
@@ -91,6 +91,41 @@ def sigterm_raises():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def sigterm_deferred():
+    """Within this block a SIGTERM is held, then raised as Terminated when the block ends. For
+    writers that must not be interrupted midway: torch.save's zip writer, cut by an exception,
+    raises its own RuntimeError ("unexpected pos") from its cleanup in place of the interrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if received:
+        raise Terminated()
+
+
+class SigtermAtFirstWrite:
+    """The test hook's file: sends SIGTERM to this process in the middle of the writing."""
+
+    def __init__(self, file: BinaryIO):
+        self.file, self.writes = file, 0
+
+    def write(self, data) -> int:
+        written = self.file.write(data)
+        self.writes += 1
+        if self.writes == 2:   # the zip writer is under way: an exception now breaks its bookkeeping
+            os.kill(os.getpid(), signal.SIGTERM)   # the handler runs here, with bytes already out
+        return written
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
 
 
 def temp_pattern(path: Path) -> str:
@@ -127,11 +162,13 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        hook = os.environ.get(SIGTERM_IN_SAVE_ENV)
         with os.fdopen(handle, "wb") as temp_file:
-            write(temp_file)
+            with sigterm_deferred():
+                write(SigtermAtFirstWrite(temp_file) if hook == "write" else temp_file)
             temp_file.flush()
-            if os.environ.get(SAVE_DELAY_ENV):
-                time.sleep(float(os.environ[SAVE_DELAY_ENV]))
+            if hook == "rename":
+                os.kill(os.getpid(), signal.SIGTERM)
             os.fsync(temp_file.fileno())
         os.chmod(temp_name, 0o644)  # mkstemp creates 0600; artifacts are meant to be shared
         os.replace(temp_name, path)
