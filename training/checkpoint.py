@@ -63,7 +63,7 @@ class Resumed:
 
 # A test hook: where every atomic write sends this process a SIGTERM, so a test can interrupt a
 # real training run in a save, deterministically: "write" (inside the writer, at its second
-# bytes: inside torch.save's zip writer) or "rename" (after the bytes, before the rename).
+# write: inside torch.save's zip writer) or "rename" (after the bytes, before the rename).
 SIGTERM_IN_SAVE_ENV = "DIGITSERVE_TEST_SIGTERM_IN_SAVE"
 
 
