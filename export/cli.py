@@ -27,6 +27,9 @@ DEFAULTS = ExportConfig()
 @click.option("--opset", type=click.IntRange(13, 21), default=DEFAULTS.opset, help="ONNX opset.")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=DEFAULTS.tolerance,
               help="Largest allowed |logit difference| against eager PyTorch.")
+@click.option("--parity-images", type=click.IntRange(min=1), default=None,
+              help="Check parity and measure accuracy on the first N test images only (default: all "
+                   "10,000; the artifacts record how many). For quick checks and tests.")
 @click.option("--quantize", is_flag=True,
               help=f"Also write {INT8_NAME}: static int8, calibrated on 2,048 training images, "
                    "with its accuracy and speed next to fp32.")

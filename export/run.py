@@ -40,6 +40,7 @@ class ExportConfig:
     opset: int = ONNX_OPSET
     tolerance: float = DEFAULT_TOLERANCE
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    parity_images: int | None = None  # the first N test images for parity and accuracy; None: all 10,000
     quantize: bool = False           # also write a static int8 ONNX model (export/quantize.py)
     force: bool = False              # export a checkpoint below SERVE_ACCURACY_FLOOR all the same
 
@@ -153,7 +154,9 @@ def run_export(config: ExportConfig) -> dict:
     metadata = build_metadata(checkpoint, config.model_version)
     out_dir = writable_out_dir(config)
     images, labels = load_mnist(config.data_dir, train=False)
+    images, labels = images[:config.parity_images], labels[:config.parity_images]
     inputs = normalized_images(images, metadata)
+    metadata["test_images"] = len(images)   # what test_acc below is measured on
 
     with ExitStack() as stack:
         torchscript_tmp = export_torchscript(model, metadata, temp_path(out_dir, TORCHSCRIPT_NAME, stack))

@@ -54,6 +54,8 @@ TEST_RECIPE = {"train_subset": 16384, "epochs": 2, "warmup_epochs": 0.3}
 TEST_RECIPE_MIN_ACCURACY = 0.97
 # Tests using these fixtures need that training run: they are marked `trained` and `slow`, so
 # the fast tier (-m "not slow") trains nothing beyond the 1,024-image quick checkpoint.
+# Tests check parity on the first images of the test set; `make export` checks all 10,000.
+PARITY_IMAGES = 2000
 TRAINED_FIXTURES = {"trained_checkpoint", "exported", "running_server"}
 
 
@@ -86,7 +88,7 @@ def exported(tmp_path_factory, trained_checkpoint, data_dir) -> Path:
     from export.run import ExportConfig, run_export
     out_dir = tmp_path_factory.mktemp("exported")
     run_export(ExportConfig(checkpoint=str(trained_checkpoint), out_dir=str(out_dir), data_dir=data_dir,
-                            quantize=True, force=True))
+                            quantize=True, force=True, parity_images=PARITY_IMAGES))
     return out_dir
 
 

@@ -67,7 +67,7 @@ def test_metadata_in_both_artifacts_equals_the_checkpoint(quick_export, quick_ch
     assert ts_meta["train_config"] == {key: value for key, value in checkpoint["train_config"].items()
                                        if key not in LOCAL_PATH_KEYS}   # this machine's paths stay here
     assert ts_meta["checkpoint_test_acc"] == checkpoint["metrics"]["test_acc"]
-    assert ts_meta["test_acc"] == report["accuracy"]["onnxruntime"]
+    assert ts_meta["test_acc"] == report["accuracy"]["onnxruntime"] and ts_meta["test_images"] == 10_000
     assert ts_meta["model_version"] == weights_version(ts_meta["weights_sha256"])
     assert ts_meta["kernels"] == checkpoint["kernels"]
 
@@ -121,7 +121,8 @@ def test_a_perturbed_onnx_model_fails_parity(tmp_path, quick_checkpoint, test_in
 
 def test_cli_fails_clearly_and_leaves_nothing_when_parity_fails(tmp_path, quick_checkpoint, data_dir):
     result = CliRunner().invoke(export_cli, ["--checkpoint", str(quick_checkpoint), "--out-dir", str(tmp_path),
-                                             "--data-dir", data_dir, "--tolerance", "0", "--force"])
+                                             "--data-dir", data_dir, "--tolerance", "0", "--force",
+                                             "--parity-images", "256"])
     # A zero tolerance cannot hold for ONNX Runtime's kernels: the check must refuse.
     assert result.exit_code == 1
     assert "parity check failed" in result.output and "Traceback" not in result.output
@@ -174,7 +175,8 @@ def test_int8_model_is_as_accurate_and_records_its_speed(exported):
 def test_cli_refuses_a_model_below_the_floor_in_one_line_unless_forced(tmp_path, quick_checkpoint, data_dir):
     accuracy = load_checkpoint(quick_checkpoint)["metrics"]["test_acc"]
     assert accuracy < SERVE_ACCURACY_FLOOR      # a 1,024-image smoke run
-    args = ["--checkpoint", str(quick_checkpoint), "--out-dir", str(tmp_path / "out"), "--data-dir", data_dir]
+    args = ["--checkpoint", str(quick_checkpoint), "--out-dir", str(tmp_path / "out"), "--data-dir", data_dir,
+            "--parity-images", "256"]
     refused = CliRunner().invoke(export_cli, args)
     assert refused.exit_code == 1
     assert refused.output == (f"Error: {quick_checkpoint} reaches {accuracy:.2%} test accuracy, below the 99% "
@@ -183,6 +185,9 @@ def test_cli_refuses_a_model_below_the_floor_in_one_line_unless_forced(tmp_path,
     forced = CliRunner().invoke(export_cli, args + ["--force"])
     assert forced.exit_code == 0, forced.output
     assert (tmp_path / "out" / ONNX_NAME).is_file() and (tmp_path / "out" / TORCHSCRIPT_NAME).is_file()
+    # --parity-images: the bounded check says how much it covered, in the report and the card
+    assert json.loads((tmp_path / "out" / PARITY_REPORT_NAME).read_text())["images"] == 256
+    assert read_metadata(tmp_path / "out" / ONNX_NAME)["test_images"] == 256
 
 
 def test_a_checkpoint_without_test_accuracy_is_refused(tmp_path, quick_checkpoint, data_dir):
@@ -242,7 +247,7 @@ def test_a_failed_rename_leaves_the_previous_pair_whole(tmp_path, quick_export, 
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(OSError, match="No space"):
         run_export(ExportConfig(checkpoint=str(other), out_dir=str(out_dir), data_dir=data_dir, force=True,
-                                batch_sizes=(256,)))
+                                batch_sizes=(256,), parity_images=256))
     assert failed
     after = {path.name: path.read_bytes() for path in out_dir.iterdir()}
     assert after.keys() == before.keys()           # no temp file, no backup left
