@@ -41,7 +41,7 @@ IMG         ?= $(SAMPLES)/digit_7.png
 DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 .DEFAULT_GOAL := help
-.PHONY: help install system java browser prometheus nginx fonts fleet fleet-stop data train export archive serve demo stop predict samples test screenshot reliability bench manifests clean FORCE
+.PHONY: help install system java browser prometheus nginx fonts fleet fleet-stop data train export archive serve demo stop predict samples test test-fast screenshot reliability bench manifests clean FORCE
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -174,6 +174,9 @@ TEST_ENV := $(if $(DATA_DIR),MNIST_DATA_DIR=$(abspath $(DATA_DIR)))
 
 test: $(INSTALLED) system ## Run the test suite (DATA_DIR, else MNIST_DATA_DIR, else ../shared/mnist)
 	$(TEST_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(INSTALLED) ## The fast tier: no trained model, no servers (FAST_TIMES_DOC=docs/testing.md records its time)
+	$(TEST_ENV) bash .ci/fast-tier
 
 screenshot: $(INSTALLED) system ## Refresh docs/draw-a-digit.png (the browser test's picture of an answer)
 	DIGITSERVE_SCREENSHOT=$(CURDIR)/docs/draw-a-digit.png $(TEST_ENV) $(BIN)/python -m pytest -q \

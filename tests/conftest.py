@@ -59,11 +59,16 @@ PARITY_IMAGES = 2000
 TRAINED_FIXTURES = {"trained_checkpoint", "exported", "running_server"}
 
 
+SLOW_TEST_TIMEOUT_S = 1200   # pyproject's 180 s is for the rest
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if TRAINED_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.trained)
             item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT_S))
 
 
 @pytest.fixture(scope="session")

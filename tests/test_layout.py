@@ -147,3 +147,9 @@ def test_only_commands_raise_click_errors(package):
     found = [hit for path in modules(package) for hit in click_errors_outside_commands(path)]
     assert not found, "library code raises Click errors (raise a domain error; map it in the command):\n" + \
         "\n".join(found)
+
+
+def test_the_testing_doc_lists_every_test_file():
+    table = (REPO_ROOT / "docs" / "testing.md").read_text()
+    unlisted = [path.name for path in sorted((REPO_ROOT / "tests").glob("test_*.py")) if f"`{path.name}`" not in table]
+    assert not unlisted, f"docs/testing.md's table misses {unlisted}"

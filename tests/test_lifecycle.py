@@ -229,6 +229,7 @@ def test_start_and_run_beside_a_running_server_leave_it_serving(tmp_path, export
 
 
 # --- the demo page twice, make predict with nothing answering --------------------------------------
+@pytest.mark.slow  # starts servers
 def test_the_demo_page_started_twice_says_already_running(tmp_path):
     port = free_ports(1)[0]
     config = tmp_path / "config.properties"

@@ -2,6 +2,8 @@
 server, and a SERVE_MODEL whose archive fails does not stick."""
 from __future__ import annotations
 
+import pytest
+
 import os
 import shutil
 import socket
@@ -95,6 +97,7 @@ def port_open(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
+@pytest.mark.slow  # starts servers
 def test_make_clean_stops_the_servers_before_removing_their_pid_files(tmp_path):
     """The page server stands in for any server whose pid file lives in .run/ (make serve's
     TorchServe and make fleet's supervisord are stopped by the same step)."""

@@ -32,6 +32,7 @@ def test_short_real_training_run_loss_falls(tmp_path, data_dir, capsys):
     assert "confusion" in printed and (tmp_path / "test_report.json").exists()
 
 
+@pytest.mark.slow  # trains
 def test_fp32_and_bf16_paths_give_finite_loss(tmp_path, data_dir):
     for amp in (True, False):
         out = tmp_path / f"amp_{amp}" / "m.pt"
@@ -75,6 +76,7 @@ def interrupt_after_first_save(config: TrainConfig, monkeypatch) -> None:
     assert load_checkpoint(config.out_path)["metrics"]["epoch"] == 1
 
 
+@pytest.mark.slow  # trains
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, data_dir, monkeypatch):
     # Kernels pinned: measured choices may differ between the two runs, and so would the numerics.
     config = TrainConfig(quick=True, epochs=2, memory_format="channels_last", amp_dtype="bf16", data_dir=data_dir)
@@ -157,6 +159,7 @@ def test_data_step_reads_the_local_copy(data_dir):
 
 # --- model selection, kernels, progress and logs -------------------------------------------------
 
+@pytest.mark.slow  # trains
 def test_validation_selection_never_looks_at_the_test_set(tmp_path, data_dir):
     out = tmp_path / "m.pt"
     result = train(TrainConfig(quick=True, epochs=2, val_images=512, select_by="val_acc", data_dir=data_dir,
@@ -171,6 +174,7 @@ def test_validation_selection_never_looks_at_the_test_set(tmp_path, data_dir):
     assert 0 < metrics["test_acc"] <= 1 and result.metrics["test_acc"] == metrics["test_acc"]
 
 
+@pytest.mark.slow  # trains
 def test_forced_kernels_are_not_measured_and_are_recorded(tmp_path, data_dir, capsys):
     out = tmp_path / "m.pt"
     train(TrainConfig(quick=True, epochs=1, memory_format="contiguous", amp=False, data_dir=data_dir, out=str(out)))
@@ -182,6 +186,7 @@ def test_forced_kernels_are_not_measured_and_are_recorded(tmp_path, data_dir, ca
     assert "kernels: contiguous+fp32 (as asked)" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # trains
 def test_the_users_config_is_kept_as_asked_and_the_kernels_are_their_own_record(tmp_path, data_dir):
     config = TrainConfig(quick=True, epochs=1, data_dir=data_dir, out=str(tmp_path / "m.pt"))
     train(config)
@@ -194,6 +199,7 @@ def test_the_users_config_is_kept_as_asked_and_the_kernels_are_their_own_record(
     assert kernels["probe"]["chosen"] == "channels_last+bf16"
 
 
+@pytest.mark.slow  # trains
 def test_a_resumed_run_takes_its_kernels_from_the_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
     out = tmp_path / "m.pt"
     config = TrainConfig(quick=True, epochs=2, data_dir=data_dir, out=str(out))
@@ -244,6 +250,7 @@ def test_kernels_record_round_trips_through_its_checkpoint_dict():
     assert kernels.torch_amp_dtype is torch.bfloat16 and Kernels("contiguous", None).torch_amp_dtype is None
 
 
+@pytest.mark.slow  # trains
 def test_ema_weights_are_the_ones_kept(tmp_path, data_dir):
     out = tmp_path / "m.pt"
     train(TrainConfig(quick=True, epochs=2, ema_decay=0.9, data_dir=data_dir, out=str(out)))
@@ -254,6 +261,7 @@ def test_ema_weights_are_the_ones_kept(tmp_path, data_dir):
                for k in checkpoint["model"] if checkpoint["model"][k].is_floating_point())
 
 
+@pytest.mark.slow  # trains
 def test_tensorboard_events_hold_the_metrics_jsonl_values(tmp_path, data_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out, logs = tmp_path / "m.pt", tmp_path / "tb"
@@ -351,6 +359,7 @@ def as_full_run(quick_checkpoint: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow  # trains
 def test_a_quick_run_after_a_real_one_leaves_the_trained_checkpoint_untouched(tmp_path, data_dir,
                                                                              quick_checkpoint, monkeypatch):
     from serving.handler.artifact import CHECKPOINT_NAME
@@ -366,6 +375,7 @@ def test_a_quick_run_after_a_real_one_leaves_the_trained_checkpoint_untouched(tm
     assert load_checkpoint(tmp_path / QUICK.out)["metrics"]["epoch"] == QUICK.max_epochs
 
 
+@pytest.mark.slow  # trains
 def test_a_fresh_run_refuses_to_replace_a_finished_one_unless_forced(tmp_path, data_dir, quick_checkpoint):
     out = as_full_run(quick_checkpoint, tmp_path / "m.pt")
     before = out.read_bytes()
@@ -381,6 +391,7 @@ def test_a_fresh_run_refuses_to_replace_a_finished_one_unless_forced(tmp_path, d
     assert load_checkpoint(out)["metrics"]["epoch"] == 1 and out.read_bytes() != before
 
 
+@pytest.mark.slow  # trains
 def test_a_smoke_run_may_replace_a_smoke_run(tmp_path, data_dir, quick_checkpoint):
     out = tmp_path / "m.pt"
     out.write_bytes(quick_checkpoint.read_bytes())
