@@ -20,7 +20,7 @@ import pytest
 from repo import REPO_ROOT, subprocess_env
 from servers import launch_server
 from serving.server import keys
-from serving.server import server
+from serving.server import foreground, server
 from serving.server.archive import MANIFEST, SHIPPED_DIR, archive_contents, build_archive
 from serving.handler.artifact import SERVE_ACCURACY_FLOOR, TORCHSCRIPT_NAME, read_metadata
 from serving.server.properties import free_ports, instance_config
@@ -188,7 +188,7 @@ def test_the_supervisor_never_ends_another_servers_java(tmp_path):
         pid_file.write_text(str(other.pid))
         time.sleep(0.05)   # process start times have a clock tick's resolution: the launcher starts later
         refusing_launcher = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(1)"])
-        assert server.supervise(refusing_launcher, pid_file, [], stop_timeout_s=5) == 1
+        assert foreground.supervise(refusing_launcher, pid_file, [], stop_timeout_s=5) == 1
         assert other.poll() is None, "the supervisor ended another server's Java"
         assert pid_file.read_text() == str(other.pid)
     finally:

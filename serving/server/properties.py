@@ -28,8 +28,12 @@ DEFAULT_GRPC = {"grpc_inference_port": ("grpc_inference_address", "7070"),
 
 
 def read_properties(path: str | os.PathLike) -> dict:
+    return parse_properties(Path(path).read_text())
+
+
+def parse_properties(text: str) -> dict:
     properties = {}
-    for line in Path(path).read_text().splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith("#") and "=" in line:
             key, value = line.split("=", 1)

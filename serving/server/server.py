@@ -1,11 +1,5 @@
-"""Start and stop a TorchServe instance, check that its model answers, or run it in the foreground.
-
-    python -m serving.server start --config config.properties --run-dir .run/torchserve
-    python -m serving.server stop --run-dir .run/torchserve
-    python -m serving.server ready --config config.properties   # exit 0 only if it answers
-    ready: mnist 2/2 workers READY, probe image answered digit 1 in 9 ms
-    python -m serving.server ready --wait 60                   # the same, retried for up to 60 s
-    python -m serving.server run --config config.properties     # foreground: systemd, containers
+"""Start and stop a TorchServe instance in the background (the commands: serving/server/cli.py;
+the foreground server of systemd and containers: serving/server/foreground.py).
 
 Each instance keeps its pid file and logs in its own run dir (TorchServe puts the pid
 file in the temp dir, so TMPDIR is pointed there): stopping one never stops another, and
@@ -17,20 +11,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import psutil   # a TorchServe dependency: finds and waits for its Java process
 
 from serving.handler.artifact import MODEL_NAME
-from serving.server.keys import KeyRenewer, key_renewer, record_key_file, remove_own_key_file
+from serving.server.keys import record_key_file, remove_own_key_file
 from serving.server.properties import address, listeners, port_taken, read_properties, workflow_store
-from serving.server.readiness import NotReady, check_ready, key_file_of, probe_once, retry
+from serving.server.readiness import NotReady, key_file_of, probe_once, retry
 from serving.server import served
 
 PID_FILE = ".model_server.pid"                            # TorchServe's name, in its temp dir
@@ -218,176 +209,9 @@ def stop(run_dir: str | os.PathLike, timeout_s: float = STOP_TIMEOUT_S) -> bool:
     return True
 
 
-# --- Foreground: TorchServe as the main process of a systemd unit or a container ----------
-def own_java(pid_file: Path, launcher_started: float) -> psutil.Process | None:
-    """The Java named in pid_file if our launcher started it: one begun before the launcher
-    belongs to another server, and must never be stopped by this one."""
-    java = java_process(pid_file)
-    try:
-        return java if java is not None and java.create_time() >= launcher_started else None
-    except psutil.Error:
-        return None
-
-
-def end_java(java: psutil.Process, stop_timeout_s: float) -> bool:
-    """SIGTERM the Java process, SIGKILL it if it has not ended within stop_timeout_s.
-    True when it ended by itself after SIGTERM (or was already gone)."""
-    try:
-        java.terminate()
-        java.wait(stop_timeout_s)
-        return True
-    except psutil.TimeoutExpired:
-        java.kill()
-        return False
-    except psutil.NoSuchProcess:
-        return True
-
-
-def supervise(launcher: subprocess.Popen, pid_file: Path, stop_requests: list, stop_timeout_s: float,
-              renewer: KeyRenewer | None = None) -> int:
-    """Wait for `torchserve --foreground` to end, stopping its Java process when a signal was
-    recorded in stop_requests and renewing its keys meanwhile. 0 after a requested clean stop;
-    non-zero otherwise."""
-    launcher_started = psutil.Process(launcher.pid).create_time()
-    java, clean_stop = None, True
-    while launcher.poll() is None:
-        java = java or own_java(pid_file, launcher_started)
-        if renewer is not None and java is not None and not stop_requests:
-            renewer.tick()
-        if stop_requests and java is not None:
-            clean_stop = end_java(java, stop_timeout_s)   # the launcher returns once Java has ended
-        elif stop_requests and time.monotonic() - stop_requests[0] > stop_timeout_s:
-            launcher.kill()   # Java never appeared: nothing else to stop
-        try:
-            launcher.wait(0.2)
-        except subprocess.TimeoutExpired:
-            pass
-    java = java or own_java(pid_file, launcher_started)
-    if java is not None:
-        end_java(java, stop_timeout_s)   # the launcher was killed from outside: Java must not outlive it
-    if java_process(pid_file) is None:   # ours has ended; a pid file naming another server's Java stays
-        pid_file.unlink(missing_ok=True)
-        remove_own_key_file(pid_file.parent)
-    if stop_requests:
-        return 0 if clean_stop else 1
-    if launcher.returncode != 0:   # torchserve refused to start (its reason is on stdout)
-        return launcher.returncode
-    click.echo("TorchServe ended without being asked to stop: see its output and logs", err=True)
-    return 1
-
-
-def run_foreground(config: str, run_dir: str | os.PathLike, stop_timeout_s: float = 30.0) -> int:
-    """`torchserve --start --foreground` until it ends or SIGTERM/SIGINT asks it to; the exit status.
-
-    TorchServe 0.12's --foreground only waits for its Java process: it passes no signal on
-    (a SIGTERM to it would orphan Java) and exits 0 however Java ended. So it runs in a
-    session of its own (a terminal's Ctrl-C reaches only us), we stop Java ourselves, and a
-    server that ends unasked exits non-zero so that systemd or the container runtime restarts it.
-    Its output stays on our stdout, for journald or `docker logs`; log files go to run_dir/logs.
-    AlreadyRunning or ServerError, before anything starts, when it cannot start."""
-    require_java()
-    properties = check_can_start(config, run_dir)
-    prepare_workflow_store(properties, None)
-    run_dir = Path(run_dir).resolve()
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    command = torchserve_command("--start", "--foreground", "--ncs", "--ts-config", str(config))
-    stop_requests: list[float] = []
-    handlers = {signum: signal.signal(signum, lambda *_: stop_requests.append(time.monotonic()))
-                for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        launcher = subprocess.Popen(command, env=server_env(run_dir), stdin=subprocess.DEVNULL,
-                                    start_new_session=True, umask=SERVER_UMASK)
-        return supervise(launcher, run_dir / PID_FILE, stop_requests, stop_timeout_s,
-                         key_renewer(properties, run_dir))
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-
-
-@click.group()
-def main() -> None:
-    """Start, stop, check or run in the foreground a TorchServe instance whose pid file and
-    logs live in --run-dir."""
-
-
-@main.command("start")
-@click.option("--config", default="config.properties", show_default=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--run-dir", default=".run/torchserve", show_default=True)
-@click.option("--timeout", "timeout_s", default=180.0, show_default=True, help="Seconds to wait for an answer.")
-def start_command(config: str, run_dir: str, timeout_s: float) -> None:
-    """Start TorchServe in the background; when this run dir's server is up already, say so (exit 0)."""
-    try:
-        answer = start(config, run_dir, timeout_s=timeout_s)
-    except AlreadyRunning as running:
-        changed = stale_archives(config, run_dir)
-        if not changed:
-            click.echo(f"TorchServe is already running from {run_dir} (pid {running.pid}): "
-                       f"{running.inference_address}/predictions/{MODEL_NAME}. Stop it with `make stop`.")
-            return
-        click.echo(f"TorchServe (pid {running.pid}) serves an older {', '.join(Path(path).name for path in changed)} "
-                   f"than the one on disk now: restarting it to serve the new one")
-        try:
-            stop(run_dir)
-            answer = start(config, run_dir, timeout_s=timeout_s)
-        except ServerError as error:
-            raise click.ClickException(str(error)) from None
-    except ServerError as error:
-        raise click.ClickException(str(error)) from None
-    click.echo(f"TorchServe is up: {address(read_properties(config), 'inference_address')}/predictions/{MODEL_NAME} "
-               f"(model_version {answer.get('model_version')}) answered a probe image with digit {answer['digit']}. "
-               f"Logs: {run_dir}/logs. Stop with `make stop`.")
-
-
 def stale_archives(config: str, run_dir: str | os.PathLike) -> list[str]:
     """The archives that changed on disk since run_dir's server loaded them; all of them when
     the server left no record (one started before records were kept: it may serve anything)."""
     now = served.on_disk(read_properties(config), None)
     before = served.recorded(Path(run_dir).resolve()) or served.Served({})
     return before.changed(now)
-
-
-@main.command("stop")
-@click.option("--run-dir", default=".run/torchserve", show_default=True)
-@click.option("--timeout", "timeout_s", default=STOP_TIMEOUT_S, show_default=True,
-              help="Seconds Java gets to exit after SIGTERM.")
-def stop_command(run_dir: str, timeout_s: float) -> None:
-    """Stop the run dir's server (and remove its key file); exit 1 when Java outlives the timeout."""
-    try:
-        stopped = stop(run_dir, timeout_s)
-    except ServerError as error:
-        raise click.ClickException(str(error)) from None
-    click.echo("TorchServe stopped." if stopped else f"no TorchServe running from {run_dir}")
-
-
-@main.command("ready")
-@click.option("--config", default="config.properties", show_default=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--timeout", "timeout_s", default=5.0, show_default=True, help="Seconds for each of the two calls.")
-@click.option("--wait", "wait_s", default=0.0, show_default=True, type=click.FloatRange(min=0),
-              help="Retry for up to this many seconds until ready.")
-def ready_command(config: str, timeout_s: float, wait_s: float) -> None:
-    """Exit 0 when every worker of the model is READY and a probe image gets a prediction;
-    else exit 1 with the reason. For a Kubernetes exec probe or a load-balancer check; run it
-    in the server's working directory (with token auth, key_file.json is read from there)."""
-    try:
-        click.echo(retry(lambda: check_ready(config, timeout_s=timeout_s), wait_s))
-    except NotReady as error:
-        raise click.ClickException(f"not ready: {error}") from None
-
-
-@main.command("run")
-@click.option("--config", default="config.properties", show_default=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--run-dir", default=".run/torchserve", show_default=True)
-@click.option("--stop-timeout", "stop_timeout_s", default=30.0, show_default=True,
-              help="Seconds TorchServe gets to stop after SIGTERM/SIGINT before it is killed.")
-def run_command(config: str, run_dir: str, stop_timeout_s: float) -> None:
-    """TorchServe in the foreground, for systemd and containers: SIGTERM or Ctrl-C stops it
-    (exit 0); exit non-zero when it fails to start or ends unasked."""
-    try:
-        status = run_foreground(config, run_dir, stop_timeout_s)
-    except ServerError as error:
-        raise click.ClickException(str(error)) from None
-    sys.exit(status)
-
-
-if __name__ == "__main__":
-    main()
