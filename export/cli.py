@@ -4,7 +4,8 @@ from __future__ import annotations
 import click
 
 from serving.handler.artifact import INT8_NAME, SERVE_ACCURACY_FLOOR
-from training.checkpoint import CheckpointError, sigterm_raises
+from training.checkpoint import CheckpointError
+from training.durable import sigterm_raises
 from training.data import DATA_DIR_ENV, DataError
 
 from .parity import ParityError, format_report

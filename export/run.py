@@ -10,9 +10,7 @@ accuracy floor (serving.artifact.SERVE_ACCURACY_FLOOR) is refused unless forced.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
-import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ from serving.handler.artifact import (ARTIFACTS_DIR, CHECKPOINT_NAME, INT8_NAME,
                                       SERVE_ACCURACY_FLOOR, TORCHSCRIPT_NAME, artifact_path, load_torchscript_module,
                                       onnx_runner, onnx_session, read_metadata, torch_runner)
 from serving.handler.preprocess import normalize_in_place
-from training.checkpoint import fsync_directory, write_text_atomic
+from training.durable import install_together, temp_beside, write_text_atomic
 from training.data import load_mnist
 
 from .artifacts import (ONNX_OPSET, build_metadata, export_onnx, export_torchscript, load_model, save_torchscript,
@@ -72,17 +70,6 @@ def normalized_images(images_uint8, metadata: dict) -> np.ndarray:
     return normalize_in_place(pixels, metadata["mean"], metadata["std"])
 
 
-def temp_path(out_dir: Path, final_name: str, stack: ExitStack) -> Path:
-    """A temp file beside the final one (same filesystem, so the rename is atomic), removed
-    on the way out unless it was renamed into place."""
-    handle, name = tempfile.mkstemp(prefix=f".{final_name}.", suffix=Path(final_name).suffix, dir=out_dir)
-    os.close(handle)
-    os.chmod(name, 0o644)  # mkstemp creates 0600; artifacts are meant to be shared
-    path = Path(name)
-    stack.callback(path.unlink, missing_ok=True)
-    return path
-
-
 def check_same_weights(paths: list[Path], weights_sha256: str) -> None:
     """Every artifact carries the weights of this export: none is left from another one."""
     for path in paths:
@@ -90,44 +77,6 @@ def check_same_weights(paths: list[Path], weights_sha256: str) -> None:
         if carried != weights_sha256:
             raise ExportError(f"{path} carries weights {carried[:12]}, not this export's {weights_sha256[:12]}: "
                               f"another export wrote to the same directory at the same time; run export again")
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def link_backup(final: Path) -> Path | None:
-    """A second name for the file now at final (a hard link: no copy), to put it back with."""
-    if not final.exists():
-        return None
-    backup = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.bak")
-    os.link(final, backup)
-    return backup
-
-
-def install_together(staged: dict[Path, Path]) -> None:
-    """Rename each staged temp file over its final name ({final: temp}). If any rename fails
-    (or SIGTERM lands between two), the files already replaced are put back: the directory
-    never holds a TorchScript/ONNX pair of two different exports."""
-    backups: dict[Path, Path | None] = {}
-    try:
-        for final, temp in staged.items():
-            fsync_file(temp)
-            backups[final] = link_backup(final)
-            os.replace(temp, final)
-    except BaseException:
-        for final, backup in backups.items():
-            if backup is not None:
-                os.replace(backup, final)
-            else:
-                final.unlink(missing_ok=True)
-        raise
-    finally:
-        for backup in backups.values():
-            if backup is not None:
-                backup.unlink(missing_ok=True)
-    fsync_directory(next(iter(staged)).parent)
 
 
 def write_report(out_dir: Path, report: dict) -> None:
@@ -159,8 +108,8 @@ def run_export(config: ExportConfig) -> dict:
     metadata["test_images"] = len(images)   # what test_acc below is measured on
 
     with ExitStack() as stack:
-        torchscript_tmp = export_torchscript(model, metadata, temp_path(out_dir, TORCHSCRIPT_NAME, stack))
-        onnx_tmp = export_onnx(model, metadata, temp_path(out_dir, ONNX_NAME, stack), opset=config.opset)
+        torchscript_tmp = export_torchscript(model, metadata, temp_beside(out_dir / TORCHSCRIPT_NAME, stack))
+        onnx_tmp = export_onnx(model, metadata, temp_beside(out_dir / ONNX_NAME, stack), opset=config.opset)
         scripted, _ = load_torchscript_module(torchscript_tmp)
         backends = {"eager": torch_runner(model), "torchscript": torch_runner(scripted),
                     "onnxruntime": onnx_runner(onnx_session(onnx_tmp))}
@@ -178,7 +127,7 @@ def run_export(config: ExportConfig) -> dict:
         set_onnx_metadata(onnx_tmp, metadata)
         staged = {out_dir / TORCHSCRIPT_NAME: torchscript_tmp, out_dir / ONNX_NAME: onnx_tmp}
         if config.quantize:
-            int8_tmp = temp_path(out_dir, INT8_NAME, stack)
+            int8_tmp = temp_beside(out_dir / INT8_NAME, stack)
             report["int8"] = export_int8(config, onnx_tmp, int8_tmp, metadata, inputs, labels.numpy())
             report["artifacts"]["int8"] = str(out_dir / INT8_NAME)
             staged[out_dir / INT8_NAME] = int8_tmp

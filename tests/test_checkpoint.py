@@ -4,8 +4,8 @@ import stat
 import pytest
 import torch
 
-from training.checkpoint import (FORMAT_VERSION, CheckpointError, load_checkpoint, save_atomic, sweep_stale_temps,
-                                 unwrap, write_text_atomic)
+from training.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, unwrap
+from training.durable import save_atomic, sweep_stale_temps, write_text_atomic
 
 
 def test_quick_checkpoint_has_documented_keys_and_loads_weights_only(quick_checkpoint):

@@ -12,7 +12,8 @@ import pytest
 
 from repo import subprocess_env, torchrun_command
 from serving.handler.artifact import METRICS_NAME
-from training.checkpoint import SIGTERM_IN_SAVE_ENV, load_checkpoint
+from training.checkpoint import load_checkpoint
+from training.durable import SIGTERM_IN_SAVE_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 

@@ -21,8 +21,9 @@ from netns import Host, two_hosts
 from repo import REPO_ROOT, subprocess_env
 from serving.handler.artifact import CHECKPOINT_NAME
 from training import dist
-from training.checkpoint import (MAX_RESTARTS_ENV, load_checkpoint, rank_digest_path, resume_after_restart,
-                                 resume_state, save_atomic, weights_digest)
+from training.checkpoint import load_checkpoint, rank_digest_path, weights_digest
+from training.durable import save_atomic
+from training.resume import MAX_RESTARTS_ENV, resume_after_restart, resume_state
 from training.config import ConfigError, TrainConfig
 from training.train import check_ranks_start_alike
 

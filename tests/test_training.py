@@ -401,7 +401,7 @@ def test_a_smoke_run_may_replace_a_smoke_run(tmp_path, data_dir, quick_checkpoin
 
 
 def test_only_a_finished_run_counts_as_one(tmp_path, quick_checkpoint):
-    from training.checkpoint import finished_run
+    from training.resume import finished_run
     assert finished_run(quick_checkpoint).test_acc == load_checkpoint(quick_checkpoint)["metrics"]["test_acc"]
     assert finished_run(quick_checkpoint).quick
     assert not finished_run(as_full_run(quick_checkpoint, tmp_path / "full.pt")).quick

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import write_text_atomic
+from .durable import write_text_atomic
 
 REPORT_KEYS = ("selected_by", "selected_epoch", "test_acc", "per_class_acc", "confusion_matrix")
 

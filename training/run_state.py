@@ -10,7 +10,8 @@ from torch.nn.parallel import DistributedDataParallel
 from serving.handler.artifact import Trust
 
 from . import dist
-from .checkpoint import Resumed, unwrap
+from .checkpoint import unwrap
+from .resume import Resumed
 from .config import ConfigError, TrainConfig
 from .ema import WeightEMA
 from .model import ModelConfig, build_model

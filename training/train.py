@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from serving.handler.artifact import METRICS_NAME, TEST_REPORT_NAME
 
 from . import dist
-from .checkpoint import (build_checkpoint, cpu_state_dict, rank_digest_path, refuse_to_replace_finished_run,
-                         resume_after_restart, resume_state, save_atomic, sigterm_raises, sweep_stale_temps, unwrap,
-                         weights_digest, write_text_atomic)
+from .checkpoint import build_checkpoint, cpu_state_dict, rank_digest_path, unwrap, weights_digest
+from .durable import save_atomic, sigterm_raises, sweep_stale_temps, write_text_atomic
+from .resume import refuse_to_replace_finished_run, resume_after_restart, resume_state
 from .config import ConfigError, TrainConfig, validate
 from .data import epoch_seed, load_datasets, normalize
 from .model import build_model
