@@ -209,7 +209,10 @@ def test_handler_runs_on_basehandlers_cycle_and_reports_handler_time(handler, mn
 
 def test_describe_header_returns_the_model_card_through_the_cycle(handler):
     [(status, card)] = call(handler, [{"body": b""}], headers=[{"describe": "True"}])
-    assert status == 200 and card["labels"][7] == "7" and card == public_card(handler.metadata)
+    served = handler.manifest["model"]["serializedFile"]
+    runtime = "onnxruntime" if served.endswith(".onnx") else "torchscript"
+    assert status == 200 and card["labels"][7] == "7"
+    assert card == {**public_card(handler.metadata), "served_file": served, "runtime": runtime}
 
 
 def test_a_describe_header_in_a_batch_breaks_nothing(handler, mnist_digits):

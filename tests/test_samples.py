@@ -24,6 +24,7 @@ def test_every_sample_the_docs_send_is_written(tmp_path, data_dir):
 
 
 def test_the_letter_sample_is_answered_not_a_digit(tmp_path, data_dir, running_server):
+    inference, _, _ = running_server
     letter = next(path for path in write_samples(data_dir, tmp_path) if path.name == "letter_k.png")
-    status, body = request(predictions_url(running_server), letter.read_bytes(), headers=OCTET)
+    status, body = request(predictions_url(inference), letter.read_bytes(), headers=OCTET)
     assert status == 200 and json.loads(body)["is_digit"] is False, body
