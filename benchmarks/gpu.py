@@ -26,7 +26,8 @@ import torch
 
 from serving.handler.artifact import CHECKPOINT_NAME, METRICS_NAME
 from training.config import TrainConfig
-from training.model import build_model
+from training.data import DATA_DIR_ENV
+from training.model import NUM_CLASSES, build_model
 from training.train_step import EagerStep, GraphedStep
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,7 +40,7 @@ def step_ms(graphed: bool, batch_size: int, steps: int = 50) -> float:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=graphed)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     pixels = torch.randn(batch_size, 1, 28, 28, device=device).contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 10, (batch_size,), device=device)
+    labels = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
     config = TrainConfig()
     step = (GraphedStep(model, optimizer, scaler, config, torch.bfloat16, device, pixels, labels) if graphed
             else EagerStep(model, optimizer, scaler, config, torch.bfloat16, device))
@@ -103,7 +104,7 @@ RUNS = {
 
 
 @click.command()
-@click.option("--data-dir", envvar="MNIST_DATA_DIR", required=True)
+@click.option("--data-dir", envvar=DATA_DIR_ENV, required=True, help=f"MNIST copy (env {DATA_DIR_ENV}).")
 @click.option("--out-dir", default="benchmarks/out", show_default=True)
 @click.option("--extra-run", "extra_runs", multiple=True, help="NAME=ARGS: another mnist-train run to measure.")
 def main(data_dir: str, out_dir: str, extra_runs: tuple[str, ...]) -> None:

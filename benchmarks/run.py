@@ -25,7 +25,7 @@ import torch
 from export.run import normalized_images
 from serving.handler.artifact import (ARTIFACTS_DIR, CHECKPOINT_NAME, INT8_NAME, METRICS_NAME, ONNX_NAME, TORCHSCRIPT_NAME,
                                       load, time_batched, torch_runner)
-from training.data import load_mnist, preprocess_metadata
+from training.data import DATA_DIR_ENV, load_mnist, preprocess_metadata
 
 from .serve_load import SERVING_ERRORS, ServeSettings, measure as measure_serving, measure_front_door
 from .report import BenchError, markdown, plot, update_readme
@@ -169,7 +169,7 @@ def front_door(artifacts: Path, data_dir: str, serve_seconds: float) -> dict:
 
 
 @click.command()
-@click.option("--data-dir", envvar="MNIST_DATA_DIR", required=True, help="MNIST copy (env MNIST_DATA_DIR).")
+@click.option("--data-dir", envvar=DATA_DIR_ENV, required=True, help=f"MNIST copy (env {DATA_DIR_ENV}).")
 @click.option("--artifacts", default=ARTIFACTS_DIR, show_default=True, type=click.Path(file_okay=False))
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--serve-seconds", type=float, default=10.0, show_default=True)

@@ -26,6 +26,7 @@ import click
 import numpy as np
 
 from serving.handler.artifact import ARTIFACTS_DIR, CHECKPOINT_NAME, TRUST_SCORES, Trust, artifact_path, softmax
+from training.data import DATA_DIR_ENV
 
 HERE = Path(__file__).resolve().parent
 PER_CATEGORY = 300     # non-digits of each category (eval split)
@@ -132,10 +133,10 @@ def calibration(outputs: dict, temperature: float) -> dict:
 
 
 def per_digit_errors(logits: np.ndarray, labels: np.ndarray, styles: np.ndarray) -> dict:
-    wrong = logits.argmax(1) != labels
-    table = {"all": [float(wrong[labels == digit].mean()) for digit in range(10)]}
+    wrong, digits = logits.argmax(1) != labels, range(logits.shape[1])
+    table = {"all": [float(wrong[labels == digit].mean()) for digit in digits]}
     for style in dict.fromkeys(styles):
-        table[str(style)] = [float(wrong[(labels == digit) & (styles == style)].mean()) for digit in range(10)]
+        table[str(style)] = [float(wrong[(labels == digit) & (styles == style)].mean()) for digit in digits]
     return table
 
 
@@ -243,8 +244,9 @@ def markdown(results: dict, command: str, cpu: str) -> str:
     for name, row in results["calibration"].items():
         t = row["temperature"]
         lines.append(f"| {name} | {row['ece_t1']:.4f} | {t:g} | {row[f'ece_t{t:g}']:.4f} |")
+    digits = range(len(results["per_digit_errors"]["all"]))
     lines += ["", "![reliability diagram](reliability.png)", "", "## Real-world digits: error per digit", "",
-              "| model | set | " + " | ".join(str(d) for d in range(10)) + " |", "|---|---|" + "---:|" * 10]
+              "| model | set | " + " | ".join(str(d) for d in digits) + " |", "|---|---|" + "---:|" * len(digits)]
     models = [("before", results["before"])] if "before" in results else []
     models.append(("this model", results))
     for model_name, entry in models:
@@ -284,7 +286,7 @@ def write(results: dict, out_dir: Path, command: str) -> None:
 
 
 @click.command()
-@click.option("--data-dir", envvar="MNIST_DATA_DIR", required=True, help="MNIST copy (env MNIST_DATA_DIR).")
+@click.option("--data-dir", envvar=DATA_DIR_ENV, required=True, help=f"MNIST copy (env {DATA_DIR_ENV}).")
 @click.option("--checkpoint", default=artifact_path(CHECKPOINT_NAME, ARTIFACTS_DIR), show_default=True)
 @click.option("--before", default=None, help="Another checkpoint whose per-digit errors to show beside.")
 @click.option("--train-before", "train_before_flag", is_flag=True, help=f"Train the before model first ({' '.join(BEFORE_FLAGS)}).")

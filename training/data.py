@@ -19,12 +19,13 @@ from serving.handler.preprocess import normalize_in_place
 
 from .config import QUICK, ConfigError, TrainConfig
 from .dist import DistContext
+from .model import NUM_CLASSES
 from .outliers import outlier_pool, outliers_per_batch
 
 MNIST_MEAN = 0.1307  # pixel mean of the 60,000 training images, scaled to [0, 1]
 MNIST_STD = 0.3081   # their standard deviation
 INPUT_SHAPE = (1, 28, 28)
-CLASS_LABELS = [str(digit) for digit in range(10)]
+CLASS_LABELS = [str(digit) for digit in range(NUM_CLASSES)]
 DATA_DIR_ENV = "MNIST_DATA_DIR"
 DEFAULT_DOWNLOAD_DIR = Path("data")
 

@@ -6,13 +6,15 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+NUM_CLASSES = 10   # the digits 0-9: the one place the class count is typed
+
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild the network; stored in every checkpoint."""
 
     in_channels: int = 1
-    num_classes: int = 10
+    num_classes: int = NUM_CLASSES
     block1_channels: int = 32
     block2_channels: int = 64
     hidden_units: int = 256
@@ -40,7 +42,7 @@ def conv_block(in_channels: int, out_channels: int, dropout: float) -> nn.Sequen
 
 
 class DigitCNN(nn.Module):
-    """Input: (N, 1, 28, 28) normalized images. Output: (N, 10) logits."""
+    """Input: (N, 1, 28, 28) normalized images. Output: (N, num_classes) logits."""
 
     def __init__(self, config: ModelConfig = ModelConfig()):
         super().__init__()

@@ -13,7 +13,7 @@ def format_confusion(metrics: dict) -> str:
     lines = [f"kept weights ({metrics['selected_by']}, epoch {metrics['selected_epoch']}): "
              f"test accuracy {metrics['test_acc']:.2%}",
              "digit  accuracy   confusion (rows: true digit, columns: predicted)",
-             "                  " + "".join(f"{digit:>6}" for digit in range(10))]
+             "                  " + "".join(f"{digit:>6}" for digit in range(len(metrics["per_class_acc"])))]
     for digit, (accuracy, row) in enumerate(zip(metrics["per_class_acc"], metrics["confusion_matrix"])):
         lines.append(f"{digit:>5}  {accuracy:8.2%}  " + "".join(f"{count:>6}" for count in row))
     return "\n".join(lines)

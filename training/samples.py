@@ -13,13 +13,14 @@ import click
 from PIL import Image, ImageDraw, ImageFont
 
 from .data import DATA_DIR_ENV, DataError, load_mnist
+from .model import NUM_CLASSES
 
 
 def write_samples(data_dir: str | None, out: str | Path, per_digit: int = 1) -> list[Path]:
     images, labels = load_mnist(data_dir, train=False)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    written, counts = [], [0] * 10
+    written, counts = [], [0] * NUM_CLASSES
     for image, label in zip(images, labels.tolist()):
         if counts[label] < per_digit:
             suffix = "" if per_digit == 1 else f"_{counts[label]}"

@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from serving.handler.preprocess import ImageError, to_grayscale, to_mnist
 
 from .drawing import DIGIT_STROKES, draw_strokes, draw_text, ellipse, pts
+from .model import NUM_CLASSES
 
 FONT_DIRS = ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/truetype/liberation")
 SPLITS = ("train", "eval", "fit")
@@ -290,7 +291,8 @@ def real_world_digits(split: str, per_style: int, styles: tuple[str, ...] = DIGI
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
     return build_set(split, {style: per_style for style in styles},
-                     lambda style, index, rng, fonts: (DIGIT_MAKERS[style](rng, fonts, index % 10), index % 10))
+                     lambda style, index, rng, fonts: (DIGIT_MAKERS[style](rng, fonts, index % NUM_CLASSES),
+                                                       index % NUM_CLASSES))
 
 
 def contact_sheet(images: np.ndarray, columns: int = 20) -> Image.Image:

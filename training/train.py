@@ -32,7 +32,7 @@ from .durable import save_atomic, sigterm_raises, sweep_stale_temps, write_text_
 from .resume import refuse_to_replace_finished_run, resume_after_restart, resume_state
 from .config import ConfigError, TrainConfig, validate
 from .data import epoch_seed, load_datasets, normalize
-from .model import build_model
+from .model import NUM_CLASSES, build_model
 from .progress import EpochProgress, TensorBoardLog
 from .report import write_test_report
 from .run_state import RunState, log, make_step, setup_run
@@ -111,16 +111,16 @@ def evaluate(model, images, labels, config: TrainConfig, context: dist.DistConte
     model.eval()
     shard = slice(context.rank, None, context.world_size)
     images, labels = images[shard].to(context.device), labels[shard].to(context.device)
-    confusion = torch.zeros(10 * 10, dtype=torch.float64, device=context.device)
+    confusion = torch.zeros(NUM_CLASSES * NUM_CLASSES, dtype=torch.float64, device=context.device)
     loss_sum = torch.zeros(1, dtype=torch.float64, device=context.device)
     for start in range(0, len(labels), config.eval_batch_size):
         batch = normalize(images[start:start + config.eval_batch_size]).contiguous(memory_format=memory_format)
         target = labels[start:start + config.eval_batch_size]
         logits = model(batch).float()
         loss_sum += F.cross_entropy(logits, target, reduction="sum")
-        confusion += torch.bincount(target * 10 + logits.argmax(1), minlength=100).double()
+        confusion += torch.bincount(target * NUM_CLASSES + logits.argmax(1), minlength=NUM_CLASSES ** 2).double()
     totals = dist.all_reduce_sum(torch.cat([confusion, loss_sum]), context).cpu()
-    confusion = totals[:100].reshape(10, 10).long()
+    confusion = totals[:NUM_CLASSES ** 2].reshape(NUM_CLASSES, NUM_CLASSES).long()
     count = int(confusion.sum())
     per_class = (confusion.diag().double() / confusion.sum(1).clamp(min=1)).tolist()
     return {"acc": float(confusion.diag().sum()) / count, "loss": float(totals[100]) / count,
