@@ -56,43 +56,40 @@ $(INSTALLED): pyproject.toml
 	grep -q '^# digitserve: a plain' $(BIN)/activate || sed 's|@CONFIG@|$(CURDIR)/config.properties|' serving/server/activate.sh >> $(BIN)/activate
 	touch $@
 
+# $(call apt_install,PACKAGES,WHAT FOR[,RECOMMENDS FLAG, default --no-install-recommends]): one shell command that installs
+# PACKAGES, waiting up to 5 minutes for another apt-get/dpkg (unattended-upgrades, a second make) to let go
+# of the dpkg lock instead of failing on it; if the install fails, one line names the packages and exit 1.
+APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 -q
+apt_install = echo "installing $(1) for $(2)"; \
+	$(APT_GET) update && $(APT_GET) install -y $(or $(3),--no-install-recommends) $(1) \
+	  || { echo "install $(1) (apt-get install $(1)) and rerun"; exit 1; }
+
 system: java browser prometheus nginx fonts ## System packages the tests need (apt-get, only what is missing)
 
 java: ## Install Java 17 (TorchServe needs it) with apt-get when missing
 	@major=$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n1); \
 	if [ -z "$$major" ] || [ "$$major" -lt 17 ]; then \
-	  echo "installing openjdk-17-jre-headless for TorchServe"; \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-	    openjdk-17-jre-headless || { echo "install Java 17 (openjdk-17-jre-headless) and rerun"; exit 1; }; \
+	  $(call apt_install,openjdk-17-jre-headless,TorchServe); \
 	fi
 
 browser: ## Install Chromium (tests/test_browser.py drives it) with apt-get when missing
 	@if [ ! -x $(CHROMIUM) ]; then \
-	  echo "installing chromium for the browser tests"; \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
-	    || { echo "install Chromium (apt-get install chromium) and rerun"; exit 1; }; \
+	  $(call apt_install,chromium,the browser tests,--install-recommends); \
 	fi
 
 prometheus: ## Install Prometheus (the metrics tests scrape the server with it) with apt-get when missing
 	@if ! command -v prometheus >/dev/null; then \
-	  echo "installing prometheus for the metrics tests"; \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus \
-	    || { echo "install Prometheus (apt-get install prometheus) and rerun"; exit 1; }; \
+	  $(call apt_install,prometheus,the metrics tests); \
 	fi
 
 nginx: ## Install nginx (the fleet's front door; the fleet tests start it) with apt-get when missing
 	@if [ ! -x /usr/sbin/nginx ]; then \
-	  echo "installing nginx for the fleet's front door"; \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nginx \
-	    || { echo "install nginx (apt-get install nginx) and rerun"; exit 1; }; \
+	  $(call apt_install,nginx,the fleet's front door); \
 	fi
 
 fonts: ## Install the DejaVu and Liberation fonts (training/synthetic.py draws letters and typed digits) when missing
 	@if [ ! -d /usr/share/fonts/truetype/dejavu ] || [ ! -d /usr/share/fonts/truetype/liberation ]; then \
-	  echo "installing fonts for the generated non-digits and typed digits"; \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-	    fonts-dejavu-core fonts-dejavu-extra fonts-liberation \
-	    || { echo "install fonts-dejavu-core fonts-dejavu-extra fonts-liberation and rerun"; exit 1; }; \
+	  $(call apt_install,fonts-dejavu-core fonts-dejavu-extra fonts-liberation,the generated non-digits and typed digits); \
 	fi
 
 data: $(INSTALLED) ## Check MNIST is readable (DATA_DIR) or download it into ./data
@@ -187,7 +184,7 @@ reliability: $(INSTALLED) java ## Hostile inputs, fuzzing, a 90-second load, kil
 	    $(BIN)/python -m pytest -m reliability -s -q $(PYTEST_ARGS)
 
 bench: $(INSTALLED) java export ## Measure training, inference and serving against baselines: benchmarks/RESULTS.md
-	@command -v wrk >/dev/null || apt-get install -y -q wrk || { echo "bench needs wrk: apt-get install wrk"; exit 1; }
+	@command -v wrk >/dev/null || { $(call apt_install,wrk,make bench); }
 	$(BIN)/python -m benchmarks.run $(DATA_FLAG)
 
 manifests: $(INSTALLED) ## Regenerate deploy/kubernetes/*.yaml from serving/fleet/topology.py, the nginx template and benchmarks/footprint.json
