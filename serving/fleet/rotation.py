@@ -23,6 +23,7 @@ from serving.server import server
 from serving.server.archive import MANIFEST
 from serving.fleet.frontdoor import RotationState
 from serving.server.keys import RENEW_AFTER_FRACTION, KeyRenewer
+from serving.server.pids import our_process
 from serving.server.properties import key_lifetime_s, read_properties
 from serving.server.readiness import NotReady, inference_key, retry
 from serving.fleet.topology import FLEET_FILE, Fleet, Replica
@@ -126,10 +127,9 @@ def write_and_reload(fleet: Fleet, rotation: RotationState) -> None:
 
 
 def nginx_master(fleet: Fleet) -> psutil.Process | None:
-    try:
-        return psutil.Process(int((fleet.nginx_dir / "nginx.pid").read_text()))
-    except (OSError, ValueError, psutil.Error):
-        return None
+    """The front door's nginx master, when it runs from this fleet's nginx dir: the title nginx
+    gives its master holds the command that started it (frontdoor.nginx_command: `-p nginx_dir`)."""
+    return our_process(fleet.nginx_dir / "nginx.pid", "nginx: master process", f"-p {fleet.nginx_dir} -c")
 
 
 def reloaded_workers(fleet: Fleet, timeout_s: float = 10.0) -> None:

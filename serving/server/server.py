@@ -20,6 +20,7 @@ import psutil   # a TorchServe dependency: finds and waits for its Java process
 
 from serving.handler.artifact import MODEL_NAME
 from serving.server.keys import record_key_file, remove_own_key_file
+from serving.server.pids import our_process
 from serving.server.properties import address, listeners, port_taken, read_properties, workflow_store
 from serving.server.readiness import NotReady, key_file_of, probe_once, retry
 from serving.server import served
@@ -65,13 +66,8 @@ def require_java() -> None:
 
 
 def java_process(pid_file: Path) -> psutil.Process | None:
-    """The TorchServe Java process named in pid_file, or None (no file yet, or gone)."""
-    try:
-        process = psutil.Process(int(pid_file.read_text().split()[0]))
-        alive = process.status() != psutil.STATUS_ZOMBIE
-        return process if alive and TORCHSERVE_JAVA_CLASS in process.cmdline() else None
-    except (OSError, ValueError, IndexError, psutil.Error):
-        return None
+    """The TorchServe Java process named in pid_file, or None (no file yet, gone, or not ours)."""
+    return our_process(pid_file, TORCHSERVE_JAVA_CLASS)
 
 
 def check_can_start(config: str | os.PathLike, run_dir: str | os.PathLike) -> dict:

@@ -26,8 +26,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import click
-import psutil   # a TorchServe dependency
-
+from serving.server.pids import is_alive, our_process
 from serving.server.properties import read_properties
 from serving.web import WEB_DIR
 
@@ -63,41 +62,13 @@ def static_server(host: str, port: int, directory: str | os.PathLike = WEB_DIR) 
     return ThreadingHTTPServer((host, port), handler)
 
 
-def is_alive(pid: int) -> bool:
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child (tests) that has exited: reap it
-            return False
-    except ChildProcessError:  # not our child: its parent or init reaps it
-        pass
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
-
-
 SERVE_COMMAND = ("-m", "serving.web.demo", "serve")   # what start runs, and how stop recognises it
 
 
-def is_page_server(pid: int) -> bool:
-    """Whether pid is a live page server of ours: a pid file outlives reboots and crashes, and
-    its number may since have gone to any other process, which must never be stopped."""
-    if not is_alive(pid):
-        return False
-    try:
-        command = psutil.Process(pid).cmdline()
-    except psutil.Error:
-        return False
-    return any(tuple(command[i:i + len(SERVE_COMMAND)]) == SERVE_COMMAND for i in range(len(command)))
-
-
 def running_pid(run_dir: Path) -> int | None:
-    """The pid of the demo server started from run_dir, if it is still alive."""
-    try:
-        pid = int((run_dir / PID_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return pid if is_page_server(pid) else None
+    """The pid of the demo server started from run_dir, if it is still alive and ours."""
+    process = our_process(run_dir / PID_FILE, " ".join(SERVE_COMMAND))
+    return process.pid if process else None
 
 
 def check_port_free(host: str, port: int) -> None:
