@@ -1,10 +1,12 @@
 """A fleet on free loopback ports for tests, and bounded load through its front door."""
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,11 +40,13 @@ class LoadReport:
 
 class PacedLoad:
     """`clients` threads POSTing an image to url, each at most `per_client_rps` requests a second
-    (bounded: under the front door's rate limit), until stopped. Every answer is recorded."""
+    (bounded: under the front door's rate limit), until stopped. Every answer is recorded.
+    keep_alive: each client keeps one connection (http.client, which never retries a POST) for
+    all its requests, as browsers and SDKs do; else a new connection per request."""
 
     def __init__(self, url: str, image: bytes, clients: int = 4, per_client_rps: float = 5.0,
-                 headers: dict[str, str] | None = None):
-        self.url, self.image, self.interval_s = url, image, 1.0 / per_client_rps
+                 headers: dict[str, str] | None = None, keep_alive: bool = False):
+        self.url, self.image, self.interval_s, self.keep_alive = url, image, 1.0 / per_client_rps, keep_alive
         self.headers = {"Content-Type": "application/octet-stream", **(headers or {})}
         self.report, self.lock, self.stopping = LoadReport(), threading.Lock(), threading.Event()
         self.threads = [threading.Thread(target=self.client, daemon=True) for _ in range(clients)]
@@ -58,10 +62,28 @@ class PacedLoad:
             thread.join(120)
 
     def client(self) -> None:
+        target = urllib.parse.urlsplit(self.url)
+        connection = http.client.HTTPConnection(target.hostname, target.port, timeout=60) if self.keep_alive else None
         while not self.stopping.is_set():
             started = time.monotonic()
-            self.record(*self.send())
+            self.record(*(self.send_kept(connection, target.path) if connection else self.send()))
             self.stopping.wait(max(0.0, self.interval_s - (time.monotonic() - started)))
+        if connection:
+            connection.close()
+
+    def send_kept(self, connection: http.client.HTTPConnection, path: str) -> tuple[int, str | None, str | None]:
+        """One request on the kept connection (http.client reopens it only after a response said
+        close); a connection the server dropped under the request is that request lost."""
+        try:
+            connection.request("POST", path, body=self.image, headers=self.headers)
+            response = connection.getresponse()
+            body = response.read()
+        except (http.client.HTTPException, OSError) as error:
+            connection.close()   # the next request opens a new one
+            return 0, None, repr(error)
+        if response.status != 200:
+            return response.status, None, body.decode(errors="replace")[:200]
+        return 200, json.loads(body).get("model_version"), None
 
     def send(self) -> tuple[int, str | None, str | None]:
         request = urllib.request.Request(self.url, data=self.image, method="POST", headers=self.headers)

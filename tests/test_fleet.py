@@ -22,6 +22,7 @@ import urllib.error
 import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import astuple
 from pathlib import Path
 
 import pytest
@@ -30,11 +31,15 @@ from fleet_helpers import PacedLoad, plan_on_free_ports, predictions, wait_for
 from http_client import request
 from repo import REPO_ROOT, subprocess_env
 from serving.fleet import fleet as fleet_module
-from serving.fleet import frontdoor
+from serving.fleet import frontdoor, rotation
+from serving.server import server
+from serving.server.pids import our_process
+from serving.web import demo
+from serving.fleet import replicas as replicas_module
 from serving.server.archive import MANIFEST, ArchiveError, build_archive
 from serving.handler.artifact import MODEL_NAME, TORCHSCRIPT_NAME, read_metadata
 from serving.fleet.frontdoor import FrontDoorError, RotationState
-from serving.server.properties import read_properties, set_properties
+from serving.server.properties import listeners, read_properties, set_properties
 from serving.server.readiness import inference_key
 from serving.fleet.topology import CLOSED_PATHS, Fleet
 
@@ -112,6 +117,47 @@ def test_a_taken_port_fails_start_at_once_naming_it(tmp_path):
                                                           r"\(replica-1 management\) is taken"):
             fleet_module.start(plan, archive)
     assert fleet_module.supervisord_process(plan) is None
+
+
+def test_default_replica_ports_stay_clear_of_make_serve_and_prometheus(tmp_path):
+    serve = {listener.port for listener in listeners(read_properties(REPO_ROOT / "config.properties"))}
+    plan = Fleet.plan(16, tmp_path, REPO_ROOT / "config.properties")
+    ports = [port for replica in plan.replicas for port in astuple(replica.ports)]
+    assert len(set(ports)) == len(ports)
+    assert not set(ports) & (serve | {9090, plan.front_door.http_port, plan.front_door.tls_port}), \
+        "9090: Prometheus' default, which docs/operating.md runs"
+
+
+def test_a_pid_file_naming_another_process_is_never_taken_for_ours(tmp_path):
+    """A pid file outlives its process, and its number may go to any other: every "is this pid
+    ours" check (the server's Java, the fleet's supervisord and nginx, the page server) holds the
+    command line too. The nginx one did not: it took any live pid, which `make fleet-stop` signals."""
+    plan = plan_on_free_ports(tmp_path / "fleet", REPO_ROOT / "config.properties")
+    frontdoor.make_certificate(plan)
+    frontdoor.write_config(plan, RotationState())
+    pid_files = {"nginx": plan.nginx_dir / "nginx.pid", "supervisord": plan.run_dir / "supervisord.pid",
+                 "java": plan.replicas[0].run_dir / server.PID_FILE, "page": tmp_path / "demo" / demo.PID_FILE}
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        for pid_file in pid_files.values():
+            pid_file.parent.mkdir(parents=True, exist_ok=True)
+            pid_file.write_text(f"{stranger.pid}\n")
+        found = {"nginx": rotation.nginx_master(plan), "supervisord": fleet_module.supervisord_process(plan),
+                 "java": server.java_process(pid_files["java"]), "page": demo.running_pid(pid_files["page"].parent)}
+        assert found == dict.fromkeys(pid_files), found
+        assert our_process(pid_files["nginx"], "time.sleep(120)").pid == stranger.pid   # the same check, ours
+        # In the foreground, as supervisord runs it: a daemonizing nginx would hold a captured pipe open.
+        nginx = subprocess.Popen(frontdoor.nginx_command(plan, "-g", "daemon off;"), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        master = wait_for(lambda: rotation.nginx_master(plan), 10, what="nginx's master in its pid file")
+        assert master.pid == nginx.pid != stranger.pid and master.pid == int(pid_files["nginx"].read_text())
+    finally:
+        if "nginx" in locals():
+            nginx.send_signal(signal.SIGQUIT)
+            nginx.wait(10)
+        stranger.kill()
+        stranger.wait()
+    assert our_process(pid_files["nginx"], "time.sleep(120)") is None   # gone: a dead pid is never ours
 
 
 # --- one real fleet for the rest ------------------------------------------------------------------
@@ -202,7 +248,7 @@ def test_only_a_listed_origin_is_echoed_and_torchserves_own_is_hidden(fleet, dig
 
 @server_test
 def test_an_oversize_body_is_413_json_at_the_proxy(fleet):
-    status, body = request(front(fleet), b"\0" * (fleet.max_body_bytes + 1))
+    status, body = request(front(fleet), b"\0" * (fleet.config.max_body_bytes + 1))
     assert status == 413 and json.loads(body)["code"] == "too_large", body
     # Refused by nginx, no replica saw it (logged once nginx has drained the rest of the upload).
     logged = wait_for(lambda: [line for line in (fleet.nginx_dir / "access.log").read_text().splitlines()
@@ -256,11 +302,11 @@ def answered_by(fleet: Fleet, port: int, after_offset: int) -> bool:
 @server_test
 def test_a_killed_replica_loses_no_request_and_comes_back_into_rotation(fleet, digit_7):
     victim = fleet.replicas[0]
-    killed = fleet_module.replica_status(victim)["java_pid"]
+    killed = replicas_module.replica_status(victim)["java_pid"]
     with PacedLoad(predictions(fleet.front_door.http_url), digit_7, **LOAD) as load:
         time.sleep(2)
         os.kill(killed, signal.SIGKILL)
-        back = wait_for(lambda: (s := fleet_module.replica_status(victim))["ready"] and s["java_pid"] != killed and s,
+        back = wait_for(lambda: (s := replicas_module.replica_status(victim))["ready"] and s["java_pid"] != killed and s,
                         240, what=f"{victim.name} restarted by supervisord")
         offset = (fleet.nginx_dir / "access.log").stat().st_size
         wait_for(lambda: answered_by(fleet, victim.ports.inference, offset), 60,
@@ -291,32 +337,43 @@ def test_rollout_refuses_the_version_already_served_in_one_line(fleet, archives)
 def test_a_rollout_under_load_loses_no_request_and_rollback_returns(fleet, digit_7, archives, exported,
                                                                    tmp_path):
     first = manifest_version(archives["first"])
-    with PacedLoad(predictions(fleet.front_door.http_url), digit_7, **LOAD) as load:
+    # Kept-alive clients too: a reload of nginx mid-rollout would close their idle connections
+    # under their next request (9 of 2,501 lost, before rollouts stopped reloading nginx).
+    with PacedLoad(predictions(fleet.front_door.http_url), digit_7, **LOAD) as load, \
+            PacedLoad(predictions(fleet.front_door.http_url), digit_7, **LOAD, keep_alive=True) as kept:
         rolled = fleet_cli(fleet, "rollout", str(archives["new"]))
         time.sleep(1)   # answers after the rollout, seen by the load
     assert rolled.returncode == 0, rolled.stderr
     assert rolled.stdout.strip() == f"rolled out {NEW_VERSION} on replica-0, replica-1 (previous: {first})"
-    report = load.report
-    print(f"rollout under load: {report.sent} requests: {dict(report.statuses)}")
-    assert report.statuses == {200: report.sent} and report.sent > 20, report.failures[:5]
-    assert report.versions[0] == first and report.versions[-1] == NEW_VERSION   # clients saw the switch
+    for report in (load.report, kept.report):
+        print(f"rollout under load: {report.sent} requests: {dict(report.statuses)}")
+        assert report.statuses == {200: report.sent} and report.sent > 20, report.failures[:5]
+        assert report.versions[0] == first and report.versions[-1] == NEW_VERSION   # clients saw the switch
     assert served_versions(fleet) == [NEW_VERSION, NEW_VERSION]
     assert json.loads(request(front(fleet), digit_7)[1])["model_version"] == NEW_VERSION
     for replica in fleet.replicas:   # a restarted replica loads the version it serves now
         assert read_properties(replica.config)["load_models"] == f"{MODEL_NAME}={MODEL_NAME}-{NEW_VERSION}.mar"
 
-    with PacedLoad(predictions(fleet.front_door.http_url), digit_7, **LOAD) as load:
+    with PacedLoad(predictions(fleet.front_door.http_url), digit_7, **LOAD, keep_alive=True) as load:
         back = fleet_cli(fleet, "rollout", "--rollback")
     assert back.returncode == 0, back.stderr
     assert load.report.statuses == {200: load.report.sent}, load.report.failures[:5]
     assert served_versions(fleet) == [first, first]
     assert json.loads(request(front(fleet), digit_7)[1])["model_version"] == first
+    # A second rollback has nothing older to return to: refused, not a roll forward.
+    again = fleet_cli(fleet, "rollout", "--rollback")
+    assert again.returncode == 1 and "nothing to roll back to" in again.stderr, again
+    assert len(again.stderr.strip().splitlines()) == 1 and served_versions(fleet) == [first, first]
 
-    # A third version: the one before the previous is unregistered (its workers freed), the
-    # previous one stays for --rollback.
+    # `make fleet` again: the fleet is up, exit 0; with a newer archive built, it rolls it out.
+    # The one before the previous is unregistered (its workers freed), the previous one stays.
     third = build_archive(exported / TORCHSCRIPT_NAME, tmp_path / "v3", force=True, version="3.0")
-    assert fleet_cli(fleet, "rollout", str(third)).returncode == 0
-    assert [fleet_module.registered_versions(replica) for replica in fleet.replicas] == [{first, "3.0"}] * 2
+    newer = fleet_cli(fleet, "start", "--archive", str(third))
+    assert newer.returncode == 0 and "rolling it out" in newer.stdout, newer
+    assert served_versions(fleet) == ["3.0", "3.0"]
+    assert [replicas_module.registered_versions(replica) for replica in fleet.replicas] == [{first, "3.0"}] * 2
+    same = fleet_cli(fleet, "start", "--archive", str(third))
+    assert same.returncode == 0 and "already running" in same.stdout, same
 
 
 # --- the production config: replicas keep their keys, nginx adds them, clients bring their own ----

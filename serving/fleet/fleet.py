@@ -24,7 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -35,18 +35,19 @@ from serving.fleet import frontdoor
 from serving.server import server
 from serving.handler.artifact import MODEL_NAME
 from serving.fleet.frontdoor import FrontDoorError, RotationState
+from serving.server.pids import our_process
 from serving.server.properties import Listener, port_taken, set_properties
-from serving.server.readiness import NotReady, check_ready, open_authorized, probe_image, probe_once, reason, retry
+from serving.server.readiness import NotReady, check_ready, probe_image, reason, retry
 from serving.fleet.rotation import (FleetError, FleetState, ServedArchive, apply_front_door, archive_version, follow_keys,
-                                    load_fleet, locked, nginx_master, read_state, set_rotation, write_state)
+                                    load_fleet, nginx_master, read_state, write_state)
 from serving.server.server import ServerError
 from serving.fleet.topology import FLEET_DIR, FLEET_FILE, Fleet, Replica, TopologyError
+from serving.fleet.replicas import replica_status, rollout
 
 SUPERVISORD = Path(sys.executable).with_name("supervisord")
 SUPERVISORCTL = Path(sys.executable).with_name("supervisorctl")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 300.0      # two replicas loading their workers at once on two cores
-SWITCH_TIMEOUT_S = 120.0     # a new version's workers to load and answer
 REPLICA_STOP_S = 40          # `run` gives Java 30 s after SIGTERM, then kills it
 
 
@@ -76,25 +77,27 @@ def supervisord_config(fleet: Fleet) -> str:
 
 
 def supervisord_process(fleet: Fleet) -> psutil.Process | None:
-    try:
-        process = psutil.Process(int((fleet.run_dir / "supervisord.pid").read_text()))
-        return process if "supervisord" in " ".join(process.cmdline()) else None
-    except (OSError, ValueError, psutil.Error):
-        return None
+    """This fleet's supervisord: started with this run dir's config (start)."""
+    return our_process(fleet.run_dir / "supervisord.pid", "supervisord", f"-c {fleet.run_dir / 'supervisord.conf'}")
 
 
 def prepare_replica(fleet: Fleet, replica: Replica, archive: Path, served: ServedArchive) -> None:
     replica.model_store.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(archive, replica.model_store / served.file)
-    text = set_properties(fleet.base_config.read_text(), replica.settings(fleet.base_config, served.file))
+    text = set_properties(fleet.base_config.read_text(), replica.settings(fleet.config, served.file))
     replica.config.write_text(text)
 
 
+class FleetRunning(FleetError):
+    """start: a fleet is up from this run dir already."""
+
+
 def start(fleet: Fleet, archive: str | Path, timeout_s: float = START_TIMEOUT_S) -> ServedArchive:
-    """Start the replicas and nginx under supervisord; return once the front door answers."""
+    """Start the replicas and nginx under supervisord; return once the front door answers.
+    FleetRunning when this run dir's fleet is up."""
     archive = Path(archive)
     if supervisord_process(fleet) is not None:
-        raise FleetError(f"a fleet is already running from {fleet.run_dir}: `make fleet-stop` first")
+        raise FleetRunning(f"a fleet is already running from {fleet.run_dir}: `make fleet-stop` first")
     if not archive.is_file():
         raise FleetError(f"no model archive at {archive}: `make archive` first")
     try:
@@ -187,35 +190,6 @@ def stop(fleet: Fleet, timeout_s: float = REPLICA_STOP_S + 20) -> bool:
 
 
 # --- status -------------------------------------------------------------------------------------
-def management_call(replica: Replica, path: str, method: str = "GET", timeout_s: float = 10.0) -> object:
-    """A call to the replica's management API (with its management key, when it has one)."""
-    key_file = replica.key_file if replica.key_file.exists() else None
-    request = urllib.request.Request(f"{replica.management_url}{path}", method=method)
-    try:
-        with open_authorized(request, key_file, "management", timeout_s) as response:
-            return json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as error:
-        detail = error.read().decode(errors="replace")[:300]
-        raise FleetError(f"{replica.name}: {method} {path}: HTTP {error.code} {detail}") from None
-    except (urllib.error.URLError, ConnectionError, TimeoutError, NotReady, ValueError) as error:
-        raise FleetError(f"{replica.name}: {method} {path}: {reason(error)}") from None
-
-
-def replica_status(replica: Replica) -> dict:
-    java = server.java_process(replica.run_dir / server.PID_FILE)
-    try:
-        version = management_call(replica, f"/models/{MODEL_NAME}", timeout_s=5)[0]["modelVersion"]
-    except (FleetError, IndexError, KeyError, TypeError):
-        version = None
-    try:
-        check_ready(replica.config, replica.run_dir)
-        ready = True
-    except NotReady:
-        ready = False
-    return {"name": replica.name, "inference": replica.inference_url, "management": replica.management_url,
-            "java_pid": java.pid if java else None, "model_version": version, "ready": ready}
-
-
 def status(fleet: Fleet) -> dict:
     state, nginx = read_state(fleet), nginx_master(fleet)
     door = fleet.front_door
@@ -226,73 +200,6 @@ def status(fleet: Fleet) -> dict:
                            "serving": state.serving.version,
                            "previous": state.previous.version if state.previous else None},
             "replicas": [replica_status(replica) for replica in fleet.replicas]}
-
-
-# --- rollout ------------------------------------------------------------------------------------
-def registered_versions(replica: Replica) -> set[str]:
-    return {entry["modelVersion"] for entry in management_call(replica, f"/models/{MODEL_NAME}/all")}
-
-
-def switch_replica(replica: Replica, target: ServedArchive) -> None:
-    """Register target on this replica (unless it is already), make it the default, and wait
-    until a probe image is answered by it."""
-    if target.version not in registered_versions(replica):
-        management_call(replica, f"/models?url={target.file}&model_name={MODEL_NAME}&synchronous=true",
-                        method="POST", timeout_s=SWITCH_TIMEOUT_S)
-    management_call(replica, f"/models/{MODEL_NAME}/{target.version}/set-default", method="PUT")
-    key_file = replica.key_file if replica.key_file.exists() else None
-
-    def answered_by_target() -> dict:
-        answer = probe_once(replica.inference_url, MODEL_NAME, key_file)
-        if answer.get("model_version") != target.version:
-            raise NotReady(f"{replica.name} still answers {answer.get('model_version')}")
-        return answer
-
-    try:
-        retry(answered_by_target, SWITCH_TIMEOUT_S)
-        check_ready(replica.config, replica.run_dir)
-    except NotReady as error:
-        raise FleetError(f"{replica.name} does not answer with {target.version}: {error}") from None
-    # A restart (supervisord, after a crash) must load the version now served, not the first one.
-    replica.config.write_text(set_properties(replica.config.read_text(), {"load_models": f"{MODEL_NAME}={target.file}"}))
-
-
-def rollout(fleet: Fleet, archive: str | Path | None, rollback: bool = False) -> FleetState:
-    """Replica by replica: out of rotation, switch to the archive's version, back in. rollback:
-    switch back to the version served before the last rollout (its archive is still in the stores)."""
-    state = read_state(fleet)
-    if rollback:
-        if state.previous is None:
-            raise FleetError("nothing to roll back to: no rollout has happened on this fleet")
-        target, source = state.previous, None
-    else:
-        source = Path(archive)
-        if not source.is_file():
-            raise FleetError(f"no model archive at {source}")
-        version = archive_version(source)
-        target = ServedArchive(version, f"{MODEL_NAME}-{version}.mar")
-    if target.version == state.serving.version:
-        raise FleetError(f"version {target.version} is already the one served")
-    for replica in fleet.replicas:
-        if source is not None:
-            shutil.copyfile(source, replica.model_store / target.file)
-        set_rotation(fleet, replica, out=True)
-        try:
-            switch_replica(replica, target)
-        finally:
-            set_rotation(fleet, replica, out=False)   # it serves either version: never leave it out
-    with locked(fleet):
-        state = replace(read_state(fleet), serving=target, previous=state.serving)
-        write_state(fleet, state)
-    for replica in fleet.replicas:   # only now: until every replica switched, a rollback needed them
-        unregister_all_but(replica, {state.serving.version, state.previous.version})
-    return state
-
-
-def unregister_all_but(replica: Replica, kept: set[str]) -> None:
-    """Unregister the versions a rollback can no longer return to: each one holds its workers."""
-    for version in sorted(registered_versions(replica) - kept):
-        management_call(replica, f"/models/{MODEL_NAME}/{version}", method="DELETE", timeout_s=SWITCH_TIMEOUT_S)
 
 
 # --- commands -----------------------------------------------------------------------------------
@@ -336,10 +243,31 @@ def start_command(archive, replicas, config, run_dir, origins, rate_limit, api_k
     try:
         fleet = Fleet.plan(replicas, run_dir, config, **({"base_port": base_port} if base_port else {}), **door)
         served = start(fleet, archive)
+    except FleetRunning:
+        try:
+            return serve_on(run_dir, archive)
+        except fleet_errors() as error:
+            raise click.ClickException(str(error)) from None
     except fleet_errors() as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"fleet is up: {fleet.front_door.http_url} and {fleet.front_door.https_url} "
                f"({len(fleet.replicas)} replicas serving {served.version}); logs: {run_dir}/logs")
+
+
+def serve_on(run_dir: str, archive: str) -> None:
+    """`make fleet` with the fleet up (like `make serve` with its server up): exit 0, saying so;
+    when the archive built since holds another version, roll it out (no request lost)."""
+    fleet = load_fleet(run_dir)
+    serving, wanted = read_state(fleet).serving.version, archive_version(Path(archive))
+    if wanted == serving:
+        click.echo(f"fleet is already running from {run_dir}: {fleet.front_door.http_url} serving {serving}. "
+                   f"Stop it with `make fleet-stop`.")
+        return
+    click.echo(f"fleet is already running from {run_dir} and serves {serving}; {archive} holds {wanted}: "
+               f"rolling it out")
+    state = rollout(fleet, archive)
+    click.echo(f"rolled out {state.serving.version} on {', '.join(r.name for r in fleet.replicas)} "
+               f"(previous: {state.previous.version}; `python -m serving.fleet rollout --rollback` returns)")
 
 
 @main.command("stop")
@@ -376,8 +304,8 @@ def rollout_command(archive: str | None, rollback: bool, run_dir: str) -> None:
         state = rollout(fleet, archive, rollback)
     except fleet_errors() as error:
         raise click.ClickException(str(error)) from None
-    click.echo(f"rolled out {state.serving.version} on {', '.join(r.name for r in fleet.replicas)} "
-               f"(previous: {state.previous.version})")
+    previous = f"previous: {state.previous.version}" if state.previous else "rolled back: no older version kept"
+    click.echo(f"rolled out {state.serving.version} on {', '.join(r.name for r in fleet.replicas)} ({previous})")
 
 
 @main.command("follow-keys", hidden=True)

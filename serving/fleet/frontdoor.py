@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving.handler.artifact import MODEL_NAME
-from serving.server.properties import read_properties
-from serving.fleet.topology import OPEN_PATHS, WEB_DIR, Fleet, Replica
+from serving.fleet.topology import OPEN_PATHS, Fleet, Replica
+from serving.web import WEB_DIR
 
 TEMPLATE = Path(__file__).resolve().with_name("nginx.conf.template")
 NGINX = "/usr/sbin/nginx"
@@ -112,10 +112,10 @@ def render(fleet: Fleet, state: RotationState, template: str | None = None,
     door = fleet.front_door
     check_origins(door.origins)
     client_keys = read_client_keys(door.api_keys_file) if door.api_keys_file else []
-    timeout_s = int(read_properties(fleet.base_config).get("default_response_timeout", "120"))
+    timeout_s = fleet.config.response_timeout_s
     common = {"READ_TIMEOUT_S": timeout_s + READ_TIMEOUT_MARGIN_S}
     values = {
-        **common, "USER": worker_user(), "NGINX_DIR": fleet.nginx_dir, "MAX_BODY_BYTES": fleet.max_body_bytes,
+        **common, "USER": worker_user(), "NGINX_DIR": fleet.nginx_dir, "MAX_BODY_BYTES": fleet.config.max_body_bytes,
         "RATE_LIMIT": door.rate_limit_per_s, "MODEL": MODEL_NAME,
         "ORIGINS": "\n".join(f'        "{origin}" "{origin}";' for origin in door.origins),
         "VARY": "        add_header Vary Origin always;" if door.origins else "",

@@ -30,7 +30,7 @@ from serving.fleet.frontdoor import FrontDoorError, RotationState
 from serving.server.properties import read_properties
 from serving.server.readiness import inference_key
 from serving.fleet.rotation import KEY_POLL_S, FleetError, reloaded_workers
-from serving.fleet.topology import Fleet, Replica, ReplicaPorts
+from serving.fleet.topology import Fleet, Replica, ReplicaPorts, replica_config
 
 HOP_TEMPLATE = Path(__file__).resolve().with_name("nginx-key-hop.conf.template")
 NGINX_STOP_S = 10
@@ -46,7 +46,8 @@ def plan(config: Path, run_dir: Path, hop_dir: Path, port: int) -> Fleet:
     properties = read_properties(config)
     inference = urlsplit(properties["inference_address"])
     ports = replace(ReplicaPorts.derived(0), inference=inference.port, key_hop=port)
-    hop = Fleet(hop_dir.resolve(), config.resolve(), (Replica("replica", ports, run_dir.resolve()),))
+    hop = Fleet(hop_dir.resolve(), config.resolve(), (Replica("replica", ports, run_dir.resolve()),),
+                replica_config(properties, config.resolve().parent))
     if not hop.token_auth:
         raise KeyHopError(f"{config} turns token authorization off: the key hop would have no key to add")
     if inference.hostname not in ("127.0.0.1", "localhost"):

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from serving.handler.artifact import ARCHIVE_NAME, MODEL_NAME
 from serving.server.properties import read_properties, token_auth_enabled
-from serving.web import WEB_DIR
 
 DEFAULT_REPLICAS = 2
 FLEET_DIR = Path(".run/fleet")
@@ -23,7 +22,7 @@ BASE_CONFIG = Path("config.properties")
 # Replica i listens on REPLICA_BASE_PORT + PORT_STRIDE * i + the offset of each of its ports:
 # clear of config.properties' own 8080-8082 and 7070-7071, so `make serve` can run beside.
 REPLICA_BASE_PORT = 9080
-PORT_STRIDE = 10
+PORT_STRIDE = 100   # replica-1 from 9180: 9090 is Prometheus' default (docs/operating.md runs one)
 FRONT_ADDRESS = "127.0.0.1"
 FRONT_HTTP_PORT = 8088
 FRONT_TLS_PORT = 8443
@@ -61,6 +60,24 @@ class ReplicaPorts:
 
 
 @dataclass(frozen=True)
+class ReplicaConfig:
+    """What the fleet reads of its replicas' config.properties, parsed once (replica_config):
+    the front door, the key hop and the Kubernetes generator take this record."""
+    token_auth: bool
+    max_body_bytes: int           # max_request_size, which the front door enforces first
+    response_timeout_s: int       # default_response_timeout, which the front door waits a little longer than
+    metrics_config: str | None    # absolute: a replica's own config lives in its run dir
+
+
+def replica_config(properties: dict, directory: str | os.PathLike) -> ReplicaConfig:
+    """properties: a config.properties's; directory: where its relative paths start."""
+    metrics = properties.get("metrics_config")
+    return ReplicaConfig(token_auth=token_auth_enabled(properties), max_body_bytes=int(properties["max_request_size"]),
+                         response_timeout_s=int(properties.get("default_response_timeout", "120")),
+                         metrics_config=os.path.abspath(os.path.join(directory, metrics)) if metrics else None)
+
+
+@dataclass(frozen=True)
 class Replica:
     name: str
     ports: ReplicaPorts
@@ -86,7 +103,7 @@ class Replica:
     def management_url(self) -> str:
         return f"http://127.0.0.1:{self.ports.management}"
 
-    def settings(self, base_config: Path, archive: str = ARCHIVE_NAME) -> dict[str, str]:
+    def settings(self, config: ReplicaConfig, archive: str = ARCHIVE_NAME) -> dict[str, str]:
         """What this replica's config.properties changes in the project's config."""
         settings = {"inference_address": self.inference_url, "management_address": self.management_url,
                     "metrics_address": f"http://127.0.0.1:{self.ports.metrics}",
@@ -100,9 +117,8 @@ class Replica:
                     # front door; allowed_urls=^$ still lets it load files of the model store only.
                     "enable_model_api": "true"}
         # CORS stays the project's: nginx hides TorchServe's one origin and sends its own list.
-        metrics_config = read_properties(base_config).get("metrics_config")
-        if metrics_config:   # relative paths resolve from the replica's run dir: anchor it to the repo
-            settings["metrics_config"] = str((base_config.parent / metrics_config).resolve())
+        if config.metrics_config:   # relative paths resolve from the replica's run dir: anchored
+            settings["metrics_config"] = config.metrics_config
         return settings
 
     def run_command(self) -> list[str]:
@@ -138,16 +154,19 @@ class FrontDoor:
 @dataclass(frozen=True)
 class Fleet:
     run_dir: Path
-    base_config: Path
+    base_config: Path             # the text each replica's config starts from
     replicas: tuple[Replica, ...]
+    config: ReplicaConfig         # base_config parsed, once
     front_door: FrontDoor = field(default_factory=FrontDoor)
 
     @classmethod
     def plan(cls, replicas: int = DEFAULT_REPLICAS, run_dir: str | os.PathLike = FLEET_DIR,
              base_config: str | os.PathLike = BASE_CONFIG, base_port: int = REPLICA_BASE_PORT,
-             replica_ports: list[ReplicaPorts] | None = None, **front_door) -> Fleet:
+             replica_ports: list[ReplicaPorts] | None = None, config: ReplicaConfig | None = None,
+             **front_door) -> Fleet:
         """replicas named replica-0..N-1 on ports derived from base_port (or replica_ports, one
-        record each: tests take free ports); front_door: FrontDoor's fields."""
+        record each: tests take free ports); config: base_config parsed (parsed here when not
+        given); front_door: FrontDoor's fields."""
         if replicas < 1:
             raise TopologyError(f"a fleet needs at least one replica, not {replicas}")
         if replica_ports is not None and len(replica_ports) != replicas:
@@ -156,16 +175,13 @@ class Fleet:
         ports = replica_ports or [ReplicaPorts.derived(index, base_port) for index in range(replicas)]
         members = tuple(Replica(f"replica-{index}", ports[index], run_dir / f"replica-{index}")
                         for index in range(replicas))
-        return cls(run_dir, Path(base_config).resolve(), members, FrontDoor(**front_door))
+        base_config = Path(base_config).resolve()
+        config = config or replica_config(read_properties(base_config), base_config.parent)
+        return cls(run_dir, base_config, members, config, FrontDoor(**front_door))
 
     @property
     def token_auth(self) -> bool:
-        return token_auth_enabled(read_properties(self.base_config))
-
-    @property
-    def max_body_bytes(self) -> int:
-        """The replicas' own max_request_size, which the front door enforces first."""
-        return int(read_properties(self.base_config)["max_request_size"])
+        return self.config.token_auth
 
     @property
     def nginx_dir(self) -> Path:
@@ -190,5 +206,5 @@ class Fleet:
         paths = lambda record, keys: {**record, **{key: Path(record[key]) if record[key] else None for key in keys}}
         replicas = tuple(Replica(r["name"], ReplicaPorts(**r["ports"]), Path(r["run_dir"])) for r in data["replicas"])
         door = paths(data["front_door"], ("api_keys_file", "tls_cert", "tls_key"))
-        return cls(Path(data["run_dir"]), Path(data["base_config"]), replicas,
+        return cls(Path(data["run_dir"]), Path(data["base_config"]), replicas, ReplicaConfig(**data["config"]),
                    FrontDoor(**{**door, "origins": tuple(door["origins"])}))
