@@ -1,7 +1,7 @@
 """Kubernetes manifests for the serving side, generated from the fleet's one topology.
 
     python -m deploy.manifests            # `make manifests`
-    wrote 8 manifests to /path/to/repo/deploy/kubernetes
+    wrote 8 manifests to /path/to/repo/deploy/kubernetes and the figures into .../docs/kubernetes.md
     python -m deploy.manifests --check    # exit 1 naming each file that differs from what this writes
     /path/to/repo/deploy/kubernetes matches serving/fleet/topology.py
 
@@ -18,87 +18,25 @@ cluster: no manifest holds a key.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import sys
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 import click
 import yaml
 
-from serving.server import server
+from deploy.layout import (API_KEYS_DIR, API_KEYS_FILE, API_KEYS_SECRET, APP_DIR, BASE_CONFIG, BIND_ALL, COUNTER,
+                           FRONTDOOR, FRONTDOOR_DIR, HEADROOM, IMAGE_MODEL_STORE, INFERENCE_SERVICE, LOOPBACK,
+                           MEMORY_STEP_MIB, OUT_DIR, POD_REPLICA, PORTS, RATE_METRIC, RATE_WINDOW, REPLICA,
+                           DOC, TARGET_CLIENTS, TARGET_SHARE, TLS_DIR, TLS_SECRET, ManifestError)
+from deploy.objects import (autoscaler, config_map, frontdoor_deployment, frontdoor_service, inference_service,
+                            Memory, Target, measured_memory, measured_target, network_policies, replica_deployment,
+                            worker_cpus)
 from serving.handler.artifact import ARCHIVE_NAME, MODEL_NAME
-from serving.fleet.frontdoor import KEEPALIVE_OFF, RotationState, include_line, nginx_command, render
-from serving.server.properties import read_properties, set_properties, token_auth_enabled
-from serving.fleet.topology import DEFAULT_REPLICAS, Fleet, Replica, ReplicaPorts
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-OUT_DIR = REPO_ROOT / "deploy" / "kubernetes"
-BASE_CONFIG = REPO_ROOT / "config.production.properties"   # token auth on: `make config.production.properties`
-MODEL_CONFIG = REPO_ROOT / "serving" / "handler" / "model-config.yaml"
-FOOTPRINT = REPO_ROOT / "benchmarks" / "footprint.json"
-
-# The image (deploy/Dockerfile): where it puts things, and whom it runs as.
-IMAGE = "digitserve:0.1.0"
-PYTHON = "python"                                   # the image's interpreter, on its PATH
-APP_DIR = PurePosixPath("/app")                     # the repo's serving code, config and archive
-IMAGE_MODEL_STORE = APP_DIR / "model_store"         # mnist.mar, read-only: a new model is a new image
-USER_ID = 10001                                     # deploy/Dockerfile's model-server user
-# Mounted at run time (the root filesystem is read-only).
-RUN_DIR = PurePosixPath("/srv/replica")             # emptyDir: pid file, logs, unpacked model, worker sockets
-TMP_DIR = PurePosixPath("/tmp")                     # emptyDir: HOME and anything else a library writes
-FRONTDOOR_DIR = PurePosixPath("/srv/frontdoor")     # the front door's run dir; nginx's is FRONTDOOR_DIR/nginx
-TLS_DIR = PurePosixPath("/etc/frontdoor/tls")       # the TLS Secret (kubernetes.io/tls: tls.crt, tls.key)
-API_KEYS_DIR = PurePosixPath("/etc/frontdoor/api-keys")   # the client keys Secret: API_KEYS_FILE, nginx map entries
-API_KEYS_FILE = "client-keys.map"
-HOP_DIR = PurePosixPath("/srv/key-hop")             # emptyDir: the key hop's nginx config (it holds the key), pid, temp
-
-NAME = "digitserve"
-REPLICA = f"{NAME}-replica"
-FRONTDOOR = f"{NAME}-frontdoor"
-INFERENCE_SERVICE = f"{NAME}-inference"
-TLS_SECRET = f"{FRONTDOOR}-tls"
-API_KEYS_SECRET = f"{FRONTDOOR}-api-keys"
-# One replica's ports: the fleet's replica-0. Every pod has its own network namespace.
-PORTS = ReplicaPorts.derived(0)
-# A pod is one of the fleet's replicas: the same ports, its run dir an emptyDir, its config (the
-# ConfigMap's file) where the fleet keeps a replica's, so it runs and is probed as the fleet does.
-POD_REPLICA = Replica(REPLICA, PORTS, Path(RUN_DIR))
-BIND_ALL = "0.0.0.0"   # the key hop and metrics listen on the pod's address; the NetworkPolicy says who may connect
-LOOPBACK = "127.0.0.1"  # TorchServe's inference and management: only the pod's own containers reach them
-
-# The request-rate metric the HPA scales on, served by prometheus-adapter (adapter_rule).
-RATE_METRIC = "digitserve_requests_per_second"
-COUNTER = "ts_inference_requests_total"   # TorchServe 0.12's counter, declared in serving/server/metrics.yaml
-RATE_WINDOW = "2m"
-# Half of what one replica answered at 16 clients in `make bench` (benchmarks/results.json: 1,878
-# requests/s on the 2-core EPYC): a pod asks for more company well before its queue fills.
-TARGET_REQUESTS_PER_S_PER_POD = 900
-MAX_REPLICAS = 10
-SCALE_DOWN_WINDOW_S = 300   # a lull of five minutes before pods go: traffic comes in waves
-
-# Memory: requests = what one replica was measured to use under load (benchmarks/footprint.json,
-# its readiness probe's own Python included: an exec probe runs inside the pod), rounded up;
-# limits = that x HEADROOM. Why 1.75: the measurement loaded small images, and Java stayed near
-# 250 MiB; a flood of large bodies fills its queue (job_queue_size x max_request_size = 400 MiB)
-# and may grow its heap to vmargs' -Xmx1g, about 0.9 GiB more with the JVM's own overhead. 1.75 x
-# the ~1.6 GiB request covers that and leaves ~0.3 GiB for the workers' batches: an OOM kill would
-# cost every request in flight.
-MEMORY_STEP_MIB = 64
-HEADROOM = 1.75
-# Probes. `ready` makes two calls of up to 5 s each (its --timeout), after Python's start.
-READY_TIMEOUT_S = 15
-PROBE_PERIOD_S = 10
-STARTUP_PERIOD_S = 5
-LIVENESS_PATH = "/ping"   # TorchServe's frontend heartbeat: a hung Java fails it; the workers are TorchServe's own care
-
-
-class ManifestError(Exception):
-    """The manifests cannot be generated or checked; the message says why, in one line."""
-
+from serving.fleet.frontdoor import KEEPALIVE_OFF, RotationState, include_line, render
+from serving.server.properties import parse_properties, read_properties, set_properties
+from serving.fleet.topology import DEFAULT_REPLICAS, Fleet, ReplicaConfig
+from serving.fleet.topology import replica_config as fleet_replica_config
 
 @dataclass(frozen=True)
 class Manifest:
@@ -136,22 +74,22 @@ def replica_config() -> str:
 
 
 # --- the front door's config -------------------------------------------------------------------
-def frontdoor_fleet(config_path: Path) -> Fleet:
+def frontdoor_fleet(config: ReplicaConfig) -> Fleet:
     """The fleet's front door as a pod sees it: on every address, its certificate from the Secret,
-    its run dir in the pod; config_path: the replicas' config (body limit, timeouts, token auth).
+    its run dir in the pod; config: the replica pods' config (body limit, timeouts, token auth).
     Token auth must be on: the Service reaches the pods' key hops, never TorchServe itself."""
-    fleet = Fleet.plan(DEFAULT_REPLICAS, base_config=config_path, address=BIND_ALL,
-                       tls_cert=Path(TLS_DIR / "tls.crt"), tls_key=Path(TLS_DIR / "tls.key"))
-    if not fleet.token_auth:
+    if not config.token_auth:
         raise ManifestError(f"{BASE_CONFIG.name} turns token authorization off: the replica pods would "
                             "serve anyone who reaches them")
+    fleet = Fleet.plan(DEFAULT_REPLICAS, base_config=BASE_CONFIG, config=config, address=BIND_ALL,
+                       tls_cert=Path(TLS_DIR / "tls.crt"), tls_key=Path(TLS_DIR / "tls.key"))
     return replace(fleet, run_dir=Path(FRONTDOOR_DIR))
 
 
-def keyless(config_text: str) -> str:
-    """The replicas' config as the front door sees them: it reaches their key hops, which add the
-    key, so it renders no hops of its own (those run in the replica pods)."""
-    return set_properties(config_text, {"disable_token_authorization": "true"})
+def keyless(fleet: Fleet) -> Fleet:
+    """The front door as it renders: it reaches the pods' key hops, which add the key, so it
+    renders no hops of its own (those run in the replica pods)."""
+    return replace(fleet, config=replace(fleet.config, token_auth=False))
 
 
 def nginx_config(fleet: Fleet) -> str:
@@ -174,252 +112,13 @@ def nginx_config(fleet: Fleet) -> str:
     return render(fleet, RotationState(), overrides=overrides)
 
 
-# --- resources ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Memory:
-    request_mib: int
-    limit_mib: int
-    measured_mib: float
-    source: str   # what was measured, where, when
-
-
-def round_up(mib: float) -> int:
-    return math.ceil(mib / MEMORY_STEP_MIB) * MEMORY_STEP_MIB
-
-
-def measured_memory(footprint: Path | None = None) -> Memory:
-    footprint = footprint or FOOTPRINT
-    try:
-        record = json.loads(footprint.read_text())
-        measured = record["peak_rss_mib"]["pod"] + record["ready_probe_rss_mib"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ManifestError(f"no replica memory measurement in {footprint} ({error}): "
-                            "run `python -m benchmarks.footprint`") from None
-    request = round_up(measured)
-    source = f"{record['command']} on {record['machine']['cpu']} ({record['machine']['cores']} cores), {record['date']}"
-    return Memory(request, round_up(request * HEADROOM), measured, source)
-
-
-def worker_cpus() -> int:
-    """Cores the replica's workers use: workers x threads (serving/handler/model-config.yaml)."""
-    model_config = yaml.safe_load(MODEL_CONFIG.read_text())
-    return model_config["maxWorkers"] * model_config["handler"]["threads"]
-
-
-# --- objects -----------------------------------------------------------------------------------
-def labels(component: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": NAME, "app.kubernetes.io/component": component}
-
-
-def metadata(name: str, component: str) -> dict:
-    return {"name": name, "labels": labels(component)}
-
-
-def pod_security() -> dict:
-    return {"runAsNonRoot": True, "runAsUser": USER_ID, "runAsGroup": USER_ID, "fsGroup": USER_ID,
-            "seccompProfile": {"type": "RuntimeDefault"}}
-
-
-def container_security() -> dict:
-    return {"runAsNonRoot": True, "runAsUser": USER_ID, "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"}}
-
-
-def checksum(text: str) -> str:
-    """In the pod template: a changed ConfigMap rolls the pods (a mounted file alone would not)."""
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def config_map(name: str, component: str, key: str, text: str) -> dict:
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(name, component), "data": {key: text}}
-
-
-def empty_dir(name: str, size: str) -> dict:
-    return {"name": name, "emptyDir": {"sizeLimit": size}}
-
-
-def in_image(command: list[str]) -> list[str]:
-    """A fleet command (run by the fleet's own interpreter) as the image runs it."""
-    return [PYTHON, *command[1:]]
-
-
-def key_hop_command() -> list[str]:
-    """serving/fleet/keyhop.py in the pod: the replica's config and run dir (its key file), the hop on
-    the pod's address at the fleet's hop port."""
-    return [PYTHON, "-m", "serving.fleet.keyhop", "--config", str(POD_REPLICA.config), "--run-dir", str(POD_REPLICA.run_dir),
-            "--hop-dir", str(HOP_DIR), "--address", BIND_ALL, "--port", str(PORTS.key_hop)]
-
-
-def key_hop_container() -> dict:
-    """nginx adding the pod's inference key (TorchServe writes it into the run dir, which this
-    container mounts read-only), and the loop that renders a renewed key in."""
-    heartbeat = {"httpGet": {"path": LIVENESS_PATH, "port": "key-hop"}}
-    return {
-        "name": "key-hop", "image": IMAGE, "imagePullPolicy": "IfNotPresent", "command": key_hop_command(),
-        "ports": [{"name": "key-hop", "containerPort": PORTS.key_hop, "protocol": "TCP"}],
-        # Ready once it forwards, with the key, to a TorchServe that answers its heartbeat.
-        "readinessProbe": {**heartbeat, "periodSeconds": PROBE_PERIOD_S, "timeoutSeconds": 5},
-        # Alive while nginx accepts (its exit ends the container: Kubernetes restarts it).
-        "livenessProbe": {"tcpSocket": {"port": "key-hop"}, "periodSeconds": 20, "failureThreshold": 3},
-        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
-        "securityContext": container_security(),
-        "volumeMounts": [{"name": "run", "mountPath": str(POD_REPLICA.run_dir), "readOnly": True},
-                         {"name": "config", "mountPath": str(POD_REPLICA.config), "subPath": "config.properties",
-                          "readOnly": True},
-                         {"name": "hop", "mountPath": str(HOP_DIR)}],
-    }
-
-
-def replica_deployment(config_text: str, properties: dict, memory: Memory) -> dict:
-    exec_ready = {"exec": {"command": in_image(POD_REPLICA.probe_command())}}
-    startup_timeout_s = int(properties["default_startup_timeout"])
-    container = {
-        "name": "torchserve", "image": IMAGE, "imagePullPolicy": "IfNotPresent",
-        "command": in_image(POD_REPLICA.run_command()),
-        # Its working dir is its run dir, as under the fleet: `ready` runs there too, and TorchServe
-        # writes key_file.json there, where the key hop reads it.
-        "workingDir": str(POD_REPLICA.run_dir),
-        # Inference and management listen on the pod's loopback (no containerPort): the key hop's
-        # port is the pod's way in.
-        "ports": [{"name": "metrics", "containerPort": PORTS.metrics, "protocol": "TCP"}],
-        # The command the fleet probes each replica with (serving/fleet/topology.py Replica.probe_command):
-        # every worker READY and a probe image answered.
-        "readinessProbe": {**exec_ready, "periodSeconds": PROBE_PERIOD_S, "timeoutSeconds": READY_TIMEOUT_S,
-                           "failureThreshold": 3},
-        # Loading the model may take TorchServe's default_startup_timeout; liveness waits for it.
-        "startupProbe": {**exec_ready, "periodSeconds": STARTUP_PERIOD_S, "timeoutSeconds": READY_TIMEOUT_S,
-                         "failureThreshold": math.ceil((startup_timeout_s + READY_TIMEOUT_S) / STARTUP_PERIOD_S)},
-        # Through the hop (the kubelet reaches the pod's address only, and the hop adds the key).
-        "livenessProbe": {"httpGet": {"path": LIVENESS_PATH, "port": PORTS.key_hop}, "periodSeconds": 20,
-                          "timeoutSeconds": 5, "failureThreshold": 3},
-        # No CPU limit: throttling a worker mid-batch only adds latency; the request reserves its cores.
-        "resources": {"requests": {"cpu": str(worker_cpus()), "memory": f"{memory.request_mib}Mi"},
-                      "limits": {"memory": f"{memory.limit_mib}Mi"}},
-        "securityContext": container_security(),
-        "volumeMounts": [{"name": "run", "mountPath": str(POD_REPLICA.run_dir)},
-                         {"name": "config", "mountPath": str(POD_REPLICA.config), "subPath": "config.properties",
-                          "readOnly": True},
-                         {"name": "tmp", "mountPath": str(TMP_DIR)}],
-    }
-    pod = {"automountServiceAccountToken": False, "securityContext": pod_security(),
-           # `run` gives Java STOP_TIMEOUT_S after SIGTERM, then kills it: Kubernetes waits a little longer.
-           "terminationGracePeriodSeconds": int(server.STOP_TIMEOUT_S) + 10,
-           "containers": [container, key_hop_container()],
-           "volumes": [{"name": "config", "configMap": {"name": f"{REPLICA}-config"}},
-                       empty_dir("run", "1Gi"), empty_dir("tmp", "256Mi"), empty_dir("hop", "64Mi")]}
-    annotations = {"checksum/config": checksum(config_text),
-                   # Prometheus' usual kubernetes-pods job scrapes these (in this namespace: the NetworkPolicy).
-                   "prometheus.io/scrape": "true", "prometheus.io/port": str(PORTS.metrics),
-                   "prometheus.io/path": "/metrics"}
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata(REPLICA, "replica"),
-            "spec": {"replicas": DEFAULT_REPLICAS, "selector": {"matchLabels": labels("replica")},
-                     # A new pod is ready before an old one goes: a rollout never lowers capacity.
-                     "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-                     "template": {"metadata": {"labels": labels("replica"), "annotations": annotations},
-                                  "spec": pod}}}
-
-
-def inference_service() -> dict:
-    return {"apiVersion": "v1", "kind": "Service", "metadata": metadata(INFERENCE_SERVICE, "replica"),
-            "spec": {"selector": labels("replica"),
-                     # The pods' key hops, never TorchServe itself: the hop adds the pod's own key.
-                     "ports": [{"name": "key-hop", "port": PORTS.key_hop, "targetPort": "key-hop",
-                                "protocol": "TCP"}]}}
-
-
-def frontdoor_deployment(nginx_text: str, fleet: Fleet) -> dict:
-    door = fleet.front_door
-    nginx_dir = PurePosixPath(fleet.nginx_dir)
-    container = {
-        "name": "nginx", "image": IMAGE, "imagePullPolicy": "IfNotPresent",
-        "command": nginx_command(fleet, "-g", "daemon off;"),
-        "ports": [{"name": "http", "containerPort": door.http_port, "protocol": "TCP"},
-                  {"name": "https", "containerPort": door.tls_port, "protocol": "TCP"}],
-        "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 5},
-        "livenessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 20, "failureThreshold": 3},
-        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
-        "securityContext": container_security(),
-        # nginx writes its pid, access log and temp files under its run dir; its config is the ConfigMap's.
-        "volumeMounts": [{"name": "nginx", "mountPath": str(nginx_dir)},
-                         {"name": "nginx-tmp", "mountPath": str(nginx_dir / "tmp")},
-                         {"name": "config", "mountPath": str(nginx_dir / "nginx.conf"), "subPath": "nginx.conf",
-                          "readOnly": True},
-                         {"name": "tls", "mountPath": str(TLS_DIR), "readOnly": True},
-                         {"name": "api-keys", "mountPath": str(API_KEYS_DIR), "readOnly": True}],
-    }
-    pod = {"automountServiceAccountToken": False, "securityContext": pod_security(), "containers": [container],
-           "volumes": [empty_dir("nginx", "64Mi"), empty_dir("nginx-tmp", "256Mi"),
-                       {"name": "config", "configMap": {"name": f"{FRONTDOOR}-config"}},
-                       {"name": "tls", "secret": {"secretName": TLS_SECRET}},
-                       {"name": "api-keys", "secret": {"secretName": API_KEYS_SECRET}}]}
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata(FRONTDOOR, "frontdoor"),
-            "spec": {"replicas": 2, "selector": {"matchLabels": labels("frontdoor")},
-                     "template": {"metadata": {"labels": labels("frontdoor"),
-                                               "annotations": {"checksum/config": checksum(nginx_text)}},
-                                  "spec": pod}}}
-
-
-def frontdoor_service(fleet: Fleet) -> dict:
-    door = fleet.front_door
-    return {"apiVersion": "v1", "kind": "Service", "metadata": metadata(FRONTDOOR, "frontdoor"),
-            "spec": {"selector": labels("frontdoor"),
-                     "ports": [{"name": "http", "port": door.http_port, "targetPort": "http", "protocol": "TCP"},
-                               {"name": "https", "port": door.tls_port, "targetPort": "https", "protocol": "TCP"}]}}
-
-
-def tcp(port: int) -> dict:
-    return {"port": port, "protocol": "TCP"}
-
-
-def network_policies(fleet: Fleet) -> tuple[dict, dict]:
-    """Replicas: the key hop from the front door's pods only, metrics from pods of this namespace
-    only (a podSelector without a namespaceSelector means this namespace); inference and management
-    listen on the pod's loopback. The front door: its two ports, from anywhere (it is the way in)."""
-    replica = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": metadata(REPLICA, "replica"),
-               "spec": {"podSelector": {"matchLabels": labels("replica")}, "policyTypes": ["Ingress"],
-                        "ingress": [{"from": [{"podSelector": {"matchLabels": labels("frontdoor")}}],
-                                     "ports": [tcp(PORTS.key_hop)]},
-                                    {"from": [{"podSelector": {}}], "ports": [tcp(PORTS.metrics)]}]}}
-    door = fleet.front_door
-    frontdoor = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                 "metadata": metadata(FRONTDOOR, "frontdoor"),
-                 "spec": {"podSelector": {"matchLabels": labels("frontdoor")}, "policyTypes": ["Ingress"],
-                          "ingress": [{"ports": [tcp(door.http_port), tcp(door.tls_port)]}]}}
-    return replica, frontdoor
-
-
-def autoscaler() -> dict:
-    return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": metadata(REPLICA, "replica"),
-            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": REPLICA},
-                     "minReplicas": DEFAULT_REPLICAS, "maxReplicas": MAX_REPLICAS,
-                     "metrics": [{"type": "Pods", "pods": {
-                         "metric": {"name": RATE_METRIC},
-                         "target": {"type": "AverageValue", "averageValue": str(TARGET_REQUESTS_PER_S_PER_POD)}}}],
-                     "behavior": {"scaleDown": {"stabilizationWindowSeconds": SCALE_DOWN_WINDOW_S}}}}
-
-
-def adapter_rule() -> dict:
-    """prometheus-adapter's rule (its config's `rules:`) that serves RATE_METRIC per pod: the rate
-    of TorchServe's request counter over RATE_WINDOW. docs/kubernetes.md shows it; a test holds them equal."""
-    return {"seriesQuery": f'{COUNTER}{{namespace!="",pod!=""}}',
-            "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
-            "name": {"matches": f"^{COUNTER}$", "as": RATE_METRIC},
-            "metricsQuery": f"sum(rate(<<.Series>>{{<<.LabelMatchers>>}}[{RATE_WINDOW}])) by (<<.GroupBy>>)"}
-
-
 # --- files -------------------------------------------------------------------------------------
 def manifests() -> list[Manifest]:
     config_text = replica_config()
-    with tempfile.TemporaryDirectory() as directory:   # the front door reads the replicas' config from a file
-        config_path = Path(directory) / "config.properties"
-        config_path.write_text(config_text)
-        properties = read_properties(config_path)
-        fleet = frontdoor_fleet(config_path)
-        door_config = Path(directory) / "frontdoor.properties"
-        door_config.write_text(keyless(config_text))
-        nginx_text = nginx_config(replace(fleet, base_config=door_config))
-    memory = measured_memory()
+    properties = parse_properties(config_text)
+    fleet = frontdoor_fleet(fleet_replica_config(properties, PurePosixPath(APP_DIR)))
+    nginx_text = nginx_config(keyless(fleet))
+    memory, target = measured_memory(), measured_target()
     resources_why = (f"Memory: requests {memory.request_mib}Mi = the {memory.measured_mib:.0f} MiB one replica took "
                      f"under load with its readiness probe, rounded up to {MEMORY_STEP_MIB} MiB",
                      f"(benchmarks/footprint.json: {memory.source});",
@@ -459,8 +158,9 @@ def manifests() -> list[Manifest]:
         Manifest("hpa.yaml",
                  (f"Scales on a request RATE ({RATE_METRIC}: rate({COUNTER}[{RATE_WINDOW}]) per pod, served by",
                   "prometheus-adapter; docs/kubernetes.md has its rule), not on the counter itself, which only grows.",
-                  f"Target: {TARGET_REQUESTS_PER_S_PER_POD}/s a pod, half what one replica answered in `make bench`."),
-                 (autoscaler(),)),
+                  f"Target: {target.per_pod}/s a pod, {TARGET_SHARE:.0%} of the {target.measured:.0f}/s one replica answered "
+                  f"at {TARGET_CLIENTS} clients", f"(benchmarks/results.json: {target.source})."),
+                 (autoscaler(target),)),
     ]
 
 
@@ -493,44 +193,73 @@ def rendered() -> dict[str, str]:
     return {manifest.file: render_file(manifest) for manifest in manifests()}
 
 
-def write(out_dir: Path = OUT_DIR) -> list[Path]:
-    files = rendered()   # first: a failure writes nothing
+# --- the figures in docs/kubernetes.md ---------------------------------------------------------------
+DOC_BEGIN, DOC_END = "<!-- k8s:begin (written by make manifests: deploy/manifests.py) -->", "<!-- k8s:end -->"
+
+
+def doc_block(memory: Memory, target: Target) -> str:
+    return (f"From benchmarks/footprint.json ({memory.source}): the replica peaked at {memory.measured_mib:,.0f} MiB with its probe "
+            f"({memory.parts}). The memory request is that rounded up to {MEMORY_STEP_MIB} MiB, "
+            f"{memory.request_mib}Mi; the limit is {HEADROOM:g} times that rounded up, {memory.limit_mib}Mi. The CPU request is "
+            f"workers x threads from serving/handler/model-config.yaml, {worker_cpus()}.\n\n"
+            f"The HPA's target is {target.per_pod} requests/s a pod: {TARGET_SHARE:.0%} of the "
+            f"{target.measured:,.0f} requests/s one replica answered at {TARGET_CLIENTS} clients (benchmarks/results.json: "
+            f"{target.source}).")
+
+
+def documented(doc: Path) -> str:
+    """doc's text with its k8s block holding the figures the manifests are made of now."""
+    text = doc.read_text()
+    if DOC_BEGIN not in text or DOC_END not in text:
+        raise ManifestError(f"{doc} has no {DOC_BEGIN} ... {DOC_END} block for the figures")
+    head, rest = text.split(DOC_BEGIN, 1)
+    block = doc_block(measured_memory(), measured_target())
+    return f"{head}{DOC_BEGIN}\n{block}\n{DOC_END}{rest.split(DOC_END, 1)[1]}"
+
+
+def write(out_dir: Path = OUT_DIR, doc: Path = DOC) -> list[Path]:
+    files, doc_text = rendered(), documented(doc)   # first: a failure writes nothing
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in set(path.name for path in out_dir.glob("*.yaml")) - set(files):
         (out_dir / stale).unlink()
     for name, text in files.items():
         (out_dir / name).write_text(text)
+    doc.write_text(doc_text)
     return [out_dir / name for name in files]
 
 
-def differences(out_dir: Path = OUT_DIR) -> list[str]:
-    """The files in out_dir that differ from what the generator writes now (missing, stale, changed)."""
+def differences(out_dir: Path = OUT_DIR, doc: Path = DOC) -> list[str]:
+    """The files in out_dir, and doc's figures, that differ from what the generator writes now."""
     files = rendered()
     present = {path.name for path in out_dir.glob("*.yaml")}
     found = [f"{name}: missing" for name in sorted(set(files) - present)]
     found += [f"{name}: not generated (stale)" for name in sorted(present - set(files))]
     found += [f"{name}: differs" for name in sorted(set(files) & present) if (out_dir / name).read_text() != files[name]]
+    if doc.read_text() != documented(doc):
+        found.append(f"{doc.name}: its k8s block differs")
     return found
 
 
 @click.command()
 @click.option("--check", is_flag=True, help="Write nothing; exit 1 when the committed files differ.")
 @click.option("--out-dir", default=str(OUT_DIR), show_default=True, type=click.Path(file_okay=False))
-def main(check: bool, out_dir: str) -> None:
+@click.option("--doc", default=str(DOC), show_default=True, type=click.Path(dir_okay=False),
+              help="The page whose k8s block gets the memory and autoscaling figures.")
+def main(check: bool, out_dir: str, doc: str) -> None:
     """Write deploy/kubernetes/*.yaml from serving/fleet/topology.py, the nginx template and the footprint."""
     try:
         if check:
-            found = differences(Path(out_dir))
+            found = differences(Path(out_dir), Path(doc))
             if found:
                 click.echo(f"{out_dir} differs from what `python -m deploy.manifests` writes: " + "; ".join(found),
                            err=True)
                 sys.exit(1)
             click.echo(f"{out_dir} matches serving/fleet/topology.py")
             return
-        written = write(Path(out_dir))
+        written = write(Path(out_dir), Path(doc))
     except ManifestError as error:
         raise click.ClickException(str(error)) from None
-    click.echo(f"wrote {len(written)} manifests to {out_dir}")
+    click.echo(f"wrote {len(written)} manifests to {out_dir} and the figures into {doc}")
 
 
 if __name__ == "__main__":

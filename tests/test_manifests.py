@@ -22,6 +22,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from deploy import layout
+from deploy import objects as kube
 from deploy import manifests as gen
 from serving.server.archive import build_archive
 from serving.handler.artifact import ARCHIVE_NAME, TORCHSCRIPT_NAME
@@ -95,8 +97,8 @@ def fleet_mismatches(cluster: dict, tmp_path: Path) -> list[str]:
     found = []
     fleet = Fleet.plan(1, run_dir=tmp_path / "fleet")
     replica, door = fleet.replicas[0], FrontDoor()
-    torchserve = container(cluster, gen.REPLICA)
-    config_path, config_text = configmap_file(cluster, gen.REPLICA, "config")
+    torchserve = container(cluster, layout.REPLICA)
+    config_path, config_text = configmap_file(cluster, layout.REPLICA, "config")
     properties = properties_of(config_text, tmp_path)
 
     # The commands: the fleet's, with the pod's config and run dir in place of the fleet's.
@@ -116,11 +118,11 @@ def fleet_mismatches(cluster: dict, tmp_path: Path) -> list[str]:
         expected = getattr(ReplicaPorts.derived(0), api)
         if urlsplit(properties[f"{api}_address"]).port != expected:
             found.append(f"{api}_address in the ConfigMap is not on the fleet's port {expected}")
-    if container_port(cluster, gen.REPLICA, "metrics") != replica.ports.metrics:
+    if container_port(cluster, layout.REPLICA, "metrics") != replica.ports.metrics:
         found.append(f"containerPort metrics is not the fleet's {replica.ports.metrics}")
-    if container_port(cluster, gen.REPLICA, "key-hop") != replica.ports.key_hop:
+    if container_port(cluster, layout.REPLICA, "key-hop") != replica.ports.key_hop:
         found.append(f"containerPort key-hop is not the fleet's {replica.ports.key_hop}")
-    service_ports = cluster[("Service", gen.INFERENCE_SERVICE)]["spec"]["ports"]
+    service_ports = cluster[("Service", layout.INFERENCE_SERVICE)]["spec"]["ports"]
     if [(p["port"], p["targetPort"]) for p in service_ports] != [(replica.ports.key_hop, "key-hop")]:
         found.append(f"the inference Service's ports {service_ports} are not the key hop alone")
     liveness = torchserve["livenessProbe"]["httpGet"]["port"]
@@ -128,7 +130,7 @@ def fleet_mismatches(cluster: dict, tmp_path: Path) -> list[str]:
         found.append(f"the liveness probe's port {liveness} is not the key hop's (the kubelet cannot reach loopback)")
 
     # The key hop: the fleet's hop for this replica, on its config and run dir, at the fleet's hop port.
-    hop = container(cluster, gen.REPLICA, "key-hop")["command"]
+    hop = container(cluster, layout.REPLICA, "key-hop")["command"]
     expected_hop = {"--config": str(config_path), "--run-dir": torchserve.get("workingDir"),
                     "--port": str(replica.ports.key_hop)}
     if hop[1:3] != ["-m", "serving.fleet.keyhop"] or {flag: hop[hop.index(flag) + 1] for flag in expected_hop
@@ -136,8 +138,8 @@ def fleet_mismatches(cluster: dict, tmp_path: Path) -> list[str]:
         found.append(f"the key hop runs {hop}, not serving.fleet.keyhop with {expected_hop}")
 
     # The front door: the fleet's ports and open paths; its upstream is the inference Service.
-    nginx = container(cluster, gen.FRONTDOOR)
-    nginx_path, nginx_text = configmap_file(cluster, gen.FRONTDOOR, "config")
+    nginx = container(cluster, layout.FRONTDOOR)
+    nginx_path, nginx_text = configmap_file(cluster, layout.FRONTDOOR, "config")
     ports = {port["name"]: port["containerPort"] for port in nginx["ports"]}
     if ports != {"http": door.http_port, "https": door.tls_port}:
         found.append(f"the front door's container ports {ports} are not the fleet's")
@@ -148,7 +150,7 @@ def fleet_mismatches(cluster: dict, tmp_path: Path) -> list[str]:
     if open_paths_line(nginx_text) != fleet_paths:
         found.append(f"the front door opens {open_paths_line(nginx_text)}, the fleet {fleet_paths}")
     upstream = re.findall(r"^\s*server ([\w.-]+):(\d+)", nginx_text, re.M)
-    if upstream != [(gen.INFERENCE_SERVICE, str(replica.ports.key_hop))]:
+    if upstream != [(layout.INFERENCE_SERVICE, str(replica.ports.key_hop))]:
         found.append(f"nginx's upstream {upstream} is not the inference Service on the key hop's port")
     if nginx["command"][-4:-2] != ["-c", str(nginx_path)]:
         found.append(f"nginx reads {nginx['command'][-4:-2]}, its ConfigMap is at {nginx_path}")
@@ -167,7 +169,7 @@ def test_every_manifest_validates_against_the_pinned_kubernetes_strictly():
 
 def test_the_validator_really_refuses_an_unknown_field():
     """Strict means strict: a misspelt field (readinesProbe) is an error, not ignored."""
-    deployment = copy.deepcopy(objects(load_all())[("Deployment", gen.REPLICA)])
+    deployment = copy.deepcopy(objects(load_all())[("Deployment", layout.REPLICA)])
     torchserve = deployment["spec"]["template"]["spec"]["containers"][0]
     torchserve["readinesProbe"] = torchserve.pop("readinessProbe")
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -189,6 +191,37 @@ def test_check_exits_non_zero_naming_a_file_that_drifted(tmp_path):
     assert result.exit_code == 1 and "hpa.yaml: differs" in result.output, result.output
 
 
+def test_the_docs_figures_are_the_generators_and_check_names_a_drifted_one(tmp_path):
+    """docs/kubernetes.md's memory and autoscaling figures are written by the generator from the
+    measurements (footprint.json, results.json); a hand edit is drift that --check names."""
+    text = DOC.read_text()
+    block = text.split(gen.DOC_BEGIN, 1)[1].split(gen.DOC_END, 1)[0]
+    memory, target = kube.measured_memory(), kube.measured_target()
+    assert f"{memory.request_mib}Mi" in block and f"{memory.limit_mib}Mi" in block
+    assert f"target is {target.per_pod} requests/s" in block
+    doc = tmp_path / "kubernetes.md"
+    doc.write_text(text.replace(f"{memory.request_mib}Mi", "1600Mi", 1))
+    result = CliRunner().invoke(gen.main, ["--check", "--doc", str(doc)])
+    assert result.exit_code == 1 and "kubernetes.md: its k8s block differs" in result.output, result.output
+
+
+def test_the_autoscaling_target_is_a_share_of_the_measured_rate(tmp_path):
+    results = json.loads(layout.BENCH_RESULTS.read_text())
+    [row] = [name for name in results["serving"] if name.startswith(layout.BENCH_SERVING_ROW)]
+    for run in results["serving"][row]["runs"]:
+        run["requests_per_s"] = 1234.5 if run["connections"] == layout.TARGET_CLIENTS else 1.0
+    changed = tmp_path / "results.json"
+    changed.write_text(json.dumps(results))
+    target = kube.measured_target(changed)
+    assert (target.measured, target.per_pod) == (1234.5, int(1234.5 * layout.TARGET_SHARE) // 10 * 10)
+    hpa = yaml.safe_load((MANIFEST_DIR / "hpa.yaml").read_text())
+    assert hpa["spec"]["metrics"][0]["pods"]["target"]["averageValue"] == str(kube.measured_target().per_pod)
+    results["serving"].pop(row)
+    changed.write_text(json.dumps(results))
+    with pytest.raises(layout.ManifestError, match="run `make bench`"):
+        kube.measured_target(changed)
+
+
 # --- one topology ----------------------------------------------------------------------------------
 def test_probe_commands_ports_and_paths_are_the_fleets(cluster, tmp_path):
     assert fleet_mismatches(cluster, tmp_path) == []
@@ -200,23 +233,23 @@ def swap(command: list[str], old: str, new: str) -> None:
 
 MUTATIONS = {
     "readiness probe runs another command": lambda c: swap(
-        container(c, gen.REPLICA)["readinessProbe"]["exec"]["command"], "ready", "start"),
+        container(c, layout.REPLICA)["readinessProbe"]["exec"]["command"], "ready", "start"),
     "startup probe reads another config": lambda c: swap(
-        container(c, gen.REPLICA)["startupProbe"]["exec"]["command"], str(gen.POD_REPLICA.config), "/etc/other.properties"),
-    "run dir is not the working dir": lambda c: container(c, gen.REPLICA).update(workingDir="/srv/elsewhere"),
-    "metrics containerPort": lambda c: container(c, gen.REPLICA)["ports"][0].update(containerPort=8082),
-    "Service targets TorchServe's inference port": lambda c: c[("Service", gen.INFERENCE_SERVICE)]["spec"]["ports"][
+        container(c, layout.REPLICA)["startupProbe"]["exec"]["command"], str(layout.POD_REPLICA.config), "/etc/other.properties"),
+    "run dir is not the working dir": lambda c: container(c, layout.REPLICA).update(workingDir="/srv/elsewhere"),
+    "metrics containerPort": lambda c: container(c, layout.REPLICA)["ports"][0].update(containerPort=8082),
+    "Service targets TorchServe's inference port": lambda c: c[("Service", layout.INFERENCE_SERVICE)]["spec"]["ports"][
         0].update(port=ReplicaPorts.derived(0).inference, targetPort=ReplicaPorts.derived(0).inference),
     "key hop reads another run dir": lambda c: swap(
-        container(c, gen.REPLICA, "key-hop")["command"], str(gen.RUN_DIR), "/srv/elsewhere"),
-    "metrics address in the ConfigMap": lambda c: c[("ConfigMap", f"{gen.REPLICA}-config")]["data"].update(
-        {"config.properties": c[("ConfigMap", f"{gen.REPLICA}-config")]["data"]["config.properties"].replace(
+        container(c, layout.REPLICA, "key-hop")["command"], str(layout.RUN_DIR), "/srv/elsewhere"),
+    "metrics address in the ConfigMap": lambda c: c[("ConfigMap", f"{layout.REPLICA}-config")]["data"].update(
+        {"config.properties": c[("ConfigMap", f"{layout.REPLICA}-config")]["data"]["config.properties"].replace(
             f":{ReplicaPorts.derived(0).metrics}", ":8082")}),
-    "management port in the Service": lambda c: c[("Service", gen.INFERENCE_SERVICE)]["spec"]["ports"].append(
+    "management port in the Service": lambda c: c[("Service", layout.INFERENCE_SERVICE)]["spec"]["ports"].append(
         {"name": "management", "port": 9081, "targetPort": "management"}),
-    "front door listens elsewhere": lambda c: container(c, gen.FRONTDOOR)["ports"][0].update(containerPort=80),
-    "front door opens /metrics": lambda c: c[("ConfigMap", f"{gen.FRONTDOOR}-config")]["data"].update(
-        {"nginx.conf": c[("ConfigMap", f"{gen.FRONTDOOR}-config")]["data"]["nginx.conf"].replace(
+    "front door listens elsewhere": lambda c: container(c, layout.FRONTDOOR)["ports"][0].update(containerPort=80),
+    "front door opens /metrics": lambda c: c[("ConfigMap", f"{layout.FRONTDOOR}-config")]["data"].update(
+        {"nginx.conf": c[("ConfigMap", f"{layout.FRONTDOOR}-config")]["data"]["nginx.conf"].replace(
             "/infer)$", "/infer|/metrics)$")}),
 }
 
@@ -230,7 +263,7 @@ def test_a_value_that_parts_from_the_fleet_is_found(cluster, tmp_path, mutation)
 
 
 # --- security ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("deployment", [gen.REPLICA, gen.FRONTDOOR])
+@pytest.mark.parametrize("deployment", [layout.REPLICA, layout.FRONTDOOR])
 def test_pods_run_non_root_on_a_read_only_root_with_writable_empty_dirs(cluster, deployment):
     pod = pod_spec(cluster, deployment)
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
@@ -247,10 +280,10 @@ def test_pods_run_non_root_on_a_read_only_root_with_writable_empty_dirs(cluster,
     box = pod["containers"][0]
     writable = {mount["mountPath"] for mount in box["volumeMounts"]
                 if not mount.get("readOnly") and "emptyDir" in volumes[mount["name"]]}
-    if deployment == gen.REPLICA:   # where TorchServe writes: its run dir (pid, logs, unpacked model), /tmp
-        assert {box["workingDir"], str(gen.TMP_DIR)} <= writable
-        properties_text = cluster[("ConfigMap", f"{gen.REPLICA}-config")]["data"]["config.properties"]
-        assert f"workflow_store={gen.RUN_DIR}/" in properties_text
+    if deployment == layout.REPLICA:   # where TorchServe writes: its run dir (pid, logs, unpacked model), /tmp
+        assert {box["workingDir"], str(layout.TMP_DIR)} <= writable
+        properties_text = cluster[("ConfigMap", f"{layout.REPLICA}-config")]["data"]["config.properties"]
+        assert f"workflow_store={layout.RUN_DIR}/" in properties_text
     else:                           # nginx: its run dir (pid, access log) and its temp files
         nginx_dir = box["command"][box["command"].index("-p") + 1]
         assert {nginx_dir, f"{nginx_dir}/tmp"} <= writable
@@ -281,11 +314,11 @@ def test_no_manifest_holds_a_key(cluster):
     each pod, never from these files: the front door includes its client keys from a mounted Secret."""
     texts = manifest_texts()
     assert key_material(texts) == []
-    secrets = {v["name"]: v["secret"]["secretName"] for v in pod_spec(cluster, gen.FRONTDOOR)["volumes"] if "secret" in v}
-    assert secrets == {"tls": gen.TLS_SECRET, "api-keys": gen.API_KEYS_SECRET}
-    mount = next(m for m in container(cluster, gen.FRONTDOOR)["volumeMounts"] if m["name"] == "api-keys")
-    _, nginx_text = configmap_file(cluster, gen.FRONTDOOR, "config")
-    assert f"include {mount['mountPath']}/{gen.API_KEYS_FILE};" in nginx_text and mount["readOnly"]
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod_spec(cluster, layout.FRONTDOOR)["volumes"] if "secret" in v}
+    assert secrets == {"tls": layout.TLS_SECRET, "api-keys": layout.API_KEYS_SECRET}
+    mount = next(m for m in container(cluster, layout.FRONTDOOR)["volumeMounts"] if m["name"] == "api-keys")
+    _, nginx_text = configmap_file(cluster, layout.FRONTDOOR, "config")
+    assert f"include {mount['mountPath']}/{layout.API_KEYS_FILE};" in nginx_text and mount["readOnly"]
     assert re.search(r"map \$http_x_api_key \$client_allowed \{\n\s*default 0;", nginx_text)   # a key is required
 
     # The check can fail: a key in the map, or an added header, is found.
@@ -315,7 +348,7 @@ def key_gaps(cluster: dict, tmp_path: Path) -> list[str]:
     """How the replica pods fall short of token auth behind their own key hop: the config's
     production overrides, TorchServe's APIs on loopback, the Service on the hop's port."""
     found = []
-    _, config_text = configmap_file(cluster, gen.REPLICA, "config")
+    _, config_text = configmap_file(cluster, layout.REPLICA, "config")
     properties = properties_of(config_text, tmp_path)
     if not token_auth_enabled(properties):
         found.append("the replicas run with token authorization off")
@@ -326,10 +359,10 @@ def key_gaps(cluster: dict, tmp_path: Path) -> list[str]:
             found.append(f"TorchServe's {api} API listens on {properties[f'{api}_address']}, not the pod's loopback")
     torchserve_ports = {urlsplit(properties[f"{api}_address"]).port for api in ("inference", "management", "metrics")}
     torchserve_ports |= {int(properties[key]) for key in ("grpc_inference_port", "grpc_management_port")}
-    for port in cluster[("Service", gen.INFERENCE_SERVICE)]["spec"]["ports"]:
+    for port in cluster[("Service", layout.INFERENCE_SERVICE)]["spec"]["ports"]:
         target = port["targetPort"]
-        number = target if isinstance(target, int) else container_port(cluster, gen.REPLICA, target)
-        owner = next((box["name"] for box in pod_spec(cluster, gen.REPLICA)["containers"]
+        number = target if isinstance(target, int) else container_port(cluster, layout.REPLICA, target)
+        owner = next((box["name"] for box in pod_spec(cluster, layout.REPLICA)["containers"]
                       for declared in box.get("ports", []) if declared["containerPort"] == number), None)
         if number in torchserve_ports or owner != "key-hop":
             found.append(f"the Service targets port {target} ({owner or 'no container'}), not the key hop")
@@ -341,15 +374,15 @@ def test_replicas_run_with_token_auth_behind_their_key_hop(cluster, tmp_path):
 
 
 KEY_MUTATIONS = {
-    "token auth off": lambda c: c[("ConfigMap", f"{gen.REPLICA}-config")]["data"].update(
-        {"config.properties": c[("ConfigMap", f"{gen.REPLICA}-config")]["data"]["config.properties"].replace(
+    "token auth off": lambda c: c[("ConfigMap", f"{layout.REPLICA}-config")]["data"].update(
+        {"config.properties": c[("ConfigMap", f"{layout.REPLICA}-config")]["data"]["config.properties"].replace(
             "disable_token_authorization=false", "disable_token_authorization=true")}),
-    "inference on the pod's address": lambda c: c[("ConfigMap", f"{gen.REPLICA}-config")]["data"].update(
-        {"config.properties": c[("ConfigMap", f"{gen.REPLICA}-config")]["data"]["config.properties"].replace(
+    "inference on the pod's address": lambda c: c[("ConfigMap", f"{layout.REPLICA}-config")]["data"].update(
+        {"config.properties": c[("ConfigMap", f"{layout.REPLICA}-config")]["data"]["config.properties"].replace(
             "inference_address=http://127.0.0.1", "inference_address=http://0.0.0.0")}),
-    "Service on TorchServe's metrics port": lambda c: c[("Service", gen.INFERENCE_SERVICE)]["spec"]["ports"][0].update(
+    "Service on TorchServe's metrics port": lambda c: c[("Service", layout.INFERENCE_SERVICE)]["spec"]["ports"][0].update(
         targetPort="metrics"),
-    "Service on TorchServe's inference port": lambda c: c[("Service", gen.INFERENCE_SERVICE)]["spec"]["ports"][0].update(
+    "Service on TorchServe's inference port": lambda c: c[("Service", layout.INFERENCE_SERVICE)]["spec"]["ports"][0].update(
         targetPort=ReplicaPorts.derived(0).inference),
 }
 
@@ -373,22 +406,22 @@ def ports_open_outside_namespace(policy: dict) -> set:
 
 
 def test_management_and_metrics_stay_inside_the_namespace(cluster):
-    policy = cluster[("NetworkPolicy", gen.REPLICA)]
-    labels = cluster[("Deployment", gen.REPLICA)]["spec"]["template"]["metadata"]["labels"]
+    policy = cluster[("NetworkPolicy", layout.REPLICA)]
+    labels = cluster[("Deployment", layout.REPLICA)]["spec"]["template"]["metadata"]["labels"]
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
     assert policy["spec"]["policyTypes"] == ["Ingress"]
-    metrics = container_port(cluster, gen.REPLICA, "metrics")
+    metrics = container_port(cluster, layout.REPLICA, "metrics")
     assert ports_open_outside_namespace(policy) == set()
     hop_rules = [rule for rule in policy["spec"]["ingress"]
-                 if container_port(cluster, gen.REPLICA, "key-hop") in {p["port"] for p in rule["ports"]}]
-    door_labels = cluster[("Deployment", gen.FRONTDOOR)]["spec"]["template"]["metadata"]["labels"]
+                 if container_port(cluster, layout.REPLICA, "key-hop") in {p["port"] for p in rule["ports"]}]
+    door_labels = cluster[("Deployment", layout.FRONTDOOR)]["spec"]["template"]["metadata"]["labels"]
     assert [rule["from"] for rule in hop_rules] == [[{"podSelector": {"matchLabels": door_labels}}]]
     in_namespace = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
     assert metrics in in_namespace
     # Management is on the pod's loopback: no container declares it, no rule admits it.
     management = ReplicaPorts.derived(0).management
     assert management not in in_namespace and not [
-        port for box in pod_spec(cluster, gen.REPLICA)["containers"] for port in box.get("ports", [])
+        port for box in pod_spec(cluster, layout.REPLICA)["containers"] for port in box.get("ports", [])
         if port["containerPort"] == management]
 
     opened = copy.deepcopy(policy)   # the check can fail: one namespaceSelector opens them
@@ -398,14 +431,14 @@ def test_management_and_metrics_stay_inside_the_namespace(cluster):
 
 # --- scaling and resources -------------------------------------------------------------------------
 def test_autoscaler_scales_on_a_request_rate_that_the_adapter_rule_serves(cluster):
-    hpa = cluster[("HorizontalPodAutoscaler", gen.REPLICA)]["spec"]
-    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": gen.REPLICA}
+    hpa = cluster[("HorizontalPodAutoscaler", layout.REPLICA)]["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": layout.REPLICA}
     (metric,) = hpa["metrics"]
     assert metric["type"] in ("Pods", "Object", "External") and metric["pods"]["target"]["type"] == "AverageValue"
-    rule = gen.adapter_rule()
+    rule = kube.adapter_rule()
     assert metric["pods"]["metric"]["name"] == rule["name"]["as"]
     counter = re.fullmatch(r"\^(\w+)\$", rule["name"]["matches"]).group(1)
-    assert re.search(rf"\brate\(<<\.Series>>\{{<<\.LabelMatchers>>\}}\[\d+m\]\)", rule["metricsQuery"])
+    assert re.search(r"\brate\(<<\.Series>>\{<<\.LabelMatchers>>\}\[\d+m\]\)", rule["metricsQuery"])
     declared = yaml.safe_load((REPO_ROOT / "serving" / "server" / "metrics.yaml").read_text())["ts_metrics"]["counter"]
     assert counter in {entry["name"] for entry in declared}   # TorchServe exports it in prometheus mode
 
@@ -413,17 +446,17 @@ def test_autoscaler_scales_on_a_request_rate_that_the_adapter_rule_serves(cluste
 def test_the_docs_show_the_adapter_rule_the_autoscaler_needs():
     blocks = re.findall(r"```yaml\n(.*?)```", DOC.read_text(), re.S)
     rules = [yaml.safe_load(block) for block in blocks if "seriesQuery" in block]
-    assert rules and rules[0]["rules"] == [gen.adapter_rule()]
+    assert rules and rules[0]["rules"] == [kube.adapter_rule()]
     assert f"schema-checked against Kubernetes {KUBERNETES_VERSION.rsplit('.', 1)[0]}" in DOC.read_text()
 
 
 def test_memory_is_the_measured_footprint_with_headroom(cluster):
-    resources = container(cluster, gen.REPLICA)["resources"]
-    memory = gen.measured_memory()
+    resources = container(cluster, layout.REPLICA)["resources"]
+    memory = kube.measured_memory()
     request = int(resources["requests"]["memory"].removesuffix("Mi"))
     limit = int(resources["limits"]["memory"].removesuffix("Mi"))
-    assert memory.measured_mib <= request < memory.measured_mib + gen.MEMORY_STEP_MIB
-    assert request * gen.HEADROOM <= limit < request * gen.HEADROOM + gen.MEMORY_STEP_MIB
+    assert memory.measured_mib <= request < memory.measured_mib + layout.MEMORY_STEP_MIB
+    assert request * layout.HEADROOM <= limit < request * layout.HEADROOM + layout.MEMORY_STEP_MIB
 
 
 # --- the image -------------------------------------------------------------------------------------
@@ -439,20 +472,20 @@ def test_the_dockerfile_builds_what_the_manifests_run(cluster):
     pins = {re.split(r"[=<>]", dep)[0]: dep for dep in tomllib.loads(
         (REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
     assert pins["torch"] in text and pins["torchvision"] in text   # the pins of pyproject.toml, CPU wheels
-    assert ("WORKDIR", str(gen.APP_DIR)) in steps
-    archive = f"{gen.IMAGE_MODEL_STORE.relative_to(gen.APP_DIR)}/{ARCHIVE_NAME}"
+    assert ("WORKDIR", str(layout.APP_DIR)) in steps
+    archive = f"{layout.IMAGE_MODEL_STORE.relative_to(layout.APP_DIR)}/{ARCHIVE_NAME}"
     assert ("COPY", f"model_store/{ARCHIVE_NAME} {archive}") in steps   # what `make archive` wrote
-    assert ("USER", f"{gen.USER_ID}:{gen.USER_ID}") in steps and f"--uid {gen.USER_ID}" in text
-    assert pod_spec(cluster, gen.REPLICA)["securityContext"]["runAsUser"] == gen.USER_ID
+    assert ("USER", f"{layout.USER_ID}:{layout.USER_ID}") in steps and f"--uid {layout.USER_ID}" in text
+    assert pod_spec(cluster, layout.REPLICA)["securityContext"]["runAsUser"] == layout.USER_ID
     cmd = yaml.safe_load(dict(steps)["CMD"])
-    assert cmd == container(cluster, gen.REPLICA)["command"]
+    assert cmd == container(cluster, layout.REPLICA)["command"]
     made = re.search(r"mkdir -p ([^&]*)&& chown -R \S+ ([^&]*)", text)   # the mount points, the user's
-    assert {str(gen.RUN_DIR), str(gen.FRONTDOOR_DIR / "nginx" / "tmp")} <= set(made.group(1).split())
-    assert {str(gen.RUN_DIR), str(gen.FRONTDOOR_DIR)} <= set(made.group(2).split())
+    assert {str(layout.RUN_DIR), str(layout.FRONTDOOR_DIR / "nginx" / "tmp")} <= set(made.group(1).split())
+    assert {str(layout.RUN_DIR), str(layout.FRONTDOOR_DIR)} <= set(made.group(2).split())
     exposed = {int(port) for port in dict(steps)["EXPOSE"].split()}
-    assert exposed == {port["containerPort"] for deployment in (gen.REPLICA, gen.FRONTDOOR)
+    assert exposed == {port["containerPort"] for deployment in (layout.REPLICA, layout.FRONTDOOR)
                        for box in pod_spec(cluster, deployment)["containers"] for port in box.get("ports", [])}
-    assert str(gen.HOP_DIR) in made.group(1).split() and str(gen.HOP_DIR) in made.group(2).split()
+    assert str(layout.HOP_DIR) in made.group(1).split() and str(layout.HOP_DIR) in made.group(2).split()
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None or not Path("/usr/sbin/nginx").exists(),
@@ -460,7 +493,7 @@ def test_the_dockerfile_builds_what_the_manifests_run(cluster):
 def test_nginx_accepts_the_front_doors_config_in_the_pods_layout(cluster, tmp_path):
     """`nginx -t` on the ConfigMap's config, with the pod's directories moved under tmp_path and the
     Service's name (which only the cluster resolves) replaced by loopback."""
-    _, text = configmap_file(cluster, gen.FRONTDOOR, "config")
+    _, text = configmap_file(cluster, layout.FRONTDOOR, "config")
     tls = tmp_path / "tls"
     tls.mkdir()
     made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=t",
@@ -470,10 +503,10 @@ def test_nginx_accepts_the_front_doors_config_in_the_pods_layout(cluster, tmp_pa
     (nginx_dir / "tmp").mkdir(parents=True)   # the pod's two emptyDirs
     api_keys = tmp_path / "api-keys"          # the client keys Secret, as docs/kubernetes.md makes it
     api_keys.mkdir()
-    (api_keys / gen.API_KEYS_FILE).write_text(client_keys_map(["client-key-0123456789abcdef"]))
-    for old, new in {str(gen.FRONTDOOR_DIR): str(tmp_path / "frontdoor"), str(gen.TLS_DIR): str(tls),
-                     str(gen.API_KEYS_DIR): str(api_keys),
-                     f"{gen.INFERENCE_SERVICE}:": "127.0.0.1:", str(gen.APP_DIR): str(REPO_ROOT)}.items():
+    (api_keys / layout.API_KEYS_FILE).write_text(client_keys_map(["client-key-0123456789abcdef"]))
+    for old, new in {str(layout.FRONTDOOR_DIR): str(tmp_path / "frontdoor"), str(layout.TLS_DIR): str(tls),
+                     str(layout.API_KEYS_DIR): str(api_keys),
+                     f"{layout.INFERENCE_SERVICE}:": "127.0.0.1:", str(layout.APP_DIR): str(REPO_ROOT)}.items():
         text = text.replace(old, new)
     (nginx_dir / "nginx.conf").write_text(text)
     checked = subprocess.run(["/usr/sbin/nginx", "-t", "-p", str(nginx_dir), "-c", str(nginx_dir / "nginx.conf")],
@@ -484,7 +517,7 @@ def test_nginx_accepts_the_front_doors_config_in_the_pods_layout(cluster, tmp_pa
 
 def hop_config(tmp_path: Path, cluster: dict, token_auth: bool = True) -> Path:
     """The ConfigMap's config with the image's run dir under tmp_path (and token auth as asked)."""
-    _, text = configmap_file(cluster, gen.REPLICA, "config")
+    _, text = configmap_file(cluster, layout.REPLICA, "config")
     config = tmp_path / "config.properties"
     config.write_text(set_properties(text, {"disable_token_authorization": str(not token_auth).lower()}))
     return config
@@ -495,7 +528,7 @@ def test_nginx_accepts_the_key_hop_the_pod_runs_and_it_adds_the_current_key(clus
     """serving/fleet/keyhop.py as the pod runs it: `nginx -t` (in write) accepts the rendered hop, on the
     pod's address and hop port, forwarding to TorchServe's loopback inference port with the key
     read from the run dir; no key yet: a placeholder TorchServe refuses."""
-    hop_command = container(cluster, gen.REPLICA, "key-hop")["command"]
+    hop_command = container(cluster, layout.REPLICA, "key-hop")["command"]
     address, port = (hop_command[hop_command.index(flag) + 1] for flag in ("--address", "--port"))
     run_dir = tmp_path / "replica"
     run_dir.mkdir()
@@ -518,7 +551,7 @@ def test_the_key_hop_refuses_a_replica_without_token_auth_in_one_line(cluster, t
 
 
 def test_without_a_footprint_the_generator_says_so_in_one_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(gen, "FOOTPRINT", tmp_path / "footprint.json")
+    monkeypatch.setattr(kube, "FOOTPRINT", tmp_path / "footprint.json")
     result = CliRunner().invoke(gen.main, ["--out-dir", str(tmp_path / "out")])
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert "run `python -m benchmarks.footprint`" in result.output and len(result.output.strip().splitlines()) == 1
@@ -612,9 +645,9 @@ def test_the_replica_serves_from_a_read_only_root_as_the_pod_does(cluster, expor
     build_archive(exported / TORCHSCRIPT_NAME, model_store, force=True)
     run_dir = tmp_path / "replica"
     run_dir.mkdir()
-    _, text = configmap_file(cluster, gen.REPLICA, "config")
-    for old, new in {str(gen.IMAGE_MODEL_STORE): str(model_store), str(gen.APP_DIR): str(REPO_ROOT),
-                     str(gen.RUN_DIR): str(run_dir)}.items():
+    _, text = configmap_file(cluster, layout.REPLICA, "config")
+    for old, new in {str(layout.IMAGE_MODEL_STORE): str(model_store), str(layout.APP_DIR): str(REPO_ROOT),
+                     str(layout.RUN_DIR): str(run_dir)}.items():
         text = text.replace(old, new)
     ports = free_ports(7)
     loopback = {f"{api}_address": f"http://127.0.0.1:{port}"

@@ -1,0 +1,77 @@
+"""The pod layout the Kubernetes manifests describe, named once: the image and its paths, the
+objects' names, the ports (serving/fleet/topology.py's replica-0), the autoscaler's metric, the
+memory rounding and the probes' timings (deploy/objects.py builds the objects from these)."""
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+from serving.fleet.topology import Replica, ReplicaPorts
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+OUT_DIR = REPO_ROOT / "deploy" / "kubernetes"
+BASE_CONFIG = REPO_ROOT / "config.production.properties"   # token auth on: `make config.production.properties`
+MODEL_CONFIG = REPO_ROOT / "serving" / "handler" / "model-config.yaml"
+FOOTPRINT = REPO_ROOT / "benchmarks" / "footprint.json"
+DOC = REPO_ROOT / "docs" / "kubernetes.md"   # its k8s block: the figures below, written by the generator
+
+# The image (deploy/Dockerfile): where it puts things, and whom it runs as.
+IMAGE = "digitserve:0.1.0"
+PYTHON = "python"                                   # the image's interpreter, on its PATH
+APP_DIR = PurePosixPath("/app")                     # the repo's serving code, config and archive
+IMAGE_MODEL_STORE = APP_DIR / "model_store"         # mnist.mar, read-only: a new model is a new image
+USER_ID = 10001                                     # deploy/Dockerfile's model-server user
+# Mounted at run time (the root filesystem is read-only).
+RUN_DIR = PurePosixPath("/srv/replica")             # emptyDir: pid file, logs, unpacked model, worker sockets
+TMP_DIR = PurePosixPath("/tmp")                     # emptyDir: HOME and anything else a library writes
+FRONTDOOR_DIR = PurePosixPath("/srv/frontdoor")     # the front door's run dir; nginx's is FRONTDOOR_DIR/nginx
+TLS_DIR = PurePosixPath("/etc/frontdoor/tls")       # the TLS Secret (kubernetes.io/tls: tls.crt, tls.key)
+API_KEYS_DIR = PurePosixPath("/etc/frontdoor/api-keys")   # the client keys Secret: API_KEYS_FILE, nginx map entries
+API_KEYS_FILE = "client-keys.map"
+HOP_DIR = PurePosixPath("/srv/key-hop")             # emptyDir: the key hop's nginx config (it holds the key), pid, temp
+
+NAME = "digitserve"
+REPLICA = f"{NAME}-replica"
+FRONTDOOR = f"{NAME}-frontdoor"
+INFERENCE_SERVICE = f"{NAME}-inference"
+TLS_SECRET = f"{FRONTDOOR}-tls"
+API_KEYS_SECRET = f"{FRONTDOOR}-api-keys"
+# One replica's ports: the fleet's replica-0. Every pod has its own network namespace.
+PORTS = ReplicaPorts.derived(0)
+# A pod is one of the fleet's replicas: the same ports, its run dir an emptyDir, its config (the
+# ConfigMap's file) where the fleet keeps a replica's, so it runs and is probed as the fleet does.
+POD_REPLICA = Replica(REPLICA, PORTS, Path(RUN_DIR))
+BIND_ALL = "0.0.0.0"   # the key hop and metrics listen on the pod's address; the NetworkPolicy says who may connect
+LOOPBACK = "127.0.0.1"  # TorchServe's inference and management: only the pod's own containers reach them
+
+# The request-rate metric the HPA scales on, served by prometheus-adapter (adapter_rule).
+RATE_METRIC = "digitserve_requests_per_second"
+COUNTER = "ts_inference_requests_total"   # TorchServe 0.12's counter, declared in serving/server/metrics.yaml
+RATE_WINDOW = "2m"
+# The HPA's target: TARGET_SHARE of what one replica answered at TARGET_CLIENTS clients in `make bench`
+# (benchmarks/results.json, its "ours" serving row): a pod asks for more company well before its
+# queue fills. Rounded down to tens; the figure and its source are written into hpa.yaml and docs.
+BENCH_RESULTS = REPO_ROOT / "benchmarks" / "results.json"
+BENCH_SERVING_ROW = "ours:"   # the row of results.json's serving table that runs our model-config.yaml
+TARGET_CLIENTS = 16
+TARGET_SHARE = 0.5
+MAX_REPLICAS = 10
+SCALE_DOWN_WINDOW_S = 300   # a lull of five minutes before pods go: traffic comes in waves
+
+# Memory: requests = what one replica was measured to use under load (benchmarks/footprint.json,
+# its readiness probe's own Python included: an exec probe runs inside the pod), rounded up;
+# limits = that x HEADROOM. Why 1.75: the measurement loaded small images, and Java stayed near
+# 250 MiB; a flood of large bodies fills its queue (job_queue_size x max_request_size = 400 MiB)
+# and may grow its heap to vmargs' -Xmx1g, about 0.9 GiB more with the JVM's own overhead. 1.75 x
+# the ~1.6 GiB request covers that and leaves ~0.3 GiB for the workers' batches: an OOM kill would
+# cost every request in flight.
+MEMORY_STEP_MIB = 64
+HEADROOM = 1.75
+# Probes. `ready` makes two calls of up to 5 s each (its --timeout), after Python's start.
+READY_TIMEOUT_S = 15
+PROBE_PERIOD_S = 10
+STARTUP_PERIOD_S = 5
+LIVENESS_PATH = "/ping"   # TorchServe's frontend heartbeat: a hung Java fails it; the workers are TorchServe's own care
+
+
+class ManifestError(Exception):
+    """The manifests cannot be generated or checked; the message says why, in one line."""
