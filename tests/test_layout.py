@@ -101,6 +101,44 @@ def test_each_rule_catches_a_deliberate_violation(path, line, rule):
                for hit in broken_rules(REPO_ROOT / path, source)), line
 
 
+# --- size: no module a reader cannot hold, no folder that hides the others --------------------------
+MAX_MODULE_LINES = 350
+MAX_FOLDER_SHARE = 1 / 3
+
+
+def line_counts(paths: list[Path]) -> dict[Path, int]:
+    return {path: len(path.read_text().splitlines()) for path in paths}
+
+
+def oversized(counts: dict[Path, int]) -> list[str]:
+    """Modules over MAX_MODULE_LINES, and folders (their own .py files, not their subfolders') over
+    MAX_FOLDER_SHARE of all product lines."""
+    found = [f"{path.relative_to(REPO_ROOT)}: {lines} lines" for path, lines in counts.items()
+             if lines > MAX_MODULE_LINES]
+    folders: dict[Path, int] = {}
+    for path, lines in counts.items():
+        folders[path.parent] = folders.get(path.parent, 0) + lines
+    total = sum(counts.values())
+    found += [f"{folder.relative_to(REPO_ROOT)}/: {lines} of {total} lines" for folder, lines in folders.items()
+              if lines > total * MAX_FOLDER_SHARE]
+    return found
+
+
+def test_no_module_over_350_lines_and_no_folder_over_a_third():
+    counts = line_counts(ALL_MODULES)
+    assert oversized(counts) == [], oversized(counts)
+
+
+def test_the_size_rule_catches_a_long_module_and_a_heavy_folder():
+    counts = line_counts(ALL_MODULES)
+    longest = max(counts, key=counts.get)
+    assert oversized({**counts, longest: MAX_MODULE_LINES + 1}) == [
+        f"{longest.relative_to(REPO_ROOT)}: {MAX_MODULE_LINES + 1} lines"]
+    # Forty more files in export/, each under the module limit: the folder outweighs the rest.
+    more = {REPO_ROOT / "export" / f"part{index}.py": MAX_MODULE_LINES for index in range(40)}
+    assert any(hit.startswith("export/: ") for hit in oversized({**counts, **more}))
+
+
 def test_the_shipped_folder_is_exactly_what_the_archive_ships():
     """serving/handler/ holds the archive's sources and nothing else (the archive adds the model and
     its manifest); test_lifecycle compares a real .mar's names with the folder too."""
