@@ -78,10 +78,40 @@ def trained_min_accuracy() -> float:
 
 
 @pytest.fixture(scope="session")
-def trained_checkpoint(tmp_path_factory, data_dir) -> Path:
+def fastest_kernels(mnist_digits):
+    """This machine's fastest training kernels, measured once a session with make train's own probe
+    (training/tuning.py) on a batch of real digits. Runs too short to repay a probe would otherwise
+    take the unmeasured default (channels_last+bf16: 1.6x slower than fp32 on CI's 2-core Xeon), and
+    longer ones would each probe again (27 s there)."""
+    from training.config import TrainConfig
+    from training.data import normalize
+    from training.model import ModelConfig
+    from training.tuning import choose_kernels
+    images, labels = mnist_digits
+    batch = TrainConfig().batch_size
+    pixels = normalize(torch.from_numpy(images[:batch + batch // 4].copy()))   # with outlier rows, as training
+    return choose_kernels(TrainConfig(device="cpu"), pixels, torch.from_numpy(labels[:batch].copy()).long(),
+                          ModelConfig(), run_steps=10**6)
+
+
+def kernel_settings(kernels) -> dict:
+    """TrainConfig fields that name kernels: the run takes them as asked, without a probe."""
+    return {"memory_format": kernels.memory_format, "amp": kernels.amp, "amp_dtype": kernels.amp_dtype or "auto"}
+
+
+@pytest.fixture(scope="session")
+def kernel_args(fastest_kernels) -> tuple[str, ...]:
+    """The same as command-line options, for the tests that run training as a process."""
+    settings = kernel_settings(fastest_kernels)
+    amp = ("--amp", "--amp-dtype", settings["amp_dtype"]) if settings["amp"] else ("--no-amp",)
+    return ("--memory-format", settings["memory_format"], *amp)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory, data_dir, fastest_kernels) -> Path:
     from training.train import TrainConfig, train
     out = tmp_path_factory.mktemp("trained") / CHECKPOINT_NAME
-    result = train(TrainConfig(**TEST_RECIPE, data_dir=data_dir, out=str(out)))
+    result = train(TrainConfig(**TEST_RECIPE, **kernel_settings(fastest_kernels), data_dir=data_dir, out=str(out)))
     assert result.metrics["test_acc"] >= TEST_RECIPE_MIN_ACCURACY, "the test recipe no longer trains a usable model"
     return out
 

@@ -35,9 +35,10 @@ def wait_for_line(process, text, timeout_s=240):
     raise AssertionError(f"never saw {text!r}: {''.join(seen)[-2000:]}")
 
 
-def test_sigkill_mid_epoch_then_resume(tmp_path, data_dir, reliability_log):
+def test_sigkill_mid_epoch_then_resume(tmp_path, data_dir, reliability_log, kernel_args):
     out = tmp_path / "m.pt"
-    args = ["--train-subset", "8192", "--epochs", "3", "--device", "cpu", "--data-dir", data_dir, "--out", str(out)]
+    args = ["--train-subset", "8192", "--epochs", "3", "--device", "cpu", *kernel_args, "--data-dir", data_dir,
+            "--out", str(out)]
     process = start(args, tmp_path)
     wait_for_line(process, "epoch  1/3")
     time.sleep(1.0)                              # well inside epoch 2 (an epoch takes several seconds)
@@ -93,10 +94,10 @@ def test_sigterm_mid_save_leaves_no_temp_file_and_the_previous_checkpoint(tmp_pa
     load_checkpoint(out)
 
 
-def test_killed_rank_fails_the_job_instead_of_hanging(tmp_path, data_dir, reliability_log):
+def test_killed_rank_fails_the_job_instead_of_hanging(tmp_path, data_dir, reliability_log, kernel_args):
     import psutil
 
-    process = start(["--train-subset", "16384", "--epochs", "4", "--device", "cpu", "--data-dir", data_dir,
+    process = start(["--train-subset", "16384", "--epochs", "4", "--device", "cpu", *kernel_args, "--data-dir", data_dir,
                      "--out", str(tmp_path / "m.pt")], tmp_path, torchrun=True)
     try:
         wait_for_line(process, "training on")

@@ -28,12 +28,12 @@ def read_until(job: subprocess.Popen, marker: str) -> list[str]:
     raise AssertionError("the job ended before printing " + repr(marker) + ":\n" + "".join(lines))
 
 
-def test_ctrl_c_under_torchrun_ends_in_one_line_and_status_130(tmp_path, data_dir):
+def test_ctrl_c_under_torchrun_ends_in_one_line_and_status_130(tmp_path, data_dir, kernel_args):
     launcher = Path(sys.executable).with_name("mnist-torchrun")
     job = start_in_own_group([str(launcher), "--standalone", "--nproc-per-node=2", "-m", "training",
                               "--data-dir", data_dir, "--train-subset", "2048", "--val-images", "256",
                               "--synthetic-digits", "0", "--outlier-weight", "0", "--epochs", "40",
-                              "--out", str(tmp_path / "model.pt")])
+                              *kernel_args, "--out", str(tmp_path / "model.pt")])
     try:
         before = read_until(job, "epoch  1/40")            # mid-training, the process group is up
         os.killpg(job.pid, signal.SIGINT)                    # what Ctrl-C in a terminal does

@@ -30,7 +30,8 @@ from training.train import check_ranks_start_alike
 RDZV_PORT = 29400                 # torchrun's default c10d rendezvous port, inside the namespaces only
 # 4096 images x 3 epochs: an epoch of a few seconds, long enough to lose a machine in the middle of.
 RECIPE = ("--train-subset", "4096", "--epochs", "3", "--warmup-epochs", "0.3")
-# Both "machines" share this machine's cores: one thread per rank. A lost peer fails a rank after 20 s.
+# Both "machines" share this machine's cores: one thread per rank, the session's fastest kernels
+# (conftest.kernel_args). A lost peer fails a rank after 20 s.
 PEER_TIMEOUT_S = 20
 MACHINE = ("--device", "cpu", "--threads-per-rank", "1", "--peer-timeout-s", str(PEER_TIMEOUT_S))
 RUN_TIMEOUT_S = 300               # the test's own bound on any run: past it, everything is killed
@@ -79,23 +80,25 @@ def multinode_command(host: Host, head: Host, elasticity: Elasticity) -> list[st
             *(["--rdzv-conf", ",".join(rdzv_conf)] if rdzv_conf else []), "--local-addr", host.address]
 
 
-def start(host: Host, head: Host, tmp_path: Path, data_dir: str, elasticity: Elasticity = Elasticity()) -> Node:
+def start(host: Host, head: Host, tmp_path: Path, data_dir: str, kernels: tuple[str, ...],
+          elasticity: Elasticity = Elasticity()) -> Node:
     out = tmp_path / host.address / CHECKPOINT_NAME
     out.parent.mkdir(parents=True)
     log = tmp_path / f"{host.address}.log"
     command = host.command(*multinode_command(host, head, elasticity), "-m", "training",
-                           *RECIPE, *MACHINE, "--data-dir", data_dir, "--out", str(out))
+                           *RECIPE, *MACHINE, *kernels, "--data-dir", data_dir, "--out", str(out))
     with log.open("w") as sink:   # a file, not a pipe: nobody has to drain it while we wait
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=sink, stderr=subprocess.STDOUT,
                                    env=subprocess_env(GLOO_SOCKET_IFNAME=host.interface))
     return Node(host, process, log, out)
 
 
-def start_both(hosts: tuple[Host, Host], tmp_path, data_dir,
+def start_both(hosts: tuple[Host, Host], tmp_path, data_dir, kernels: tuple[str, ...],
                elasticity: Elasticity = Elasticity()) -> tuple[Node, Node]:
     """Host a is the head: it keeps the rendezvous store, and its lower address makes it rank 0."""
     a, b = hosts
-    return start(a, a, tmp_path, data_dir, elasticity), start(b, a, tmp_path, data_dir, elasticity)
+    return (start(a, a, tmp_path, data_dir, kernels, elasticity),
+            start(b, a, tmp_path, data_dir, kernels, elasticity))
 
 
 def wait_for_first_epoch(head: Node) -> None:
@@ -151,11 +154,11 @@ def test_ranks_that_would_start_from_different_epochs_stop(interrupted, monkeypa
 # --- two machines ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, data_dir) -> tuple[Node, Node]:
+def uninterrupted(tmp_path_factory, data_dir, kernel_args) -> tuple[Node, Node]:
     """One whole two-machine run, also the baseline the resumed run is held to."""
     tmp_path = tmp_path_factory.mktemp("multihost")
     with two_hosts() as hosts:
-        nodes = start_both(hosts, tmp_path, data_dir)
+        nodes = start_both(hosts, tmp_path, data_dir, kernel_args)
         codes = [node.wait() for node in nodes]
     assert codes == [0, 0], "\n\n".join(node.text()[-3000:] for node in nodes)
     return nodes
@@ -178,11 +181,11 @@ def test_two_machines_train_one_model(uninterrupted):
 
 
 @pytest.mark.slow
-def test_lost_machine_ends_the_job_naming_it(tmp_path, data_dir):
+def test_lost_machine_ends_the_job_naming_it(tmp_path, data_dir, kernel_args):
     """Without restarts: the other machine's link goes down mid-epoch and it dies (a power cut:
     nothing more arrives from it); the survivor fails within the peer timeout and names it."""
     with two_hosts() as hosts:
-        head, other = start_both(hosts, tmp_path, data_dir)
+        head, other = start_both(hosts, tmp_path, data_dir, kernel_args)
         wait_for_first_epoch(head)
         other.host.cut_link()
         other.host.kill_all()
@@ -199,7 +202,7 @@ def test_lost_machine_ends_the_job_naming_it(tmp_path, data_dir):
 
 
 @pytest.mark.slow
-def test_lost_machine_with_restarts_resumes_and_finishes(tmp_path, data_dir, uninterrupted):
+def test_lost_machine_with_restarts_resumes_and_finishes(tmp_path, data_dir, uninterrupted, kernel_args):
     """Elastic (--nnodes 1:2, --max-restarts): the other machine's torchrun and worker are killed
     mid-epoch; torchrun restarts the survivor's worker alone, which resumes from the epoch-1
     checkpoint by itself and ends as good as the uninterrupted run."""
@@ -207,7 +210,7 @@ def test_lost_machine_with_restarts_resumes_and_finishes(tmp_path, data_dir, uni
     # (30 s by default); both start together, so the first rendezvous fills up before it.
     elastic = Elasticity(nnodes="1:2", max_restarts=2, rdzv_conf=("last_call_timeout=10",))
     with two_hosts() as hosts:
-        head, other = start_both(hosts, tmp_path, data_dir, elastic)
+        head, other = start_both(hosts, tmp_path, data_dir, kernel_args, elastic)
         wait_for_first_epoch(head)
         other.host.kill_all()
         code = head.wait()
