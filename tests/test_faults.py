@@ -17,6 +17,10 @@ from training.durable import SIGTERM_IN_SAVE_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
+# What these runs test is the process and the files, not the data: no generated digits or
+# non-digits (their generation took ~20 s in every process) and a small validation split.
+LIGHT_DATA = ("--synthetic-digits", "0", "--outlier-weight", "0", "--val-images", "512")
+
 
 def start(args, cwd, torchrun=False, **env):
     command = torchrun_command("-m", "training", *args) if torchrun else [sys.executable, "-m", "training", *args]
@@ -37,8 +41,8 @@ def wait_for_line(process, text, timeout_s=240):
 
 def test_sigkill_mid_epoch_then_resume(tmp_path, data_dir, reliability_log, kernel_args):
     out = tmp_path / "m.pt"
-    args = ["--train-subset", "8192", "--epochs", "3", "--device", "cpu", *kernel_args, "--data-dir", data_dir,
-            "--out", str(out)]
+    args = ["--train-subset", "8192", "--epochs", "3", "--device", "cpu", *kernel_args, *LIGHT_DATA,
+            "--data-dir", data_dir, "--out", str(out)]
     process = start(args, tmp_path)
     wait_for_line(process, "epoch  1/3")
     time.sleep(1.0)                              # well inside epoch 2 (an epoch takes several seconds)
@@ -97,7 +101,8 @@ def test_sigterm_mid_save_leaves_no_temp_file_and_the_previous_checkpoint(tmp_pa
 def test_killed_rank_fails_the_job_instead_of_hanging(tmp_path, data_dir, reliability_log, kernel_args):
     import psutil
 
-    process = start(["--train-subset", "16384", "--epochs", "4", "--device", "cpu", *kernel_args, "--data-dir", data_dir,
+    process = start(["--train-subset", "16384", "--epochs", "4", "--device", "cpu", *kernel_args, *LIGHT_DATA,
+                     "--data-dir", data_dir,
                      "--out", str(tmp_path / "m.pt")], tmp_path, torchrun=True)
     try:
         wait_for_line(process, "training on")
