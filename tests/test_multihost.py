@@ -181,7 +181,8 @@ def test_two_machines_train_one_model(uninterrupted):
 
 
 @pytest.mark.slow
-def test_lost_machine_ends_the_job_naming_it(tmp_path, data_dir, kernel_args):
+@pytest.mark.reliability
+def test_lost_machine_ends_the_job_naming_it(tmp_path, data_dir, kernel_args, reliability_log):
     """Without restarts: the other machine's link goes down mid-epoch and it dies (a power cut:
     nothing more arrives from it); the survivor fails within the peer timeout and names it."""
     with two_hosts() as hosts:
@@ -193,6 +194,9 @@ def test_lost_machine_ends_the_job_naming_it(tmp_path, data_dir, kernel_args):
         code = head.wait()
         took = time.monotonic() - lost_at
     log = head.text()
+    reliability_log.append({"check": f"cut one of 2 machines' link mid-epoch (survivor exited in {took:.0f} s, "
+                                     f"--peer-timeout-s {PEER_TIMEOUT_S})", "cases": 1,
+                            "passed": int(code != 0 and took < LOST_HOST_EXIT_S)})
     assert code != 0, log[-3000:]
     assert took < LOST_HOST_EXIT_S, f"the survivor took {took:.0f} s to give up"
     assert "epoch  1/3" in log and "epoch  2/3" not in log   # lost in the middle of epoch 2
@@ -202,7 +206,9 @@ def test_lost_machine_ends_the_job_naming_it(tmp_path, data_dir, kernel_args):
 
 
 @pytest.mark.slow
-def test_lost_machine_with_restarts_resumes_and_finishes(tmp_path, data_dir, uninterrupted, kernel_args):
+@pytest.mark.reliability
+def test_lost_machine_with_restarts_resumes_and_finishes(tmp_path, data_dir, uninterrupted, kernel_args,
+                                                         reliability_log):
     """Elastic (--nnodes 1:2, --max-restarts): the other machine's torchrun and worker are killed
     mid-epoch; torchrun restarts the survivor's worker alone, which resumes from the epoch-1
     checkpoint by itself and ends as good as the uninterrupted run."""
@@ -213,7 +219,9 @@ def test_lost_machine_with_restarts_resumes_and_finishes(tmp_path, data_dir, uni
         head, other = start_both(hosts, tmp_path, data_dir, kernel_args, elastic)
         wait_for_first_epoch(head)
         other.host.kill_all()
+        lost_at = time.monotonic()
         code = head.wait()
+        took = time.monotonic() - lost_at
     log = head.text()
     assert code == 0, log[-3000:]
     assert f"resuming {head.out} after epoch 1/3" in log
@@ -222,5 +230,8 @@ def test_lost_machine_with_restarts_resumes_and_finishes(tmp_path, data_dir, uni
     assert [host["address"] for host in checkpoint["metrics"]["hosts"]] == [head.host.address]
     baseline = load_checkpoint(uninterrupted[0].out)["metrics"]["test_acc"]
     resumed = checkpoint["metrics"]["test_acc"]
+    reliability_log.append({"check": f"lose one of 2 machines, elastic (the survivor resumed and finished in {took:.0f} s: "
+                                     f"{resumed:.2%} test accuracy, uninterrupted {baseline:.2%})", "cases": 1,
+                            "passed": int(abs(resumed - baseline) <= ACCURACY_TOLERANCE), "lost": 0})
     assert abs(resumed - baseline) <= ACCURACY_TOLERANCE, f"resumed {resumed:.2%}, uninterrupted {baseline:.2%}"
 
