@@ -31,6 +31,8 @@ DEMO_DIR    := .run/demo
 CHROMIUM    := /usr/bin/chromium
 SAMPLES     := samples
 INSTALLED   := $(VENV)/.installed
+LOCK        := requirements.lock
+PIP_TOOLS   := pip-tools==7.7.0
 # No byte-compiling at install: pip would compile all ~10,000 files of torch and friends
 # (20 s of CPU on a fast 2-core machine, minutes on a slow one); Python compiles what a run imports.
 PIP_FLAGS   ?= --no-compile
@@ -41,20 +43,27 @@ IMG         ?= $(SAMPLES)/digit_7.png
 DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 .DEFAULT_GOAL := help
-.PHONY: help install system java browser prometheus nginx fonts fleet fleet-stop data train export archive serve demo stop predict samples test test-fast screenshot reliability bench manifests clean FORCE
+.PHONY: help install lock system java browser prometheus nginx fonts fleet fleet-stop data train export archive serve demo stop predict samples test test-fast screenshot reliability bench manifests clean FORCE
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 	@echo "  Variables: DATA_DIR=path/to/mnist (local copy; unset: download), TRAIN_ARGS='--epochs 5', IMG=file.png"
 
-install: $(INSTALLED) ## Create .venv and install the project with test and bench extras
+install: $(INSTALLED) ## Create .venv and install exactly requirements.lock (hash-checked), then the project
 
-$(INSTALLED): pyproject.toml
+# requirements.lock pins every package (pip and setuptools too) with its hashes: pip refuses a file whose
+# hash differs, and nothing unpinned comes in (--no-deps). `make lock` writes it from pyproject.toml.
+$(INSTALLED): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet $(PIP_FLAGS) --upgrade pip
-	$(BIN)/pip install --quiet $(PIP_FLAGS) -e '.[test,bench]'
+	$(BIN)/pip install --quiet $(PIP_FLAGS) --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/pip install --quiet $(PIP_FLAGS) --no-deps --no-build-isolation -e .
 	grep -q '^# digitserve: a plain' $(BIN)/activate || sed 's|@CONFIG@|$(CURDIR)/config.properties|' serving/server/activate.sh >> $(BIN)/activate
 	touch $@
+
+lock: ## Rewrite requirements.lock (every package pinned, with hashes) from pyproject.toml, with pip-tools
+	$(PYTHON) -m venv .run/lock && .run/lock/bin/pip install --quiet $(PIP_TOOLS)
+	.run/lock/bin/pip-compile --quiet --generate-hashes --allow-unsafe --no-emit-index-url --no-emit-find-links \
+	    --extra test --extra bench --strip-extras --output-file $(LOCK) pyproject.toml
 
 # $(call apt_install,PACKAGES,WHAT FOR[,RECOMMENDS FLAG, default --no-install-recommends]): one shell command that installs
 # PACKAGES, waiting up to 5 minutes for another apt-get/dpkg (unattended-upgrades, a second make) to let go

@@ -32,7 +32,8 @@ def scratch_copy(tmp_path: Path) -> Path:
     shutil.copy(REPO_ROOT / "Makefile", work / "Makefile")
     shutil.copy(REPO_ROOT / "config.properties", work / "config.properties")
     shutil.copy(REPO_ROOT / "pyproject.toml", work / "pyproject.toml")
-    for name in ("Makefile", "pyproject.toml"):   # copied just now: older than the venv and the exports
+    shutil.copy(REPO_ROOT / "requirements.lock", work / "requirements.lock")
+    for name in ("Makefile", "pyproject.toml", "requirements.lock"):   # older than the venv and the exports
         os.utime(work / name, (time.time() - 3600,) * 2)
     return work
 
@@ -117,3 +118,57 @@ def test_make_clean_stops_the_servers_before_removing_their_pid_files(tmp_path):
     finally:
         if pid is not None and port_open(port):
             os.kill(pid, 15)
+
+
+# --- the lock file make install uses -------------------------------------------------------------
+
+def locked() -> dict[str, tuple[str, list[str]]]:
+    """requirements.lock as {name: (version, hashes)}."""
+    from packaging.utils import canonicalize_name
+
+    entries, name = {}, None
+    for line in (REPO_ROOT / "requirements.lock").read_text().splitlines():
+        stripped = line.strip()
+        if stripped and not line.startswith((" ", "#")):
+            package, version = stripped.rstrip(" \\").split("==")
+            name = canonicalize_name(package)
+            entries[name] = (version, [])
+        elif stripped.startswith("--hash=sha256:"):
+            entries[name][1].append(stripped.rstrip(" \\"))
+    return entries
+
+
+def declared() -> list:
+    import tomllib
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    return [Requirement(text) for text in project["dependencies"] + extras["test"] + extras["bench"]]
+
+
+def test_the_lock_pins_every_declared_package_with_hashes():
+    """make install takes requirements.lock with --require-hashes and --no-deps: a package of
+    pyproject.toml missing from the lock, or at a version its range refuses, would not be installed
+    or not be what was asked for; an entry without a hash would make pip refuse the whole file."""
+    from packaging.utils import canonicalize_name
+
+    lock = locked()
+    for requirement in declared():
+        name = canonicalize_name(requirement.name)
+        assert name in lock, f"{requirement} is not in requirements.lock: run make lock"
+        version, hashes = lock[name]
+        assert requirement.specifier.contains(version, prereleases=True), \
+            f"requirements.lock has {name}=={version}, pyproject.toml asks {requirement}: run make lock"
+    assert all(hashes for _, hashes in lock.values()), [n for n, (_, h) in lock.items() if not h]
+    assert "setuptools" in lock, "what builds the project is pinned too (pip is the venv's own, ensurepip's)"
+    text = (REPO_ROOT / "requirements.lock").read_text()
+    assert "--index-url" not in text and "--find-links" not in text, "no machine's own package sources"
+
+
+def test_make_install_takes_only_the_lock():
+    dry = subprocess.run(["make", "-n", "install", "VENV=/nonexistent/venv"], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=60).stdout
+    installs = [line for line in dry.splitlines() if " install " in line and "/pip " in line]
+    assert installs and all("--no-deps" in line for line in installs), installs
+    assert any("--require-hashes" in line and "-r requirements.lock" in line for line in installs), installs
