@@ -101,14 +101,37 @@ def parse_wrk(output: str, connections: int, duration_s: float) -> LoadResult:
                       sum(map(int, errors.groups())) if errors else 0)
 
 
-def run_wrk(url: str, image: Path, connections: int, duration_s: float, workdir: Path) -> LoadResult:
+def wrk_command(url: str, image: Path, connections: int, duration_s: float, workdir: Path,
+                threads: int = 2) -> list[str]:
     script = workdir / "post_digit.lua"
     script.write_text(WRK_SCRIPT.format(image=image))
-    threads = min(2, connections)
-    output = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration_s:g}s",
-                             "--timeout", "10s", "--latency", "-s", str(script), url],
+    return ["wrk", "-t", str(min(threads, connections)), "-c", str(connections), "-d", f"{duration_s:g}s",
+            "--timeout", "10s", "--latency", "-s", str(script), url]
+
+
+def run_wrk(url: str, image: Path, connections: int, duration_s: float, workdir: Path) -> LoadResult:
+    output = subprocess.run(wrk_command(url, image, connections, duration_s, workdir),
                             capture_output=True, text=True, check=True, timeout=duration_s + 60).stdout
     return parse_wrk(output, connections, duration_s)
+
+
+def run_wrk_spread(urls: list[str], image: Path, connections: int, duration_s: float, workdir: Path) -> LoadResult:
+    """`connections` clients spread evenly over `urls` at once (one wrk each, one thread each: the
+    same two client threads as run_wrk): what the front door's replicas serve without it.
+    Requests add up; a percentile is the highest of the wrk runs' (an upper bound of the whole's)."""
+    share = connections // len(urls)
+    runs = [subprocess.Popen(wrk_command(url, image, share, duration_s, workdir, threads=max(1, 2 // len(urls))),
+                             stdout=subprocess.PIPE, text=True) for url in urls]
+    results = []
+    for run in runs:
+        output, _ = run.communicate(timeout=duration_s + 60)
+        if run.returncode:
+            raise subprocess.CalledProcessError(run.returncode, run.args, output)
+        results.append(parse_wrk(output, share, duration_s))
+    return LoadResult(share * len(urls), duration_s, sum(r.requests for r in results),
+                      sum(r.requests_per_s for r in results),
+                      {p: max(r.latency_ms.get(p, 0.0) for r in results) for p in results[0].latency_ms},
+                      sum(r.non_2xx for r in results), sum(r.socket_errors for r in results))
 
 
 def measure(settings: ServeSettings, connection_counts=(1, 16), duration_s: float = 10.0,
@@ -132,9 +155,9 @@ def measure(settings: ServeSettings, connection_counts=(1, 16), duration_s: floa
             server.stop(workdir / "run")
 
 
-# The front door's rows: nginx (HTTP, then TLS) in front of the fleet's replicas, and one replica
-# of that same fleet called directly: what the proxy costs.
-FRONT_DOOR_ROWS = ("front door, HTTP", "front door, TLS", "direct to one replica")
+# The front door's rows: nginx (HTTP, then TLS) in front of the fleet's replicas, and the same
+# replicas called directly, the clients spread over them: what the proxy costs at equal capacity.
+FRONT_DOOR_ROWS = ("front door, HTTP", "front door, TLS", "direct to the replicas")
 NO_RATE_LIMIT = 1_000_000   # requests/s: wrk from one address must measure nginx, not its limit
 
 
@@ -149,8 +172,8 @@ def fleet_on_free_ports(workdir: Path, replicas: int, base_config: Path) -> Flee
 def measure_front_door(serialized_file: str, connections: int = 16, duration_s: float = 5.0,
                        data_dir: str | None = None, replicas: int = 2,
                        base_config: Path = REPO_ROOT / "config.properties") -> dict[str, LoadResult]:
-    """wrk at `connections` clients through a fleet's front door (HTTP, TLS) and straight to one
-    of its replicas, one row each (FRONT_DOOR_ROWS)."""
+    """wrk at `connections` clients through a fleet's front door (HTTP, TLS) and straight to its
+    replicas (the clients spread over them), one row each (FRONT_DOOR_ROWS)."""
     if shutil.which("wrk") is None:
         raise LoadToolMissing("wrk is not installed: apt-get install wrk")
     with tempfile.TemporaryDirectory(prefix="front_door_") as temp:
@@ -159,12 +182,15 @@ def measure_front_door(serialized_file: str, connections: int = 16, duration_s: 
         image = write_samples(data_dir, workdir / "samples")[7]
         fleet = fleet_on_free_ports(workdir, replicas, base_config)
         fleet_stage.start(fleet, archive)
-        urls = (fleet.front_door.http_url, fleet.front_door.https_url, fleet.replicas[0].inference_url)
+        path = f"/predictions/{MODEL_NAME}"
+        direct = [f"{replica.inference_url}{path}" for replica in fleet.replicas]
         try:
             results = {}
-            for row, url in zip(FRONT_DOOR_ROWS, urls):
-                run_wrk(f"{url}/predictions/{MODEL_NAME}", image, 4, 2, workdir)   # warm-up, discarded
-                results[row] = run_wrk(f"{url}/predictions/{MODEL_NAME}", image, connections, duration_s, workdir)
+            for row, url in zip(FRONT_DOOR_ROWS, (fleet.front_door.http_url, fleet.front_door.https_url)):
+                run_wrk(f"{url}{path}", image, 4, 2, workdir)   # warm-up, discarded
+                results[row] = run_wrk(f"{url}{path}", image, connections, duration_s, workdir)
+            run_wrk_spread(direct, image, 4, 2, workdir)
+            results[FRONT_DOOR_ROWS[2]] = run_wrk_spread(direct, image, connections, duration_s, workdir)
             return results
         finally:
             fleet_stage.stop(fleet)
@@ -193,8 +219,8 @@ def format_results(settings: ServeSettings, results: list[LoadResult]) -> str:
 @click.option("--duration", type=float, default=10.0, show_default=True, help="Seconds per client count.")
 @click.option("--data-dir", envvar="MNIST_DATA_DIR", default=None)
 @click.option("--json", "json_path", default=None, help="Also write the results here.")
-@click.option("--front-door", is_flag=True, help="Instead: a fleet's front door (HTTP, TLS) against one of its "
-              "replicas, at the largest --connections count.")
+@click.option("--front-door", is_flag=True, help="Instead: a fleet's front door (HTTP, TLS) against its replicas "
+              "called directly, at the largest --connections count.")
 def main(connections, duration, data_dir, json_path, front_door, **settings) -> None:
     """Load-test TorchServe with the given batching and worker settings."""
     settings = ServeSettings(**settings)
