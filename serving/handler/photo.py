@@ -1,0 +1,135 @@
+"""Photos and small images: the steps preprocess.py takes before it crops a digit that did not
+come in MNIST's own form (issue 26, point 1).
+
+- Uneven light is divided out: the paper's brightness is estimated at every pixel by a
+  morphological closing (dark strokes narrower than the kernel vanish, the light that falls on
+  the paper stays, a linear light gradient exactly), measured better than one border level and
+  than a blurred copy divided out (docs/preprocessing.md).
+- JPEG noise and paper texture stay paper: a noise floor measured on the image itself (median +
+  a few robust deviations of the ink map, which is mostly paper) is subtracted before stretching.
+- A digit the sender enlarged by pixel replication (a 10 px digit sent as 50 px of blocks) is
+  taken back to its native pixels, so it is resampled smoothly like any small digit.
+
+Imports only NumPy and Pillow: the model archive ships this file beside the handler.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+# The paper is estimated on a copy whose longer side is at most this: light varies slowly, and a
+# closing there costs microseconds whatever the photo's size.
+BACKGROUND_SIDE = 96
+# Closing kernel, as a share of that copy's shorter side: wider than any stroke (a digit's
+# strokes are ~1/8 of its height, and a digit is at most the image), narrow enough to follow light.
+CLOSING_SHARE = 0.25
+# Ink must stand this many robust standard deviations above the paper's own noise.
+NOISE_SIGMAS = 4.0
+MAD_TO_SIGMA = 1.4826      # a normal distribution's sigma per median absolute deviation
+PEAK_PERCENTILE = 99.0     # of the ink above the floor: one hot JPEG pixel must not set the scale
+# Pixel replication is recognised when this share of the steps between neighbours falls on
+# one phase of the block grid (1 / factor if the image were not blocky).
+BLOCK_STEP_SHARE = 0.8
+MAX_BLOCK = 12
+MIN_STEPS = 6            # edges a blocky image must show along each axis before it is called blocky
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """A pixel-replicated image: every factor x factor block starting at (top, left) is one pixel."""
+    factor: int
+    top: int
+    left: int
+
+
+NO_BLOCKS = Blocks(1, 0, 0)
+
+
+def running_extreme(values: np.ndarray, size: int, axis: int, reduce) -> np.ndarray:
+    """Max or min (reduce) over a centred window of `size` along axis, edges repeated."""
+    half = size // 2
+    padded = np.pad(values, [(half, half) if a == axis else (0, 0) for a in range(values.ndim)], mode="edge")
+    windows = np.lib.stride_tricks.sliding_window_view(padded, size, axis=axis)
+    return reduce(windows, axis=-1)
+
+
+def closing(values: np.ndarray, size: int) -> np.ndarray:
+    """Grey-level closing with a size x size square (max filter, then min filter): removes dark
+    features narrower than size and keeps a linear ramp as it is."""
+    dilated = running_extreme(running_extreme(values, size, 0, np.max), size, 1, np.max)
+    return running_extreme(running_extreme(dilated, size, 0, np.min), size, 1, np.min)
+
+
+def resized(values: np.ndarray, width: int, height: int, resample=Image.BILINEAR) -> np.ndarray:
+    image = Image.fromarray(values.astype(np.float32), mode="F")
+    return np.asarray(image.resize((width, height), resample), dtype=np.float32)
+
+
+def paper_level(gray: np.ndarray) -> np.ndarray:
+    """The paper's brightness at every pixel of a dark-ink-on-light-paper image."""
+    height, width = gray.shape
+    factor = max(1.0, max(height, width) / BACKGROUND_SIDE)
+    small_w, small_h = max(1, round(width / factor)), max(1, round(height / factor))
+    small = resized(gray, small_w, small_h, Image.BOX) if factor > 1 else gray
+    size = max(3, int(CLOSING_SHARE * min(small.shape)) | 1)
+    paper = closing(small, size)
+    paper = resized(paper, max(1, small_w // 4), max(1, small_h // 4), Image.BOX)   # smooth the closing's steps
+    return np.maximum(resized(paper, width, height), gray)
+
+
+def ink_map(gray: np.ndarray, light_paper: bool) -> np.ndarray:
+    """How much ink covers each pixel (0 paper .. 1 full ink), the light the paper got divided
+    out. Light paper: ink = 1 - gray / paper. Dark background (white ink): the background's
+    level, estimated the same way on the inverted image, subtracted."""
+    if light_paper:
+        return np.clip(1.0 - gray / np.maximum(paper_level(gray), 1e-3), 0.0, 1.0)
+    inverted = 1.0 - gray
+    return np.clip(paper_level(inverted) - inverted, 0.0, 1.0)
+
+
+def noise_floor(ink: np.ndarray) -> float:
+    """What paper, JPEG noise and texture reach on the ink map: most pixels are paper, so the
+    median and median absolute deviation of the whole map describe it."""
+    middle = float(np.median(ink))
+    spread = float(np.median(np.abs(ink - middle))) * MAD_TO_SIGMA
+    return middle + NOISE_SIGMAS * spread
+
+
+def ink_peak(ink: np.ndarray, floor: float) -> float:
+    above = ink[ink > floor]
+    return float(np.percentile(above, PEAK_PERCENTILE)) if above.size else floor
+
+
+def step_share(values: np.ndarray, factor: int, axis: int) -> tuple[float, int]:
+    """The largest share of the steps between neighbours along axis that falls on one phase of a
+    factor-wide grid, and that phase (the first pixel of a block)."""
+    steps = np.abs(np.diff(values, axis=axis)).sum(axis=1 - axis)
+    usable = len(steps) // factor * factor
+    # A few sharp edges (a ruled bar's two sides) fall on one phase by chance: ask for many.
+    if usable < 2 * factor or np.count_nonzero(steps > 0.05 * steps.max(initial=0)) < MIN_STEPS:
+        return 0.0, 0
+    per_phase = np.array([steps[phase:usable:factor].sum() for phase in range(factor)])
+    phase = int(per_phase.argmax())
+    return float(per_phase[phase] / per_phase.sum()), (phase + 1) % factor
+
+
+def find_blocks(ink: np.ndarray) -> Blocks:
+    """The pixel replication a sender scaled a small image up with, or NO_BLOCKS."""
+    for factor in range(MAX_BLOCK, 1, -1):
+        share_rows, top = step_share(ink, factor, 0)
+        share_cols, left = step_share(ink, factor, 1)
+        if min(share_rows, share_cols) >= BLOCK_STEP_SHARE:
+            return Blocks(factor, top, left)
+    return NO_BLOCKS
+
+
+def unblock(ink: np.ndarray, blocks: Blocks) -> np.ndarray:
+    """The image at its native pixels: each block averaged to one pixel."""
+    if blocks.factor == 1:
+        return ink
+    f = blocks.factor
+    part = ink[blocks.top:, blocks.left:]
+    rows, cols = part.shape[0] // f, part.shape[1] // f
+    return part[:rows * f, :cols * f].reshape(rows, f, cols, f).mean(axis=(1, 3))
