@@ -33,7 +33,7 @@ PEAK_PERCENTILE = 99.0     # of the ink above the floor: one hot JPEG pixel must
 # one phase of the block grid (1 / factor if the image were not blocky).
 BLOCK_STEP_SHARE = 0.8
 MAX_BLOCK = 12
-MIN_STEPS = 6            # edges a blocky image must show along each axis before it is called blocky
+MIN_STEPS = 8              # rows and columns where a blocky image steps, together, before it is called blocky
 
 
 @dataclass(frozen=True)
@@ -102,25 +102,26 @@ def ink_peak(ink: np.ndarray, floor: float) -> float:
     return float(np.percentile(above, PEAK_PERCENTILE)) if above.size else floor
 
 
-def step_share(values: np.ndarray, factor: int, axis: int) -> tuple[float, int]:
+def step_share(values: np.ndarray, factor: int, axis: int) -> tuple[float, int, int]:
     """The largest share of the steps between neighbours along axis that falls on one phase of a
-    factor-wide grid, and that phase (the first pixel of a block)."""
+    factor-wide grid, that phase (the first pixel of a block), and how many places step at all."""
     steps = np.abs(np.diff(values, axis=axis)).sum(axis=1 - axis)
     usable = len(steps) // factor * factor
-    # A few sharp edges (a ruled bar's two sides) fall on one phase by chance: ask for many.
-    if usable < 2 * factor or np.count_nonzero(steps > 0.05 * steps.max(initial=0)) < MIN_STEPS:
-        return 0.0, 0
+    places = int(np.count_nonzero(steps > 0.05 * steps.max(initial=0)))
+    if usable < 2 * factor or steps[:usable].sum() <= 0:
+        return 0.0, 0, places
     per_phase = np.array([steps[phase:usable:factor].sum() for phase in range(factor)])
     phase = int(per_phase.argmax())
-    return float(per_phase[phase] / per_phase.sum()), (phase + 1) % factor
+    return float(per_phase[phase] / per_phase.sum()), (phase + 1) % factor, places
 
 
 def find_blocks(ink: np.ndarray) -> Blocks:
     """The pixel replication a sender scaled a small image up with, or NO_BLOCKS."""
     for factor in range(MAX_BLOCK, 1, -1):
-        share_rows, top = step_share(ink, factor, 0)
-        share_cols, left = step_share(ink, factor, 1)
-        if min(share_rows, share_cols) >= BLOCK_STEP_SHARE:
+        share_rows, top, row_places = step_share(ink, factor, 0)
+        share_cols, left, col_places = step_share(ink, factor, 1)
+        # A few sharp edges (a ruled bar's two sides) fall on one phase by chance: ask for many.
+        if min(share_rows, share_cols) >= BLOCK_STEP_SHARE and row_places + col_places >= MIN_STEPS:
             return Blocks(factor, top, left)
     return NO_BLOCKS
 
