@@ -25,6 +25,8 @@ BACKGROUND_SIDE = 96
 # Closing kernel, as a share of that copy's shorter side: wider than any stroke (a digit's
 # strokes are ~1/8 of its height, and a digit is at most the image), narrow enough to follow light.
 CLOSING_SHARE = 0.25
+# A pixel at least this share of the paper's envelope (the closing) is paper, not ink.
+PAPER_SHARE = 0.85
 # Ink must stand this many robust standard deviations above the paper's own noise.
 NOISE_SIGMAS = 4.0
 MAD_TO_SIGMA = 1.4826      # a normal distribution's sigma per median absolute deviation
@@ -33,6 +35,9 @@ PEAK_PERCENTILE = 99.0     # of the ink above the floor: one hot JPEG pixel must
 # one phase of the block grid (1 / factor if the image were not blocky).
 BLOCK_STEP_SHARE = 0.8
 MAX_BLOCK = 12
+# A patch of ink apart from the rest (empty rows or columns between) holding under this share of
+# all the ink is a speck of grain or dirt, not part of the digit: the crop leaves it out.
+SPECK_SHARE = 0.02
 MIN_STEPS = 8              # rows and columns where a blocky image steps, together, before it is called blocky
 
 
@@ -68,15 +73,20 @@ def resized(values: np.ndarray, width: int, height: int, resample=Image.BILINEAR
 
 
 def paper_level(gray: np.ndarray) -> np.ndarray:
-    """The paper's brightness at every pixel of a dark-ink-on-light-paper image."""
+    """The paper's brightness at every pixel of a dark-ink-on-light-paper image: a closing finds
+    the paper's upper envelope, the pixels near it are paper, and their local mean is the level.
+    (The envelope alone rides on the grain's brightest specks: the ink map of plain paper would be
+    a few percent, with the grain's blotches in it.)"""
     height, width = gray.shape
     factor = max(1.0, max(height, width) / BACKGROUND_SIDE)
     small_w, small_h = max(1, round(width / factor)), max(1, round(height / factor))
     small = resized(gray, small_w, small_h, Image.BOX) if factor > 1 else gray
-    size = max(3, int(CLOSING_SHARE * min(small.shape)) | 1)
-    paper = closing(small, size)
-    paper = resized(paper, max(1, small_w // 4), max(1, small_h // 4), Image.BOX)   # smooth the closing's steps
-    return np.maximum(resized(paper, width, height), gray)
+    envelope = closing(small, max(3, int(CLOSING_SHARE * min(small.shape)) | 1))
+    paper = (small >= PAPER_SHARE * envelope).astype(np.float32)
+    coarse_w, coarse_h = max(1, small_w // 4), max(1, small_h // 4)
+    mass, area = resized(small * paper, coarse_w, coarse_h, Image.BOX), resized(paper, coarse_w, coarse_h, Image.BOX)
+    level = np.where(area > 0.05, mass / np.maximum(area, 0.05), resized(envelope, coarse_w, coarse_h, Image.BOX))
+    return resized(level, width, height)
 
 
 def ink_map(gray: np.ndarray, light_paper: bool) -> np.ndarray:
@@ -134,3 +144,17 @@ def unblock(ink: np.ndarray, blocks: Blocks) -> np.ndarray:
     part = ink[blocks.top:, blocks.left:]
     rows, cols = part.shape[0] // f, part.shape[1] // f
     return part[:rows * f, :cols * f].reshape(rows, f, cols, f).mean(axis=(1, 3))
+
+
+def ink_span(mass: np.ndarray) -> tuple[int, int]:
+    """First and last index of the ink along one axis (mass: ink per row or column), leaving out
+    end patches, apart from the rest, that hold under SPECK_SHARE of the ink."""
+    inked = np.flatnonzero(mass > 0)
+    breaks = np.flatnonzero(np.diff(inked) > 1)
+    patches = np.split(inked, breaks + 1)
+    total = mass.sum()
+    while len(patches) > 1 and mass[patches[0]].sum() < SPECK_SHARE * total:
+        patches.pop(0)
+    while len(patches) > 1 and mass[patches[-1]].sum() < SPECK_SHARE * total:
+        patches.pop()
+    return int(patches[0][0]), int(patches[-1][-1])

@@ -26,9 +26,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 if __package__:  # imported from the source tree
-    from .photo import Blocks, find_blocks, ink_map, ink_peak, noise_floor, unblock
+    from .photo import Blocks, find_blocks, ink_map, ink_span, ink_peak, noise_floor, unblock
 else:            # inside the model archive, beside the handler
-    from photo import Blocks, find_blocks, ink_map, ink_peak, noise_floor, unblock
+    from photo import Blocks, find_blocks, ink_map, ink_span, ink_peak, noise_floor, unblock
 
 MNIST_SIZE = 28
 DIGIT_BOX = 20             # MNIST scaled each digit to fit 20x20 ...
@@ -215,10 +215,10 @@ def fit_native(ink: np.ndarray) -> Framed:
     """Crop to the ink, scale the longer side to 20 px keeping the aspect ratio, and place
     it in 28x28 with its centre of mass in the middle, as MNIST was made; with the frame of
     that 28x28 in ink's pixels."""
-    rows = np.flatnonzero((ink > INK_THRESHOLD).any(axis=1))
-    cols = np.flatnonzero((ink > INK_THRESHOLD).any(axis=0))
-    if rows.size == 0:
+    inked = np.where(ink > INK_THRESHOLD, ink, 0.0)
+    if not inked.any():
         raise ImageError("no_digit", "no digit found: the image is blank or has almost no contrast")
+    rows, cols = ink_span(inked.sum(axis=1)), ink_span(inked.sum(axis=0))
     crop = ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
     height, width = crop.shape
     scale = DIGIT_BOX / max(height, width)
