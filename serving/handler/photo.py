@@ -74,29 +74,31 @@ def resized(values: np.ndarray, width: int, height: int, resample=Image.BILINEAR
 
 def paper_level(gray: np.ndarray) -> np.ndarray:
     """The paper's brightness at every pixel of a dark-ink-on-light-paper image: a closing finds
-    the paper's upper envelope, the pixels near it are paper, and their local mean is the level.
-    (The envelope alone rides on the grain's brightest specks: the ink map of plain paper would be
-    a few percent, with the grain's blotches in it.)"""
+    the paper's upper envelope, which follows the light; the envelope rides on the grain's
+    brightest specks, so it is scaled down by the median ratio of the paper pixels (those within
+    PAPER_SHARE of it) to it. Without that, plain paper would be a few percent ink and a thin
+    pen's strokes would sink under the noise floor."""
     height, width = gray.shape
     factor = max(1.0, max(height, width) / BACKGROUND_SIDE)
     small_w, small_h = max(1, round(width / factor)), max(1, round(height / factor))
     small = resized(gray, small_w, small_h, Image.BOX) if factor > 1 else gray
     envelope = closing(small, max(3, int(CLOSING_SHARE * min(small.shape)) | 1))
-    paper = (small >= PAPER_SHARE * envelope).astype(np.float32)
-    coarse_w, coarse_h = max(1, small_w // 4), max(1, small_h // 4)
-    mass, area = resized(small * paper, coarse_w, coarse_h, Image.BOX), resized(paper, coarse_w, coarse_h, Image.BOX)
-    level = np.where(area > 0.05, mass / np.maximum(area, 0.05), resized(envelope, coarse_w, coarse_h, Image.BOX))
-    return resized(level, width, height)
+    envelope = resized(envelope, max(1, small_w // 4), max(1, small_h // 4), Image.BOX)  # smooth its steps
+    envelope = np.maximum(resized(envelope, width, height), 1e-3)
+    ratio = gray / envelope
+    paper = ratio[ratio >= PAPER_SHARE]
+    return envelope * (float(np.median(paper)) if paper.size else 1.0)
 
 
 def ink_map(gray: np.ndarray, light_paper: bool) -> np.ndarray:
     """How much ink covers each pixel (0 paper .. 1 full ink), the light the paper got divided
     out. Light paper: ink = 1 - gray / paper. Dark background (white ink): the background's
-    level, estimated the same way on the inverted image, subtracted."""
+    level, estimated the same way on the inverted image, subtracted. Not clipped at 0: paper
+    brighter than its level is the noise that noise_floor measures."""
     if light_paper:
-        return np.clip(1.0 - gray / np.maximum(paper_level(gray), 1e-3), 0.0, 1.0)
+        return np.clip(1.0 - gray / np.maximum(paper_level(gray), 1e-3), -1.0, 1.0)
     inverted = 1.0 - gray
-    return np.clip(paper_level(inverted) - inverted, 0.0, 1.0)
+    return np.clip(paper_level(inverted) - inverted, -1.0, 1.0)
 
 
 def noise_floor(ink: np.ndarray) -> float:
@@ -112,26 +114,33 @@ def ink_peak(ink: np.ndarray, floor: float) -> float:
     return float(np.percentile(above, PEAK_PERCENTILE)) if above.size else floor
 
 
-def step_share(values: np.ndarray, factor: int, axis: int) -> tuple[float, int, int]:
-    """The largest share of the steps between neighbours along axis that falls on one phase of a
-    factor-wide grid, that phase (the first pixel of a block), and how many places step at all."""
-    steps = np.abs(np.diff(values, axis=axis)).sum(axis=1 - axis)
+def step_profile(values: np.ndarray, axis: int) -> np.ndarray:
+    """How much the image changes between neighbours along axis, per place: [len - 1]."""
+    return np.abs(np.diff(values, axis=axis)).sum(axis=1 - axis)
+
+
+def step_share(steps: np.ndarray, factor: int) -> tuple[float, int]:
+    """The largest share of the steps that falls on one phase of a factor-wide grid, and that
+    phase (the first pixel of a block)."""
     usable = len(steps) // factor * factor
-    places = int(np.count_nonzero(steps > 0.05 * steps.max(initial=0)))
     if usable < 2 * factor or steps[:usable].sum() <= 0:
-        return 0.0, 0, places
+        return 0.0, 0
     per_phase = np.array([steps[phase:usable:factor].sum() for phase in range(factor)])
     phase = int(per_phase.argmax())
-    return float(per_phase[phase] / per_phase.sum()), (phase + 1) % factor, places
+    return float(per_phase[phase] / per_phase.sum()), (phase + 1) % factor
 
 
 def find_blocks(ink: np.ndarray) -> Blocks:
     """The pixel replication a sender scaled a small image up with, or NO_BLOCKS."""
+    row_steps, col_steps = step_profile(ink, 0), step_profile(ink, 1)
+    # A few sharp edges (a ruled bar's two sides) fall on one phase by chance: ask for many.
+    places = sum(int(np.count_nonzero(steps > 0.05 * steps.max(initial=0))) for steps in (row_steps, col_steps))
+    if places < MIN_STEPS:
+        return NO_BLOCKS
     for factor in range(MAX_BLOCK, 1, -1):
-        share_rows, top, row_places = step_share(ink, factor, 0)
-        share_cols, left, col_places = step_share(ink, factor, 1)
-        # A few sharp edges (a ruled bar's two sides) fall on one phase by chance: ask for many.
-        if min(share_rows, share_cols) >= BLOCK_STEP_SHARE and row_places + col_places >= MIN_STEPS:
+        share_rows, top = step_share(row_steps, factor)
+        share_cols, left = step_share(col_steps, factor)
+        if min(share_rows, share_cols) >= BLOCK_STEP_SHARE:
             return Blocks(factor, top, left)
     return NO_BLOCKS
 
