@@ -208,7 +208,8 @@ def fit_digit(ink: np.ndarray) -> Framed:
 def in_blocks(frame: Frame, blocks: Blocks) -> Frame:
     """A frame in unblocked pixels -> the same frame in the pixels of the image as sent."""
     f = blocks.factor
-    return Frame(blocks.left + frame.left * f, blocks.top + frame.top * f, frame.pixel_width * f, frame.pixel_height * f)
+    return Frame(blocks.left + frame.left * f, blocks.top + frame.top * f,
+                 frame.pixel_width * f, frame.pixel_height * f)
 
 
 def fit_native(ink: np.ndarray) -> Framed:
