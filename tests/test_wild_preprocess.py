@@ -86,3 +86,15 @@ def test_a_photo_with_a_light_gradient_is_read_right_and_accepted(trained_checkp
     right = logits.argmax(axis=1) == mnist_digits.labels[DIGITS]
     accepted = trust.is_digit(logits)
     assert right.mean() >= 0.9 and (right & accepted).mean() >= 0.85, (right.mean(), (right & accepted).mean())
+
+
+def test_the_frame_of_an_unblocked_digit_lies_on_the_image_sent(mnist_digits):
+    """An explanation's map is drawn through the frame: after unblocking, it must still land on
+    the ink of the blocky image as it was sent."""
+    from test_preprocess import ink_share_under_frame
+
+    sent = [decode_image(data).convert("L") for data in captured("low_resolution", mnist_digits.images[:10])]
+    # The smooth 28x28 is a little wider than the sharp blocks it came from: not every ink pixel of
+    # it falls on ink. A frame off by a few input pixels falls far lower.
+    assert np.mean([ink_share_under_frame(image) for image in sent]) >= 0.8
+    assert np.mean([ink_share_under_frame(image, shift=3) for image in sent]) < 0.5
