@@ -43,7 +43,7 @@ IMG         ?= $(SAMPLES)/digit_7.png
 DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock system java browser prometheus nginx fonts fleet fleet-stop data train export archive serve demo stop predict samples test test-fast screenshot reliability bench manifests clean FORCE
+.PHONY: help install lock system java browser prometheus nginx fonts fleet fleet-stop data train export archive serve demo stop predict samples test test-fast screenshot reliability bench manifests contact-sheet clean FORCE
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -198,6 +198,9 @@ bench: $(INSTALLED) java export ## Measure training, inference and serving again
 
 manifests: $(INSTALLED) ## Regenerate deploy/kubernetes/*.yaml from serving/fleet/topology.py, the nginx template and benchmarks/footprint.json
 	$(BIN)/python -m deploy.manifests
+
+contact-sheet: $(INSTALLED) $(CHECKPOINT) ## docs/preprocessing.png and its table: what the model sees of photos, pens, small scans
+	$(BIN)/python -m benchmarks.contact_sheet $(DATA_FLAG) --checkpoint $(CHECKPOINT)
 
 # Servers first: their pid files live in .run/, and a server left running without them is orphaned
 # (the next start fails on its ports). A stop that fails (Java outliving its timeout) stops clean too.

@@ -7,8 +7,10 @@ artifact's metadata, never from a copy typed here.
 
 MNIST digits are white ink on black, scaled to fit a 20x20 box and centred by centre of
 mass in 28x28. A photo or drawing is brought to that form the same way:
-decode -> grayscale (transparency composited) -> invert a light background ->
-crop to the ink -> fit into 20x20 keeping the aspect ratio -> centre of mass to the middle.
+decode -> grayscale (transparency composited) -> the ink map, uneven light divided out and the
+paper's noise under a floor (photo.py) -> crop to the ink -> fit into 20x20 keeping the aspect
+ratio (small or pixel-replicated digits resampled smoothly) -> centre of mass to the middle.
+An image already in MNIST's form (28x28, dark background) passes untouched.
 
 Every failure is an ImageError with a short machine-readable `code`; no other exception
 escapes preprocess_bytes for any input bytes.
@@ -22,6 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if __package__:  # imported from the source tree
+    from .photo import Blocks, find_blocks, ink_map, ink_span, ink_peak, noise_floor, unblock
+else:            # inside the model archive, beside the handler
+    from photo import Blocks, find_blocks, ink_map, ink_span, ink_peak, noise_floor, unblock
 
 MNIST_SIZE = 28
 DIGIT_BOX = 20             # MNIST scaled each digit to fit 20x20 ...
@@ -180,28 +187,47 @@ def border_level(gray: np.ndarray) -> float:
 
 
 def to_white_on_black(gray: np.ndarray) -> np.ndarray:
-    """Invert dark-ink-on-light-paper images, then stretch so background is 0 and ink 1."""
-    if border_level(gray) > 0.5:
-        gray = 1.0 - gray
-    background = border_level(gray)
-    peak = float(gray.max())
-    if peak - background < MIN_INK_CONTRAST:
+    """The ink map (photo.py: light divided out, light or dark paper), less the paper's noise
+    floor, stretched so that paper is 0 and ink 1."""
+    ink = ink_map(gray, light_paper=border_level(gray) > 0.5)
+    floor = noise_floor(ink)
+    peak = ink_peak(ink, floor)
+    if peak - floor < MIN_INK_CONTRAST:
         raise ImageError("no_digit", "no digit found: the image is blank or has almost no contrast")
-    return np.clip((gray - background) / (peak - background), 0.0, 1.0)
+    return np.clip((ink - floor) / (peak - floor), 0.0, 1.0)
 
 
 def fit_digit(ink: np.ndarray) -> Framed:
+    """fit_native on the ink's native pixels: a digit a sender enlarged by pixel replication is
+    first taken back to its own small pixels (photo.find_blocks), so it is resampled smoothly."""
+    blocks = find_blocks(ink)
+    fitted = fit_native(unblock(ink, blocks))
+    return Framed(fitted.pixels, in_blocks(fitted.frame, blocks))
+
+
+def in_blocks(frame: Frame, blocks: Blocks) -> Frame:
+    """A frame in unblocked pixels -> the same frame in the pixels of the image as sent."""
+    f = blocks.factor
+    return Frame(blocks.left + frame.left * f, blocks.top + frame.top * f,
+                 frame.pixel_width * f, frame.pixel_height * f)
+
+
+def fit_native(ink: np.ndarray) -> Framed:
     """Crop to the ink, scale the longer side to 20 px keeping the aspect ratio, and place
     it in 28x28 with its centre of mass in the middle, as MNIST was made; with the frame of
     that 28x28 in ink's pixels."""
-    rows = np.flatnonzero((ink > INK_THRESHOLD).any(axis=1))
-    cols = np.flatnonzero((ink > INK_THRESHOLD).any(axis=0))
+    inked = np.where(ink > INK_THRESHOLD, ink, 0.0)
+    if not inked.any():
+        raise ImageError("no_digit", "no digit found: the image is blank or has almost no contrast")
+    rows, cols = ink_span(inked.sum(axis=1)), ink_span(inked.sum(axis=0))
     crop = ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
     height, width = crop.shape
     scale = DIGIT_BOX / max(height, width)
     new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    # Mode "F" keeps full precision; LANCZOS antialiases big downscales like MNIST's own.
-    digit = np.asarray(Image.fromarray(crop.astype(np.float32), mode="F").resize(new_size, Image.LANCZOS))
+    # Mode "F" keeps full precision; LANCZOS antialiases big downscales like MNIST's own, BICUBIC
+    # enlarges a small digit with soft edges (no ringing around its few pixels).
+    resample = Image.LANCZOS if scale <= 1 else Image.BICUBIC
+    digit = np.asarray(Image.fromarray(crop.astype(np.float32), mode="F").resize(new_size, resample))
     digit = np.clip(digit, 0.0, 1.0)
     total = digit.sum()
     if total <= 0:

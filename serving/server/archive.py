@@ -29,7 +29,7 @@ from serving.handler.artifact import (ARCHIVE_NAME, MODEL_NAME, SERVE_ACCURACY_F
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "handler"
 HANDLER = "handler.py"
 # Shipped beside handler.py: the handler imports them as top-level modules inside the archive.
-HANDLER_MODULES = ("preprocess.py", "artifact.py", "protocol.py", "parsing.py", "explain.py")
+HANDLER_MODULES = ("preprocess.py", "photo.py", "artifact.py", "protocol.py", "parsing.py", "explain.py")
 MODEL_CONFIG = "model-config.yaml"
 # Every file of serving/handler/ that goes into the archive, named once; the archiver adds the model
 # and its manifest (archive_contents).

@@ -1,0 +1,169 @@
+"""Photos and small images: the steps preprocess.py takes before it crops a digit that did not
+come in MNIST's own form (issue 26, point 1).
+
+- Uneven light is divided out: the paper's brightness is estimated at every pixel by a
+  morphological closing (dark strokes narrower than the kernel vanish, the light that falls on
+  the paper stays, a linear light gradient exactly), measured better than one border level and
+  than a blurred copy divided out (docs/preprocessing.md).
+- JPEG noise and paper texture stay paper: a noise floor measured on the image itself (median +
+  a few robust deviations of the ink map, which is mostly paper) is subtracted before stretching.
+- A digit the sender enlarged by pixel replication (a 10 px digit sent as 50 px of blocks) is
+  taken back to its native pixels, so it is resampled smoothly like any small digit.
+
+Imports only NumPy and Pillow: the model archive ships this file beside the handler.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+# The paper is estimated on a copy whose longer side is at most this: light varies slowly, and a
+# closing there costs microseconds whatever the photo's size.
+BACKGROUND_SIDE = 96
+# Closing kernel, as a share of that copy's shorter side: wider than any stroke (a digit's
+# strokes are ~1/8 of its height, and a digit is at most the image), narrow enough to follow light.
+CLOSING_SHARE = 0.25
+# A pixel at least this share of the paper's envelope (the closing) is paper, not ink.
+PAPER_SHARE = 0.85
+# Ink must stand this many robust standard deviations above the paper's own noise.
+NOISE_SIGMAS = 4.0
+MAD_TO_SIGMA = 1.4826      # a normal distribution's sigma per median absolute deviation
+PEAK_PERCENTILE = 99.0     # of the ink above the floor: one hot JPEG pixel must not set the scale
+# Pixel replication is recognised when this share of the steps between neighbours falls on
+# one phase of the block grid (1 / factor if the image were not blocky).
+BLOCK_STEP_SHARE = 0.8
+MAX_BLOCK = 12
+# A patch of ink apart from the rest (empty rows or columns between) holding under this share of
+# all the ink is a speck of grain or dirt, not part of the digit: the crop leaves it out.
+SPECK_SHARE = 0.02
+MIN_STEPS = 8              # rows and columns where a blocky image steps, together, before it is called blocky
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """A pixel-replicated image: every factor x factor block starting at (top, left) is one pixel."""
+    factor: int
+    top: int
+    left: int
+
+
+NO_BLOCKS = Blocks(1, 0, 0)
+
+
+def running_extreme(values: np.ndarray, size: int, axis: int, reduce) -> np.ndarray:
+    """Max or min (reduce) over a centred window of `size` along axis, edges repeated."""
+    half = size // 2
+    padded = np.pad(values, [(half, half) if a == axis else (0, 0) for a in range(values.ndim)], mode="edge")
+    windows = np.lib.stride_tricks.sliding_window_view(padded, size, axis=axis)
+    return reduce(windows, axis=-1)
+
+
+def closing(values: np.ndarray, size: int) -> np.ndarray:
+    """Grey-level closing with a size x size square (max filter, then min filter): removes dark
+    features narrower than size and keeps a linear ramp as it is."""
+    dilated = running_extreme(running_extreme(values, size, 0, np.max), size, 1, np.max)
+    return running_extreme(running_extreme(dilated, size, 0, np.min), size, 1, np.min)
+
+
+def resized(values: np.ndarray, width: int, height: int, resample=Image.BILINEAR) -> np.ndarray:
+    image = Image.fromarray(values.astype(np.float32), mode="F")
+    return np.asarray(image.resize((width, height), resample), dtype=np.float32)
+
+
+def paper_level(gray: np.ndarray) -> np.ndarray:
+    """The paper's brightness at every pixel of a dark-ink-on-light-paper image: a closing finds
+    the paper's upper envelope, which follows the light; the envelope rides on the grain's
+    brightest specks, so it is scaled down by the median ratio of the paper pixels (those within
+    PAPER_SHARE of it) to it. Without that, plain paper would be a few percent ink and a thin
+    pen's strokes would sink under the noise floor."""
+    height, width = gray.shape
+    factor = max(1.0, max(height, width) / BACKGROUND_SIDE)
+    small_w, small_h = max(1, round(width / factor)), max(1, round(height / factor))
+    small = resized(gray, small_w, small_h, Image.BOX) if factor > 1 else gray
+    envelope = closing(small, max(3, int(CLOSING_SHARE * min(small.shape)) | 1))
+    envelope = resized(envelope, max(1, small_w // 4), max(1, small_h // 4), Image.BOX)  # smooth its steps
+    envelope = np.maximum(resized(envelope, width, height), 1e-3)
+    ratio = gray / envelope
+    paper = ratio[ratio >= PAPER_SHARE]
+    return envelope * (float(np.median(paper)) if paper.size else 1.0)
+
+
+def ink_map(gray: np.ndarray, light_paper: bool) -> np.ndarray:
+    """How much ink covers each pixel (0 paper .. 1 full ink), the light the paper got divided
+    out. Light paper: ink = 1 - gray / paper. Dark background (white ink): the background's
+    level, estimated the same way on the inverted image, subtracted. Not clipped at 0: paper
+    brighter than its level is the noise that noise_floor measures."""
+    if light_paper:
+        return np.clip(1.0 - gray / np.maximum(paper_level(gray), 1e-3), -1.0, 1.0)
+    inverted = 1.0 - gray
+    return np.clip(paper_level(inverted) - inverted, -1.0, 1.0)
+
+
+def noise_floor(ink: np.ndarray) -> float:
+    """What paper, JPEG noise and texture reach on the ink map: most pixels are paper, so the
+    median and median absolute deviation of the whole map describe it."""
+    middle = float(np.median(ink))
+    spread = float(np.median(np.abs(ink - middle))) * MAD_TO_SIGMA
+    return middle + NOISE_SIGMAS * spread
+
+
+def ink_peak(ink: np.ndarray, floor: float) -> float:
+    above = ink[ink > floor]
+    return float(np.percentile(above, PEAK_PERCENTILE)) if above.size else floor
+
+
+def step_profile(values: np.ndarray, axis: int) -> np.ndarray:
+    """How much the image changes between neighbours along axis, per place: [len - 1]."""
+    return np.abs(np.diff(values, axis=axis)).sum(axis=1 - axis)
+
+
+def step_share(steps: np.ndarray, factor: int) -> tuple[float, int]:
+    """The largest share of the steps that falls on one phase of a factor-wide grid, and that
+    phase (the first pixel of a block)."""
+    usable = len(steps) // factor * factor
+    if usable < 2 * factor or steps[:usable].sum() <= 0:
+        return 0.0, 0
+    per_phase = np.array([steps[phase:usable:factor].sum() for phase in range(factor)])
+    phase = int(per_phase.argmax())
+    return float(per_phase[phase] / per_phase.sum()), (phase + 1) % factor
+
+
+def find_blocks(ink: np.ndarray) -> Blocks:
+    """The pixel replication a sender scaled a small image up with, or NO_BLOCKS."""
+    row_steps, col_steps = step_profile(ink, 0), step_profile(ink, 1)
+    # A few sharp edges (a ruled bar's two sides) fall on one phase by chance: ask for many.
+    places = sum(int(np.count_nonzero(steps > 0.05 * steps.max(initial=0))) for steps in (row_steps, col_steps))
+    if places < MIN_STEPS:
+        return NO_BLOCKS
+    for factor in range(MAX_BLOCK, 1, -1):
+        share_rows, top = step_share(row_steps, factor)
+        share_cols, left = step_share(col_steps, factor)
+        if min(share_rows, share_cols) >= BLOCK_STEP_SHARE:
+            return Blocks(factor, top, left)
+    return NO_BLOCKS
+
+
+def unblock(ink: np.ndarray, blocks: Blocks) -> np.ndarray:
+    """The image at its native pixels: each block averaged to one pixel."""
+    if blocks.factor == 1:
+        return ink
+    f = blocks.factor
+    part = ink[blocks.top:, blocks.left:]
+    rows, cols = part.shape[0] // f, part.shape[1] // f
+    return part[:rows * f, :cols * f].reshape(rows, f, cols, f).mean(axis=(1, 3))
+
+
+def ink_span(mass: np.ndarray) -> tuple[int, int]:
+    """First and last index of the ink along one axis (mass: ink per row or column), leaving out
+    end patches, apart from the rest, that hold under SPECK_SHARE of the ink."""
+    inked = np.flatnonzero(mass > 0)
+    breaks = np.flatnonzero(np.diff(inked) > 1)
+    patches = np.split(inked, breaks + 1)
+    total = mass.sum()
+    while len(patches) > 1 and mass[patches[0]].sum() < SPECK_SHARE * total:
+        patches.pop(0)
+    while len(patches) > 1 and mass[patches[-1]].sum() < SPECK_SHARE * total:
+        patches.pop()
+    return int(patches[0][0]), int(patches[-1][-1])
