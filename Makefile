@@ -43,7 +43,7 @@ IMG         ?= $(SAMPLES)/digit_7.png
 DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock system java browser prometheus nginx fonts fleet fleet-stop data train export archive serve demo stop predict samples test test-fast screenshot reliability bench manifests contact-sheet clean FORCE
+.PHONY: help install lock system java browser prometheus nginx fonts fashion fleet fleet-stop data train export archive serve demo stop predict samples test test-fast screenshot reliability bench manifests contact-sheet clean FORCE
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -73,7 +73,7 @@ apt_install = echo "installing $(1) for $(2)"; \
 	$(APT_GET) update && $(APT_GET) install -y $(or $(3),--no-install-recommends) $(1) \
 	  || { echo "install $(1) (apt-get install $(1)) and rerun"; exit 1; }
 
-system: java browser prometheus nginx fonts ## System packages the tests need (apt-get, only what is missing)
+system: java browser prometheus nginx fonts fashion ## System packages the tests need (apt-get, only what is missing)
 
 java: ## Install Java 17 (TorchServe needs it) with apt-get when missing
 	@major=$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n1); \
@@ -94,6 +94,11 @@ prometheus: ## Install Prometheus (the metrics tests scrape the server with it) 
 nginx: ## Install nginx (the fleet's front door; the fleet tests start it) with apt-get when missing
 	@if [ ! -x /usr/sbin/nginx ]; then \
 	  $(call apt_install,nginx,the fleet's front door); \
+	fi
+
+fashion: ## Install Fashion-MNIST (Debian's dataset-fashion-mnist: real non-digits the trust checks refuse) when missing
+	@if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then \
+	  $(call apt_install,dataset-fashion-mnist,the non-digits nobody here made); \
 	fi
 
 fonts: ## Install the DejaVu and Liberation fonts (training/synthetic.py draws letters and typed digits) when missing

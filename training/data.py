@@ -68,7 +68,11 @@ IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049   # unsigned bytes, 3 and 1 dimensions
 def read_idx(path: Path, magic: int) -> np.ndarray:
     """An IDX file of unsigned bytes: a big-endian header (magic, then one int32 per
     dimension) and the values. DataError when it is not the file expected or is cut short."""
-    data = path.read_bytes()
+    return parse_idx(path.read_bytes(), magic, path)
+
+
+def parse_idx(data: bytes, magic: int, path: Path | str) -> np.ndarray:
+    """read_idx on bytes already read (a gzipped IDX file unpacked in memory); `path` names them."""
     dims = magic & 0xFF
     header = 4 + 4 * dims
     if len(data) < header or int.from_bytes(data[:4], "big") != magic:
