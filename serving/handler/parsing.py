@@ -193,9 +193,10 @@ def images_from_request(request: dict) -> EncodedRequest | ImageError:
 
 
 def wants_explanation(headers: dict | None) -> bool:
-    """Whether TorchServe marked this request as one to /explanations/{model}."""
-    return any(isinstance(key, str) and key.lower() == EXPLAIN_HEADER and str(value) == "True"
-               for key, value in (headers or {}).items())
+    """Whether TorchServe marked this request as one to /explanations/{model}: only the exact
+    lowercase key TorchServe sets counts, so a client's `Explain: True` on a prediction does not
+    turn it into an explanation (issue 27 point 8)."""
+    return str((headers or {}).get(EXPLAIN_HEADER)) == "True"
 
 
 def explanation_error(encoded: EncodedRequest, explainable: bool) -> ImageError | None:
