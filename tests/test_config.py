@@ -64,3 +64,13 @@ def test_no_url_is_allowed_and_management_fetches_nothing(name):
         assert not any(re.fullmatch(pattern, url, re.I) for pattern in patterns), url
     assert properties["enable_model_api"] == "false" and properties["workflow_store"]
     assert properties["cors_allowed_methods"] == "POST"   # the page only posts multipart forms
+
+
+def test_the_handlers_answer_bound_sits_under_max_response_size_in_every_config():
+    """Issue 27 point 2: TorchServe kills the worker whose answer passes max_response_size, and the
+    worker cannot read that setting; the handler's own bound must leave room for the frame."""
+    from serving.handler.parsing import MAX_ANSWER_BYTES
+
+    for config in ("config.properties", "config.production.properties"):
+        limit = int(read_properties(REPO_ROOT / config)["max_response_size"])
+        assert MAX_ANSWER_BYTES + 64 * 1024 <= limit, (config, MAX_ANSWER_BYTES, limit)

@@ -380,3 +380,14 @@ def test_an_explanation_takes_at_most_a_few_images(torchscript_handler, mnist_di
     assert over[0] == 413 and over[1]["code"] == "too_many_images"
     assert str(MAX_IMAGES_PER_EXPLANATION) in over[1]["error"]
     assert at_the_limit[0] == 200 and len(at_the_limit[1]["explanations"]) == MAX_IMAGES_PER_EXPLANATION
+
+
+def test_an_oversize_answer_fails_its_own_request_only(handler, mnist_digits, monkeypatch):
+    """Issue 27 point 2: an answer over max_response_size made TorchServe kill the worker and fail
+    the batch. The handler measures each answer: the long one gets a 500, its neighbour its digit."""
+    import serving.handler.handler as handler_module
+    monkeypatch.setattr(handler_module, "MAX_ANSWER_BYTES", 2000)
+    many = {"body": {"images": [base64.b64encode(mnist_digits.png(0)).decode()] * 8}}
+    answers = call(handler, [many, {"body": mnist_digits.png(1)}])
+    assert answers[0][0] == 500 and answers[0][1]["code"] == "answer_too_large"
+    assert answers[1][0] == 200 and answers[1][1]["digit"] == mnist_digits.label(1)

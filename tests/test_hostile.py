@@ -73,6 +73,10 @@ def attacks(digit: np.ndarray) -> list[Attack]:
         Attack("28x28 float TIFF with inf", float_tiff(digit, np.inf), OCTET, 415, "unsupported_image"),
         Attack("EPS", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\nshowpage\n", OCTET, 415, "not_an_image"),
         Attack("64 blank 40-MP PNGs (3 MB)", many_blank, many_blank_headers, 200, None, "many_too_large"),
+        # Issue 27 point 2: echoed, it made an answer over max_response_size; the worker died.
+        Attack("a v2 id of 1.1 MB", json.dumps({"id": "x" * 1_100_000, "inputs": [
+            {"name": "image", "datatype": "BYTES", "shape": [1], "data": [png_b64]}]}).encode(), JSON, 400,
+            "invalid_request"),
         Attack("describe header on a digit", encode(Image.fromarray(digit)), {**OCTET, "describe": "True"}, 200,
                None, "card_or_digit"),
     ]
@@ -115,7 +119,7 @@ def tally(reliability_log):
     reliability_log.append({"check": "hostile request beside 8 good ones (real server)", **counts})
 
 
-@pytest.mark.parametrize("index", range(10))
+@pytest.mark.parametrize("index", range(11))
 def test_a_hostile_request_hurts_no_neighbour(running_server, mnist_digits, hostile_cases, tally, index):
     inference, management, _ = running_server
     attack = hostile_cases[index]

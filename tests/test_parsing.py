@@ -246,7 +246,7 @@ EXPLAIN = {"explain": "True"}
 
 def test_explanation_requests_are_read_apart_from_predictions():
     batch = parse({"body": GOOD}, {"body": GOOD}, {"body": {"images": [GOOD_B64, "%%%", GOOD_B64]}},
-                  headers=[EXPLAIN, {"Explain": "False"}, {"EXPLAIN": "True"}])
+                  headers=[EXPLAIN, {"Explain": "False"}, EXPLAIN])
     assert [request.explain for request in batch.requests] == [True, False, True]
     assert sorted(batch.explained) == [0, 2, 3]      # row 1 is the prediction's
     assert batch.requests[2].slots[1].code == "invalid_base64"
@@ -300,3 +300,24 @@ def test_maps_keep_four_significant_digits_of_their_largest_value():
     attribution[1, 1] = -3e-10   # rounds to zero: sent as 0.0, never as JSON's "-0.0"
     sent = json.loads(json.dumps(rounded_map(attribution)))
     assert sent[1][1] == 0.0 and np.copysign(1.0, sent[1][1]) == 1.0
+
+
+def test_a_v2_id_over_the_cap_is_refused_and_one_at_the_cap_echoed():
+    """Issue 27 point 2: a 1.1 MB id made an answer over max_response_size and killed the worker."""
+    from serving.handler.protocol import MAX_ID_CHARS
+
+    def v2(request_id):
+        return {"body": {"id": request_id, "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                                       "data": [GOOD_B64]}]}}
+    batch = parse(v2("x" * 1_100_000), v2("x" * MAX_ID_CHARS))
+    refused, kept = batch.requests
+    assert refused.error is not None and refused.error.code == "invalid_request"
+    assert HTTP_STATUS[refused.error.code] == 400 and str(MAX_ID_CHARS) in str(refused.error)
+    assert kept.error is None and kept.id == "x" * MAX_ID_CHARS
+
+
+def test_only_the_lowercase_explain_key_torchserve_sets_asks_for_an_explanation():
+    """Issue 27 point 8: a client's `Explain: True` / `EXPLAIN: True` on a prediction made it an explanation."""
+    batch = parse({"body": GOOD}, {"body": GOOD}, {"body": GOOD},
+                  headers=[{"Explain": "True"}, {"EXPLAIN": "True"}, EXPLAIN])
+    assert [request.explain for request in batch.requests] == [False, False, True]

@@ -32,13 +32,13 @@ if __package__:  # imported from the source tree (tests)
                            torch_runner)
     from .explain import attribute, explanation
     from .parsing import (DIGIT_METRIC, NOT_DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC, BatchOutput,
-                          ParsedBatch, answer_body, http_status, parse_batch)
+                          MAX_ANSWER_BYTES, ParsedBatch, answer_body, http_status, parse_batch)
 else:  # inside the model archive, the modules sit beside this file
     from artifact import (Trust, is_onnx, load, load_torchscript_module, predictions, public_card, run_batched,
                           torch_runner)
     from explain import attribute, explanation
     from parsing import (DIGIT_METRIC, NOT_DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC, BatchOutput,
-                         ParsedBatch, answer_body, http_status, parse_batch)
+                         MAX_ANSWER_BYTES, ParsedBatch, answer_body, http_status, parse_batch)
 
 logger = logging.getLogger(__name__)
 
@@ -139,13 +139,20 @@ class DigitHandler(BaseHandler):
 
     def answer_text(self, index: int, body: dict) -> str:
         """Strict JSON: NaN or Infinity is not JSON, and no client can parse it. Preprocessing
-        refuses non-finite pixels, so only a broken model gets here; that request gets a 500."""
+        refuses non-finite pixels, so only a broken model gets here; that request gets a 500.
+        An answer over MAX_ANSWER_BYTES would make TorchServe kill the worker and fail the whole
+        batch: that request alone gets a 500 answer_too_large instead."""
         try:
-            return json.dumps(body, allow_nan=False)
+            text = json.dumps(body, allow_nan=False)
         except ValueError:
             logger.error("answer %d of the batch holds a non-finite number", index)
             self.context.set_response_status(500, "non-finite answer", index)
             return json.dumps({"error": "the model produced a non-finite answer", "code": "internal_error"})
+        if len(text.encode()) > MAX_ANSWER_BYTES:
+            logger.error("answer %d of the batch has %d bytes, over %d", index, len(text.encode()), MAX_ANSWER_BYTES)
+            self.context.set_response_status(500, "answer too large", index)
+            return json.dumps({"error": f"the answer would exceed {MAX_ANSWER_BYTES} bytes", "code": "answer_too_large"})
+        return text
 
     def record_metrics(self, batch: ParsedBatch, answers: list[dict]) -> None:
         """DigitPredictions per answered image by digit (NotDigitImages too when it is judged not

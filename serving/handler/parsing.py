@@ -51,6 +51,13 @@ MAX_IMAGES_PER_REQUEST = 64
 # backward explain.IG_STEPS times per image (4 images: ~0.3 s on one core), and each answer
 # carries a 28x28 map (3-10 KB of JSON), so a batch of 8 such requests stays ~2 s and ~300 KB.
 MAX_IMAGES_PER_EXPLANATION = 4
+# The longest serialized answer the handler sends. TorchServe 0.12's frontend kills the worker
+# whose answer passes max_response_size (TooLongFrameException, "Worker died"), failing its whole
+# batch; the worker cannot read that setting (ts/context.py passes only model_dir, gpu_id,
+# batch_size, server name/version, limit_max_image_pixels), so this bound sits under it with room
+# for the frame's own fields (tests/test_config.py checks it against every config). A longer
+# answer is replaced by a 500 answer_too_large for that request alone.
+MAX_ANSWER_BYTES = 768 * 1024
 # TorchServe's frontend sets this header to "True" on requests to /explanations/{model}.
 EXPLAIN_HEADER = "explain"
 
@@ -186,9 +193,10 @@ def images_from_request(request: dict) -> EncodedRequest | ImageError:
 
 
 def wants_explanation(headers: dict | None) -> bool:
-    """Whether TorchServe marked this request as one to /explanations/{model}."""
-    return any(isinstance(key, str) and key.lower() == EXPLAIN_HEADER and str(value) == "True"
-               for key, value in (headers or {}).items())
+    """Whether TorchServe marked this request as one to /explanations/{model}: only the exact
+    lowercase key TorchServe sets counts, so a client's `Explain: True` on a prediction does not
+    turn it into an explanation (issue 27 point 8)."""
+    return str((headers or {}).get(EXPLAIN_HEADER)) == "True"
 
 
 def explanation_error(encoded: EncodedRequest, explainable: bool) -> ImageError | None:

@@ -25,6 +25,9 @@ else:  # inside the model archive
 
 V2_INPUT_DATATYPE = "BYTES"
 DIGIT_OUTPUT, PROBABILITIES_OUTPUT, IS_DIGIT_OUTPUT = "digit", "probabilities", "is_digit"
+# A v2 request's `id` is echoed in its answer: longer ones are refused (400), so an id can never
+# push an answer towards max_response_size (a 1.1 MB id killed the worker and its batch: issue 27).
+MAX_ID_CHARS = 256
 V2_REQUEST_SHAPE = ('{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [N], '
                     '"data": ["<base64 image>", ...]}]}')
 
@@ -35,7 +38,7 @@ def is_v2_request(document) -> bool:
 
 def parse_v2_request(document: dict) -> tuple[list, str | None] | ImageError:
     """(the base64 strings of the one BYTES input tensor, the request's id), or ImageError
-    no_image_field when the envelope holds no such tensor."""
+    no_image_field when the envelope holds no such tensor, invalid_request when the id is too long."""
     inputs = document["inputs"]
     tensor = inputs[0] if isinstance(inputs, list) and len(inputs) == 1 and isinstance(inputs[0], dict) else {}
     data = tensor.get("data")
@@ -46,6 +49,8 @@ def parse_v2_request(document: dict) -> tuple[list, str | None] | ImageError:
         return ImageError("no_image_field",
                           f"input shape {tensor['shape']!r} does not match its {len(data)} data items")
     request_id = document.get("id")
+    if isinstance(request_id, str) and len(request_id) > MAX_ID_CHARS:
+        return ImageError("invalid_request", f"the request id has {len(request_id)} characters; the limit is {MAX_ID_CHARS}")
     return data, request_id if isinstance(request_id, str) else None
 
 
