@@ -108,17 +108,30 @@ def nginx_config(fleet: Fleet) -> str:
         "CLIENT_KEYS": include_line(API_KEYS_DIR / API_KEYS_FILE) + f"   # the {API_KEYS_SECRET} Secret",
         "USER": "# (runs as the image's model-server user: no `user` directive)",
         "WEB_DIR": APP_DIR / "serving" / "web",
+        # The pod's log is its stdout (kubelet rotates it); a file would grow in an emptyDir until eviction.
+        "ACCESS_LOG": "/dev/stdout",
     }
     return render(fleet, RotationState(), overrides=overrides)
 
 
 # --- files -------------------------------------------------------------------------------------
-def manifests() -> list[Manifest]:
+@dataclass(frozen=True)
+class Measured:
+    """benchmarks/footprint.json and results.json, read once: the manifests and the doc's block."""
+    memory: Memory
+    target: Target
+
+    @classmethod
+    def read(cls) -> Measured:
+        return cls(measured_memory(), measured_target())
+
+
+def manifests(measured: Measured) -> list[Manifest]:
     config_text = replica_config()
     properties = parse_properties(config_text)
     fleet = frontdoor_fleet(fleet_replica_config(properties, PurePosixPath(APP_DIR)))
     nginx_text = nginx_config(keyless(fleet))
-    memory, target = measured_memory(), measured_target()
+    memory, target = measured.memory, measured.target
     resources_why = (f"Memory: requests {memory.request_mib}Mi = the {memory.measured_mib:.0f} MiB one replica took "
                      f"under load with its readiness probe, rounded up to {MEMORY_STEP_MIB} MiB",
                      f"(benchmarks/footprint.json: {memory.source});",
@@ -189,8 +202,8 @@ def render_file(manifest: Manifest) -> str:
     return "\n".join(header) + "\n" + body
 
 
-def rendered() -> dict[str, str]:
-    return {manifest.file: render_file(manifest) for manifest in manifests()}
+def rendered(measured: Measured) -> dict[str, str]:
+    return {manifest.file: render_file(manifest) for manifest in manifests(measured)}
 
 
 # --- the figures in docs/kubernetes.md ---------------------------------------------------------------
@@ -207,18 +220,19 @@ def doc_block(memory: Memory, target: Target) -> str:
             f"{target.source}).")
 
 
-def documented(doc: Path) -> str:
+def documented(doc: Path, measured: Measured) -> str:
     """doc's text with its k8s block holding the figures the manifests are made of now."""
     text = doc.read_text()
     if DOC_BEGIN not in text or DOC_END not in text:
         raise ManifestError(f"{doc} has no {DOC_BEGIN} ... {DOC_END} block for the figures")
     head, rest = text.split(DOC_BEGIN, 1)
-    block = doc_block(measured_memory(), measured_target())
+    block = doc_block(measured.memory, measured.target)
     return f"{head}{DOC_BEGIN}\n{block}\n{DOC_END}{rest.split(DOC_END, 1)[1]}"
 
 
 def write(out_dir: Path = OUT_DIR, doc: Path = DOC) -> list[Path]:
-    files, doc_text = rendered(), documented(doc)   # first: a failure writes nothing
+    measured = Measured.read()
+    files, doc_text = rendered(measured), documented(doc, measured)   # first: a failure writes nothing
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in set(path.name for path in out_dir.glob("*.yaml")) - set(files):
         (out_dir / stale).unlink()
@@ -230,12 +244,13 @@ def write(out_dir: Path = OUT_DIR, doc: Path = DOC) -> list[Path]:
 
 def differences(out_dir: Path = OUT_DIR, doc: Path = DOC) -> list[str]:
     """The files in out_dir, and doc's figures, that differ from what the generator writes now."""
-    files = rendered()
+    measured = Measured.read()
+    files = rendered(measured)
     present = {path.name for path in out_dir.glob("*.yaml")}
     found = [f"{name}: missing" for name in sorted(set(files) - present)]
     found += [f"{name}: not generated (stale)" for name in sorted(present - set(files))]
     found += [f"{name}: differs" for name in sorted(set(files) & present) if (out_dir / name).read_text() != files[name]]
-    if doc.read_text() != documented(doc):
+    if doc.read_text() != documented(doc, measured):
         found.append(f"{doc.name}: its k8s block differs")
     return found
 

@@ -207,7 +207,7 @@ def frontdoor_deployment(nginx_text: str, fleet: Fleet) -> dict:
     nginx_dir = PurePosixPath(fleet.nginx_dir)
     container = {
         "name": "nginx", "image": IMAGE, "imagePullPolicy": "IfNotPresent",
-        "command": nginx_command(fleet, "-g", "daemon off;"),
+        "command": nginx_command(fleet.nginx_dir, "-g", "daemon off;"),
         "ports": [{"name": "http", "containerPort": door.http_port, "protocol": "TCP"},
                   {"name": "https", "containerPort": door.tls_port, "protocol": "TCP"}],
         "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 5},

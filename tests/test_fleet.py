@@ -9,6 +9,7 @@ draw-a-digit page answering through the front door in a real Chromium.
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +34,7 @@ from http_client import request
 from repo import REPO_ROOT, subprocess_env
 from serving.fleet import fleet as fleet_module
 from serving.fleet import frontdoor, rotation
-from serving.server import server
+from serving.server import keys, server
 from serving.server.pids import our_process
 from serving.web import demo
 from serving.fleet import replicas as replicas_module
@@ -41,12 +43,14 @@ from serving.handler.artifact import MODEL_NAME, TORCHSCRIPT_NAME, read_metadata
 from serving.fleet.frontdoor import FrontDoorError, RotationState
 from serving.server.properties import listeners, read_properties, set_properties
 from serving.server.readiness import inference_key
-from serving.fleet.topology import CLOSED_PATHS, Fleet
+from serving.fleet.topology import CLIENT_TIMEOUT_S, CLOSED_PATHS, CONNECTIONS_PER_ADDRESS, Fleet
 
 LISTED_ORIGIN = "http://localhost:3000"
 RATE_LIMIT = 40            # requests/s per client address; the paced loads below stay well under it
 LOAD = {"clients": 4, "per_client_rps": 4.0}   # 16 requests/s: bounded, and under RATE_LIMIT
 NEW_VERSION = "2.0"
+# Above the per-address limit and above nginx's old worker_connections (1,024), which they filled.
+IDLE_CONNECTIONS = max(1100, CONNECTIONS_PER_ADDRESS + 1)
 
 
 def manifest_version(archive: Path) -> str:
@@ -87,12 +91,24 @@ def test_the_template_renders_a_config_nginx_accepts_default_and_production(tmp_
     plain = plan_on_free_ports(tmp_path / "plain", REPO_ROOT / "config.properties", origins=(LISTED_ORIGIN,))
     text = nginx_accepts(plain, RotationState(down=frozenset({"replica-1"})))
     assert "{{" not in text and f'"{LISTED_ORIGIN}" "{LISTED_ORIGIN}";' in text
-    assert re.search(rf"server 127\.0\.0\.1:{plain.replicas[1].ports.inference} .*down;", text)
+    # Every fleet runs token auth (management must need a key): nginx reaches each replica's hop.
+    assert re.search(rf"server 127\.0\.0\.1:{plain.replicas[1].ports.key_hop} .*down;", text)
     assert f"client_max_body_size {read_properties(REPO_ROOT / 'config.properties')['max_request_size']};" in text
     production = plan_on_free_ports(tmp_path / "prod", REPO_ROOT / "config.production.properties")
     text = nginx_accepts(production, RotationState(inference_keys={"replica-0": "key-zero"}))
     assert text.count('proxy_set_header Authorization "Bearer key-zero";') == 1
     assert (production.nginx_dir / "nginx.conf").stat().st_mode & 0o077 == 0   # it holds keys
+
+
+@pytest.mark.parametrize("version", ["../../x", "1.0/../../mnist", "1.0?x=1", "", 2.0])
+def test_a_rollout_refuses_an_archive_whose_version_is_no_path_segment(tmp_path, version):
+    """Issue 27 point 13: the version becomes a file name and a management API path; checked as
+    serving/server/archive.py checks the versions it writes."""
+    archive = tmp_path / "odd.mar"
+    with zipfile.ZipFile(archive, "w") as mar:
+        mar.writestr(MANIFEST, json.dumps({"model": {"modelName": MODEL_NAME, "modelVersion": version}}))
+    with pytest.raises(rotation.FleetError, match="must be letters, digits"):
+        rotation.archive_version(archive)
 
 
 def test_bad_origins_and_client_key_files_are_refused_in_one_line(tmp_path):
@@ -142,14 +158,14 @@ def test_a_pid_file_naming_another_process_is_never_taken_for_ours(tmp_path):
         for pid_file in pid_files.values():
             pid_file.parent.mkdir(parents=True, exist_ok=True)
             pid_file.write_text(f"{stranger.pid}\n")
-        found = {"nginx": rotation.nginx_master(plan), "supervisord": fleet_module.supervisord_process(plan),
+        found = {"nginx": rotation.nginx_master(plan.nginx_dir), "supervisord": fleet_module.supervisord_process(plan),
                  "java": server.java_process(pid_files["java"]), "page": demo.running_pid(pid_files["page"].parent)}
         assert found == dict.fromkeys(pid_files), found
         assert our_process(pid_files["nginx"], "time.sleep(120)").pid == stranger.pid   # the same check, ours
         # In the foreground, as supervisord runs it: a daemonizing nginx would hold a captured pipe open.
-        nginx = subprocess.Popen(frontdoor.nginx_command(plan, "-g", "daemon off;"), stdout=subprocess.DEVNULL,
+        nginx = subprocess.Popen(frontdoor.nginx_command(plan.nginx_dir, "-g", "daemon off;"), stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
-        master = wait_for(lambda: rotation.nginx_master(plan), 10, what="nginx's master in its pid file")
+        master = wait_for(lambda: rotation.nginx_master(plan.nginx_dir), 10, what="nginx's master in its pid file")
         assert master.pid == nginx.pid != stranger.pid and master.pid == int(pid_files["nginx"].read_text())
     finally:
         if "nginx" in locals():
@@ -225,9 +241,111 @@ def test_a_describe_header_gets_404_not_the_model_card(fleet, digit_7):
     assert status == 404 and json.loads(body)["code"] == "not_found", body
 
 
-def cors_headers(url: str, origin: str, image: bytes) -> dict:
-    sent = urllib.request.Request(url, data=image, method="POST",
-                                  headers={"Origin": origin, "Content-Type": "application/octet-stream"})
+@server_test
+def test_only_the_fleets_own_rollout_can_register_a_model_on_a_replica(fleet, tmp_path):
+    """Issue 27 point 1: TorchServe 0.12 loads any absolute directory holding MAR-INF/MANIFEST.json
+    that a management call names (ModelArchive.downloadModel refuses only `..`), and any local user
+    reaches loopback. Every fleet replica runs token auth: without the management key (in its
+    0600 key_file.json) the call is refused and nothing runs; the rollout (with it) still works
+    (test_a_rollout_under_load_loses_no_request_and_rollback_returns)."""
+    evil, ran = tmp_path / "evil", tmp_path / "handler-ran"
+    (evil / "MAR-INF").mkdir(parents=True)
+    (evil / "evil_handler.py").write_text(f"open({str(ran)!r}, 'w').write('ran')\n"
+                                          "def handle(data, context):\n    return ['ran'] * len(data or [])\n")
+    (evil / "MAR-INF" / "MANIFEST.json").write_text(json.dumps({
+        "runtime": "python", "archiverVersion": "0.12.0",
+        "model": {"modelName": "evil", "handler": "evil_handler.py", "modelVersion": "1.0"}}))
+    replica = fleet.replicas[0]
+    query = urllib.parse.urlencode({"url": str(evil), "model_name": "evil", "initial_workers": 1, "synchronous": "true"})
+    status, body = request(f"{replica.management_url}/models?{query}", b"", method="POST")
+    assert status == 400 and b"InvalidKeyException" in body, (status, body[:300])
+    assert (replica.key_file.stat().st_mode & 0o777) == 0o600
+    models = replicas_module.management_call(replica, "/models")["models"]
+    assert [model["modelName"] for model in models] == [MODEL_NAME] and not ran.exists()
+
+
+def test_the_key_owner_record_is_private(tmp_path):
+    """Issue 27 point 12: key_file.owner holds an unsalted hash of the never-expiring API key."""
+    key_file = tmp_path / "key_file.json"
+    key_file.write_text(json.dumps({"API": {"key": "an-api-key"}}))
+    keys.record_key_file(tmp_path, key_file)
+    assert ((tmp_path / keys.KEY_OWNER).stat().st_mode & 0o777) == 0o600
+
+
+@server_test
+def test_the_access_log_is_not_world_readable(fleet):
+    """Issue 27 point 12: nginx's access log (client addresses and paths) is 0640, not 0644."""
+    assert ((fleet.nginx_dir / frontdoor.ACCESS_LOG).stat().st_mode & 0o777) == frontdoor.ACCESS_LOG_MODE == 0o640
+
+
+def raw_request(port: int, target: str, headers: list[tuple[str, str]], body: bytes = b"",
+                source: str = "127.0.0.1") -> tuple[int, bytes]:
+    """One request with the request line and headers exactly as given (repeats kept)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=(source, 0))
+    try:
+        connection.putrequest("POST", target, skip_host=True, skip_accept_encoding=True)
+        for name, value in [("Host", f"127.0.0.1:{port}"), *headers, ("Content-Length", str(len(body)))]:
+            connection.putheader(name, value)
+        connection.endheaders(body)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+@server_test
+@pytest.mark.parametrize("target", ["/ping/../predictions/mnist", f"/predictions/evil/1.0/../../{MODEL_NAME}",
+                                    f"/predictions/%2e%2e/predictions/{MODEL_NAME}", f"//predictions/{MODEL_NAME}",
+                                    f"/models%2f..%2fpredictions/{MODEL_NAME}", f"/predictions/./{MODEL_NAME}"])
+def test_a_path_with_dot_or_empty_segments_is_refused_not_forwarded_raw(fleet, digit_7, target):
+    """Issue 27 point 6: nginx matches the allowlist on the normalized path but would forward the
+    raw one (`/ping/../predictions/mnist` reached TorchServe's /ping): such paths get 400 JSON."""
+    status, body = raw_request(fleet.front_door.http_port, target, [("Content-Type", "application/octet-stream")],
+                               digit_7)
+    assert status == 400 and json.loads(body)["code"] == "bad_request", (target, status, body[:200])
+
+
+@server_test
+def test_describe_and_explain_headers_from_a_client_never_reach_a_replica(fleet, digit_7):
+    """Issue 27 point 8: nginx's `if` sees the first describe header, TorchServe keeps the last;
+    an Explain header turns a prediction into an explanation. The front door strips both."""
+    plain = json.loads(request(front(fleet), digit_7)[1])
+    for headers in ([("describe", ""), ("Describe", "True")], [("Explain", "True")], [("EXPLAIN", "true")]):
+        status, body = raw_request(fleet.front_door.http_port, f"/predictions/{MODEL_NAME}",
+                                   [("Content-Type", "application/octet-stream"), *headers], digit_7)
+        answer = json.loads(body)
+        assert status == 200 and set(answer) == set(plain) and answer["digit"] == 7, (headers, body[:300])
+
+
+@server_test
+def test_idle_connections_from_one_address_leave_the_door_open_to_another(fleet, digit_7):
+    """Issue 27 point 4: more idle connections from 127.0.0.1 than the per-address limit and than
+    the old worker_connections (1,024); a client on 127.0.0.2 (loopback too) is still answered,
+    and the idle ones are closed after the header timeout."""
+    idle = []
+    try:
+        for _ in range(IDLE_CONNECTIONS):
+            sock = socket.create_connection(("127.0.0.1", fleet.front_door.http_port), timeout=10)
+            sock.sendall(b"POST /predictions/mnist HTTP/1.1\r\n")   # a header never finished
+            idle.append(sock)
+        status, body = raw_request(fleet.front_door.http_port, f"/predictions/{MODEL_NAME}",
+                                   [("Content-Type", "application/octet-stream")], digit_7, source="127.0.0.2")
+        assert status == 200 and json.loads(body)["digit"] == 7, (status, body[:200])
+        idle[0].settimeout(CLIENT_TIMEOUT_S + 20)   # the oldest: closed (reset) by client_header_timeout
+        try:
+            assert idle[0].recv(1024) == b""
+        except ConnectionResetError:
+            pass
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def cors_headers(url: str, origin: str, image: bytes, key: str | None = None) -> dict:
+    headers = {"Origin": origin, "Content-Type": "application/octet-stream"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    sent = urllib.request.Request(url, data=image, method="POST", headers=headers)
     with urllib.request.urlopen(sent, timeout=30) as response:
         assert "digit" in json.loads(response.read())
         return {key.lower(): value for key, value in response.headers.items()}
@@ -240,7 +358,8 @@ def test_only_a_listed_origin_is_echoed_and_torchserves_own_is_hidden(fleet, dig
     assert "access-control-allow-origin" not in cors_headers(front(fleet), "http://evil.example", digit_7)
     # A replica answers with config.properties' one origin (the demo page's) whatever asks...
     replica_origin = read_properties(REPO_ROOT / "config.properties")["cors_allowed_origin"]
-    direct = cors_headers(f"{fleet.replicas[0].inference_url}/predictions/{MODEL_NAME}", "http://evil.example", digit_7)
+    direct = cors_headers(f"{fleet.replicas[0].inference_url}/predictions/{MODEL_NAME}", "http://evil.example", digit_7,
+                          key=inference_key(fleet.replicas[0].key_file))
     assert direct["access-control-allow-origin"] == replica_origin
     # ...which the front door hides: that origin is not on its list.
     assert "access-control-allow-origin" not in cors_headers(front(fleet), replica_origin, digit_7)
@@ -265,6 +384,30 @@ def test_tls_is_verified_against_the_generated_certificate(fleet, digit_7):
         assert json.loads(response.read())["digit"] == 7
     with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
         urllib.request.urlopen(sent, timeout=30, context=ssl.create_default_context())   # the system's CAs
+
+
+@server_test
+def test_tls_is_forward_secret_with_hsts_and_the_page_has_its_headers(fleet, digit_7):
+    """Issue 27 point 9: TLS 1.2 without forward secrecy (AES128-SHA) is refused; answers over TLS
+    carry HSTS; the page is never framed, sniffed or sent anywhere but its own origin."""
+    cert = fleet.tls_dir / "cert.pem"
+    weak = ssl.create_default_context(cafile=str(cert))
+    weak.maximum_version = ssl.TLSVersion.TLSv1_2
+    weak.set_ciphers("AES128-SHA")
+    with pytest.raises(ssl.SSLError):
+        with socket.create_connection(("127.0.0.1", fleet.front_door.tls_port), timeout=10) as sock:
+            weak.wrap_socket(sock, server_hostname="127.0.0.1")
+    context = ssl.create_default_context(cafile=str(cert))
+    sent = urllib.request.Request(f"{fleet.front_door.https_url}/predictions/{MODEL_NAME}", data=digit_7,
+                                  headers={"Content-Type": "application/octet-stream"})
+    with urllib.request.urlopen(sent, timeout=30, context=context) as response:
+        assert response.headers["Strict-Transport-Security"].startswith("max-age=")
+    with urllib.request.urlopen(f"{fleet.front_door.http_url}/index.html", timeout=30) as page:
+        headers = page.headers
+    assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+    assert "connect-src 'self'" in headers["Content-Security-Policy"]
+    assert headers["X-Content-Type-Options"] == "nosniff" and headers["Referrer-Policy"] == "no-referrer"
+    assert headers["Strict-Transport-Security"] is None   # plain HTTP: HSTS means nothing there
 
 
 @server_test

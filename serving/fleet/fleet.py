@@ -61,7 +61,7 @@ def supervisord_config(fleet: Fleet) -> str:
              "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface", "",
              "[supervisorctl]", f"serverurl=unix://{fleet.run_dir}/supervisor.sock", ""]
     programs = {replica.name: (replica.run_command(), replica.run_dir) for replica in fleet.replicas}
-    programs["nginx"] = (frontdoor.nginx_command(fleet, "-g", "daemon off;"), fleet.run_dir)
+    programs["nginx"] = (frontdoor.nginx_command(fleet.nginx_dir, "-g", "daemon off;"), fleet.run_dir)
     if fleet.token_auth:
         programs["follow-keys"] = ([sys.executable, "-m", "serving.fleet", "follow-keys", "--run-dir",
                                     str(fleet.run_dir)], fleet.run_dir)
@@ -191,7 +191,7 @@ def stop(fleet: Fleet, timeout_s: float = REPLICA_STOP_S + 20) -> bool:
 
 # --- status -------------------------------------------------------------------------------------
 def status(fleet: Fleet) -> dict:
-    state, nginx = read_state(fleet), nginx_master(fleet)
+    state, nginx = read_state(fleet), nginx_master(fleet.nginx_dir)
     door = fleet.front_door
     return {"front_door": {"http": door.http_url, "https": door.https_url, "nginx_pid": nginx.pid if nginx else None,
                            "supervisord_pid": getattr(supervisord_process(fleet), "pid", None),

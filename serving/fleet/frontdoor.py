@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving.handler.artifact import MODEL_NAME
-from serving.fleet.topology import OPEN_PATHS, Fleet, Replica
+from serving.fleet.topology import (CLIENT_TIMEOUT_S, CONNECTIONS_PER_ADDRESS, KEEPALIVE_TIMEOUT_S, OPEN_PATHS,
+                                     WORKER_CONNECTIONS, Fleet, Replica)
 from serving.web import WEB_DIR
 
 TEMPLATE = Path(__file__).resolve().with_name("nginx.conf.template")
@@ -31,6 +32,7 @@ KEEPALIVE_ON = "        keepalive 32;           # reuse connections to the repli
 # With the key hops, a kept-alive connection to a hop could outlive a reload: its far end stays in
 # an old nginx worker, which goes on sending the replica's old key. A new connection each time.
 KEEPALIVE_OFF = "        # no keepalive: each request reaches a hop of the current config (frontdoor.py)"
+ACCESS_LOG, ACCESS_LOG_MODE = "access.log", 0o640   # in nginx's dir (the template's access_log)
 CLIENT_KEYS_MAP = "client-keys.map"   # in nginx's dir: the allowed client keys as map entries, included
 
 
@@ -90,14 +92,31 @@ def upstream_line(fleet: Fleet, replica: Replica, state: RotationState) -> str:
     return f"        server {target} max_fails=1 fail_timeout=2s{down};   # {replica.name}"
 
 
-def keyed_replicas(fleet: Fleet, state: RotationState) -> list[dict[str, object]]:
+@dataclass(frozen=True)
+class HopSite:
+    """One key hop's server block: where it listens, the replica's loopback port it reaches, and
+    the replica's current key (None: a placeholder TorchServe refuses)."""
+    address: str
+    port: int
+    replica_port: int
+    key: str | None
+
+
+def hop_server(site: HopSite, response_timeout_s: int) -> str:
+    """The template's KEYED_REPLICA block filled for one hop: the fleet renders one per replica,
+    a replica pod's own hop (serving/fleet/keyhop.py) renders one inside its minimal config."""
+    block = BLOCK.search(TEMPLATE.read_text()).group(2)
+    return fill(block, {"HOP_ADDRESS": site.address, "KEY_HOP_PORT": site.port,
+                        "REPLICA_ADDRESS": f"127.0.0.1:{site.replica_port}", "INFERENCE_KEY": site.key or "no-key-yet",
+                        "READ_TIMEOUT_S": response_timeout_s + READ_TIMEOUT_MARGIN_S})
+
+
+def hop_sites(fleet: Fleet, state: RotationState) -> list[HopSite]:
     """The per-replica hop that adds its key: one per replica with token auth, none without."""
     if not fleet.token_auth:
         return []
-    # HOP_ADDRESS: loopback in the fleet; a pod's own hop listens on the pod's address (keyhop.py).
-    return [{"HOP_ADDRESS": "127.0.0.1", "KEY_HOP_PORT": replica.ports.key_hop,
-             "REPLICA_ADDRESS": f"127.0.0.1:{replica.ports.inference}",
-             "INFERENCE_KEY": state.inference_keys.get(replica.name, "no-key-yet")} for replica in fleet.replicas]
+    return [HopSite("127.0.0.1", replica.ports.key_hop, replica.ports.inference, state.inference_keys.get(replica.name))
+            for replica in fleet.replicas]
 
 
 def worker_user() -> str:
@@ -105,17 +124,16 @@ def worker_user() -> str:
     return "user nobody nogroup;" if os.geteuid() == 0 else "# (not root: the workers run as this user)"
 
 
-def render(fleet: Fleet, state: RotationState, template: str | None = None,
-           overrides: dict[str, object] | None = None) -> str:
+def render(fleet: Fleet, state: RotationState, overrides: dict[str, object] | None = None) -> str:
     """nginx.conf for fleet in state. overrides: placeholders another deployment fills itself
     (deploy/manifests.py: a Kubernetes Service as the upstream, the image's paths and user)."""
     door = fleet.front_door
     check_origins(door.origins)
     client_keys = read_client_keys(door.api_keys_file) if door.api_keys_file else []
     timeout_s = fleet.config.response_timeout_s
-    common = {"READ_TIMEOUT_S": timeout_s + READ_TIMEOUT_MARGIN_S}
     values = {
-        **common, "USER": worker_user(), "NGINX_DIR": fleet.nginx_dir, "MAX_BODY_BYTES": fleet.config.max_body_bytes,
+        "READ_TIMEOUT_S": timeout_s + READ_TIMEOUT_MARGIN_S, "USER": worker_user(), "NGINX_DIR": fleet.nginx_dir,
+        "ACCESS_LOG": fleet.nginx_dir / ACCESS_LOG, "MAX_BODY_BYTES": fleet.config.max_body_bytes,
         "RATE_LIMIT": door.rate_limit_per_s, "MODEL": MODEL_NAME,
         "ORIGINS": "\n".join(f'        "{origin}" "{origin}";' for origin in door.origins),
         "VARY": "        add_header Vary Origin always;" if door.origins else "",
@@ -126,32 +144,39 @@ def render(fleet: Fleet, state: RotationState, template: str | None = None,
         "TLS_CERT": door.tls_cert or fleet.tls_dir / "cert.pem", "TLS_KEY": door.tls_key or fleet.tls_dir / "key.pem",
         "WEB_DIR": WEB_DIR, "OPEN_PATHS": "^(" + "|".join(re.escape(path) for path in OPEN_PATHS) + ")$",
         "KEEPALIVE": KEEPALIVE_OFF if fleet.token_auth else KEEPALIVE_ON,
+        "WORKER_CONNECTIONS": WORKER_CONNECTIONS, "WORKER_FILES": 2 * WORKER_CONNECTIONS + 64,
+        "CONNECTIONS_PER_ADDRESS": CONNECTIONS_PER_ADDRESS,
+        "CLIENT_TIMEOUT_S": CLIENT_TIMEOUT_S, "KEEPALIVE_TIMEOUT_S": KEEPALIVE_TIMEOUT_S,
         "TRIES": len(fleet.replicas) + 1, "NEXT_UPSTREAM_S": timeout_s + READ_TIMEOUT_MARGIN_S,
         **(overrides or {}),
     }
-    text = template if template is not None else TEMPLATE.read_text()
-    text = BLOCK.sub(lambda block: "".join(fill(block.group(2), {**common, **item, **(overrides or {})})
-                                           for item in keyed_replicas(fleet, state)), text)
+    text = BLOCK.sub(lambda block: "".join(hop_server(site, timeout_s) for site in hop_sites(fleet, state)),
+                     TEMPLATE.read_text())
     return fill(text, values)
 
 
-# --- nginx itself -----------------------------------------------------------------------------
-def config_path(fleet: Fleet) -> Path:
-    return fleet.nginx_dir / "nginx.conf"
+# --- nginx itself: one nginx's files live in its nginx_dir (the fleet's, or a key hop's) --------
+def config_path(nginx_dir: Path) -> Path:
+    return nginx_dir / "nginx.conf"
 
 
-def nginx_command(fleet: Fleet, *args: str) -> list[str]:
-    return [NGINX, "-p", str(fleet.nginx_dir), "-c", str(config_path(fleet)), *args]
+def nginx_command(nginx_dir: Path, *args: str) -> list[str]:
+    return [NGINX, "-p", str(nginx_dir), "-c", str(config_path(nginx_dir)), *args]
 
 
-def prepare_dirs(fleet: Fleet) -> None:
+def prepare_dirs(nginx_dir: Path) -> None:
     """nginx's temp dirs, writable by its workers (nobody, when started as root)."""
     for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (fleet.nginx_dir / "tmp" / name).mkdir(parents=True, exist_ok=True)
-    (fleet.nginx_dir / "logs").mkdir(exist_ok=True)   # nginx opens its default error log there first
+        (nginx_dir / "tmp" / name).mkdir(parents=True, exist_ok=True)
+    (nginx_dir / "logs").mkdir(exist_ok=True)   # nginx opens its default error log there first
+    # The access log names clients and paths: nginx (root) would create it 0644; made here 0640,
+    # nginx appends to it as it is.
+    access_log = nginx_dir / ACCESS_LOG
+    access_log.touch(mode=ACCESS_LOG_MODE)
+    access_log.chmod(ACCESS_LOG_MODE)
     if os.geteuid() == 0:
         nobody = pwd.getpwnam("nobody")
-        for path in [fleet.nginx_dir / "tmp", *(fleet.nginx_dir / "tmp").iterdir()]:
+        for path in [nginx_dir / "tmp", *(nginx_dir / "tmp").iterdir()]:
             os.chown(path, nobody.pw_uid, nobody.pw_gid)
 
 
@@ -160,20 +185,16 @@ def write_private(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-def write_config(fleet: Fleet, state: RotationState, template: str | None = None,
-                 overrides: dict[str, object] | None = None) -> Path:
-    """Render, write (private: it may hold the replicas' keys), with the client keys' map file it
-    includes, and check with `nginx -t`. template, overrides: as render's (serving/fleet/keyhop.py)."""
+def install(nginx_dir: Path, text: str) -> Path:
+    """Write text as nginx_dir's config (private: it may hold the replicas' keys) once `nginx -t`
+    accepts it; the config in place stays when it does not."""
     if shutil.which(NGINX) is None:
         raise FrontDoorError(f"no nginx at {NGINX}: `make nginx` installs it (apt-get install nginx)")
-    prepare_dirs(fleet)
-    path = config_path(fleet)
+    prepare_dirs(nginx_dir)
+    path = config_path(nginx_dir)
     candidate = path.with_suffix(".new")
-    write_private(candidate, render(fleet, state, template, overrides))
-    if fleet.front_door.api_keys_file and template is None:   # what render's `include` names
-        keys = read_client_keys(fleet.front_door.api_keys_file)
-        write_private(fleet.nginx_dir / CLIENT_KEYS_MAP, client_keys_map(keys))
-    checked = subprocess.run([NGINX, "-t", "-q", "-p", str(fleet.nginx_dir), "-c", str(candidate)],
+    write_private(candidate, text)
+    checked = subprocess.run([NGINX, "-t", "-q", "-p", str(nginx_dir), "-c", str(candidate)],
                              capture_output=True, text=True)
     if checked.returncode != 0:
         raise FrontDoorError(f"nginx refuses the rendered config {candidate}: {checked.stderr.strip()}")
@@ -181,9 +202,18 @@ def write_config(fleet: Fleet, state: RotationState, template: str | None = None
     return path
 
 
-def reload(fleet: Fleet) -> None:
+def write_config(fleet: Fleet, state: RotationState) -> Path:
+    """The fleet's front door rendered and installed, with the client keys' map file it includes."""
+    text = render(fleet, state)
+    if fleet.front_door.api_keys_file:   # what render's `include` names
+        fleet.nginx_dir.mkdir(parents=True, exist_ok=True)
+        write_private(fleet.nginx_dir / CLIENT_KEYS_MAP, client_keys_map(read_client_keys(fleet.front_door.api_keys_file)))
+    return install(fleet.nginx_dir, text)
+
+
+def reload(nginx_dir: Path) -> None:
     """Graceful: new workers take the new config, the old ones finish the requests in flight."""
-    reloaded = subprocess.run(nginx_command(fleet, "-s", "reload"), capture_output=True, text=True)
+    reloaded = subprocess.run(nginx_command(nginx_dir, "-s", "reload"), capture_output=True, text=True)
     if reloaded.returncode != 0:
         raise FrontDoorError(f"nginx reload failed: {reloaded.stderr.strip()}")
 

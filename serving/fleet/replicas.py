@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
@@ -60,9 +61,10 @@ def switch_replica(replica: Replica, target: ServedArchive) -> None:
     """Register target on this replica (unless it is already), make it the default, and wait
     until a probe image is answered by it."""
     if target.version not in registered_versions(replica):
-        management_call(replica, f"/models?url={target.file}&model_name={MODEL_NAME}&synchronous=true",
-                        method="POST", timeout_s=SWITCH_TIMEOUT_S)
-    management_call(replica, f"/models/{MODEL_NAME}/{target.version}/set-default", method="PUT")
+        query = urllib.parse.urlencode({"url": target.file, "model_name": MODEL_NAME, "synchronous": "true"})
+        management_call(replica, f"/models?{query}", method="POST", timeout_s=SWITCH_TIMEOUT_S)
+    version = urllib.parse.quote(target.version, safe="")
+    management_call(replica, f"/models/{MODEL_NAME}/{version}/set-default", method="PUT")
     key_file = replica.key_file if replica.key_file.exists() else None
 
     def answered_by_target() -> dict:
@@ -118,4 +120,5 @@ def rollout(fleet: Fleet, archive: str | Path | None, rollback: bool = False) ->
 def unregister_all_but(replica: Replica, kept: set[str]) -> None:
     """Unregister the versions a rollback can no longer return to: each one holds its workers."""
     for version in sorted(registered_versions(replica) - kept):
-        management_call(replica, f"/models/{MODEL_NAME}/{version}", method="DELETE", timeout_s=SWITCH_TIMEOUT_S)
+        segment = urllib.parse.quote(version, safe="")
+        management_call(replica, f"/models/{MODEL_NAME}/{segment}", method="DELETE", timeout_s=SWITCH_TIMEOUT_S)

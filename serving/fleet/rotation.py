@@ -20,7 +20,7 @@ import psutil   # a TorchServe dependency
 from serving.fleet import frontdoor
 
 from serving.server import server
-from serving.server.archive import MANIFEST
+from serving.server.archive import MANIFEST, VERSION_PATTERN
 from serving.fleet.frontdoor import RotationState
 from serving.server.keys import RENEW_AFTER_FRACTION, KeyRenewer
 from serving.server.pids import our_process
@@ -56,12 +56,18 @@ class FleetState:
 
 
 def archive_version(archive: Path) -> str:
-    """The version a .mar was built with (its manifest's modelVersion)."""
+    """The version a .mar was built with (its manifest's modelVersion), checked as
+    serving/server/archive.py checks the versions it writes: it becomes a file name and a path
+    segment of the management API, so nothing else than VERSION_PATTERN passes."""
     try:
         with zipfile.ZipFile(archive) as mar:
-            return json.loads(mar.read(MANIFEST))["model"]["modelVersion"]
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
+            version = json.loads(mar.read(MANIFEST))["model"]["modelVersion"]
+    except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as error:
         raise FleetError(f"{archive} is not a model archive with a version: {error}") from None
+    if not isinstance(version, str) or not VERSION_PATTERN.fullmatch(version):
+        raise FleetError(f"{archive}: its version {str(version)[:80]!r} must be letters, digits, '.', '_' or '-' "
+                         "(at most 64, as `python -m serving.server.archive --version` writes)")
+    return version
 
 
 # --- state, under a lock shared with follow-keys ----------------------------------------------
@@ -120,29 +126,29 @@ def rendered_keys(fleet: Fleet) -> dict[str, str]:
 
 def write_and_reload(fleet: Fleet, rotation: RotationState) -> None:
     frontdoor.write_config(fleet, rotation)
-    reloaded_workers(fleet)
+    reloaded_workers(fleet.nginx_dir)
     record = fleet.nginx_dir / RENDERED_KEYS
     record.touch(mode=0o600)   # the keys themselves: private, as nginx.conf is
     record.write_text(json.dumps(rotation.inference_keys))
 
 
-def nginx_master(fleet: Fleet) -> psutil.Process | None:
-    """The front door's nginx master, when it runs from this fleet's nginx dir: the title nginx
+def nginx_master(nginx_dir: Path) -> psutil.Process | None:
+    """The nginx master running from nginx_dir (the front door's, or a key hop's): the title nginx
     gives its master holds the command that started it (frontdoor.nginx_command: `-p nginx_dir`)."""
-    return our_process(fleet.nginx_dir / "nginx.pid", "nginx: master process", f"-p {fleet.nginx_dir} -c")
+    return our_process(nginx_dir / "nginx.pid", "nginx: master process", f"-p {nginx_dir} -c")
 
 
-def reloaded_workers(fleet: Fleet, timeout_s: float = 10.0) -> None:
+def reloaded_workers(nginx_dir: Path, timeout_s: float = 10.0) -> None:
     """Reload nginx and wait until no worker with the old config takes requests: the reload is a
     signal, and for a moment the old workers still accept. Old workers finishing the requests in
     flight retitle themselves "worker process is shutting down"."""
-    master = nginx_master(fleet)
+    master = nginx_master(nginx_dir)
     before = {child.pid for child in master.children()} if master else set()
-    frontdoor.reload(fleet)
+    frontdoor.reload(nginx_dir)
     deadline = time.monotonic() + timeout_s
     while master and not reloaded(master, before):
         if time.monotonic() > deadline:
-            raise FleetError(f"nginx did not reload within {timeout_s:.0f} s: see {fleet.run_dir}/logs/nginx.log")
+            raise FleetError(f"nginx did not reload within {timeout_s:.0f} s: see nginx's error log")
         time.sleep(0.02)
 
 
@@ -213,7 +219,7 @@ def follow_keys(fleet: Fleet, poll_s: float = KEY_POLL_S) -> None:
                     server.java_process(replica.run_dir / server.PID_FILE) is not None:   # not restarting
                 keys[replica.name] = renew_out_of_rotation(fleet, replica)   # rendered already
                 first_seen[replica.name] = (keys[replica.name], time.monotonic())
-        if keys != rendered and nginx_master(fleet) is not None:
+        if keys != rendered and nginx_master(fleet.nginx_dir) is not None:
             with locked(fleet):
                 apply_front_door(fleet, read_state(fleet))
             rendered = keys

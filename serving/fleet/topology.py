@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from serving.handler.artifact import ARCHIVE_NAME, MODEL_NAME
@@ -28,6 +28,15 @@ FRONT_HTTP_PORT = 8088
 FRONT_TLS_PORT = 8443
 # Requests per second per client address: generous for a person or a page, it only stops floods.
 DEFAULT_RATE_LIMIT = 100
+# Connections: every address may hold at most CONNECTIONS_PER_ADDRESS requests in progress at the
+# front door (nginx limit_conn; a browser opens 6, a load test a few dozen); each nginx worker (one
+# per core) holds WORKER_CONNECTIONS, so a flood of idle connections from one address (which
+# limit_conn cannot see: it counts requests, once their header is read) does not fill the door
+# before CLIENT_TIMEOUT_S closes them. Both the fleet and the Kubernetes front door render these.
+CONNECTIONS_PER_ADDRESS = 64
+WORKER_CONNECTIONS = 8192
+CLIENT_TIMEOUT_S = 10       # to send a request's header, each piece of its body, or read an answer
+KEEPALIVE_TIMEOUT_S = 15    # an idle kept-alive client connection
 # What the front door forwards (nginx regexes, anchored); every other path answers 404:
 # management (/models), metrics, workflows (/workflows, /wfpredict), the API description.
 OPEN_PATHS = (f"/predictions/{MODEL_NAME}", f"/explanations/{MODEL_NAME}", f"/v2/models/{MODEL_NAME}/infer")
@@ -112,10 +121,14 @@ class Replica:
                     "initial_worker_port": str(self.ports.initial_worker),
                     "model_store": str(self.model_store), "load_models": f"{MODEL_NAME}={archive}",
                     "workflow_store": str(self.run_dir / "empty-workflow-store"),
-                    # A rollout registers the new archive through the management API. That API
-                    # stays on loopback, behind a key with the production config, closed at the
-                    # front door; allowed_urls=^$ still lets it load files of the model store only.
-                    "enable_model_api": "true"}
+                    # A rollout registers the new archive through the management API, so it is
+                    # on; and TorchServe 0.12 loads any absolute directory it is given there
+                    # (ModelArchive.downloadModel refuses only `..`; allowed_urls is consulted
+                    # only for URLs). Any local user reaches loopback: so every fleet replica
+                    # runs token auth, whatever the base config says. The management key is in
+                    # the replica's key_file.json (TorchServe writes it 0600): only the fleet's
+                    # own user (its rollout) can register; the key hops add the inference key.
+                    "enable_model_api": "true", "disable_token_authorization": "false"}
         # CORS stays the project's: nginx hides TorchServe's one origin and sends its own list.
         if config.metrics_config:   # relative paths resolve from the replica's run dir: anchored
             settings["metrics_config"] = config.metrics_config
@@ -177,6 +190,7 @@ class Fleet:
                         for index in range(replicas))
         base_config = Path(base_config).resolve()
         config = config or replica_config(read_properties(base_config), base_config.parent)
+        config = replace(config, token_auth=True)   # every replica runs token auth (Replica.settings)
         return cls(run_dir, base_config, members, config, FrontDoor(**front_door))
 
     @property

@@ -32,7 +32,10 @@ def key_fingerprint(keys: dict | None) -> str | None:
 def record_key_file(run_dir: Path, key_file: Path) -> None:
     """Note in run_dir which key_file.json this server wrote, so that stop removes that one only."""
     record = {"path": str(key_file), "api_key_sha256": key_fingerprint(read_keys(key_file))}
-    (run_dir / KEY_OWNER).write_text(json.dumps(record))
+    owner = run_dir / KEY_OWNER
+    owner.touch(mode=0o600)   # a hash of the never-expiring API key: private, as key_file.json is
+    owner.chmod(0o600)
+    owner.write_text(json.dumps(record))
 
 
 def remove_own_key_file(run_dir: Path) -> None:
