@@ -24,6 +24,7 @@ import yaml
 from serving.fleet import fleet as fleet_stage
 from serving.server import server
 from serving.server.properties import free_ports, instance_config
+from serving.server.readiness import inference_key
 from serving.handler.artifact import MODEL_NAME, TORCHSCRIPT_NAME, artifact_path
 from serving.server.archive import SHIPPED_DIR, ArchiveError, build_archive
 from serving.fleet.fleet import FleetError
@@ -39,7 +40,7 @@ wrk.method = "POST"
 wrk.body = file:read("*a")
 file:close()
 wrk.headers["Content-Type"] = "image/png"
-"""
+{headers}"""
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
@@ -102,9 +103,10 @@ def parse_wrk(output: str, connections: int, duration_s: float) -> LoadResult:
 
 
 def wrk_command(url: str, image: Path, connections: int, duration_s: float, workdir: Path,
-                threads: int = 2) -> list[str]:
-    script = workdir / "post_digit.lua"
-    script.write_text(WRK_SCRIPT.format(image=image))
+                threads: int = 2, headers: dict[str, str] | None = None) -> list[str]:
+    script = workdir / f"post_digit_{abs(hash((url, tuple((headers or {}).items()))))}.lua"
+    script.write_text(WRK_SCRIPT.format(image=image, headers="".join(
+        f'wrk.headers["{name}"] = "{value}"\n' for name, value in (headers or {}).items())))
     return ["wrk", "-t", str(min(threads, connections)), "-c", str(connections), "-d", f"{duration_s:g}s",
             "--timeout", "10s", "--latency", "-s", str(script), url]
 
@@ -115,20 +117,29 @@ def run_wrk(url: str, image: Path, connections: int, duration_s: float, workdir:
     return parse_wrk(output, connections, duration_s)
 
 
-def run_wrk_spread(urls: list[str], image: Path, connections: int, duration_s: float, workdir: Path) -> LoadResult:
+@dataclass(frozen=True)
+class Target:
+    """One server wrk loads: its URL and the headers it needs (a replica's key)."""
+    url: str
+    headers: dict
+
+
+def run_wrk_spread(targets: list[Target], image: Path, connections: int, duration_s: float,
+                   workdir: Path) -> LoadResult:
     """`connections` clients spread evenly over `urls` at once (one wrk each, one thread each: the
     same two client threads as run_wrk): what the front door's replicas serve without it.
     Requests add up; a percentile is the highest of the wrk runs' (an upper bound of the whole's)."""
-    share = connections // len(urls)
-    runs = [subprocess.Popen(wrk_command(url, image, share, duration_s, workdir, threads=max(1, 2 // len(urls))),
-                             stdout=subprocess.PIPE, text=True) for url in urls]
+    share = connections // len(targets)
+    runs = [subprocess.Popen(wrk_command(target.url, image, share, duration_s, workdir,
+                                         threads=max(1, 2 // len(targets)), headers=target.headers),
+                             stdout=subprocess.PIPE, text=True) for target in targets]
     results = []
     for run in runs:
         output, _ = run.communicate(timeout=duration_s + 60)
         if run.returncode:
             raise subprocess.CalledProcessError(run.returncode, run.args, output)
         results.append(parse_wrk(output, share, duration_s))
-    return LoadResult(share * len(urls), duration_s, sum(r.requests for r in results),
+    return LoadResult(share * len(targets), duration_s, sum(r.requests for r in results),
                       sum(r.requests_per_s for r in results),
                       {p: max(r.latency_ms.get(p, 0.0) for r in results) for p in results[0].latency_ms},
                       sum(r.non_2xx for r in results), sum(r.socket_errors for r in results))
@@ -183,7 +194,7 @@ def measure_front_door(serialized_file: str, connections: int = 16, duration_s: 
         fleet = fleet_on_free_ports(workdir, replicas, base_config)
         fleet_stage.start(fleet, archive)
         path = f"/predictions/{MODEL_NAME}"
-        direct = [f"{replica.inference_url}{path}" for replica in fleet.replicas]
+        direct = [Target(f"{replica.inference_url}{path}", replica_headers(replica)) for replica in fleet.replicas]
         try:
             results = {}
             for row, url in zip(FRONT_DOOR_ROWS, (fleet.front_door.http_url, fleet.front_door.https_url)):
@@ -194,6 +205,13 @@ def measure_front_door(serialized_file: str, connections: int = 16, duration_s: 
             return results
         finally:
             fleet_stage.stop(fleet)
+
+
+def replica_headers(replica) -> dict[str, str]:
+    """Every fleet replica runs token auth (serving/fleet/topology.py): called directly, it
+    needs its inference key, which the front door otherwise adds."""
+    key = inference_key(replica.key_file)
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def format_results(settings: ServeSettings, results: list[LoadResult]) -> str:
