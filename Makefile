@@ -18,6 +18,12 @@ MAR         := $(MODEL_STORE)/mnist.mar
 SERVE_STAMP := $(MODEL_STORE)/.serve_model
 SERVE_MODEL ?= $(or $(shell cat $(SERVE_STAMP) 2>/dev/null),$(TORCHSCRIPT))
 RUN_DIR     := .run/torchserve
+# `make serve ENGINE=kserve`: the same SERVE_MODEL file on KServe's Python model server (docs/engines.md).
+ENGINE      ?= torchserve
+KSERVE_DIR  := .run/kserve
+KSERVE_PORT ?= 8085
+KSERVE_LOCK := requirements-kserve.lock
+KSERVE_INSTALLED := $(VENV)/.kserve-installed
 # `make fleet`: REPLICAS TorchServe replicas under supervisord behind nginx (serving/fleet/topology.py).
 FLEET_DIR   := .run/fleet
 REPLICAS    ?= 2
@@ -43,13 +49,13 @@ IMG         ?= $(SAMPLES)/digit_7.png
 DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock system java browser prometheus nginx fonts fashion fleet fleet-stop data train export archive serve demo stop predict samples test test-fast screenshot reliability bench manifests contact-sheet clean FORCE
+.PHONY: help install lock system java browser prometheus nginx fonts fashion fleet fleet-stop data train export archive serve serve-torchserve serve-kserve demo stop predict samples test test-fast screenshot reliability bench manifests contact-sheet clean FORCE
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 	@echo "  Variables: DATA_DIR=path/to/mnist (local copy; unset: download), TRAIN_ARGS='--epochs 5', IMG=file.png"
 
-install: $(INSTALLED) ## Create .venv and install exactly requirements.lock (hash-checked), then the project
+install: $(INSTALLED) $(KSERVE_INSTALLED) ## Create .venv and install exactly requirements.lock (hash-checked), then the project
 
 # requirements.lock pins every package (pip and setuptools too) with its hashes: pip refuses a file whose
 # hash differs, and nothing unpinned comes in (--no-deps). `make lock` writes it from pyproject.toml.
@@ -58,6 +64,12 @@ $(INSTALLED): pyproject.toml $(LOCK)
 	$(BIN)/pip install --quiet $(PIP_FLAGS) --require-hashes --no-deps -r $(LOCK)
 	$(BIN)/pip install --quiet $(PIP_FLAGS) --no-deps --no-build-isolation -e .
 	grep -q '^# digitserve: a plain' $(BIN)/activate || sed 's|@CONFIG@|$(CURDIR)/config.properties|' serving/server/activate.sh >> $(BIN)/activate
+	touch $@
+
+# The second engine: kserve and its own dependencies, hash-checked, never resolved against the lock
+# (kserve 0.21.0 declares protobuf<7; --no-deps keeps requirements.lock's protobuf 7; docs/engines.md).
+$(KSERVE_INSTALLED): $(INSTALLED) $(KSERVE_LOCK)
+	$(BIN)/pip install --quiet $(PIP_FLAGS) --require-hashes --no-deps -r $(KSERVE_LOCK)
 	touch $@
 
 lock: ## Rewrite requirements.lock (every package pinned, with hashes) from pyproject.toml, with pip-tools
@@ -154,8 +166,13 @@ $(SAMPLES)/letter_k.png: | $(INSTALLED)
 
 samples: $(SAMPLES)/letter_k.png ## Write real MNIST test digits as PNG into samples/
 
-serve: java $(MAR) $(SAMPLES)/letter_k.png ## Everything above as needed, then start TorchServe and wait until it answers
+serve: serve-$(ENGINE) ## Everything above as needed, then start TorchServe (or ENGINE=kserve) and wait until it answers
+
+serve-torchserve: java $(MAR) $(SAMPLES)/letter_k.png
 	$(BIN)/python -m serving.server start --config config.properties --run-dir $(RUN_DIR)
+
+serve-kserve: $(KSERVE_INSTALLED) $(SERVE_MODEL)
+	$(BIN)/python -m serving.kserve start --artifact $(SERVE_MODEL) --port $(KSERVE_PORT) --run-dir $(KSERVE_DIR)
 
 demo: serve ## `make serve`, then the draw-a-digit page on http://127.0.0.1:8000 (serving/web/index.html)
 	$(BIN)/python -m serving.web.demo start --config config.properties --run-dir $(DEMO_DIR)
@@ -170,8 +187,9 @@ fleet-stop: ## Stop everything `make fleet` started (replicas, nginx, supervisor
 config.production.properties: config.properties serving/server/properties.py | $(INSTALLED) ## Derive the token-auth config from config.properties
 	$(BIN)/python -m serving.server.properties production-config --base config.properties > $@
 
-stop: ## Stop the TorchServe started by `make serve` and the page server of `make demo`
+stop: ## Stop the TorchServe (or KServe) started by `make serve` and the page server of `make demo`
 	$(BIN)/python -m serving.server stop --run-dir $(RUN_DIR)
+	$(BIN)/python -m serving.kserve stop --run-dir $(KSERVE_DIR)
 	$(BIN)/python -m serving.web.demo stop --run-dir $(DEMO_DIR)
 
 # Where `make serve`'s server answers: config.properties' own inference_address, not a second copy.
@@ -183,7 +201,7 @@ predict: ## curl one image to the running server: make predict IMG=samples/digit
 # The tests read MNIST from DATA_DIR (like every other target), else $$MNIST_DATA_DIR, else ../shared/mnist.
 TEST_ENV := $(if $(DATA_DIR),MNIST_DATA_DIR=$(abspath $(DATA_DIR)))
 
-test: $(INSTALLED) system ## Run the test suite (DATA_DIR, else MNIST_DATA_DIR, else ../shared/mnist)
+test: $(INSTALLED) $(KSERVE_INSTALLED) system ## Run the test suite (DATA_DIR, else MNIST_DATA_DIR, else ../shared/mnist)
 	$(TEST_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(INSTALLED) ## The fast tier: no trained model, no servers (FAST_TIMES_DOC=docs/testing.md records its time)

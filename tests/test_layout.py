@@ -17,17 +17,19 @@ from repo import REPO_ROOT
 from serving.server.archive import ARCHIVE_SOURCES, SHIPPED_DIR
 
 PACKAGES = ("training", "export", "serving", "deploy", "benchmarks")
-SERVING_ROLES = ("handler", "server", "fleet", "clients", "web")
+SERVING_ROLES = ("handler", "server", "fleet", "clients", "web", "kserve")
 
 # role -> the roles it must never import ("never" rules; everything else is allowed).
 NEVER = {
     "serving.handler": {"training", "export", "serving.server", "serving.fleet", "serving.clients", "serving.web",
-                        "deploy", "benchmarks"},
-    "serving.server": {"training", "export", "serving.fleet", "serving.clients", "serving.web", "deploy",
-                       "benchmarks"},
+                        "serving.kserve", "deploy", "benchmarks"},
+    "serving.server": {"training", "export", "serving.fleet", "serving.clients", "serving.web", "serving.kserve",
+                       "deploy", "benchmarks"},
     "serving.clients": {"training", "export", "serving.fleet", "serving.web", "deploy", "benchmarks"},
     "serving.web": {"training", "export", "serving.fleet", "serving.clients", "deploy", "benchmarks"},
     "serving.fleet": {"training", "export", "serving.clients", "deploy", "benchmarks"},
+    # The second engine: what ships (serving/handler) and the pid check (serving/server/pids.py), never the fleet or clients.
+    "serving.kserve": {"training", "export", "serving.fleet", "serving.clients", "serving.web", "deploy", "benchmarks"},
     "training": {"export", "serving.server", "serving.fleet", "serving.clients", "serving.web", "deploy",
                  "benchmarks"},
     "export": {"serving.server", "serving.fleet", "serving.clients", "serving.web", "deploy", "benchmarks"},
@@ -88,6 +90,7 @@ def test_imports_run_one_way(path):
     ("serving/handler/preprocess.py", "from serving.server.properties import read_properties", "serving.server"),
     ("serving/handler/handler.py", "import training.model", "training"),
     ("serving/server/server.py", "from serving.fleet import topology", "serving.fleet"),
+    ("serving/kserve/engine.py", "from serving.clients.grpc_client import KeySource", "serving.clients"),
     ("serving/server/keys.py", "from ..clients.grpc_client import KeySource", "serving.clients"),
     ("serving/clients/predict.py", "from serving.fleet.topology import Fleet", "serving.fleet"),
     ("training/train.py", "from export.run import run_export", "export"),

@@ -1,0 +1,1 @@
+"""The second engine: KServe's Python model server serving the exported artifact (docs/engines.md)."""
