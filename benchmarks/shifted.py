@@ -64,10 +64,9 @@ def measure_shifts(checkpoint_path: str, data_dir: str, per_shift: int = PER_SHI
     rows = {name: shift_row(model, trust, shifted)
             for name, shifted in shift_sets(images, labels, "eval", per_shift).items()}
     mnist_c = [row["error"] for row in rows.values() if row["kind"] == "mnist_c"]
-    everyday = [row for row in rows.values()]
     return {"per_shift": per_shift, "rows": rows, "mnist_c_mean_error": float(np.mean(mnist_c)),
-            "mean_accepted": float(np.mean([row["accepted"] for row in everyday])),
-            "mean_correct": float(np.mean([row["correct"] for row in everyday])),
+            "mean_accepted": float(np.mean([row["accepted"] for row in rows.values()])),
+            "mean_correct": float(np.mean([row["correct"] for row in rows.values()])),
             "paper_cnn_mean_error": PAPER_CNN_MEAN_ERROR, "paper_source": PAPER_SOURCE}
 
 
