@@ -30,7 +30,7 @@ class ShiftParams:
     photo_light: float = 0.55       # darkest share of light across the page (1 = even)
     jpeg_quality: int = 60
     pen_size: int = 5               # Pillow MinFilter/MaxFilter size on the 4x-upscaled digit
-    low_res_px: int = 10            # digit image side before the sender scaled it up
+    low_res_px: int = 14            # image side before the sender scaled it up (the digit: 20/28 of it, 10 px)
     grey_paper: float = 0.6
     grey_ink: float = 0.35
 
