@@ -12,7 +12,7 @@ import numpy as np
 
 from serving.handler.artifact import Trust
 from serving.handler.preprocess import ImageError, preprocess_bytes
-from training.shifts import MNIST_C, ShiftedSet, shift_sets
+from training.shifts import MNIST_C, VAL_PARAMS, ShiftedSet, ShiftParams, shift_sets
 
 PER_SHIFT = 1000   # MNIST test digits per shift (the same digits for every shift)
 # The paper's CNN figure (Mu and Gilmer 2019, arXiv 1906.02337): None until someone copies it
@@ -70,6 +70,16 @@ def measure_shifts(checkpoint_path: str, data_dir: str, per_shift: int = PER_SHI
             "paper_cnn_mean_error": PAPER_CNN_MEAN_ERROR, "paper_source": PAPER_SOURCE}
 
 
+def validation_differences() -> str:
+    """What the validation split (for choosing augmentations and thresholds) changes: eval -> val."""
+    evaluation = ShiftParams()
+    changed = [f"{name} severity {evaluation.severity[name]} -> {level}" for name, level in VAL_PARAMS.severity.items()
+               if evaluation.severity[name] != level]
+    changed += [f"{key} {value} -> {getattr(VAL_PARAMS, key)}" for key, value in vars(evaluation).items()
+                if key != "severity" and getattr(VAL_PARAMS, key) != value]
+    return "; ".join(changed)
+
+
 def markdown_lines(shifts: dict) -> list[str]:
     paper = shifts["paper_cnn_mean_error"]
     paper_text = f"{paper:.2%}" if paper is not None else "not copied yet (see benchmarks/shifted.py)"
@@ -80,6 +90,9 @@ def markdown_lines(shifts: dict) -> list[str]:
              "(its refusals count as refused and wrong).", "",
              f"MNIST-C mean error (15 corruptions): **{shifts['mnist_c_mean_error']:.2%}**; "
              f"the paper's CNN ({shifts['paper_source']}): {paper_text}.", "",
+             "The validation split of the same shifts (training/shifts.py, split val: training digits, other "
+             f"seeds; for choosing augmentations and thresholds, not measured here) differs: {validation_differences()}.",
+             "",
              f"Mean over all {len(shifts['rows'])} shifts: accepted {shifts['mean_accepted']:.2%}, "
              f"correct {shifts['mean_correct']:.2%}.", "",
              "| shift | kind | accepted | correct | accepted and correct | refused by preprocessing |",

@@ -100,3 +100,4 @@ def test_the_shift_table_comes_from_real_predictions(quick_checkpoint, data_dir,
     assert result["mnist_c_mean_error"] == pytest.approx(result["rows"]["rotate"]["error"])
     lines = "\n".join(shifted_module.markdown_lines(result))
     assert "| rotate | mnist_c |" in lines and "| thick_marker | capture |" in lines
+    assert "shot_noise severity 5 -> 4" in lines   # what the validation split changes, said
