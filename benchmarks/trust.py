@@ -9,6 +9,9 @@ from MNIST and from outside it, calibration, per-digit errors. Part of `make ben
 without what training does for trust (outlier exposure, generated digits), so the per-digit
 table shows what they changed; `make bench` does this.
 
+Also the everyday shifts (benchmarks/shifted.py: MNIST-C and captures on --per-shift MNIST test
+digits, accepted and correct per shift, MNIST-C's mean error).
+
 writes benchmarks/TRUST.md, trust.json and reliability.png. Non-digits and real-world digits
 come from training/synthetic.py's "eval" split (never trained on, never chosen by); the
 thresholds of every score are chosen on the checkpoint's held-out validation digits, as
@@ -26,6 +29,8 @@ import click
 import numpy as np
 
 from serving.handler.artifact import ARTIFACTS_DIR, CHECKPOINT_NAME, TRUST_SCORES, Trust, artifact_path, softmax
+from benchmarks.shifted import PER_SHIFT, measure_shifts
+from benchmarks.shifted import markdown_lines as shift_markdown
 from training.data import DATA_DIR_ENV
 
 HERE = Path(__file__).resolve().parent
@@ -147,7 +152,7 @@ def generated_sets(per_category: int, per_style: int) -> dict:
 
 
 def measure(data_dir: str, checkpoint: str = artifact_path(CHECKPOINT_NAME), before: str | None = None,
-            per_category: int = PER_CATEGORY, per_style: int = PER_STYLE) -> dict:
+            per_category: int = PER_CATEGORY, per_style: int = PER_STYLE, per_shift: int = PER_SHIFT) -> dict:
     started = time.perf_counter()
     sets = generated_sets(per_category, per_style)
     outputs, saved = model_outputs(checkpoint, data_dir, sets)
@@ -166,6 +171,7 @@ def measure(data_dir: str, checkpoint: str = artifact_path(CHECKPOINT_NAME), bef
                "per_digit_errors_val": per_digit_errors(*outputs["real_world_val"],
                                                         sets["real_world_val"].categories)}
     results["reliability"] = reliability_bins(outputs, trust.temperature)
+    results["shifts"] = measure_shifts(checkpoint, data_dir, per_shift)
     if before:
         before_outputs, _ = model_outputs(before, data_dir, sets)
         results["before"] = {"checkpoint": before,
@@ -238,8 +244,9 @@ def markdown(results: dict, command: str, cpu: str) -> str:
                      f"{row['real_world_accepted']:.2%} | "
                      + " | ".join(f"{row['refused_by_category'][c]:.1%}" for c in categories)
                      + f" | {row['non_digits_refused']:.2%} |")
-    lines += ["", "Symbols and doodles are categories outlier exposure never trains on (training/synthetic.py).",
-              "", "## Calibration (ECE, 15 bins)", "",
+    lines += ["", "Symbols and doodles are categories outlier exposure never trains on (training/synthetic.py).", ""]
+    lines += shift_markdown(results["shifts"]) if "shifts" in results else []
+    lines += ["## Calibration (ECE, 15 bins)", "",
               "| set | T = 1 | fitted T | ECE at fitted T |", "|---|---:|---:|---:|"]
     for name, row in results["calibration"].items():
         t = row["temperature"]
@@ -292,8 +299,9 @@ def write(results: dict, out_dir: Path, command: str) -> None:
 @click.option("--train-before", "train_before_flag", is_flag=True, help=f"Train the before model first ({' '.join(BEFORE_FLAGS)}).")
 @click.option("--per-category", type=click.IntRange(min=10), default=PER_CATEGORY, show_default=True)
 @click.option("--per-style", type=click.IntRange(min=10), default=PER_STYLE, show_default=True)
+@click.option("--per-shift", type=click.IntRange(min=10), default=PER_SHIFT, show_default=True)
 @click.option("--out-dir", default=str(HERE), show_default=True)
-def main(data_dir, checkpoint, before, train_before_flag, per_category, per_style, out_dir) -> None:
+def main(data_dir, checkpoint, before, train_before_flag, per_category, per_style, per_shift, out_dir) -> None:
     """Measure refusal, acceptance, calibration and per-digit errors of a checkpoint."""
     from training.checkpoint import CheckpointError
     if before and train_before_flag:
@@ -301,14 +309,15 @@ def main(data_dir, checkpoint, before, train_before_flag, per_category, per_styl
     try:
         if train_before_flag:
             before = train_before(data_dir)
-        results = measure(data_dir, checkpoint, before, per_category, per_style)
+        results = measure(data_dir, checkpoint, before, per_category, per_style, per_shift)
     except subprocess.CalledProcessError as error:
         raise click.ClickException(f"training the before model failed (exit {error.returncode})") from None
     except (CheckpointError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from None
     command = "python -m benchmarks.trust --data-dir DATA" + (f" --checkpoint {checkpoint}" if checkpoint !=
                                                               artifact_path(CHECKPOINT_NAME) else "") \
-        + (" --train-before" if train_before_flag else f" --before {before}" if before else "")
+        + (" --train-before" if train_before_flag else f" --before {before}" if before else "") \
+        + (f" --per-shift {per_shift}" if per_shift != PER_SHIFT else "")
     write(results, Path(out_dir), command)
     click.echo((Path(out_dir) / "TRUST.md").read_text())
 
