@@ -59,11 +59,10 @@ SCALE_DOWN_WINDOW_S = 300   # a lull of five minutes before pods go: traffic com
 
 # Memory: requests = what one replica was measured to use under load (benchmarks/footprint.json,
 # its readiness probe's own Python included: an exec probe runs inside the pod), rounded up;
-# limits = that x HEADROOM. Why 1.75: the measurement loaded small images, and Java stayed near
-# 250 MiB; a flood of large bodies fills its queue (job_queue_size x max_request_size = 400 MiB)
-# and may grow its heap to vmargs' -Xmx1g, about 0.9 GiB more with the JVM's own overhead. 1.75 x
-# the ~1.6 GiB request covers that and leaves ~0.3 GiB for the workers' batches: an OOM kill would
-# cost every request in flight.
+# limits = that x HEADROOM. Why 1.75: the measurement loaded small images, so Java's heap stayed
+# small; a flood of large bodies fills its queue (job_queue_size x max_request_size) and may grow
+# the heap up to vmargs' -Xmx1g, plus the JVM's own overhead. 1.75 x the request covers that with
+# room left for the workers' batches: an OOM kill would cost every request in flight.
 MEMORY_STEP_MIB = 64
 HEADROOM = 1.75
 # Probes. `ready` makes two calls of up to 5 s each (its --timeout), after Python's start.
