@@ -32,19 +32,17 @@ if __package__:  # imported from the source tree (tests)
                            torch_runner)
     from .explain import attribute, explanation
     from .parsing import (DIGIT_METRIC, NOT_DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC, BatchOutput,
-                          MAX_ANSWER_BYTES, ParsedBatch, answer_body, http_status, parse_batch)
+                          INFERENCE_CHUNK_IMAGES, MAX_ANSWER_BYTES, ParsedBatch, answer_body, http_status,
+                          parse_batch)
 else:  # inside the model archive, the modules sit beside this file
     from artifact import (Trust, is_onnx, load, load_torchscript_module, predictions, public_card, run_batched,
                           torch_runner)
     from explain import attribute, explanation
     from parsing import (DIGIT_METRIC, NOT_DIGIT_METRIC, PREPROCESS_METRIC, REJECTED_METRIC, BatchOutput,
-                         MAX_ANSWER_BYTES, ParsedBatch, answer_body, http_status, parse_batch)
+                         INFERENCE_CHUNK_IMAGES, MAX_ANSWER_BYTES, ParsedBatch, answer_body, http_status,
+                         parse_batch)
 
 logger = logging.getLogger(__name__)
-
-# A batch holds up to batchSize x MAX_IMAGES_PER_REQUEST images (8 x 64); the model sees them in
-# chunks of this many, so one batch's activations stay the size of one full request's.
-INFERENCE_CHUNK_IMAGES = 64
 
 
 class DigitHandler(BaseHandler):

@@ -47,6 +47,9 @@ EXPLANATION_CODES = ("explanations_need_torchscript",)
 # under config.properties' max_response_size (1 MiB), past which TorchServe kills the worker
 # (tests/test_parsing.py checks the worst case against that file).
 MAX_IMAGES_PER_REQUEST = 64
+# A TorchServe batch holds up to batchSize x MAX_IMAGES_PER_REQUEST images (8 x 64); the model sees
+# them in chunks of this many, so one batch's activations stay the size of one full request's.
+INFERENCE_CHUNK_IMAGES = MAX_IMAGES_PER_REQUEST
 # Images one explanation request may carry: Integrated Gradients runs the model forward and
 # backward explain.IG_STEPS times per image (4 images: ~0.3 s on one core), and each answer
 # carries a 28x28 map (3-10 KB of JSON), so a batch of 8 such requests stays ~2 s and ~300 KB.

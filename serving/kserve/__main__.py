@@ -16,6 +16,9 @@ ARTIFACT = click.option("--artifact", required=True, type=click.Path(exists=True
 ADDRESS = click.option("--address", default="127.0.0.1", show_default=True, help="The address to listen on.")
 PORT = click.option("--port", default=8085, show_default=True, type=int, help="REST port.")
 THREADS = click.option("--threads", default=1, show_default=True, type=int, help="Inference threads.")
+CONFIG = click.option("--config", default="config.properties", show_default=True,
+                      type=click.Path(exists=True, dir_okay=False),
+                      help="The TorchServe config whose request limits this engine keeps too.")
 RUN_DIR = click.option("--run-dir", default=".run/kserve", show_default=True, help="Pid file and log.")
 
 
@@ -29,11 +32,12 @@ def main() -> None:
 @ADDRESS
 @PORT
 @THREADS
+@CONFIG
 @RUN_DIR
-def start_command(artifact: str, address: str, port: int, threads: int, run_dir: str) -> None:
+def start_command(artifact: str, address: str, port: int, threads: int, config: str, run_dir: str) -> None:
     """Start in the background; return once ready."""
     try:
-        engine = start(artifact, run_dir, address, port, threads)
+        engine = start(artifact, run_dir, address, port, threads, config)
     except EngineError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"KServe ready on {engine.address} (pid {engine.pid}): POST /predictions/mnist, /v2/models/mnist/infer")
@@ -51,11 +55,12 @@ def stop_command(run_dir: str) -> None:
 @ADDRESS
 @PORT
 @THREADS
-def run_command(artifact: str, address: str, port: int, threads: int) -> None:
+@CONFIG
+def run_command(artifact: str, address: str, port: int, threads: int, config: str) -> None:
     """Serve in the foreground until SIGTERM."""
     del sys.argv[1:]   # kserve.model_server parses sys.argv when imported: ours are not its flags
     from .server import serve
-    serve(artifact, address, port, threads)
+    serve(artifact, address, port, threads, config)
 
 
 main()

@@ -23,14 +23,11 @@ from prometheus_client import Counter
 
 from serving.handler.artifact import (MODEL_NAME, Trust, is_onnx, load, load_torchscript_module, predictions,
                                       run_batched, torch_runner)
-from serving.handler.parsing import answer_body, error_body, http_status, parse_batch
+from serving.handler.parsing import INFERENCE_CHUNK_IMAGES, answer_body, error_body, http_status, parse_batch
 from serving.handler.preprocess import ImageError
 
 logger = logging.getLogger(__name__)
 
-# TorchServe's max_request_size (config.properties): a larger body is refused before it is read.
-MAX_REQUEST_BYTES = 4 * 1024 * 1024
-INFERENCE_CHUNK_IMAGES = 64   # as the TorchServe handler: one full request's images at a time
 DIGITS = Counter("digitserve_digit_predictions", "Answered images, by digit", ["digit"])
 NOT_DIGITS = Counter("digitserve_not_digit_images", "Answered images judged not a digit, by best guess", ["digit"])
 REJECTED = Counter("digitserve_requests_rejected", "Refused requests or images, by error code", ["code"])
@@ -87,13 +84,14 @@ def count(outcomes: list, answers: list[dict]) -> None:
                 NOT_DIGITS.labels(str(answers[outcome]["digit"])).inc()
 
 
-async def torchserve_request(request: Request) -> dict | ImageError:
+async def torchserve_request(request: Request, max_body_bytes: int) -> dict | ImageError:
     """The request as TorchServe's frontend and backend hand it to a handler: form fields by name
-    for multipart, else {"body": ...}, parsed JSON for application/json, text for text/*."""
+    for multipart, else {"body": ...}, parsed JSON for application/json, text for text/*. A body
+    over max_body_bytes (TorchServe's max_request_size) is refused, as TorchServe refuses it."""
     kind = request.headers.get("content-type", "").lower()
     body = await request.body()
-    if len(body) > MAX_REQUEST_BYTES:
-        return ImageError("too_large", f"request body of {len(body)} bytes; the limit is {MAX_REQUEST_BYTES}")
+    if len(body) > max_body_bytes:
+        return ImageError("too_large", f"request body of {len(body)} bytes; the limit is {max_body_bytes}")
     if kind.startswith("multipart/form-data"):   # Starlette reads the form from the body read above
         form = await request.form(max_files=1000, max_fields=1000)
         return {name: (await value.read()) if hasattr(value, "read") else value for name, value in form.multi_items()}
@@ -109,12 +107,12 @@ async def torchserve_request(request: Request) -> dict | ImageError:
     return {"body": body}
 
 
-def add_routes(app, model: DigitModel) -> None:
+def add_routes(app, model: DigitModel, max_body_bytes: int) -> None:
     """Ours before KServe's: Starlette takes the first route that matches."""
     async def infer(request: Request) -> JSONResponse:
         if not model.ready:
             return JSONResponse({"error": "the model is still loading", "code": "not_ready"}, status_code=503)
-        torchserve = await torchserve_request(request)
+        torchserve = await torchserve_request(request, max_body_bytes)
         if isinstance(torchserve, ImageError):
             REJECTED.labels(torchserve.code).inc()
             return JSONResponse(error_body(torchserve), status_code=http_status(torchserve))

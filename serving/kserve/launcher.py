@@ -48,14 +48,14 @@ def ready(address: str) -> bool:
 
 
 def start(artifact: str | os.PathLike, run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8085,
-          threads: int = 1, timeout_s: float = 120.0) -> Engine:
+          threads: int = 1, config: str | os.PathLike = "config.properties", timeout_s: float = 120.0) -> Engine:
     """Start the engine on host:port serving artifact; return once /v2/health/ready says so."""
     run_dir = Path(run_dir)
     if (process := running(run_dir)) is not None:
         raise EngineError(f"KServe already runs from {run_dir} (pid {process.pid}): `make stop` first")
     run_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "serving.kserve", "run", "--artifact", str(artifact), "--address", host,
-               "--port", str(port), "--threads", str(threads)]
+               "--port", str(port), "--threads", str(threads), "--config", str(config)]
     with open(run_dir / LOG_NAME, "ab") as log:
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  start_new_session=True)

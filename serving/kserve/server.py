@@ -12,6 +12,8 @@ from kserve import ModelServer
 from kserve.model_server import FASTAPI_APP_IMPORT_STRING, app
 from kserve.protocol.rest.server import RESTServer
 
+from serving.server.properties import read_properties
+
 from .engine import DigitModel, add_routes
 
 
@@ -31,9 +33,11 @@ class LocalModelServer(ModelServer):
         asyncio.run(self._serve())
 
 
-def serve(artifact: str, host: str, port: int, threads: int) -> None:
-    """Load the artifact, then serve it until SIGTERM or SIGINT."""
+def serve(artifact: str, host: str, port: int, threads: int, config: str) -> None:
+    """Load the artifact, then serve it until SIGTERM or SIGINT, with the request limits of the
+    TorchServe config file (its max_request_size), so that both engines refuse the same bodies."""
+    max_body_bytes = int(read_properties(config)["max_request_size"])
     model = DigitModel(artifact, threads)
     model.load()
-    add_routes(app, model)
+    add_routes(app, model, max_body_bytes)
     LocalModelServer(host, port).start([model])
