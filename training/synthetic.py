@@ -30,8 +30,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from serving.handler import photo, preprocess
 from serving.handler.preprocess import ImageError, to_grayscale, to_mnist
 
+from . import drawing, model, set_cache
 from .drawing import DIGIT_STROKES, draw_strokes, draw_text, ellipse, pts
 from .model import NUM_CLASSES
 
@@ -52,6 +54,8 @@ SYMBOLS = "+=#%&@$?*~^<>§¶€£¥©®→←↑↓∞π∑√µΩ÷×"
 NON_DIGIT_CATEGORIES = ("letters", "words", "symbols", "doodles", "scribbles", "textures", "noise")
 TRAINED_CATEGORIES = ("letters", "words", "scribbles", "textures", "noise")   # outlier exposure uses these
 DIGIT_STYLES = ("typed", "drawn", "photographed")
+# The code that makes a set's images: a change to any of these files is a new cache key.
+SOURCES = tuple(Path(module.__file__) for module in (drawing, model, photo, preprocess)) + (Path(__file__),)
 
 
 class FontsMissing(Exception):
@@ -259,7 +263,16 @@ def image_rng(split: str, category: str, index: int) -> np.random.Generator:
 
 
 def build_set(split: str, per_category: dict[str, int], make_one: Callable) -> SyntheticSet:
+    """The set from the cache (training/set_cache.py) when this code made it before."""
     fonts = font_paths(split)
+    request = {"split": split, "per_category": per_category, "maker": make_one.__name__}
+    arrays, blank = set_cache.cached(set_cache.set_key(request, SOURCES, fonts),
+                                     lambda: generate_set(split, per_category, make_one, fonts))
+    return SyntheticSet(arrays["images"], arrays["categories"], arrays["labels"], blank)
+
+
+def generate_set(split: str, per_category: dict[str, int], make_one: Callable,
+                 fonts: list[Path]) -> tuple[dict[str, np.ndarray], dict]:
     images, categories, labels, blank = [], [], [], {}
     for category, count in per_category.items():
         blank[category] = 0
@@ -273,16 +286,23 @@ def build_set(split: str, per_category: dict[str, int], make_one: Callable) -> S
             images.append(pixels)
             categories.append(category)
             labels.append(label)
-    return SyntheticSet(np.stack(images).astype(np.float32), np.array(categories), np.array(labels, dtype=np.int64),
-                        blank)
+    return {"images": np.stack(images).astype(np.float32), "categories": np.array(categories),
+            "labels": np.array(labels, dtype=np.int64)}, blank
+
+
+def non_digit(category: str, index: int, rng: np.random.Generator, fonts: list[Path]) -> tuple[Image.Image, int]:
+    return NON_DIGIT_MAKERS[category](rng, fonts), -1
+
+
+def real_world_digit(style: str, index: int, rng: np.random.Generator, fonts: list[Path]) -> tuple[Image.Image, int]:
+    return DIGIT_MAKERS[style](rng, fonts, index % NUM_CLASSES), index % NUM_CLASSES
 
 
 def non_digits(split: str, per_category: int, categories: tuple[str, ...] = NON_DIGIT_CATEGORIES) -> SyntheticSet:
     """per_category images of each category (fewer where preprocessing refused some as blank)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
-    return build_set(split, {category: per_category for category in categories},
-                     lambda category, index, rng, fonts: (NON_DIGIT_MAKERS[category](rng, fonts), -1))
+    return build_set(split, {category: per_category for category in categories}, non_digit)
 
 
 def real_world_digits(split: str, per_style: int, styles: tuple[str, ...] = DIGIT_STYLES) -> SyntheticSet:
@@ -290,9 +310,7 @@ def real_world_digits(split: str, per_style: int, styles: tuple[str, ...] = DIGI
     validation part (augmentations are chosen on it), "eval" the held-out part the bench reports."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
-    return build_set(split, {style: per_style for style in styles},
-                     lambda style, index, rng, fonts: (DIGIT_MAKERS[style](rng, fonts, index % NUM_CLASSES),
-                                                       index % NUM_CLASSES))
+    return build_set(split, {style: per_style for style in styles}, real_world_digit)
 
 
 def contact_sheet(images: np.ndarray, columns: int = 20) -> Image.Image:

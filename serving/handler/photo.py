@@ -52,19 +52,27 @@ class Blocks:
 NO_BLOCKS = Blocks(1, 0, 0)
 
 
-def running_extreme(values: np.ndarray, size: int, axis: int, reduce) -> np.ndarray:
-    """Max or min (reduce) over a centred window of `size` along axis, edges repeated."""
+def running_extreme(values: np.ndarray, size: int, axis: int, pair) -> np.ndarray:
+    """Max or min (pair: np.maximum or np.minimum) over a centred window of odd `size` along
+    axis, edges repeated. By doubling: after k steps each place holds the extreme of the 2**k
+    places from it, and two overlapping such spans cover any window, so a window costs
+    log2(size) array operations whatever its size (a window per place cost size)."""
     half = size // 2
-    padded = np.pad(values, [(half, half) if a == axis else (0, 0) for a in range(values.ndim)], mode="edge")
-    windows = np.lib.stride_tricks.sliding_window_view(padded, size, axis=axis)
-    return reduce(windows, axis=-1)
+    rows = np.moveaxis(values, axis, 0)
+    span = np.concatenate([np.repeat(rows[:1], half, 0), rows, np.repeat(rows[-1:], half, 0)])
+    length = 1
+    while 2 * length <= size:
+        span = pair(span[:-length], span[length:])
+        length *= 2
+    count = rows.shape[0]
+    return np.moveaxis(pair(span[:count], span[size - length:size - length + count]), 0, axis)
 
 
 def closing(values: np.ndarray, size: int) -> np.ndarray:
     """Grey-level closing with a size x size square (max filter, then min filter): removes dark
     features narrower than size and keeps a linear ramp as it is."""
-    dilated = running_extreme(running_extreme(values, size, 0, np.max), size, 1, np.max)
-    return running_extreme(running_extreme(dilated, size, 0, np.min), size, 1, np.min)
+    dilated = running_extreme(running_extreme(values, size, 0, np.maximum), size, 1, np.maximum)
+    return running_extreme(running_extreme(dilated, size, 0, np.minimum), size, 1, np.minimum)
 
 
 def resized(values: np.ndarray, width: int, height: int, resample=Image.BILINEAR) -> np.ndarray:
@@ -125,7 +133,7 @@ def step_share(steps: np.ndarray, factor: int) -> tuple[float, int]:
     usable = len(steps) // factor * factor
     if usable < 2 * factor or steps[:usable].sum() <= 0:
         return 0.0, 0
-    per_phase = np.array([steps[phase:usable:factor].sum() for phase in range(factor)])
+    per_phase = steps[:usable].reshape(-1, factor).sum(axis=0)
     phase = int(per_phase.argmax())
     return float(per_phase[phase] / per_phase.sum()), (phase + 1) % factor
 
