@@ -29,9 +29,12 @@ import click
 import numpy as np
 
 from serving.handler.artifact import ARTIFACTS_DIR, CHECKPOINT_NAME, TRUST_SCORES, Trust, artifact_path, softmax
+from benchmarks.fashion import FashionMissing, measure_fashion
+from benchmarks.fashion import markdown_lines as fashion_markdown
 from benchmarks.shifted import PER_SHIFT, measure_shifts
 from benchmarks.shifted import markdown_lines as shift_markdown
 from training.data import DATA_DIR_ENV
+from training.trust import auroc
 
 HERE = Path(__file__).resolve().parent
 PER_CATEGORY = 300     # non-digits of each category (eval split)
@@ -47,24 +50,6 @@ def train_before(data_dir: str, out: str = BEFORE_CHECKPOINT) -> str:
     subprocess.run([sys.executable, "-m", "training", "--data-dir", data_dir, "--out", out, "--force",
                     *BEFORE_FLAGS], check=True, stdout=subprocess.DEVNULL)
     return out
-
-
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks, tied values sharing their mean rank."""
-    order = np.argsort(values, kind="mergesort")
-    ordered = values[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(ordered)) + 1]
-    ends = np.r_[starts[1:], len(values)]
-    ranks = np.empty(len(values))
-    ranks[order] = np.repeat((starts + 1 + ends) / 2, ends - starts)
-    return ranks
-
-
-def auroc(positives: np.ndarray, negatives: np.ndarray) -> float:
-    """P(score of a random positive > that of a random negative), ties counting half."""
-    ranks = average_ranks(np.concatenate([positives, negatives]))
-    n_pos, n_neg = len(positives), len(negatives)
-    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def held_out_count(checkpoint: dict) -> int:
@@ -160,7 +145,7 @@ def measure(data_dir: str, checkpoint: str = artifact_path(CHECKPOINT_NAME), bef
     results = {"checkpoint": checkpoint, "trust": trust.as_dict(),
                "train_config": {key: saved["train_config"].get(key) for key in
                                 ("epochs", "train_subset", "outlier_weight", "outlier_images", "synthetic_digits",
-                                 "max_stroke_change", "val_images", "select_by")},
+                                 "max_stroke_change", "shift_share", "val_images", "select_by")},
                "mnist_test_acc": float((outputs["mnist_test"][0].argmax(1) == outputs["mnist_test"][1]).mean()),
                "set_sizes": {name: len(made.images) for name, made in sets.items()},
                "blank": {name: made.blank for name, made in sets.items()},
@@ -172,6 +157,10 @@ def measure(data_dir: str, checkpoint: str = artifact_path(CHECKPOINT_NAME), bef
                                                         sets["real_world_val"].categories)}
     results["reliability"] = reliability_bins(outputs, trust.temperature)
     results["shifts"] = measure_shifts(checkpoint, data_dir, per_shift)
+    try:
+        results["fashion"] = measure_fashion(checkpoint, outputs["mnist_test"][0])
+    except FashionMissing as error:
+        results["fashion"] = {"missing": str(error)}
     if before:
         before_outputs, _ = model_outputs(before, data_dir, sets)
         results["before"] = {"checkpoint": before,
@@ -246,6 +235,7 @@ def markdown(results: dict, command: str, cpu: str) -> str:
                      + f" | {row['non_digits_refused']:.2%} |")
     lines += ["", "Symbols and doodles are categories outlier exposure never trains on (training/synthetic.py).", ""]
     lines += shift_markdown(results["shifts"]) if "shifts" in results else []
+    lines += fashion_markdown(results["fashion"]) if "fashion" in results else []
     lines += ["## Calibration (ECE, 15 bins)", "",
               "| set | T = 1 | fitted T | ECE at fitted T |", "|---|---:|---:|---:|"]
     for name, row in results["calibration"].items():

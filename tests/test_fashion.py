@@ -45,3 +45,26 @@ def test_the_trained_model_refuses_fashion_mnist_in_both_polarities(trained_trus
     shares = refused(served_sets(SENT), trained_trust)
     print(f"Fashion-MNIST refused by the test recipe's model: {shares}")
     assert all(shares[polarity] >= TRAINED_MIN_FASHION_REFUSED for polarity in POLARITIES), shares
+
+
+def test_the_trust_benchmark_reports_fashion_with_fpr_at_95_tpr(trained_checkpoint, mnist_digits):
+    """benchmarks.trust's Fashion rows: refusal per polarity as `refused` counts it, and the FPR at
+    95% TPR recomputed here from the scores (the share of Fashion scored at or above the score
+    that 95% of MNIST test digits reach)."""
+    from benchmarks.fashion import markdown_lines, measure_fashion
+    from export.artifacts import load_model
+    from training.trust import model_logits
+
+    model, saved = load_model(trained_checkpoint)
+    trust = Trust.from_metadata(saved)
+    test_logits = model_logits(model, mnist_digits.images[:2000])
+    result = measure_fashion(str(trained_checkpoint), test_logits, count=SENT)
+    assert result["refused"] == refused(served_sets(SENT), lambda images: trust.is_digit(model_logits(model, images)))
+    fashion = served_sets(SENT)
+    scores = np.concatenate([trust.scores(model_logits(model, fashion.images[p])) for p in POLARITIES])
+    cut = np.sort(trust.scores(test_logits))[int(0.05 * len(test_logits))]
+    assert abs(result["fpr_at_95_tpr"] - (scores >= cut).sum() / (2 * SENT)) <= 2 / SENT
+    assert 0.5 < result["auroc"] <= 1
+    text = "\n".join(markdown_lines(result))
+    assert "FPR at 95% TPR" in text and f"{result['refused']['inverted']:.2%}" in text
+    assert "Not measured: gone" in "\n".join(markdown_lines({"missing": "gone"}))

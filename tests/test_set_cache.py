@@ -47,9 +47,9 @@ def test_the_key_follows_the_code_and_the_request(tmp_path):
     source = tmp_path / "photo.py"
     source.write_text("CLOSING_SHARE = 0.25\n")
     request = {"split": "train", "per_category": {"letters": 5}, "maker": "non_digit"}
-    key = set_cache.set_key(request, [source], [])
-    assert set_cache.set_key(dict(request), [source], []) == key
-    assert set_cache.set_key({**request, "split": "eval"}, [source], []) != key
+    key = set_cache.set_key(request, set_cache.sources_digest([source]), [])
+    assert set_cache.set_key(dict(request), set_cache.sources_digest([source]), []) == key
+    assert set_cache.set_key({**request, "split": "eval"}, set_cache.sources_digest([source]), []) != key
     source.write_text("CLOSING_SHARE = 0.3\n")
-    assert set_cache.set_key(request, [source], []) != key
+    assert set_cache.set_key(request, set_cache.sources_digest([source]), []) != key
     assert {Path(s).name for s in synthetic.SOURCES} >= {"photo.py", "preprocess.py", "synthetic.py", "drawing.py"}

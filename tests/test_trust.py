@@ -164,7 +164,7 @@ def test_stroke_change_thickens_thins_or_leaves_alone():
 
 
 def test_auroc_and_ece_on_cases_worked_by_hand():
-    from benchmarks.trust import auroc
+    from training.trust import auroc
     from training.trust import expected_calibration_error, fit_temperature
 
     assert auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0

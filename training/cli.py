@@ -67,6 +67,9 @@ DEFAULTS = TrainConfig()
 @click.option("--max-stroke-change", type=click.FloatRange(0, 1), default=DEFAULTS.max_stroke_change,
               help="Augmentation: thicken or thin each image's strokes by up to this share of a 3x3 "
                    "dilation/erosion (bold and light typefaces, markers and fine pens); 0: off.")
+@click.option("--shift-share", type=click.FloatRange(0, 1), default=DEFAULTS.shift_share,
+              help="Augmentation: this share of each batch gets one everyday shift (noise, blur, a line across, "
+                   "outlines only, fog, scale and shear; training/shift_augment.py); 0: off.")
 @click.option("--synthetic-digits", type=click.IntRange(min=0), default=None,
               help=f"Add this many generated typed and drawn digits (training/synthetic.py, their own fonts and "
                    f"seeds) to the training set; 0: MNIST only. [default: {DEFAULT_SYNTHETIC_DIGITS}; with --quick: "

@@ -21,6 +21,7 @@ from .config import QUICK, ConfigError, TrainConfig
 from .dist import DistContext
 from .model import NUM_CLASSES
 from .outliers import outlier_pool, outliers_per_batch
+from .shift_augment import shift_augment
 
 MNIST_MEAN = 0.1307  # pixel mean of the 60,000 training images, scaled to [0, 1]
 MNIST_STD = 0.3081   # their standard deviation
@@ -210,6 +211,7 @@ class TensorBatches:
             pixels = augment(self.batch_pixels(batch), max_rotation_deg=self.config.max_rotation_deg,
                              max_shift_px=self.config.max_shift_px, generator=self.generator,
                              max_stroke_change=self.config.max_stroke_change)
+            pixels = shift_augment(pixels, self.config.shift_share, self.generator)
             yield normalize_in_place(pixels, MNIST_MEAN, MNIST_STD), self.labels[batch]   # augment's own output
 
 

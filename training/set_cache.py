@@ -38,13 +38,20 @@ def cache_dir() -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "digitserve"
 
 
-def set_key(request: dict, sources: Iterable[Path], fonts: Iterable[Path]) -> str:
-    """sha256 over the request, the sources' bytes, the fonts' names and sizes, and the
-    versions of the libraries that draw and resample."""
-    digest = hashlib.sha256(json.dumps({"format": FORMAT, "request": request, "numpy": np.__version__,
-                                        "pillow": PIL.__version__}, sort_keys=True).encode())
+def sources_digest(sources: Iterable[Path]) -> str:
+    """sha256 of the code's files. Taken when the code is imported (synthetic.SOURCES_DIGEST), so
+    a file edited while a process runs cannot key what the process's older code made."""
+    digest = hashlib.sha256()
     for source in sorted(Path(s) for s in sources):
         digest.update(source.name.encode() + source.read_bytes())
+    return digest.hexdigest()
+
+
+def set_key(request: dict, code_digest: str, fonts: Iterable[Path]) -> str:
+    """sha256 over the request, the code's digest, the fonts' names and sizes, and the versions
+    of the libraries that draw and resample."""
+    digest = hashlib.sha256(json.dumps({"format": FORMAT, "request": request, "code": code_digest,
+                                        "numpy": np.__version__, "pillow": PIL.__version__}, sort_keys=True).encode())
     for font in sorted(Path(f) for f in fonts):
         digest.update(f"{font}:{font.stat().st_size}".encode())
     return digest.hexdigest()[:32]

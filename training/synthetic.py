@@ -56,6 +56,7 @@ TRAINED_CATEGORIES = ("letters", "words", "scribbles", "textures", "noise")   # 
 DIGIT_STYLES = ("typed", "drawn", "photographed")
 # The code that makes a set's images: a change to any of these files is a new cache key.
 SOURCES = tuple(Path(module.__file__) for module in (drawing, model, photo, preprocess)) + (Path(__file__),)
+SOURCES_DIGEST = set_cache.sources_digest(SOURCES)
 
 
 class FontsMissing(Exception):
@@ -266,7 +267,7 @@ def build_set(split: str, per_category: dict[str, int], make_one: Callable) -> S
     """The set from the cache (training/set_cache.py) when this code made it before."""
     fonts = font_paths(split)
     request = {"split": split, "per_category": per_category, "maker": make_one.__name__}
-    arrays, blank = set_cache.cached(set_cache.set_key(request, SOURCES, fonts),
+    arrays, blank = set_cache.cached(set_cache.set_key(request, SOURCES_DIGEST, fonts),
                                      lambda: generate_set(split, per_category, make_one, fonts))
     return SyntheticSet(arrays["images"], arrays["categories"], arrays["labels"], blank)
 

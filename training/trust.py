@@ -82,3 +82,21 @@ def fit_trust(val_logits: np.ndarray, val_labels: np.ndarray | None, chosen_on: 
     threshold = threshold_at(scores, accept_rate)
     accepted = float((scores >= threshold).mean())
     return Trust(score, threshold, temperature, accepted, chosen_on)
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, tied values sharing their mean rank."""
+    order = np.argsort(values, kind="mergesort")
+    ordered = values[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(ordered)) + 1]
+    ends = np.r_[starts[1:], len(values)]
+    ranks = np.empty(len(values))
+    ranks[order] = np.repeat((starts + 1 + ends) / 2, ends - starts)
+    return ranks
+
+
+def auroc(positives: np.ndarray, negatives: np.ndarray) -> float:
+    """P(score of a random positive > that of a random negative), ties counting half."""
+    ranks = average_ranks(np.concatenate([positives, negatives]))
+    n_pos, n_neg = len(positives), len(negatives)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

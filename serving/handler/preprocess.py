@@ -44,6 +44,12 @@ MAX_WORKING_SIDE = 1024
 # The formats we promise (README, openapi.yaml); Pillow would otherwise try every plugin it has,
 # EPS among them, which runs Ghostscript.
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
+# The border a 28x28 may have and still be MNIST's own form: every MNIST test digit's border
+# median is exactly 0; a little headroom for a lossy copy of one.
+MNIST_FORM_BORDER = 0.05
+# ... and how far its centre of mass may lie from (14, 14): at most 0.71 px in all 70,000 MNIST
+# digits (training and test); a digit moved further was sent off-centre, and is centred again.
+MNIST_FORM_CENTRE_PX = 1.5
 MIN_INK_CONTRAST = 0.15    # ink must differ from the background by this much (0..1 scale)
 INK_THRESHOLD = 0.2        # after contrast stretch, pixels above this count as ink for cropping
 
@@ -247,10 +253,35 @@ def fit_native(ink: np.ndarray) -> Framed:
     return Framed(canvas, frame)
 
 
+def centre_of_mass(gray: np.ndarray) -> tuple[float, float]:
+    """(row, col) of the ink's centre of mass; the middle for an empty image."""
+    total = float(gray.sum())
+    if total <= 0:
+        return MNIST_SIZE / 2, MNIST_SIZE / 2
+    return (float((gray.sum(axis=1) * np.arange(gray.shape[0])).sum()) / total,
+            float((gray.sum(axis=0) * np.arange(gray.shape[1])).sum()) / total)
+
+
 def is_mnist_like(gray: np.ndarray) -> bool:
-    """Already in MNIST form: 28x28 with a dark background. Such images pass through
-    untouched, so a real MNIST digit gets exactly the tensor the model was tested on."""
-    return gray.shape == (MNIST_SIZE, MNIST_SIZE) and border_level(gray) <= 0.5
+    """In MNIST form: 28x28 on a black background. Such images pass through untouched (moved
+    whole when off-centre: recentred), so a real MNIST digit gets exactly the tensor the model
+    was tested on. A 28x28 on a grey background (brighter, fogged: MNIST-C's brightness and fog)
+    is not: its background is taken out like a photo's (photo.py)."""
+    return gray.shape == (MNIST_SIZE, MNIST_SIZE) and border_level(gray) <= MNIST_FORM_BORDER
+
+
+def recentred(gray: np.ndarray) -> Framed:
+    """The 28x28 as it is, or moved whole (whole pixels, nothing resampled) so that its centre
+    of mass is MNIST's when it lies further than MNIST_FORM_CENTRE_PX from it (MNIST-C's
+    translate). Not cropped and scaled: a blur or a stray line beside the digit would shrink it."""
+    row, col = centre_of_mass(gray)
+    if math.hypot(row - MNIST_SIZE / 2, col - MNIST_SIZE / 2) <= MNIST_FORM_CENTRE_PX:
+        return Framed(gray.astype(np.float32), UNIT_FRAME)
+    down, right = round(MNIST_SIZE / 2 - row), round(MNIST_SIZE / 2 - col)
+    moved = np.zeros((MNIST_SIZE, MNIST_SIZE), dtype=np.float32)
+    moved[max(0, down):MNIST_SIZE + min(0, down), max(0, right):MNIST_SIZE + min(0, right)] = \
+        gray[max(0, -down):MNIST_SIZE + min(0, -down), max(0, -right):MNIST_SIZE + min(0, -right)]
+    return Framed(moved, Frame(float(-right), float(-down), 1.0, 1.0))
 
 
 def to_mnist(gray: np.ndarray) -> np.ndarray:
@@ -263,7 +294,7 @@ def to_mnist_framed(gray: np.ndarray) -> Framed:
     if is_mnist_like(gray):
         if float(gray.max()) - border_level(gray) < MIN_INK_CONTRAST:
             raise ImageError("no_digit", "no digit found: the image is blank or has almost no contrast")
-        return Framed(gray.astype(np.float32), UNIT_FRAME)
+        return recentred(gray)
     return fit_digit(to_white_on_black(gray))
 
 
