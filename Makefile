@@ -22,6 +22,7 @@ RUN_DIR     := .run/torchserve
 ENGINE      ?= torchserve
 KSERVE_DIR  := .run/kserve
 KSERVE_PORT ?= 8085
+KSERVE_GRPC_PORT ?= 8086
 KSERVE_LOCK := requirements-kserve.lock
 KSERVE_INSTALLED := $(VENV)/.kserve-installed
 # `make fleet`: REPLICAS TorchServe replicas under supervisord behind nginx (serving/fleet/topology.py).
@@ -190,10 +191,12 @@ serve-torchserve: java $(MAR) $(SAMPLES)/letter_k.png
 	$(BIN)/python -m serving.server start --config config.properties --run-dir $(RUN_DIR)
 
 serve-kserve: $(KSERVE_INSTALLED) $(SERVE_MODEL)
-	$(BIN)/python -m serving.kserve start --artifact $(SERVE_MODEL) --port $(KSERVE_PORT) --run-dir $(KSERVE_DIR)
+	$(BIN)/python -m serving.kserve start --artifact $(SERVE_MODEL) --port $(KSERVE_PORT) \
+	    --grpc-port $(KSERVE_GRPC_PORT) --run-dir $(KSERVE_DIR)
 
 demo: serve ## `make serve`, then the draw-a-digit page on http://127.0.0.1:8000 (serving/web/index.html)
-	$(BIN)/python -m serving.web.demo start --config config.properties --run-dir $(DEMO_DIR)
+	$(BIN)/python -m serving.web.demo start --config config.properties --run-dir $(DEMO_DIR) \
+	    $(if $(filter kserve,$(ENGINE)),--server http://127.0.0.1:$(KSERVE_PORT))
 
 fleet: java nginx $(MAR) $(SAMPLES)/letter_k.png ## `make serve`'s build, then REPLICAS servers behind nginx on :8088 and :8443 (TLS)
 	$(FLEET_ENV) $(BIN)/python -m serving.fleet start \
