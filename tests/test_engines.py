@@ -228,3 +228,25 @@ def test_the_clients_v2_messages_are_kserves_field_for_field():
     for name in ("ModelInferRequest", "ModelInferResponse", "InferTensorContents", "InferParameter",
                  "ServerReadyRequest", "ServerReadyResponse"):
         assert fields(ours[name]) == fields(kserve_pb.DESCRIPTOR.message_types_by_name[name]), name
+
+
+def test_make_bench_writes_both_engines_rows_and_their_ratio_into_the_readme_block(tmp_path):
+    """The report of benchmarks/run.py's engines step (benchmarks/serve_load.py measure_engines): a
+    row per engine in RESULTS.md and the README block, and the KServe engine's speed against
+    TorchServe's. Made-up figures: only the writing is tested here; `make bench` measures."""
+    from benchmarks import report
+    from benchmarks.serve_load import ENGINE_ROWS
+
+    results = json.loads((report.HERE / "results.json").read_text())
+    run = {"connections": 16, "duration_s": 1.0, "requests": 100, "non_2xx": 0, "socket_errors": 0}
+    results["engines"] = {ENGINE_ROWS[0]: {**run, "requests_per_s": 400.0, "latency_ms": {"p50": 30.0, "p99": 60.0}},
+                          ENGINE_ROWS[1]: {**run, "requests_per_s": 300.0, "latency_ms": {"p50": 50.0, "p99": 90.0}}}
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{report.README_BEGIN}\nold\n{report.README_END}\nafter\n")
+    report.update_readme(results, readme)
+    block = readme.read_text()
+    assert all(row in block for row in ENGINE_ROWS), block
+    assert "400 req/s (p50 30.0 ms, p99 60.0 ms) / 300 req/s (p50 50.0 ms, p99 90.0 ms)" in block
+    assert "0.75x TorchServe's requests/s (slower" in block
+    table = report.markdown(results)
+    assert f"| {ENGINE_ROWS[1]} | 300 | 50.0 | 90.0 | 0 | 0 |" in table
