@@ -218,11 +218,17 @@ def measure_engines(serialized_file: str, connections: int = 16, duration_s: flo
                     data_dir: str | None = None, base_config: Path = REPO_ROOT / "config.properties"
                     ) -> dict[str, LoadResult]:
     """wrk at `connections` clients against each engine serving serialized_file, one row each (ENGINE_ROWS)."""
+    torchserve = replace(SHIPPED, serialized_file=serialized_file)
+    return {ENGINE_ROWS[0]: measure(torchserve, (connections,), duration_s, data_dir, base_config)[0],
+            ENGINE_ROWS[1]: measure_kserve(serialized_file, connections, duration_s, data_dir, base_config)}
+
+
+def measure_kserve(serialized_file: str, connections: int = 16, duration_s: float = 10.0,
+                   data_dir: str | None = None, base_config: Path = REPO_ROOT / "config.properties") -> LoadResult:
+    """wrk against a KServe engine of its own (python -m serving.kserve) serving serialized_file."""
     if shutil.which("wrk") is None:
         raise LoadToolMissing("wrk is not installed: apt-get install wrk")
-    torchserve = replace(SHIPPED, serialized_file=serialized_file)
-    results = {ENGINE_ROWS[0]: measure(torchserve, (connections,), duration_s, data_dir, base_config)[0]}
-    with tempfile.TemporaryDirectory(prefix="engines_") as temp:
+    with tempfile.TemporaryDirectory(prefix="kserve_load_") as temp:
         workdir = Path(temp)
         image = write_samples(data_dir, workdir / "samples")[7]
         port, grpc_port = free_ports(2)
@@ -231,10 +237,9 @@ def measure_engines(serialized_file: str, connections: int = 16, duration_s: flo
         try:
             url = f"{engine.address}/predictions/{MODEL_NAME}"
             run_wrk(url, image, 4, 2, workdir)   # warm-up, discarded
-            results[ENGINE_ROWS[1]] = run_wrk(url, image, connections, duration_s, workdir)
+            return run_wrk(url, image, connections, duration_s, workdir)
         finally:
             kserve_engine.stop(workdir / "kserve")
-    return results
 
 
 def replica_headers(replica) -> dict[str, str]:
