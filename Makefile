@@ -22,6 +22,7 @@ RUN_DIR     := .run/torchserve
 ENGINE      ?= torchserve
 KSERVE_DIR  := .run/kserve
 KSERVE_PORT ?= 8085
+KSERVE_GRPC_PORT ?= 8086
 KSERVE_LOCK := requirements-kserve.lock
 KSERVE_INSTALLED := $(VENV)/.kserve-installed
 # `make fleet`: REPLICAS TorchServe replicas under supervisord behind nginx (serving/fleet/topology.py).
@@ -49,7 +50,7 @@ IMG         ?= $(SAMPLES)/digit_7.png
 DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock system java browser prometheus nginx fonts fashion fleet fleet-stop data train export archive serve serve-torchserve serve-kserve demo stop predict samples test test-fast screenshot reliability bench manifests contact-sheet clean FORCE
+.PHONY: help install lock lock-kserve system java browser prometheus nginx fonts fashion fleet fleet-stop data train export archive serve serve-torchserve serve-kserve demo stop predict samples test test-fast screenshot reliability bench manifests contact-sheet clean FORCE
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -76,6 +77,24 @@ lock: ## Rewrite requirements.lock (every package pinned, with hashes) from pypr
 	$(PYTHON) -m venv .run/lock && .run/lock/bin/pip install --quiet $(PIP_TOOLS)
 	.run/lock/bin/pip-compile --quiet --generate-hashes --allow-unsafe --no-emit-index-url --no-emit-find-links \
 	    --extra test --extra bench --strip-extras --output-file $(LOCK) pyproject.toml
+
+# requirements-kserve.lock: kserve resolved by pip-compile under requirements.lock's pins, less the four
+# packages whose lock versions kserve 0.21.0 refuses (docs/engines.md); then every package the lock
+# already pins is dropped, so make install keeps the lock's versions (--no-deps) and adds only the rest.
+KSERVE_UNPINNED := protobuf grpcio-tools psutil python-dateutil
+lock-kserve: ## Rewrite requirements-kserve.lock (kserve and what it adds to requirements.lock, with hashes), with pip-tools
+	$(PYTHON) -m venv .run/lock && .run/lock/bin/pip install --quiet $(PIP_TOOLS)
+	grep -E '^[A-Za-z0-9]' $(LOCK) | grep -vE '^($(subst $() ,|,$(KSERVE_UNPINNED)))==' | sed 's/ .*//' > .run/lock/constraints.txt
+	sed -n 's/^kserve = \["\(.*\)"\]$$/\1/p' pyproject.toml > .run/lock/kserve.in
+	.run/lock/bin/pip-compile --quiet --generate-hashes --allow-unsafe --no-emit-index-url --no-emit-find-links \
+	    --no-header --strip-extras --constraint .run/lock/constraints.txt \
+	    --output-file .run/lock/kserve.txt .run/lock/kserve.in
+	{ echo '# Written by `make lock-kserve`: kserve and what it needs beyond requirements.lock, pinned with hashes.'; \
+	  echo '# pip-compile under the lock'"'"'s pins less $(KSERVE_UNPINNED) (kserve 0.21.0 refuses their lock versions);'; \
+	  echo '# the lock'"'"'s own packages are dropped, so make install keeps them (--no-deps; docs/engines.md).'; \
+	  awk 'NR == FNR { if ($$0 ~ /^[A-Za-z0-9]/) { split($$1, pin, "=="); locked[tolower(pin[1])] = 1 } next } \
+	       /^[A-Za-z0-9]/ { split($$1, pin, "=="); keep = !(tolower(pin[1]) in locked) } keep' $(LOCK) .run/lock/kserve.txt; \
+	} > $(KSERVE_LOCK).new && mv $(KSERVE_LOCK).new $(KSERVE_LOCK)
 
 # $(call apt_install,PACKAGES,WHAT FOR[,RECOMMENDS FLAG, default --no-install-recommends]): one shell command that installs
 # PACKAGES, waiting up to 5 minutes for another apt-get/dpkg (unattended-upgrades, a second make) to let go
@@ -172,10 +191,12 @@ serve-torchserve: java $(MAR) $(SAMPLES)/letter_k.png
 	$(BIN)/python -m serving.server start --config config.properties --run-dir $(RUN_DIR)
 
 serve-kserve: $(KSERVE_INSTALLED) $(SERVE_MODEL)
-	$(BIN)/python -m serving.kserve start --artifact $(SERVE_MODEL) --port $(KSERVE_PORT) --run-dir $(KSERVE_DIR)
+	$(BIN)/python -m serving.kserve start --artifact $(SERVE_MODEL) --port $(KSERVE_PORT) \
+	    --grpc-port $(KSERVE_GRPC_PORT) --run-dir $(KSERVE_DIR)
 
 demo: serve ## `make serve`, then the draw-a-digit page on http://127.0.0.1:8000 (serving/web/index.html)
-	$(BIN)/python -m serving.web.demo start --config config.properties --run-dir $(DEMO_DIR)
+	$(BIN)/python -m serving.web.demo start --config config.properties --run-dir $(DEMO_DIR) \
+	    $(if $(filter kserve,$(ENGINE)),--server http://127.0.0.1:$(KSERVE_PORT))
 
 fleet: java nginx $(MAR) $(SAMPLES)/letter_k.png ## `make serve`'s build, then REPLICAS servers behind nginx on :8088 and :8443 (TLS)
 	$(FLEET_ENV) $(BIN)/python -m serving.fleet start \

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .serve_load import FRONT_DOOR_ROWS
+from .serve_load import ENGINE_ROWS, FRONT_DOOR_ROWS
 from .trust import readme_lines as trust_readme_lines
 from .workloads import (BATCH_SIZES, DEFAULT, FORWARD_MFLOP, MANY_CLIENTS, MNIST_TRAIN_IMAGES, OURS_TRAIN_IMAGES,
                         TEXTBOOK, TEXTBOOK_TRAIN_IMAGES, TRAIN_MFLOP)
@@ -44,6 +44,40 @@ def front_door_summary(results: dict) -> list[str]:
     return [f"| {MANY_CLIENTS} clients: " + " / ".join(rows) + " | " +
             " / ".join(f"{run['requests_per_s']:.0f} req/s (p99 {run['latency_ms'].get('p99', 0):.1f} ms)"
                        for run in rows.values()) + " |"]
+
+
+def engines_table(results: dict) -> list[str]:
+    rows = results.get("engines")
+    if not rows:
+        return []
+    lines = [f"## Engines (docs/engines.md: the same TorchScript file; wrk, {MANY_CLIENTS} keep-alive clients, "
+             "one engine after the other)", "",
+             "| engine | requests/s | p50 ms | p99 ms | non-2xx | socket errors |", "|---|---:|---:|---:|---:|---:|"]
+    for row, run in rows.items():
+        lines.append(f"| {row} | {run['requests_per_s']:.0f} | {run['latency_ms'].get('p50', 0):.1f} | "
+                     f"{run['latency_ms'].get('p99', 0):.1f} | {run['non_2xx']} | {run['socket_errors']} |")
+    return lines + ["", engines_comparison(rows), ""]
+
+
+def engines_comparison(rows: dict) -> str:
+    """The KServe engine's requests/s against TorchServe's, as a ratio: faster or slower, by how much."""
+    if any(row not in rows for row in ENGINE_ROWS):
+        return ""
+    torchserve, kserve = (rows[row]["requests_per_s"] for row in ENGINE_ROWS)
+    if not torchserve:
+        return ""
+    return (f"The KServe engine answers {kserve / torchserve:.2f}x TorchServe's requests/s "
+            f"({'faster' if kserve > torchserve else 'slower'}; why: docs/engines.md).")
+
+
+def engines_summary(results: dict) -> list[str]:
+    rows = results.get("engines")
+    if not rows:
+        return []
+    return [f"| {MANY_CLIENTS} clients, same TorchScript file: " + " / ".join(rows) + " | " +
+            " / ".join(f"{run['requests_per_s']:.0f} req/s (p50 {run['latency_ms'].get('p50', 0):.1f} ms, "
+                       f"p99 {run['latency_ms'].get('p99', 0):.1f} ms)" for run in rows.values()) +
+            (f"; {engines_comparison(rows)}" if engines_comparison(rows) else "") + " |"]
 
 
 def plot(results: dict, out_dir: Path) -> list[str]:
@@ -153,6 +187,7 @@ def markdown(results: dict) -> str:
                          f"{run['non_2xx']} |")
     lines += ["", "![serving latency](serving_latency.png)", ""]
     lines += front_door_table(results)
+    lines += engines_table(results)
     if results.get("trust"):
         lines += ["## Trust (not a digit, calibration, real-world digits)", "",
                   "Refusal per category, acceptance, AUROC per score, ECE before/after the temperature, per-digit "
@@ -193,6 +228,7 @@ def readme_summary(results: dict) -> str:
         lines.append(f"| TorchServe, {MANY_CLIENTS} clients, {name} | {run['requests_per_s']:.0f} req/s, "
                      f"p99 {run['latency_ms'].get('p99', 0):.1f} ms |")
     lines += front_door_summary(results)
+    lines += engines_summary(results)
     if results.get("trust"):
         lines += trust_readme_lines(results["trust"])
     return "\n".join(lines + [README_END])

@@ -27,7 +27,7 @@ from serving.handler.artifact import (ARTIFACTS_DIR, CHECKPOINT_NAME, INT8_NAME,
                                       load, time_batched, torch_runner)
 from training.data import DATA_DIR_ENV, load_mnist, preprocess_metadata
 
-from .serve_load import SERVING_ERRORS, ServeSettings, measure as measure_serving, measure_front_door
+from .serve_load import SERVING_ERRORS, ServeSettings, measure as measure_serving, measure_engines, measure_front_door
 from .report import BenchError, markdown, plot, update_readme
 from .workloads import (BATCH_SIZES, DEFAULT, MANY_CLIENTS, OURS_TRAIN_IMAGES, SERVE_CLIENTS, TEXTBOOK,
                         TEXTBOOK_BATCH, TEXTBOOK_TRAIN_IMAGES, TEXTBOOK_WORKERS, MNIST_TRAIN_IMAGES)
@@ -168,6 +168,12 @@ def front_door(artifacts: Path, data_dir: str, serve_seconds: float) -> dict:
     return {row: run.__dict__ for row, run in runs.items()}
 
 
+def engines(artifacts: Path, data_dir: str, serve_seconds: float) -> dict:
+    """TorchServe and the KServe engine on the same TorchScript file, at MANY_CLIENTS clients (docs/engines.md)."""
+    runs = measure_engines(str(artifacts / TORCHSCRIPT_NAME), MANY_CLIENTS, serve_seconds, data_dir)
+    return {row: run.__dict__ for row, run in runs.items()}
+
+
 @click.command()
 @click.option("--data-dir", envvar=DATA_DIR_ENV, required=True, help=f"MNIST copy (env {DATA_DIR_ENV}).")
 @click.option("--artifacts", default=ARTIFACTS_DIR, show_default=True, type=click.Path(file_okay=False))
@@ -219,6 +225,7 @@ def measure_all(data_dir: str, artifacts: Path, repeats: int, serve_seconds: flo
              ("kernel_probe", lambda: kernel_probe(artifacts / CHECKPOINT_NAME)),
              ("serving", lambda: serving(data_dir, serve_seconds)),
              ("front_door", lambda: front_door(artifacts, data_dir, serve_seconds)),
+             ("engines", lambda: engines(artifacts, data_dir, serve_seconds)),
              ("trust", lambda: measure_trust(data_dir, str(artifacts / CHECKPOINT_NAME), train_before(data_dir)))]
     for name, step in steps:
         started = time.perf_counter()

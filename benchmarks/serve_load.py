@@ -15,7 +15,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import click
@@ -30,6 +30,8 @@ from serving.server.archive import SHIPPED_DIR, ArchiveError, build_archive
 from serving.fleet.fleet import FleetError
 from serving.fleet.frontdoor import FrontDoorError
 from serving.server.server import ServerError
+from serving.kserve.launcher import EngineError
+from serving.kserve import launcher as kserve_engine
 from serving.fleet.topology import Fleet, ReplicaPorts
 from training.samples import write_samples
 
@@ -49,7 +51,7 @@ class LoadToolMissing(Exception):
 
 
 # What building the archive, starting the server or finding wrk may raise: the commands print it in one line.
-SERVING_ERRORS = (ArchiveError, ServerError, FleetError, FrontDoorError, LoadToolMissing)
+SERVING_ERRORS = (ArchiveError, ServerError, FleetError, FrontDoorError, EngineError, LoadToolMissing)
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,39 @@ def measure_front_door(serialized_file: str, connections: int = 16, duration_s: 
             return results
         finally:
             fleet_stage.stop(fleet)
+
+
+# The engines' rows (docs/engines.md): the same exported file on TorchServe (its archive, the shipped
+# model-config.yaml) and on the KServe engine (python -m serving.kserve), loaded in turn by the same wrk.
+ENGINE_ROWS = ("TorchServe (archive, serving/handler/model-config.yaml)", "KServe engine (python -m serving.kserve)")
+
+
+def measure_engines(serialized_file: str, connections: int = 16, duration_s: float = 10.0,
+                    data_dir: str | None = None, base_config: Path = REPO_ROOT / "config.properties"
+                    ) -> dict[str, LoadResult]:
+    """wrk at `connections` clients against each engine serving serialized_file, one row each (ENGINE_ROWS)."""
+    torchserve = replace(SHIPPED, serialized_file=serialized_file)
+    return {ENGINE_ROWS[0]: measure(torchserve, (connections,), duration_s, data_dir, base_config)[0],
+            ENGINE_ROWS[1]: measure_kserve(serialized_file, connections, duration_s, data_dir, base_config)}
+
+
+def measure_kserve(serialized_file: str, connections: int = 16, duration_s: float = 10.0,
+                   data_dir: str | None = None, base_config: Path = REPO_ROOT / "config.properties") -> LoadResult:
+    """wrk against a KServe engine of its own (python -m serving.kserve) serving serialized_file."""
+    if shutil.which("wrk") is None:
+        raise LoadToolMissing("wrk is not installed: apt-get install wrk")
+    with tempfile.TemporaryDirectory(prefix="kserve_load_") as temp:
+        workdir = Path(temp)
+        image = write_samples(data_dir, workdir / "samples")[7]
+        port, grpc_port = free_ports(2)
+        engine = kserve_engine.start(serialized_file, workdir / "kserve", port=port, grpc_port=grpc_port,
+                                     config=base_config)
+        try:
+            url = f"{engine.address}/predictions/{MODEL_NAME}"
+            run_wrk(url, image, 4, 2, workdir)   # warm-up, discarded
+            return run_wrk(url, image, connections, duration_s, workdir)
+        finally:
+            kserve_engine.stop(workdir / "kserve")
 
 
 def replica_headers(replica) -> dict[str, str]:

@@ -71,6 +71,16 @@ PROBE_PERIOD_S = 10
 STARTUP_PERIOD_S = 5
 LIVENESS_PATH = "/ping"   # TorchServe's frontend heartbeat: a hung Java fails it; the workers are TorchServe's own care
 
+# The second engine (docs/engines.md) as a KServe InferenceService: a custom predictor container
+# running `python -m serving.kserve run` on the same image, the exported file baked in beside the archive.
+KSERVE_ISVC = f"{NAME}-kserve"
+KSERVE_CONTAINER = "kserve-container"          # the name KServe gives a custom predictor's container
+KSERVE_HTTP_PORT = 8080                        # KServe routes to the container's one declared port
+KSERVE_GRPC_PORT = 8081                        # served in the pod; Knative routes one port (docs/engines.md)
+IMAGE_ARTIFACT = APP_DIR / "artifacts"         # what `make export` wrote, the TorchScript file
+IMAGE_CONFIG = APP_DIR / "config.properties"   # its request limits are the engine's too
+KSERVE_READY_PATH = "/v2/health/ready"         # KServe's readiness: the model loaded
+
 
 class ManifestError(Exception):
     """The manifests cannot be generated or checked; the message says why, in one line."""

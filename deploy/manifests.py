@@ -32,6 +32,7 @@ from deploy.layout import (API_KEYS_DIR, API_KEYS_FILE, API_KEYS_SECRET, APP_DIR
 from deploy.objects import (autoscaler, config_map, frontdoor_deployment, frontdoor_service, inference_service,
                             Memory, Target, measured_memory, measured_target, network_policies, replica_deployment,
                             worker_cpus)
+from deploy.kserve_isvc import kserve_inference_service
 from serving.handler.artifact import ARCHIVE_NAME, MODEL_NAME
 from serving.fleet.frontdoor import KEEPALIVE_OFF, RotationState, include_line, render
 from serving.server.properties import parse_properties, read_properties, set_properties
@@ -174,6 +175,11 @@ def manifests(measured: Measured) -> list[Manifest]:
                   f"Target: {target.per_pod}/s a pod, {TARGET_SHARE:.0%} of the {target.measured:.0f}/s one replica answered "
                   f"at {TARGET_CLIENTS} clients", f"(benchmarks/results.json: {target.source})."),
                  (autoscaler(target),)),
+        Manifest("kserve-inferenceservice.yaml",
+                 ("The second engine (docs/engines.md) on a cluster with KServe: a custom predictor running",
+                  "`python -m serving.kserve run` on the same image and exported file; gRPC is served in the pod, not",
+                  "routed (one port). No memory figures or scaling target: this engine is not measured yet."),
+                 (kserve_inference_service(),)),
     ]
 
 

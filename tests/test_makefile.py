@@ -122,12 +122,12 @@ def test_make_clean_stops_the_servers_before_removing_their_pid_files(tmp_path):
 
 # --- the lock file make install uses -------------------------------------------------------------
 
-def locked() -> dict[str, tuple[str, list[str]]]:
-    """requirements.lock as {name: (version, hashes)}."""
+def locked(file: str = "requirements.lock") -> dict[str, tuple[str, list[str]]]:
+    """A lock file (requirements.lock by default) as {name: (version, hashes)}."""
     from packaging.utils import canonicalize_name
 
     entries, name = {}, None
-    for line in (REPO_ROOT / "requirements.lock").read_text().splitlines():
+    for line in (REPO_ROOT / file).read_text().splitlines():
         stripped = line.strip()
         if stripped and not line.startswith((" ", "#")):
             package, version = stripped.rstrip(" \\").split("==")
@@ -164,6 +164,24 @@ def test_the_lock_pins_every_declared_package_with_hashes():
     assert "setuptools" in lock, "what builds the project is pinned too (pip is the venv's own, ensurepip's)"
     text = (REPO_ROOT / "requirements.lock").read_text()
     assert "--index-url" not in text and "--find-links" not in text, "no machine's own package sources"
+
+
+def test_the_kserve_lock_is_written_by_make_lock_kserve_and_adds_only_what_the_lock_lacks():
+    """make install adds requirements-kserve.lock with --no-deps after requirements.lock: a package in
+    both would be installed twice at two versions; kserve must be the version pyproject.toml asks."""
+    import tomllib
+    from packaging.requirements import Requirement
+
+    assert (REPO_ROOT / "requirements-kserve.lock").read_text().startswith("# Written by `make lock-kserve`")
+    kserve_lock, lock = locked("requirements-kserve.lock"), locked()
+    assert not set(kserve_lock) & set(lock), sorted(set(kserve_lock) & set(lock))
+    assert all(hashes for _, hashes in kserve_lock.values()), [n for n, (_, h) in kserve_lock.items() if not h]
+    (asked,) = map(Requirement, tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+                   ["project"]["optional-dependencies"]["kserve"])
+    assert asked.specifier.contains(kserve_lock["kserve"][0]), asked
+    dry = subprocess.run(["make", "-n", "lock-kserve"], cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=60).stdout
+    assert "pip-compile" in dry and "--generate-hashes" in dry and "--constraint" in dry, dry
 
 
 def test_make_install_takes_only_the_lock():

@@ -33,6 +33,7 @@ from serving.fleet.frontdoor import (CLIENT_KEYS_MAP, RotationState, client_keys
 from serving.server.properties import PRODUCTION_OVERRIDES, free_ports, read_properties, set_properties, token_auth_enabled
 from serving.fleet.topology import Fleet, FrontDoor, ReplicaPorts
 
+import kserve_crd
 from repo import REPO_ROOT, subprocess_env
 
 KUBERNETES_VERSION = "1.33.0"   # the one version the manifests are checked against (strict: no unknown fields)
@@ -164,7 +165,55 @@ def test_every_manifest_validates_against_the_pinned_kubernetes_strictly():
         "Deployment", "Service", "ConfigMap", "NetworkPolicy", "HorizontalPodAutoscaler"}
     for name, docs in files.items():
         for doc in docs:
-            assert kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True) == "1.33", name
+            if doc["kind"] != "InferenceService":   # KServe's kind: checked against its CRD below
+                assert kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True) == "1.33", name
+
+
+def inference_service(cluster: dict) -> dict:
+    return cluster[("InferenceService", layout.KSERVE_ISVC)]
+
+
+def test_the_kserve_inference_service_validates_against_kserves_crd_strictly(cluster):
+    kserve_crd.validate(inference_service(cluster))
+
+
+@pytest.mark.parametrize("mutation", ["misspelt field", "wrong type", "field of another kind"])
+def test_the_crd_check_refuses_what_kserve_would_drop_or_refuse(cluster, mutation):
+    """Strict: the API server would prune an unknown field silently (a misspelt readinessProbe
+    would vanish); the check refuses it, and a wrong type."""
+    import jsonschema
+
+    service = copy.deepcopy(inference_service(cluster))
+    predictor = service["spec"]["predictor"]
+    if mutation == "misspelt field":
+        predictor["containers"][0]["readinesProbe"] = predictor["containers"][0].pop("readinessProbe")
+    elif mutation == "wrong type":
+        predictor["minReplicas"] = "1"
+    else:
+        predictor["replicas"] = 2   # a Deployment's field, not a predictor's
+    with pytest.raises(jsonschema.ValidationError):
+        kserve_crd.validate(service)
+
+
+def test_the_kserve_predictor_runs_the_engine_as_make_serve_does_on_the_image(cluster):
+    """The command `make serve ENGINE=kserve` runs (python -m serving.kserve), on the exported file the
+    Dockerfile copies, with kserve installed as make install adds it; probed on its readiness route."""
+    from serving.kserve.launcher import COMMAND_MARK
+
+    (container,) = inference_service(cluster)["spec"]["predictor"]["containers"]
+    command = container["command"]
+    assert " ".join(command[:4]) == f"{layout.PYTHON} -m {COMMAND_MARK}"
+    option = dict(zip(command[4::2], command[5::2]))
+    steps = instructions(DOCKERFILE.read_text())
+    artifact = PurePosixPath(option["--artifact"])
+    assert artifact.name == TORCHSCRIPT_NAME
+    assert ("COPY", f"artifacts/{TORCHSCRIPT_NAME} {artifact.relative_to(layout.APP_DIR)}") in steps
+    assert ("RUN", "pip install --no-cache-dir --require-hashes --no-deps -r requirements-kserve.lock") in steps
+    copied = {source for op, args in steps if op == "COPY" for source in args.split()[:-1]}
+    assert str(PurePosixPath(option["--config"]).relative_to(layout.APP_DIR)) in copied
+    assert [port["containerPort"] for port in container["ports"]] == [int(option["--port"])]
+    assert container["readinessProbe"]["httpGet"]["port"] == int(option["--port"])
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
 
 
 def test_the_validator_really_refuses_an_unknown_field():

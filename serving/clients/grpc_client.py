@@ -43,9 +43,10 @@ from serving.server.readiness import inference_key
 STUBS_DIR = Path(__file__).resolve().parent / "_grpc"
 STAMP_NAME = "protos.sha256"
 # inference.proto imports google/rpc/status.proto, which grpcio-tools does not bundle; the jar has it.
-PROTO_FILES = ("inference.proto", "management.proto", "google/rpc/status.proto")
+# open_inference_grpc.proto: the Open Inference Protocol's messages, for serving.clients.v2_grpc.
+PROTO_FILES = ("inference.proto", "management.proto", "google/rpc/status.proto", "open_inference_grpc.proto")
 # Bumped whenever the generated layout changes, so stubs of an older layout are made again.
-STUBS_LAYOUT = "package-2"
+STUBS_LAYOUT = "package-3"
 TIMEOUT_S = 30.0
 KEY_ENV = "DIGITSERVE_INFERENCE_KEY"
 
@@ -148,14 +149,17 @@ def generate_stubs(stubs_dir: Path = STUBS_DIR) -> Path:
 
 @lru_cache(maxsize=1)
 def load_stubs() -> SimpleNamespace:
-    """The generated modules: inference_pb2(_grpc), management_pb2(_grpc) and empty_pb2."""
+    """The generated modules: inference_pb2(_grpc), management_pb2(_grpc), open_inference_grpc_pb2
+    and empty_pb2."""
     generate_stubs()
     from google.protobuf import empty_pb2
 
-    from ._grpc import inference_pb2, inference_pb2_grpc, management_pb2, management_pb2_grpc
+    from ._grpc import (inference_pb2, inference_pb2_grpc, management_pb2, management_pb2_grpc,
+                        open_inference_grpc_pb2)
 
     return SimpleNamespace(empty_pb2=empty_pb2, inference_pb2=inference_pb2, inference_pb2_grpc=inference_pb2_grpc,
-                           management_pb2=management_pb2, management_pb2_grpc=management_pb2_grpc)
+                           management_pb2=management_pb2, management_pb2_grpc=management_pb2_grpc,
+                           open_inference_grpc_pb2=open_inference_grpc_pb2)
 
 
 # --- The key, and where it may travel ---------------------------------------------------------
@@ -246,8 +250,9 @@ class InferenceClient:
 
 
 @contextmanager
-def connect(target: str, key: str | None = None, keys: KeySource | None = None):
-    """An InferenceClient for HOST:PORT (TorchServe's grpc_inference_port, 7070 by default).
+def connect(target: str, key: str | None = None, keys: KeySource | None = None, client=InferenceClient):
+    """An InferenceClient for HOST:PORT (TorchServe's grpc_inference_port, 7070 by default), or
+    another client class on the same channel (serving.clients.v2_grpc.V2Client).
     key: a key in memory; keys: where to read it (KeySource); KeyFileError before any call
     when the key file holds no key; ClearTextKeyWarning when a key would leave this machine."""
     import grpc
@@ -260,7 +265,7 @@ def connect(target: str, key: str | None = None, keys: KeySource | None = None):
                       ClearTextKeyWarning, stacklevel=3)
     channel = grpc.insecure_channel(target)
     try:
-        yield InferenceClient(channel, keys)
+        yield client(channel, keys)
     finally:
         channel.close()
 

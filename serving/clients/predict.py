@@ -4,6 +4,7 @@
     mnist-predict --model artifacts/mnist_cnn.onnx samples/digit_7.png samples/
     mnist-predict --grpc 127.0.0.1:7070 samples/digit_7.png      # ask a running TorchServe over gRPC
     mnist-predict --grpc 127.0.0.1:7070 --key-file key_file.json samples/   # token authorization on
+    mnist-predict --grpc 127.0.0.1:8086 --grpc-api v2 samples/   # Open Inference Protocol gRPC (KServe engine)
 
 prints one JSON line per image, e.g.
     {"file": "samples/digit_7.png", "digit": 7, "label": "7", "is_digit": true, "confidence": 0.9991, ...,
@@ -95,13 +96,19 @@ SERVER_FAILURES = ("UNAVAILABLE", "UNAUTHENTICATED", "PERMISSION_DENIED", "NOT_F
                    "INVALID_ARGUMENT")
 
 
-def predict_over_grpc(files: list[Path], target: str, keys: KeySource):
-    """Yield one result dict per file, each file sent as one Predictions RPC to TorchServe."""
+GRPC_APIS = ("torchserve", "v2")
+
+
+def predict_over_grpc(files: list[Path], target: str, keys: KeySource, api: str = "torchserve"):
+    """Yield one result dict per file, each file sent as one RPC: TorchServe's Predictions
+    (api "torchserve"), or the Open Inference Protocol's ModelInfer (api "v2", the KServe engine:
+    its answers carry digit, is_digit, probabilities and model_version)."""
     import grpc
 
-    from serving.clients.grpc_client import PredictionError, connect
+    from serving.clients.grpc_client import InferenceClient, PredictionError, connect
+    from serving.clients.v2_grpc import V2Client
 
-    with connect(target, keys=keys) as client:
+    with connect(target, keys=keys, client=V2Client if api == "v2" else InferenceClient) as client:
         for path in files:
             try:
                 yield {"file": str(path), **client.predict(path.read_bytes())}
@@ -111,7 +118,7 @@ def predict_over_grpc(files: list[Path], target: str, keys: KeySource):
                 yield unreadable(path, error)
             except grpc.RpcError as error:
                 if error.code().name in SERVER_FAILURES:
-                    raise PredictError(f"TorchServe gRPC at {target}: {error.code().name}: "
+                    raise PredictError(f"{api} gRPC at {target}: {error.code().name}: "
                                        f"{error.details()}") from None
                 yield {"file": str(path), "error": error.details() or error.code().name,
                        "code": f"grpc_{error.code().name.lower()}"}
@@ -140,13 +147,17 @@ def load_model(model: str | None, backend: str, threads: int):
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Images per model call.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="Intra-op threads; 0: all cores.")
 @click.option("--grpc", "grpc_target", metavar="HOST:PORT", default=None,
-              help="Send each image to a running TorchServe's gRPC inference API (its grpc_inference_port, "
-                   "7070 in config.properties) instead of running a model here.")
+              help="Send each image to a running server's gRPC inference API (TorchServe's grpc_inference_port, "
+                   "7070 in config.properties; the KServe engine's 8086 with --grpc-api v2) instead of running a "
+                   "model here.")
+@click.option("--grpc-api", type=click.Choice(GRPC_APIS), default="torchserve",
+              help="With --grpc: TorchServe's own inference.proto, or v2, the Open Inference Protocol's "
+                   "GRPCInferenceService (the KServe engine, Triton).")
 @click.option("--key-file", type=click.Path(dir_okay=False), default=None,
               help=f"With --grpc: the key_file.json of a server with token authorization (re-read at every "
                    f"call, so renewed keys are picked up). Else the key in ${KEY_ENV}, if set.")
 @click.option("--key", "removed_key", hidden=True, default=None)
-def main(paths, model, backend, batch_size, threads, grpc_target, key_file, removed_key) -> None:
+def main(paths, model, backend, batch_size, threads, grpc_target, grpc_api, key_file, removed_key) -> None:
     """Predict the digit in each image file (folders are searched for images)."""
     if removed_key is not None:
         raise click.UsageError(f"--key was removed: a key on the command line is readable by every user of this "
@@ -157,7 +168,7 @@ def main(paths, model, backend, batch_size, threads, grpc_target, key_file, remo
         raise click.UsageError("--key-file goes with --grpc (a local model needs no key)")
     try:
         failures, count = print_predictions(paths, model, backend, batch_size, threads, grpc_target,
-                                            KeySource.from_options(key_file))
+                                            KeySource.from_options(key_file), grpc_api)
     except BackendMismatch as error:
         raise click.UsageError(str(error)) from None
     except (PredictError, KeyFileError) as error:
@@ -167,11 +178,12 @@ def main(paths, model, backend, batch_size, threads, grpc_target, key_file, remo
         sys.exit(1)
 
 
-def print_predictions(paths, model, backend, batch_size, threads, grpc_target, keys: KeySource) -> tuple[int, int]:
+def print_predictions(paths, model, backend, batch_size, threads, grpc_target, keys: KeySource,
+                      grpc_api: str = "torchserve") -> tuple[int, int]:
     """One JSON line per file on stdout, an error line per failed file on stderr; returns
     (failed files, files)."""
     if grpc_target:
-        predict = partial(predict_over_grpc, target=grpc_target, keys=keys)
+        predict = partial(predict_over_grpc, target=grpc_target, keys=keys, api=grpc_api)
     else:
         run_model, metadata = load_model(model, backend, threads)
         predict = partial(predict_files, run_model=run_model, metadata=metadata, batch_size=batch_size)
@@ -190,7 +202,9 @@ def print_predictions(paths, model, backend, batch_size, threads, grpc_target, k
 
 
 def not_a_digit_line(result: dict) -> str:
-    return f"{result['file']}: not a digit (best guess {result['digit']}, {result['confidence']:.2f})"
+    """The best guess, with its confidence where the answer has one (a v2 answer has none)."""
+    sure = f", {result['confidence']:.2f}" if "confidence" in result else ""
+    return f"{result['file']}: not a digit (best guess {result['digit']}{sure})"
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The KServe engine's command (docs/engines.md).
 
     python -m serving.kserve start --artifact artifacts/mnist_cnn.torchscript.pt --run-dir .run/kserve
-        KServe ready on http://127.0.0.1:8085 (pid 12345): POST /predictions/mnist, /v2/models/mnist/infer
+        KServe ready on http://127.0.0.1:8085 (pid 12345): POST /predictions/mnist, /v2/models/mnist/infer;
+        gRPC v2 (inference.GRPCInferenceService) on 127.0.0.1:8086
     python -m serving.kserve stop --run-dir .run/kserve
     python -m serving.kserve run --artifact ...     (the server itself, in the foreground)
 """
@@ -15,6 +16,8 @@ ARTIFACT = click.option("--artifact", required=True, type=click.Path(exists=True
                         help="What `make export` wrote: the .torchscript.pt, .onnx or .int8.onnx file.")
 ADDRESS = click.option("--address", default="127.0.0.1", show_default=True, help="The address to listen on.")
 PORT = click.option("--port", default=8085, show_default=True, type=int, help="REST port.")
+GRPC_PORT = click.option("--grpc-port", default=8086, show_default=True, type=int,
+                         help="Open Inference Protocol gRPC port (on the same address).")
 THREADS = click.option("--threads", default=1, show_default=True, type=int, help="Inference threads.")
 CONFIG = click.option("--config", default="config.properties", show_default=True,
                       type=click.Path(exists=True, dir_okay=False),
@@ -31,16 +34,19 @@ def main() -> None:
 @ARTIFACT
 @ADDRESS
 @PORT
+@GRPC_PORT
 @THREADS
 @CONFIG
 @RUN_DIR
-def start_command(artifact: str, address: str, port: int, threads: int, config: str, run_dir: str) -> None:
+def start_command(artifact: str, address: str, port: int, grpc_port: int, threads: int, config: str,
+                  run_dir: str) -> None:
     """Start in the background; return once ready."""
     try:
-        engine = start(artifact, run_dir, address, port, threads, config)
+        engine = start(artifact, run_dir, address, port, threads, config, grpc_port=grpc_port)
     except EngineError as error:
         raise click.ClickException(str(error)) from None
-    click.echo(f"KServe ready on {engine.address} (pid {engine.pid}): POST /predictions/mnist, /v2/models/mnist/infer")
+    click.echo(f"KServe ready on {engine.address} (pid {engine.pid}): POST /predictions/mnist, /v2/models/mnist/infer; "
+               f"gRPC v2 (inference.GRPCInferenceService) on {engine.grpc_target}")
 
 
 @main.command("stop")
@@ -54,13 +60,14 @@ def stop_command(run_dir: str) -> None:
 @ARTIFACT
 @ADDRESS
 @PORT
+@GRPC_PORT
 @THREADS
 @CONFIG
-def run_command(artifact: str, address: str, port: int, threads: int, config: str) -> None:
+def run_command(artifact: str, address: str, port: int, grpc_port: int, threads: int, config: str) -> None:
     """Serve in the foreground until SIGTERM."""
     del sys.argv[1:]   # kserve.model_server parses sys.argv when imported: ours are not its flags
     from .server import serve
-    serve(artifact, address, port, threads, config)
+    serve(artifact, address, port, grpc_port, threads, config)
 
 
 main()

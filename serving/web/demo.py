@@ -151,16 +151,19 @@ def main() -> None:
 @click.option("--config", default="config.properties", show_default=True, type=click.Path(exists=True, dir_okay=False),
               help="TorchServe config whose cors_allowed_origin says where the page is served.")
 @click.option("--run-dir", default=".run/demo", show_default=True, help="Where the pid file and log go.")
-def start_command(config: str, run_dir: str) -> None:
+@click.option("--server", default=None, help="The inference server the page posts to (its ?server=), when not "
+                                             "the page's default TorchServe: the KServe engine's http://127.0.0.1:8085.")
+def start_command(config: str, run_dir: str, server: str | None) -> None:
+    query = f"?server={server}" if server else ""
     try:
         url = start(config, run_dir)
     except AlreadyRunning as running:
-        click.echo(f"The draw-a-digit page is already running: {running.url} (pid {running.pid}; "
+        click.echo(f"The draw-a-digit page is already running: {running.url}{query} (pid {running.pid}; "
                    "`make stop` stops it)")
         return
     except DemoError as error:
         raise click.ClickException(str(error)) from None
-    click.echo(f"The draw-a-digit page: {url} (log: {Path(run_dir) / LOG_FILE}; `make stop` stops it)")
+    click.echo(f"The draw-a-digit page: {url}{query} (log: {Path(run_dir) / LOG_FILE}; `make stop` stops it)")
 
 
 @main.command("stop")
