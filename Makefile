@@ -32,8 +32,9 @@ FLEET_ORIGINS    ?=
 FLEET_RATE_LIMIT ?= 100
 FLEET_CONFIG     ?= config.properties
 # Optional: FLEET_TLS_CERT/FLEET_TLS_KEY (else a self-signed pair is made), FLEET_API_KEYS (a file of client keys).
+# FLEET_TRUSTED_PROXIES: proxies (an Ingress) whose X-Forwarded-For the rate limit trusts; none by default.
 FLEET_ENV   = FLEET_ORIGINS='$(FLEET_ORIGINS)' FLEET_RATE_LIMIT=$(FLEET_RATE_LIMIT) FLEET_TLS_CERT='$(FLEET_TLS_CERT)' \
-              FLEET_TLS_KEY='$(FLEET_TLS_KEY)' FLEET_API_KEYS='$(FLEET_API_KEYS)'
+              FLEET_TLS_KEY='$(FLEET_TLS_KEY)' FLEET_API_KEYS='$(FLEET_API_KEYS)' FLEET_TRUSTED_PROXIES='$(FLEET_TRUSTED_PROXIES)'
 DEMO_DIR    := .run/demo
 CHROMIUM    := /usr/bin/chromium
 SAMPLES     := samples

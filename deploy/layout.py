@@ -47,6 +47,14 @@ LOOPBACK = "127.0.0.1"  # TorchServe's inference and management: only the pod's 
 RATE_METRIC = "digitserve_requests_per_second"
 COUNTER = "ts_inference_requests_total"   # TorchServe 0.12's counter, declared in serving/server/metrics.yaml
 RATE_WINDOW = "2m"
+# The HPA scales on queued work as well (queue_rule): the seconds a request waited in a pod's queue,
+# on average over RATE_WINDOW (TorchServe's queue-latency counter over its request counter). A rate
+# misses cost: a few explanations a second, each hundreds of predictions' work, fill the queues at
+# a rate far under the target (issue 27 point 3); the wait shows them. The HPA takes whichever
+# metric asks for more pods. QUEUE_TARGET: a Kubernetes quantity, 50 milliseconds of waiting.
+QUEUE_METRIC = "digitserve_queue_seconds"
+QUEUE_COUNTER = "ts_queue_latency_microseconds"   # declared in serving/server/metrics.yaml
+QUEUE_TARGET = "50m"
 # The HPA's target: TARGET_SHARE of what one replica answered at TARGET_CLIENTS clients in `make bench`
 # (benchmarks/results.json, its "ours" serving row): a pod asks for more company well before its
 # queue fills. Rounded down to tens; the figure and its source are written into hpa.yaml and docs.

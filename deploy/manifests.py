@@ -27,14 +27,14 @@ import yaml
 
 from deploy.layout import (API_KEYS_DIR, API_KEYS_FILE, API_KEYS_SECRET, APP_DIR, BASE_CONFIG, BIND_ALL, COUNTER,
                            FRONTDOOR, FRONTDOOR_DIR, HEADROOM, IMAGE_MODEL_STORE, INFERENCE_SERVICE, LOOPBACK,
-                           MEMORY_STEP_MIB, OUT_DIR, POD_REPLICA, PORTS, RATE_METRIC, RATE_WINDOW, REPLICA,
+                           MEMORY_STEP_MIB, OUT_DIR, POD_REPLICA, PORTS, QUEUE_METRIC, QUEUE_TARGET, RATE_METRIC, RATE_WINDOW, REPLICA,
                            DOC, TARGET_CLIENTS, TARGET_SHARE, TLS_DIR, TLS_SECRET, ManifestError)
 from deploy.objects import (autoscaler, config_map, frontdoor_deployment, frontdoor_service, inference_service,
                             Memory, Target, measured_memory, measured_target, network_policies, replica_deployment,
                             worker_cpus)
 from deploy.kserve_isvc import kserve_inference_service
 from serving.handler.artifact import ARCHIVE_NAME, MODEL_NAME
-from serving.fleet.frontdoor import KEEPALIVE_OFF, RotationState, include_line, render
+from serving.fleet.frontdoor import KEEPALIVE_OFF, PLAIN_HTTP_REFUSED, RotationState, include_line, render
 from serving.server.properties import parse_properties, read_properties, set_properties
 from serving.fleet.topology import DEFAULT_REPLICAS, Fleet, ReplicaConfig
 from serving.fleet.topology import replica_config as fleet_replica_config
@@ -111,6 +111,9 @@ def nginx_config(fleet: Fleet) -> str:
         "WEB_DIR": APP_DIR / "serving" / "web",
         # The pod's log is its stdout (kubelet rotates it); a file would grow in an emptyDir until eviction.
         "ACCESS_LOG": "/dev/stdout",
+        # Clients cross a network here: plain HTTP (8088) is refused, 426, nothing proxied; the
+        # Service and NetworkPolicy open the TLS port alone (deploy/objects.py).
+        "PLAIN_HTTP": PLAIN_HTTP_REFUSED,
     }
     return render(fleet, RotationState(), overrides=overrides)
 
@@ -164,7 +167,7 @@ def manifests(measured: Measured) -> list[Manifest]:
                   f"{TLS_SECRET} Secret (kubectl create secret tls {TLS_SECRET} --cert=... --key=...), the allowed",
                   f"client keys from the {API_KEYS_SECRET} Secret ({API_KEYS_FILE}: docs/kubernetes.md)."),
                  (frontdoor_deployment(nginx_text, fleet),)),
-        Manifest("frontdoor-service.yaml", ("The way in: HTTP and TLS, the fleet's front door ports.",),
+        Manifest("frontdoor-service.yaml", ("The way in: TLS alone (plain HTTP would carry client keys in the clear; nginx answers it 426).",),
                  (frontdoor_service(fleet),)),
         Manifest("networkpolicy.yaml",
                  ("Metrics stay inside the namespace; the key hops only from the front door.",),
@@ -173,7 +176,9 @@ def manifests(measured: Measured) -> list[Manifest]:
                  (f"Scales on a request RATE ({RATE_METRIC}: rate({COUNTER}[{RATE_WINDOW}]) per pod, served by",
                   "prometheus-adapter; docs/kubernetes.md has its rule), not on the counter itself, which only grows.",
                   f"Target: {target.per_pod}/s a pod, {TARGET_SHARE:.0%} of the {target.measured:.0f}/s one replica answered "
-                  f"at {TARGET_CLIENTS} clients", f"(benchmarks/results.json: {target.source})."),
+                  f"at {TARGET_CLIENTS} clients", f"(benchmarks/results.json: {target.source}).",
+                  f"And on queued work ({QUEUE_METRIC}: seconds waited per request, target {QUEUE_TARGET}): explanations cost",
+                  "hundreds of predictions at a low rate; the HPA takes whichever metric asks for more pods."),
                  (autoscaler(target),)),
         Manifest("kserve-inferenceservice.yaml",
                  ("The second engine (docs/engines.md) on a cluster with KServe: a custom predictor running",

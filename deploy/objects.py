@@ -13,7 +13,7 @@ import yaml
 from deploy.layout import (API_KEYS_DIR, API_KEYS_SECRET, BENCH_RESULTS, BENCH_SERVING_ROW, BIND_ALL, COUNTER,
                            FOOTPRINT, FRONTDOOR, HEADROOM, HOP_DIR, IMAGE, INFERENCE_SERVICE, LIVENESS_PATH,
                            MAX_REPLICAS, MEMORY_STEP_MIB, MODEL_CONFIG, NAME, POD_REPLICA, PORTS, PROBE_PERIOD_S,
-                           PYTHON, RATE_METRIC, RATE_WINDOW, READY_TIMEOUT_S, REPLICA, SCALE_DOWN_WINDOW_S,
+                           PYTHON, QUEUE_COUNTER, QUEUE_METRIC, QUEUE_TARGET, RATE_METRIC, RATE_WINDOW, READY_TIMEOUT_S, REPLICA, SCALE_DOWN_WINDOW_S,
                            STARTUP_PERIOD_S, TARGET_CLIENTS, TARGET_SHARE, TLS_DIR, TLS_SECRET, TMP_DIR, USER_ID,
                            ManifestError)
 from serving.fleet.frontdoor import nginx_command
@@ -238,8 +238,8 @@ def frontdoor_service(fleet: Fleet) -> dict:
     door = fleet.front_door
     return {"apiVersion": "v1", "kind": "Service", "metadata": metadata(FRONTDOOR, "frontdoor"),
             "spec": {"selector": labels("frontdoor"),
-                     "ports": [{"name": "http", "port": door.http_port, "targetPort": "http", "protocol": "TCP"},
-                               {"name": "https", "port": door.tls_port, "targetPort": "https", "protocol": "TCP"}]}}
+                     # TLS alone: plain HTTP would carry client keys in the clear (nginx answers it 426).
+                     "ports": [{"name": "https", "port": door.tls_port, "targetPort": "https", "protocol": "TCP"}]}}
 
 
 def tcp(port: int) -> dict:
@@ -249,7 +249,8 @@ def tcp(port: int) -> dict:
 def network_policies(fleet: Fleet) -> tuple[dict, dict]:
     """Replicas: the key hop from the front door's pods only, metrics from pods of this namespace
     only (a podSelector without a namespaceSelector means this namespace); inference and management
-    listen on the pod's loopback. The front door: its two ports, from anywhere (it is the way in)."""
+    listen on the pod's loopback. The front door: its TLS port, from anywhere (it is the way in);
+    its plain HTTP port answers only 426 and the kubelet's probes."""
     replica = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": metadata(REPLICA, "replica"),
                "spec": {"podSelector": {"matchLabels": labels("replica")}, "policyTypes": ["Ingress"],
                         "ingress": [{"from": [{"podSelector": {"matchLabels": labels("frontdoor")}}],
@@ -259,7 +260,7 @@ def network_policies(fleet: Fleet) -> tuple[dict, dict]:
     frontdoor = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
                  "metadata": metadata(FRONTDOOR, "frontdoor"),
                  "spec": {"podSelector": {"matchLabels": labels("frontdoor")}, "policyTypes": ["Ingress"],
-                          "ingress": [{"ports": [tcp(door.http_port), tcp(door.tls_port)]}]}}
+                          "ingress": [{"ports": [tcp(door.tls_port)]}]}}
     return replica, frontdoor
 
 
@@ -268,8 +269,11 @@ def autoscaler(target: Target) -> dict:
             "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": REPLICA},
                      "minReplicas": DEFAULT_REPLICAS, "maxReplicas": MAX_REPLICAS,
                      "metrics": [{"type": "Pods", "pods": {
-                         "metric": {"name": RATE_METRIC},
-                         "target": {"type": "AverageValue", "averageValue": str(target.per_pod)}}}],
+                                      "metric": {"name": RATE_METRIC},
+                                      "target": {"type": "AverageValue", "averageValue": str(target.per_pod)}}},
+                                 {"type": "Pods", "pods": {
+                                      "metric": {"name": QUEUE_METRIC},
+                                      "target": {"type": "AverageValue", "averageValue": QUEUE_TARGET}}}],
                      "behavior": {"scaleDown": {"stabilizationWindowSeconds": SCALE_DOWN_WINDOW_S}}}}
 
 
@@ -280,3 +284,14 @@ def adapter_rule() -> dict:
             "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
             "name": {"matches": f"^{COUNTER}$", "as": RATE_METRIC},
             "metricsQuery": f"sum(rate(<<.Series>>{{<<.LabelMatchers>>}}[{RATE_WINDOW}])) by (<<.GroupBy>>)"}
+
+
+def queue_rule() -> dict:
+    """prometheus-adapter's rule that serves QUEUE_METRIC per pod: seconds of queue wait per
+    request over RATE_WINDOW (no request in the window: a wait of 0, not a division by zero)."""
+    per_second = f"sum(rate(<<.Series>>{{<<.LabelMatchers>>}}[{RATE_WINDOW}])) by (<<.GroupBy>>)"
+    requests = f"sum(rate({COUNTER}{{<<.LabelMatchers>>}}[{RATE_WINDOW}])) by (<<.GroupBy>>)"
+    return {"seriesQuery": f'{QUEUE_COUNTER}{{namespace!="",pod!=""}}',
+            "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
+            "name": {"matches": f"^{QUEUE_COUNTER}$", "as": QUEUE_METRIC},
+            "metricsQuery": f"{per_second} / clamp_min({requests}, 0.001) / 1000000"}

@@ -27,6 +27,7 @@ from serving.web import demo
 from serving.server import server
 from serving.server.properties import free_ports, read_properties
 from serving.server.readiness import probe_image
+from serving.handler.artifact import MODEL_NAME
 from serving.handler.parsing import HTTP_STATUS
 
 pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.slow]
@@ -262,6 +263,26 @@ def test_a_page_from_an_origin_not_allowed_is_refused(browser, other_origin, inf
         assert outcome["code"] == "refused", outcome
         assert "refused the request" in page.text_content("#message")
         assert not shown_digit(page).isdigit()
+        assert not errors, f"the page threw: {errors}"
+    finally:
+        page.context.close()
+
+
+@pytest.mark.parametrize("elsewhere", ["https://drawings.example", "http://10.1.2.3:8080", "//drawings.example"])
+def test_a_server_elsewhere_in_the_link_gets_no_drawing(browser, page_origin, elsewhere):
+    """Issue 27 point 9: a link's ?server= may name this page's origin or this machine, nothing
+    else: the page keeps its default server, says why, and sends nothing elsewhere."""
+    page, errors = open_page(browser, page_origin, elsewhere)
+    sent = []
+    page.on("request", lambda request: sent.append(request.url))
+    try:
+        default = "http://127.0.0.1:8080"   # the page's DEFAULT_SERVER: config.properties' inference_address
+        assert page.evaluate("window.digitserve.predictionsUrl") == f"{default}/predictions/{MODEL_NAME}"
+        assert page.evaluate("window.digitserve.explanationsUrl") == f"{default}/explanations/{MODEL_NAME}"
+        assert "neither this page's origin nor this machine" in page.text_content("#message")
+        draw(page, DRAWN_DIGITS[1])
+        last_outcome(page)
+        assert not [url for url in sent if "drawings.example" in url or "10.1.2.3" in url], sent
         assert not errors, f"the page threw: {errors}"
     finally:
         page.context.close()

@@ -18,11 +18,13 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple
 from pathlib import Path
@@ -51,6 +53,8 @@ LOAD = {"clients": 4, "per_client_rps": 4.0}   # 16 requests/s: bounded, and und
 NEW_VERSION = "2.0"
 # Above the per-address limit and above nginx's old worker_connections (1,024), which they filled.
 IDLE_CONNECTIONS = max(1100, CONNECTIONS_PER_ADDRESS + 1)
+TRUSTED_PROXY = "127.0.0.2"   # the module fleet trusts its X-Forwarded-For (an Ingress's role)
+B_REQUESTS = 40           # client B's predictions beside a flood of explanations (0.2 s apart)
 
 
 def manifest_version(archive: Path) -> str:
@@ -91,6 +95,9 @@ def test_the_template_renders_a_config_nginx_accepts_default_and_production(tmp_
     plain = plan_on_free_ports(tmp_path / "plain", REPO_ROOT / "config.properties", origins=(LISTED_ORIGIN,))
     text = nginx_accepts(plain, RotationState(down=frozenset({"replica-1"})))
     assert "{{" not in text and f'"{LISTED_ORIGIN}" "{LISTED_ORIGIN}";' in text
+    assert "real_ip" not in text   # no proxy trusted unless named
+    behind = plan_on_free_ports(tmp_path / "behind", REPO_ROOT / "config.properties", trusted_proxies=("10.0.0.0/8",))
+    assert "set_real_ip_from 10.0.0.0/8;" in nginx_accepts(behind)
     # Every fleet runs token auth (management must need a key): nginx reaches each replica's hop.
     assert re.search(rf"server 127\.0\.0\.1:{plain.replicas[1].ports.key_hop} .*down;", text)
     assert f"client_max_body_size {read_properties(REPO_ROOT / 'config.properties')['max_request_size']};" in text
@@ -112,6 +119,9 @@ def test_a_rollout_refuses_an_archive_whose_version_is_no_path_segment(tmp_path,
 
 
 def test_bad_origins_and_client_key_files_are_refused_in_one_line(tmp_path):
+    with pytest.raises(FrontDoorError, match="not an address or CIDR range"):
+        frontdoor.render(plan_on_free_ports(tmp_path, REPO_ROOT / "config.properties", trusted_proxies=("0/0;",)),
+                         RotationState())
     with pytest.raises(FrontDoorError, match="not scheme://host"):
         frontdoor.render(plan_on_free_ports(tmp_path, REPO_ROOT / "config.properties", origins=("evil;",)),
                          RotationState())
@@ -180,7 +190,8 @@ def test_a_pid_file_naming_another_process_is_never_taken_for_ours(tmp_path):
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, archives) -> Fleet:
     plan = plan_on_free_ports(tmp_path_factory.mktemp("fleet"), REPO_ROOT / "config.properties",
-                              origins=(LISTED_ORIGIN,), rate_limit_per_s=RATE_LIMIT)
+                              origins=(LISTED_ORIGIN,), rate_limit_per_s=RATE_LIMIT,
+                              trusted_proxies=(TRUSTED_PROXY,))
     fleet_module.start(plan, archives["first"])
     yield plan
     assert fleet_module.stop(plan)
@@ -356,12 +367,13 @@ def test_only_a_listed_origin_is_echoed_and_torchserves_own_is_hidden(fleet, dig
     listed = cors_headers(front(fleet), LISTED_ORIGIN, digit_7)
     assert listed["access-control-allow-origin"] == LISTED_ORIGIN and listed["vary"] == "Origin"
     assert "access-control-allow-origin" not in cors_headers(front(fleet), "http://evil.example", digit_7)
-    # A replica answers with config.properties' one origin (the demo page's) whatever asks...
+    # A replica sends no CORS header (its config allows no origin: TorchServe would send its one
+    # origin, the demo page's, on every port; issue 27 point 15)...
     replica_origin = read_properties(REPO_ROOT / "config.properties")["cors_allowed_origin"]
-    direct = cors_headers(f"{fleet.replicas[0].inference_url}/predictions/{MODEL_NAME}", "http://evil.example", digit_7,
+    direct = cors_headers(f"{fleet.replicas[0].inference_url}/predictions/{MODEL_NAME}", replica_origin, digit_7,
                           key=inference_key(fleet.replicas[0].key_file))
-    assert direct["access-control-allow-origin"] == replica_origin
-    # ...which the front door hides: that origin is not on its list.
+    assert "access-control-allow-origin" not in direct
+    # ...and the front door's list alone decides: the demo page's origin is not on it.
     assert "access-control-allow-origin" not in cors_headers(front(fleet), replica_origin, digit_7)
 
 
@@ -422,6 +434,121 @@ def test_over_the_rate_limit_the_answer_is_429_json_with_retry_after(fleet):
     assert json.loads(body)["code"] == "rate_limited" and headers["Retry-After"] == "1"
     assert headers["Content-Type"] == "application/json"
     time.sleep(2)   # the bucket drains before the next test's load
+
+
+def json_post(port: int, path: str, body: dict, source: str) -> tuple[int, float]:
+    """(status, seconds) of one JSON POST from the loopback address source (0: no answer in 30 s)."""
+    started = time.monotonic()
+    try:
+        status, _ = raw_request(port, path, [("Content-Type", "application/json")], json.dumps(body).encode(), source)
+    except OSError:
+        status = 0
+    return status, time.monotonic() - started
+
+
+@server_test
+def test_a_client_flooding_explanations_leaves_another_clients_predictions_fast(fleet, mnist_digits):
+    """Issue 27 point 3: client A (127.0.0.1) sends explanations of 4 images (the most one may
+    hold) at half its request allowance, RATE_LIMIT / 2 a second, without waiting for answers,
+    while client B (127.0.0.2) sends predictions. An explanation costs hundreds of predictions:
+    under one rate limit for every path, A's explanations filled the replicas' queues and B waited
+    for seconds. With explanations' own allowance, B gets no failure and its p95 stays under 1 s."""
+    images = [base64.b64encode(mnist_digits.png(index)).decode() for index in range(4)]
+    port, stop, flooded = fleet.front_door.http_port, threading.Event(), Counter()
+
+    def explain() -> None:
+        flooded[json_post(port, f"/explanations/{MODEL_NAME}", {"images": images}, "127.0.0.1")[0]] += 1
+
+    def flood(pool: ThreadPoolExecutor) -> None:
+        while not stop.wait(2 / RATE_LIMIT):
+            pool.submit(explain)
+
+    with ThreadPoolExecutor(CONNECTIONS_PER_ADDRESS // 2) as pool:
+        flooder = threading.Thread(target=flood, args=(pool,), daemon=True)
+        flooder.start()
+        try:
+            time.sleep(2)   # A's flood under way
+            answers, deadline = [], time.monotonic() + B_REQUESTS   # bounded: a starved B stops early
+            while len(answers) < B_REQUESTS and time.monotonic() < deadline and not stop.wait(0.2):
+                answers.append(json_post(port, f"/predictions/{MODEL_NAME}", {"images": images[:1]}, "127.0.0.2"))
+        finally:
+            stop.set()
+            flooder.join(10)
+            pool.shutdown(cancel_futures=True)
+    latencies = sorted(seconds for _, seconds in answers)
+    p95 = latencies[int(0.95 * (len(latencies) - 1))]
+    print(f"client B: {len(answers)} predictions, p95 {p95:.2f} s; client A's explanations: {dict(flooded)}")
+    assert flooded[200], f"A's explanations were never served: {flooded}"
+    assert [status for status, _ in answers] == [200] * B_REQUESTS and p95 < 1.0, \
+        (f"p95 {p95:.2f} s", Counter(status for status, _ in answers), flooded)
+    time.sleep(2)   # the buckets drain before the next test
+
+
+def burst(port: int, target: str, source: str, headers: list[tuple[str, str]] = (), times: int = 0) -> Counter:
+    """The statuses of `times` (4 x RATE_LIMIT) bodiless POSTs to target from source, 8 at a time."""
+    with ThreadPoolExecutor(8) as pool:
+        return Counter(pool.map(lambda _: raw_request(port, target, list(headers), b"", source)[0],
+                                range(times or 4 * RATE_LIMIT)))
+
+
+@server_test
+def test_guessing_paths_spends_the_rate_limit(fleet):
+    """Issue 27 point 5: a path off the allowlist was answered 404 in nginx's rewrite phase,
+    before limit_req ran, so path (and key) guessing was unlimited. Now it is denied in the
+    access phase, after the limit counted it: past the burst, 429."""
+    statuses = burst(fleet.front_door.http_port, "/models", "127.0.0.3")
+    assert statuses[429] and statuses[404] and set(statuses) == {404, 429}, statuses
+    status, body = raw_request(fleet.front_door.http_port, "/models", [], b"", "127.0.0.4")
+    assert status == 404 and json.loads(body)["code"] == "not_found", body
+
+
+@server_test
+def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_limit(fleet):
+    """Issue 27 point 10: behind an Ingress every client arrives from the proxy's address. The
+    fleet here trusts 127.0.0.2 (TRUSTED_PROXY): the X-Forwarded-For it sends names the client
+    the limit counts. From any other address the header is ignored (off by default)."""
+    port = fleet.front_door.http_port
+    flooded = burst(port, "/models", TRUSTED_PROXY, [("X-Forwarded-For", "198.51.100.1")])
+    assert flooded[429], flooded
+    status, _ = raw_request(port, "/models", [("X-Forwarded-For", "198.51.100.2")], b"", TRUSTED_PROXY)
+    assert status == 404, f"another client behind the proxy got {status}: one bucket for all"
+    with ThreadPoolExecutor(8) as pool:   # not trusted: a header per request changes nothing
+        spoofed = Counter(pool.map(lambda i: raw_request(port, "/models", [("X-Forwarded-For", f"198.51.100.{i % 250}")],
+                                                         b"", "127.0.0.5")[0], range(4 * RATE_LIMIT)))
+    assert spoofed[429], spoofed
+    time.sleep(2)
+
+
+@server_test
+def test_the_root_never_reflects_the_clients_host_into_the_pages_server(fleet):
+    """Issue 27 point 9: `/` redirected to `?server=$scheme://$http_host`, so a forged Host
+    named any server. It names this origin relatively now."""
+    connection = http.client.HTTPConnection("127.0.0.1", fleet.front_door.http_port, timeout=30)
+    try:
+        connection.request("GET", "/", headers={"Host": "drawings.example"})
+        response = connection.getresponse()
+        response.read()
+    finally:
+        connection.close()
+    assert response.status == 302 and response.getheader("Location") == "/index.html?server=/", \
+        (response.status, response.getheader("Location"))
+
+
+@server_test
+def test_a_replica_sends_no_cors_header_on_any_port(fleet):
+    """Issue 27 point 15: TorchServe 0.12 sends its one cors_allowed_origin on every port, so the
+    demo page's origin (config.properties' http://127.0.0.1:8000) could read a replica's metrics
+    and management answers. Fleet replicas allow no origin; the front door sends its own list."""
+    origin = read_properties(REPO_ROOT / "config.properties")["cors_allowed_origin"]
+    replica = fleet.replicas[0]
+    for url in (f"http://127.0.0.1:{replica.ports.metrics}/metrics", f"{replica.management_url}/models",
+                f"{replica.inference_url}/ping"):
+        try:   # management and inference want a key (token auth): a 401 carried the origin too
+            with urllib.request.urlopen(urllib.request.Request(url, headers={"Origin": origin}), timeout=30) as answer:
+                headers = answer.headers
+        except urllib.error.HTTPError as error:
+            headers = error.headers
+        assert headers.get("Access-Control-Allow-Origin") is None, (url, headers.get("Access-Control-Allow-Origin"))
 
 
 def raw_answer(url: str) -> tuple[int, dict, bytes]:
@@ -558,6 +685,16 @@ def test_with_keys_nginx_adds_each_replicas_renewed_key_and_asks_clients_for_the
     print(f"keys renewed {renewed} times under load: {report.sent} requests: {dict(report.statuses)}")
     assert report.statuses == {200: report.sent} and report.sent > 50, report.failures[:5]
     assert renewed >= 2 and all(inference_key(r.key_file) != before[r.name] for r in keyed_fleet.replicas)
+
+
+@server_test
+def test_key_guessing_spends_the_rate_limit(keyed_fleet):
+    """Issue 27 point 5: the key was checked with `return 401` in nginx's rewrite phase, before
+    limit_req, so wrong keys were tried without limit. Checked in the access phase now (after the
+    limit counted the request): past the burst, 429."""
+    statuses = burst(keyed_fleet.front_door.http_port, f"/predictions/{MODEL_NAME}", "127.0.0.3",
+                     [("X-API-Key", "guessed-0123456789abcdef")], times=4 * keyed_fleet.front_door.rate_limit_per_s)
+    assert statuses[429] and statuses[401] and set(statuses) == {401, 429}, statuses
 
 
 # --- the page -----------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from PIL import Image
 from http_client import request
 from imaging import encode
 from servers import predictions_url, worker_pids
+from serving.handler.preprocess import MAX_PIXELS_PER_REQUEST
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.reliability]
 NEIGHBOURS = 8   # a full batch of good requests beside the bad one
@@ -50,11 +51,15 @@ def float_tiff(digit: np.ndarray, bad: float) -> bytes:
     return encode(Image.fromarray(pixels, mode="F"), "TIFF")
 
 
+BLANK_SIZE = (8000, 5000)
+BLANK_PIXELS = BLANK_SIZE[0] * BLANK_SIZE[1]
+
+
 def blank_40_megapixel_png() -> bytes:
     """8000x5000 white: ~50 KB, so 64 of them fit in one 4 MiB body; each takes ~0.1 s to decode,
     ~1 s through the old preprocessing (float copies at full size): 64 held a worker past 30 s."""
     buffer = io.BytesIO()
-    Image.new("L", (8000, 5000), 255).save(buffer, format="PNG")
+    Image.new("L", BLANK_SIZE, 255).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -101,8 +106,9 @@ def answer_problem(attack: Attack, status: int, body: bytes, label: int) -> str 
         return None if answer.get("code") == attack.code and answer.get("error") else f"{answer}"
     if attack.check == "many_too_large":
         codes = [item.get("code") for item in answer["predictions"]]
-        # The request's 100-MP budget decodes two 40-MP images; the rest are refused unread.
-        return None if codes == ["no_digit"] * 2 + ["too_large"] * 62 else f"codes {codes}"
+        # The request's pixel budget decodes as many 40-MP images as it holds (one); the rest are refused unread.
+        decoded = MAX_PIXELS_PER_REQUEST // BLANK_PIXELS
+        return None if codes == ["no_digit"] * decoded + ["too_large"] * (64 - decoded) else f"codes {codes}"
     # Alone in its batch the header gets the model card; in a batch it is ignored.
     return None if answer.get("digit") == label or "labels" in answer else f"{answer}"
 

@@ -7,12 +7,15 @@ read-only filesystem, as the pod would (root only: it needs a mount namespace)."
 from __future__ import annotations
 
 import copy
+import http.client
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
@@ -494,7 +497,7 @@ def test_management_and_metrics_stay_inside_the_namespace(cluster):
 def test_autoscaler_scales_on_a_request_rate_that_the_adapter_rule_serves(cluster):
     hpa = cluster[("HorizontalPodAutoscaler", layout.REPLICA)]["spec"]
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": layout.REPLICA}
-    (metric,) = hpa["metrics"]
+    [metric] = [m for m in hpa["metrics"] if m["pods"]["metric"]["name"] == layout.RATE_METRIC]
     assert metric["type"] in ("Pods", "Object", "External") and metric["pods"]["target"]["type"] == "AverageValue"
     rule = kube.adapter_rule()
     assert metric["pods"]["metric"]["name"] == rule["name"]["as"]
@@ -504,10 +507,26 @@ def test_autoscaler_scales_on_a_request_rate_that_the_adapter_rule_serves(cluste
     assert counter in {entry["name"] for entry in declared}   # TorchServe exports it in prometheus mode
 
 
+def test_autoscaler_scales_on_queued_work_too_from_declared_counters(cluster):
+    """Issue 27 point 3: a request rate misses cost (explanations fill the queues at a low rate).
+    The HPA also scales on the queue wait per request, which an adapter rule serves from
+    TorchServe's queue-latency counter over its request counter, both declared."""
+    hpa = cluster[("HorizontalPodAutoscaler", layout.REPLICA)]["spec"]
+    targets = {m["pods"]["metric"]["name"]: m["pods"]["target"] for m in hpa["metrics"]}
+    assert set(targets) == {layout.RATE_METRIC, layout.QUEUE_METRIC}, targets
+    assert targets[layout.QUEUE_METRIC] == {"type": "AverageValue", "averageValue": layout.QUEUE_TARGET}
+    rule = kube.queue_rule()
+    assert rule["name"]["as"] == layout.QUEUE_METRIC
+    counters = {rule["name"]["matches"].strip("^$"), *re.findall(r"\b(ts_\w+)\{", rule["metricsQuery"])}
+    assert counters == {layout.QUEUE_COUNTER, layout.COUNTER}, rule["metricsQuery"]
+    declared = yaml.safe_load((REPO_ROOT / "serving" / "server" / "metrics.yaml").read_text())["ts_metrics"]["counter"]
+    assert counters <= {entry["name"] for entry in declared}
+
+
 def test_the_docs_show_the_adapter_rule_the_autoscaler_needs():
     blocks = re.findall(r"```yaml\n(.*?)```", DOC.read_text(), re.S)
     rules = [yaml.safe_load(block) for block in blocks if "seriesQuery" in block]
-    assert rules and rules[0]["rules"] == [kube.adapter_rule()]
+    assert rules and rules[0]["rules"] == [kube.adapter_rule(), kube.queue_rule()]
     assert f"schema-checked against Kubernetes {KUBERNETES_VERSION.rsplit('.', 1)[0]}" in DOC.read_text()
 
 
@@ -549,11 +568,13 @@ def test_the_dockerfile_builds_what_the_manifests_run(cluster):
     assert str(layout.HOP_DIR) in made.group(1).split() and str(layout.HOP_DIR) in made.group(2).split()
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None or not Path("/usr/sbin/nginx").exists(),
-                    reason="needs nginx and openssl (make system)")
-def test_nginx_accepts_the_front_doors_config_in_the_pods_layout(cluster, tmp_path):
-    """`nginx -t` on the ConfigMap's config, with the pod's directories moved under tmp_path and the
-    Service's name (which only the cluster resolves) replaced by loopback."""
+NEEDS_NGINX = pytest.mark.skipif(shutil.which("openssl") is None or not Path("/usr/sbin/nginx").exists(),
+                                 reason="needs nginx and openssl (make system)")
+
+
+def pod_nginx_config(cluster: dict, tmp_path: Path, replace: dict[str, str] | None = None) -> Path:
+    """The ConfigMap's nginx config with the pod's directories moved under tmp_path and the
+    Service's name (which only the cluster resolves) replaced by loopback (then `replace`'s pairs)."""
     _, text = configmap_file(cluster, layout.FRONTDOOR, "config")
     tls = tmp_path / "tls"
     tls.mkdir()
@@ -567,13 +588,60 @@ def test_nginx_accepts_the_front_doors_config_in_the_pods_layout(cluster, tmp_pa
     (api_keys / layout.API_KEYS_FILE).write_text(client_keys_map(["client-key-0123456789abcdef"]))
     for old, new in {str(layout.FRONTDOOR_DIR): str(tmp_path / "frontdoor"), str(layout.TLS_DIR): str(tls),
                      str(layout.API_KEYS_DIR): str(api_keys),
-                     f"{layout.INFERENCE_SERVICE}:": "127.0.0.1:", str(layout.APP_DIR): str(REPO_ROOT)}.items():
+                     f"{layout.INFERENCE_SERVICE}:": "127.0.0.1:", str(layout.APP_DIR): str(REPO_ROOT),
+                     **(replace or {})}.items():
         text = text.replace(old, new)
     (nginx_dir / "nginx.conf").write_text(text)
-    checked = subprocess.run(["/usr/sbin/nginx", "-t", "-p", str(nginx_dir), "-c", str(nginx_dir / "nginx.conf")],
+    return nginx_dir / "nginx.conf"
+
+
+@NEEDS_NGINX
+def test_nginx_accepts_the_front_doors_config_in_the_pods_layout(cluster, tmp_path):
+    config = pod_nginx_config(cluster, tmp_path)
+    checked = subprocess.run(["/usr/sbin/nginx", "-t", "-p", str(config.parent), "-c", str(config)],
                              capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
-    assert {path.name for path in (nginx_dir / "tmp").iterdir()} >= {"body", "proxy"}   # nginx made them itself
+    assert {path.name for path in (config.parent / "tmp").iterdir()} >= {"body", "proxy"}   # nginx made them itself
+
+
+@NEEDS_NGINX
+def test_the_cluster_front_door_refuses_plain_http_and_opens_only_tls(cluster, tmp_path):
+    """Issue 27 point 7: in the cluster, client keys would cross plain HTTP (8088) in the clear.
+    The real nginx on the ConfigMap's config answers it 426 JSON and proxies nothing (a listener
+    in the upstream's place sees no connection); the Service and NetworkPolicy open TLS alone."""
+    door = FrontDoor()
+    http_port, tls_port, upstream_port = free_ports(3)
+    upstream = socket.create_server(("127.0.0.1", upstream_port))
+    upstream.settimeout(1)
+    config = pod_nginx_config(cluster, tmp_path, {
+        f"listen {layout.BIND_ALL}:{door.http_port};": f"listen 127.0.0.1:{http_port};",
+        f"listen {layout.BIND_ALL}:{door.tls_port} ssl;": f"listen 127.0.0.1:{tls_port} ssl;",
+        f"127.0.0.1:{ReplicaPorts.derived(0).key_hop};": f"127.0.0.1:{upstream_port};"})
+    nginx = subprocess.Popen(["/usr/sbin/nginx", "-p", str(config.parent), "-c", str(config), "-g", "daemon off;"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        answer = None
+        for _ in range(50):   # nginx listening within 5 s
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=10)
+                connection.request("POST", "/predictions/mnist", body=b"x",
+                                   headers={"X-API-Key": "client-key-0123456789abcdef"})
+                response = connection.getresponse()
+                answer = (response.status, json.loads(response.read()))
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.1)
+        assert answer and answer[0] == 426 and answer[1]["code"] == "https_required", answer
+        with pytest.raises(TimeoutError):
+            upstream.accept()   # nothing was proxied
+    finally:
+        nginx.terminate()
+        nginx.wait(10)
+        upstream.close()
+    service = cluster[("Service", layout.FRONTDOOR)]["spec"]["ports"]
+    policy = cluster[("NetworkPolicy", layout.FRONTDOOR)]["spec"]["ingress"]
+    assert [port["port"] for port in service] == [door.tls_port], service
+    assert [port["port"] for rule in policy for port in rule["ports"]] == [door.tls_port], policy
 
 
 def hop_config(tmp_path: Path, cluster: dict, token_auth: bool = True) -> Path:

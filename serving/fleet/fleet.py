@@ -223,6 +223,8 @@ RUN_DIR_OPTION = click.option("--run-dir", default=str(FLEET_DIR), show_default=
 @click.option("--origins", envvar="FLEET_ORIGINS", default="", help="Comma-separated origins allowed by CORS.")
 @click.option("--rate-limit", type=click.IntRange(min=1), envvar="FLEET_RATE_LIMIT", default=None,
               help="Requests/s per client address.")
+@click.option("--trusted-proxies", envvar="FLEET_TRUSTED_PROXIES", default="",
+              help="Comma-separated proxy addresses/ranges whose X-Forwarded-For the rate limit trusts.")
 @click.option("--api-keys", envvar="FLEET_API_KEYS", default=None, type=click.Path(exists=True, dir_okay=False),
               help="A file of allowed client keys (X-API-Key); none: no key asked.")
 @click.option("--tls-cert", envvar="FLEET_TLS_CERT", default=None, type=click.Path(exists=True, dir_okay=False))
@@ -230,11 +232,12 @@ RUN_DIR_OPTION = click.option("--run-dir", default=str(FLEET_DIR), show_default=
 @click.option("--http-port", type=int, default=None, help="Front door HTTP port [8088].")
 @click.option("--tls-port", type=int, default=None, help="Front door TLS port [8443].")
 @click.option("--base-port", type=int, default=None, help="First replica port [9080].")
-def start_command(archive, replicas, config, run_dir, origins, rate_limit, api_keys, tls_cert, tls_key,
+def start_command(archive, replicas, config, run_dir, origins, rate_limit, trusted_proxies, api_keys, tls_cert, tls_key,
                   http_port, tls_port, base_port) -> None:
     """Start the replicas and the front door; exit 0 once a probe image is answered through it."""
     door = {key: value for key, value in
             {"origins": tuple(o.strip() for o in origins.split(",") if o.strip()), "rate_limit_per_s": rate_limit,
+             "trusted_proxies": tuple(p.strip() for p in trusted_proxies.split(",") if p.strip()),
              "api_keys_file": api_keys and Path(api_keys).resolve(), "tls_cert": tls_cert and Path(tls_cert).resolve(),
              "tls_key": tls_key and Path(tls_key).resolve(), "http_port": http_port, "tls_port": tls_port}.items()
             if value is not None}

@@ -4,6 +4,7 @@ a pure function of the fleet's topology and its state (who is out of rotation, t
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import pwd
 import re
@@ -13,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving.handler.artifact import MODEL_NAME
-from serving.fleet.topology import (CLIENT_TIMEOUT_S, CONNECTIONS_PER_ADDRESS, KEEPALIVE_TIMEOUT_S, OPEN_PATHS,
+from serving.fleet.topology import (CLIENT_TIMEOUT_S, CONNECTIONS_PER_ADDRESS, EXPENSIVE_PATHS, EXPLAIN_BURST,
+                                     EXPLAIN_CONCURRENCY, EXPLAIN_RATE_PER_S, KEEPALIVE_TIMEOUT_S, OPEN_PATHS,
                                      WORKER_CONNECTIONS, Fleet, Replica)
 from serving.web import WEB_DIR
 
@@ -32,6 +34,14 @@ KEEPALIVE_ON = "        keepalive 32;           # reuse connections to the repli
 # With the key hops, a kept-alive connection to a hop could outlive a reload: its far end stays in
 # an old nginx worker, which goes on sending the replica's old key. A new connection each time.
 KEEPALIVE_OFF = "        # no keepalive: each request reaches a hop of the current config (frontdoor.py)"
+# Plain HTTP: the fleet (loopback) serves it as TLS; a front door reached over a network refuses
+# it (deploy/manifests.py): the client's key would cross in the clear. 426, nothing proxied.
+PLAIN_HTTP_SERVED = "        # plain HTTP served as TLS is: loopback (the cluster's front door refuses it)"
+PLAIN_HTTP_REFUSED = """        # Plain HTTP would carry client keys in the clear: answered 426 here, before any location,
+        # so nothing is proxied ($https is "on" on the TLS port only).
+        if ($https = "") {
+            return 426;
+        }"""
 ACCESS_LOG, ACCESS_LOG_MODE = "access.log", 0o640   # in nginx's dir (the template's access_log)
 CLIENT_KEYS_MAP = "client-keys.map"   # in nginx's dir: the allowed client keys as map entries, included
 
@@ -85,6 +95,20 @@ def check_origins(origins: tuple[str, ...]) -> None:
             raise FrontDoorError(f"origin {origin!r} is not scheme://host[:port] (e.g. http://localhost:3000)")
 
 
+def real_ip_lines(proxies: tuple[str, ...]) -> str:
+    """nginx's realip settings: the client a trusted proxy names in X-Forwarded-For is the one
+    the limits count (the last address not itself a trusted proxy); nothing without proxies."""
+    for proxy in proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise FrontDoorError(f"trusted proxy {proxy!r} is not an address or CIDR range (e.g. 10.0.0.0/8)") from None
+    if not proxies:
+        return "    # No trusted proxy (FLEET_TRUSTED_PROXIES): the limits count the TCP peer."
+    return "\n".join([*(f"    set_real_ip_from {proxy};" for proxy in proxies),
+                      "    real_ip_header X-Forwarded-For;", "    real_ip_recursive on;"])
+
+
 def upstream_line(fleet: Fleet, replica: Replica, state: RotationState) -> str:
     port = replica.ports.key_hop if fleet.token_auth else replica.ports.inference
     target = f"127.0.0.1:{port}"
@@ -119,6 +143,11 @@ def hop_sites(fleet: Fleet, state: RotationState) -> list[HopSite]:
             for replica in fleet.replicas]
 
 
+def path_pattern(paths: tuple[str, ...]) -> str:
+    """An anchored nginx regex matching exactly these paths."""
+    return "^(" + "|".join(re.escape(path) for path in paths) + ")$"
+
+
 def worker_user() -> str:
     """nginx started as root runs its workers as nobody (its own default, named so it is seen)."""
     return "user nobody nogroup;" if os.geteuid() == 0 else "# (not root: the workers run as this user)"
@@ -135,6 +164,7 @@ def render(fleet: Fleet, state: RotationState, overrides: dict[str, object] | No
         "READ_TIMEOUT_S": timeout_s + READ_TIMEOUT_MARGIN_S, "USER": worker_user(), "NGINX_DIR": fleet.nginx_dir,
         "ACCESS_LOG": fleet.nginx_dir / ACCESS_LOG, "MAX_BODY_BYTES": fleet.config.max_body_bytes,
         "RATE_LIMIT": door.rate_limit_per_s, "MODEL": MODEL_NAME,
+        "REAL_IP": real_ip_lines(door.trusted_proxies), "PLAIN_HTTP": PLAIN_HTTP_SERVED,
         "ORIGINS": "\n".join(f'        "{origin}" "{origin}";' for origin in door.origins),
         "VARY": "        add_header Vary Origin always;" if door.origins else "",
         "CLIENT_DEFAULT": 0 if client_keys else 1,
@@ -142,7 +172,9 @@ def render(fleet: Fleet, state: RotationState, overrides: dict[str, object] | No
         "UPSTREAM_SERVERS": "\n".join(upstream_line(fleet, replica, state) for replica in fleet.replicas),
         "ADDRESS": door.address, "HTTP_PORT": door.http_port, "TLS_PORT": door.tls_port,
         "TLS_CERT": door.tls_cert or fleet.tls_dir / "cert.pem", "TLS_KEY": door.tls_key or fleet.tls_dir / "key.pem",
-        "WEB_DIR": WEB_DIR, "OPEN_PATHS": "^(" + "|".join(re.escape(path) for path in OPEN_PATHS) + ")$",
+        "WEB_DIR": WEB_DIR, "OPEN_PATHS": path_pattern(OPEN_PATHS), "EXPENSIVE_PATHS": path_pattern(EXPENSIVE_PATHS),
+        "EXPLAIN_RATE_PER_S": EXPLAIN_RATE_PER_S, "EXPLAIN_BURST": EXPLAIN_BURST,
+        "EXPLAIN_CONCURRENCY": EXPLAIN_CONCURRENCY,
         "KEEPALIVE": KEEPALIVE_OFF if fleet.token_auth else KEEPALIVE_ON,
         "WORKER_CONNECTIONS": WORKER_CONNECTIONS, "WORKER_FILES": 2 * WORKER_CONNECTIONS + 64,
         "CONNECTIONS_PER_ADDRESS": CONNECTIONS_PER_ADDRESS,

@@ -40,6 +40,15 @@ KEEPALIVE_TIMEOUT_S = 15    # an idle kept-alive client connection
 # What the front door forwards (nginx regexes, anchored); every other path answers 404:
 # management (/models), metrics, workflows (/workflows, /wfpredict), the API description.
 OPEN_PATHS = (f"/predictions/{MODEL_NAME}", f"/explanations/{MODEL_NAME}", f"/v2/models/{MODEL_NAME}/infer")
+# What costs hundreds of predictions (an explanation: up to 4 images x explain.IG_STEPS forward and
+# backward passes) gets its own, much lower allowance per client address, on top of the rate above:
+# EXPLAIN_RATE_PER_S (a burst of EXPLAIN_BURST at once) and EXPLAIN_CONCURRENCY in progress; past
+# either, 429. Enough for a person pressing "Why?"; a flood of them no longer fills the replicas'
+# queues for everyone else. (No v2 explain route is open: OPEN_PATHS holds only v2 infer.)
+EXPENSIVE_PATHS = (f"/explanations/{MODEL_NAME}",)
+EXPLAIN_RATE_PER_S = 1
+EXPLAIN_BURST = 2
+EXPLAIN_CONCURRENCY = 1
 # Paths the front door must refuse: what tests try, and what a deployment must not expose.
 CLOSED_PATHS = ("/models", f"/models/{MODEL_NAME}", "/metrics", "/workflows", f"/wfpredict/{MODEL_NAME}",
                 "/api-description", "/ping", f"/v2/models/{MODEL_NAME}", "/token")
@@ -129,7 +138,11 @@ class Replica:
                     # the replica's key_file.json (TorchServe writes it 0600): only the fleet's
                     # own user (its rollout) can register; the key hops add the inference key.
                     "enable_model_api": "true", "disable_token_authorization": "false"}
-        # CORS stays the project's: nginx hides TorchServe's one origin and sends its own list.
+        # No CORS from the replicas: TorchServe 0.12 sends its one cors_allowed_origin on every
+        # port (NettyUtils.sendHttpResponse), so a page on that origin could read a replica's
+        # metrics and management answers. The front door sends its own list (FLEET_ORIGINS);
+        # an empty value sends no header.
+        settings.update({"cors_allowed_origin": "", "cors_allowed_methods": "", "cors_allowed_headers": ""})
         if config.metrics_config:   # relative paths resolve from the replica's run dir: anchored
             settings["metrics_config"] = config.metrics_config
         return settings
@@ -151,6 +164,9 @@ class FrontDoor:
     tls_port: int = FRONT_TLS_PORT
     rate_limit_per_s: int = DEFAULT_RATE_LIMIT
     origins: tuple[str, ...] = ()
+    # Proxies (addresses or CIDR ranges, e.g. an Ingress's) whose X-Forwarded-For names the client
+    # the rate and connection limits count; none (the default): the TCP peer is the client.
+    trusted_proxies: tuple[str, ...] = ()
     api_keys_file: Path | None = None   # one allowed client key a line; None: no client key asked
     tls_cert: Path | None = None        # None: a self-signed one is made at first start
     tls_key: Path | None = None
@@ -221,4 +237,5 @@ class Fleet:
         replicas = tuple(Replica(r["name"], ReplicaPorts(**r["ports"]), Path(r["run_dir"])) for r in data["replicas"])
         door = paths(data["front_door"], ("api_keys_file", "tls_cert", "tls_key"))
         return cls(Path(data["run_dir"]), Path(data["base_config"]), replicas, ReplicaConfig(**data["config"]),
-                   FrontDoor(**{**door, "origins": tuple(door["origins"])}))
+                   FrontDoor(**{**door, "origins": tuple(door["origins"]),
+                                     "trusted_proxies": tuple(door.get("trusted_proxies", ()))}))

@@ -33,10 +33,11 @@ else:            # inside the model archive, beside the handler
 MNIST_SIZE = 28
 DIGIT_BOX = 20             # MNIST scaled each digit to fit 20x20 ...
 MAX_PIXELS = 40_000_000    # ... larger images are refused from the header, before decoding
-# All images of one request together: a 4 MiB body holds ~80 blank 40-MP PNGs (50 KB each), and
-# decoding one takes ~0.1 s on a 2-core Xeon, so 8 requests of a batch at this budget decode in
-# ~2 s, far inside the worker's 30 s response timeout. Checked from each header, before decoding.
-MAX_PIXELS_PER_REQUEST = 100_000_000
+# All images of one request together: one full-size image's worth. A 4 MiB body holds ~80 blank
+# 40-MP PNGs (50 KB each) and decoding one takes ~0.1 s on a 2-core Xeon: a budget of two or more
+# let one client's 40-MP pairs at 15 requests/s hold the workers that everyone's predictions share
+# (issue 27 point 3). Checked from each header, before decoding.
+MAX_PIXELS_PER_REQUEST = MAX_PIXELS
 # Bigger images are box-reduced, in their own 8/16-bit mode, to this longest side before any float
 # copy: a 40-MP float32 copy is 160 MB (RGBA 640 MB). A digit photographed at any sensible size
 # keeps well over the 20 px it ends at.
