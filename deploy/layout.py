@@ -19,6 +19,8 @@ IMAGE = "digitserve:0.1.0"
 PYTHON = "python"                                   # the image's interpreter, on its PATH
 APP_DIR = PurePosixPath("/app")                     # the repo's serving code, config and archive
 IMAGE_MODEL_STORE = APP_DIR / "model_store"         # mnist.mar, read-only: a new model is a new image
+# TorchServe's logging in a pod: stdout only, no file in the run dir's emptyDir (the file says why).
+POD_LOG_CONFIG = PurePosixPath("serving/server/log4j2-console.xml")
 USER_ID = 10001                                     # deploy/Dockerfile's model-server user
 # Mounted at run time (the root filesystem is read-only).
 RUN_DIR = PurePosixPath("/srv/replica")             # emptyDir: pid file, logs, unpacked model, worker sockets

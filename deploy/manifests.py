@@ -26,6 +26,7 @@ import click
 import yaml
 
 from deploy.layout import (API_KEYS_DIR, API_KEYS_FILE, API_KEYS_SECRET, APP_DIR, BASE_CONFIG, BIND_ALL, COUNTER,
+                           POD_LOG_CONFIG,
                            FRONTDOOR, FRONTDOOR_DIR, HEADROOM, IMAGE_MODEL_STORE, INFERENCE_SERVICE, LOOPBACK,
                            MEMORY_STEP_MIB, OUT_DIR, POD_REPLICA, PORTS, QUEUE_METRIC, QUEUE_TARGET, RATE_METRIC, RATE_WINDOW, REPLICA,
                            DOC, TARGET_CLIENTS, TARGET_SHARE, TLS_DIR, TLS_SECRET, ManifestError)
@@ -62,6 +63,9 @@ def replica_settings() -> dict[str, str]:
             "model_store": str(IMAGE_MODEL_STORE), "load_models": f"{MODEL_NAME}={ARCHIVE_NAME}",
             "workflow_store": str(POD_REPLICA.run_dir / "empty-workflow-store"),
             "metrics_config": str(APP_DIR / read_properties(BASE_CONFIG)["metrics_config"]),
+            # Logs to stdout only (the kubelet rotates it): TorchServe's own files would grow in
+            # the run dir's emptyDir until the pod is evicted.
+            "vmargs": f"{read_properties(BASE_CONFIG)['vmargs']} -Dlog4j.configurationFile=file://{APP_DIR / POD_LOG_CONFIG}",
             # nginx owns CORS, as in the fleet: TorchServe's single origin would be hidden anyway.
             "cors_allowed_origin": ""}
 

@@ -408,6 +408,37 @@ def test_the_front_door_pod_logs_to_stdout_and_never_the_query_string(cluster):
     assert "$uri" in log_format and not re.search(r"\$(request|request_uri|args|query_string)\b", log_format), log_format
 
 
+def test_the_replica_pods_torchserve_logs_to_stdout_and_no_file(cluster, tmp_path):
+    """Issue 27 point 5: TorchServe 0.12's own log4j2.xml writes five rolling files of up to 100 MB
+    (plus a compressed one per day, never deleted) under LOG_LOCATION, the run dir's emptyDir. The
+    pod's config names a log4j2 file that has Console appenders alone, and the image has it. (Run
+    by hand with a real TorchServe, that file wrote no file where the default wrote five.)"""
+    import xml.etree.ElementTree as ElementTree
+
+    text = cluster[("ConfigMap", f"{layout.REPLICA}-config")]["data"]["config.properties"]
+    vmargs = properties_of(text, tmp_path)["vmargs"].split()
+    assert f"-Dlog4j.configurationFile=file://{layout.APP_DIR / layout.POD_LOG_CONFIG}" in vmargs
+    root = ElementTree.parse(REPO_ROOT / layout.POD_LOG_CONFIG).getroot()
+    appenders = root.find("Appenders")
+    assert [appender.tag for appender in appenders] == ["Console"]
+    console = appenders[0].get("name")
+    refs = {ref.get("ref") for ref in root.iter("AppenderRef")}
+    assert refs == {console}
+    dockerfile = (REPO_ROOT / "deploy" / "Dockerfile").read_text()
+    assert re.search(r"^COPY serving/ serving/", dockerfile, re.M)
+
+
+def test_every_empty_dir_is_bounded(cluster):
+    """An emptyDir without a sizeLimit can fill the node's disk; with one, a runaway write evicts
+    only its own pod."""
+    for (kind, name), obj in cluster.items():
+        if kind != "Deployment":
+            continue
+        for volume in obj["spec"]["template"]["spec"]["volumes"]:
+            if "emptyDir" in volume:
+                assert volume["emptyDir"].get("sizeLimit"), (name, volume["name"])
+
+
 def key_gaps(cluster: dict, tmp_path: Path) -> list[str]:
     """How the replica pods fall short of token auth behind their own key hop: the config's
     production overrides, TorchServe's APIs on loopback, the Service on the hop's port."""
