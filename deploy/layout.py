@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-from serving.fleet.topology import Replica, ReplicaPorts
+from serving.fleet.topology import HEARTBEAT_PATH, Replica, ReplicaPorts
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO_ROOT / "deploy" / "kubernetes"
@@ -79,7 +79,7 @@ HEADROOM = 1.75
 READY_TIMEOUT_S = 15
 PROBE_PERIOD_S = 10
 STARTUP_PERIOD_S = 5
-LIVENESS_PATH = "/ping"   # TorchServe's frontend heartbeat: a hung Java fails it; the workers are TorchServe's own care
+LIVENESS_PATH = HEARTBEAT_PATH   # TorchServe's frontend heartbeat: a hung Java fails it; the workers are TorchServe's own care
 
 # The second engine (docs/engines.md) as a KServe InferenceService: a custom predictor container
 # running `python -m serving.kserve run` on the same image, the exported file baked in beside the archive.

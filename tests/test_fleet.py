@@ -688,6 +688,35 @@ def test_with_keys_nginx_adds_each_replicas_renewed_key_and_asks_clients_for_the
 
 
 @server_test
+def test_a_key_hop_forwards_only_the_front_doors_paths_and_strips_its_headers(keyed_fleet, digit_7):
+    """Issue 27 point 11: a key hop added the replica's key to anything a local process sent it (in
+    a pod: anyone who reaches it): the API description, a model card for a `describe` header, an
+    explanation for `explain`. It forwards the front door's paths and the heartbeat alone now, with
+    the front door's header stripping."""
+    hop = f"http://127.0.0.1:{keyed_fleet.replicas[0].ports.key_hop}"
+
+    def through_hop(path: str, data=None, headers=None, method="POST"):
+        """This fleet renews each key every 1.5 s; the front door routes around a replica while its
+        hop reloads, a direct caller may land in that window (TorchServe: 400 InvalidKey): again."""
+        for _ in range(20):
+            status, body = request(f"{hop}{path}", data, method=method, headers=headers)
+            if not (status == 400 and b"InvalidKeyException" in body):
+                return status, body
+            time.sleep(0.3)
+        return status, body
+
+    status, body = through_hop("/api-description", method="GET")
+    assert status == 404 and json.loads(body)["code"] == "not_found", body
+    status, body = through_hop(f"/predictions/{MODEL_NAME}/1.0", digit_7)
+    assert status == 404, body
+    assert through_hop("/ping", method="GET")[0] == 200
+    for header in ("describe", "explain"):
+        status, body = through_hop(f"/predictions/{MODEL_NAME}", digit_7,
+                                   headers={"Content-Type": "application/octet-stream", header: "True"})
+        assert status == 200 and json.loads(body)["digit"] == 7 and "attributions" not in json.loads(body), body
+
+
+@server_test
 def test_key_guessing_spends_the_rate_limit(keyed_fleet):
     """Issue 27 point 5: the key was checked with `return 401` in nginx's rewrite phase, before
     limit_req, so wrong keys were tried without limit. Checked in the access phase now (after the

@@ -92,7 +92,8 @@ def properties_of(text: str, tmp_path: Path) -> dict:
 
 
 def open_paths_line(nginx_text: str) -> str:
-    return re.search(r"^\s*location ~ (.+) \{$", nginx_text, re.M).group(1)
+    """The front server's path allowlist (a key hop's block, before it, has its own)."""
+    return re.search(r"# The prediction paths, and nothing else.*\n\s*location ~ (.+) \{$", nginx_text, re.M).group(1)
 
 
 def fleet_mismatches(cluster: dict, tmp_path: Path) -> list[str]:
@@ -834,3 +835,7 @@ def test_the_replica_serves_from_a_read_only_root_as_the_pod_does(cluster, expor
     assert outcome["keyless"] != "answered"   # token auth on: TorchServe refuses a request without the key
     assert outcome["digit"] == 1 and outcome["exit"] == 0   # the probe image is a drawn 1; SIGTERM: a clean stop
     assert outcome["renewed"] and outcome["digit_renewed"] == 1 and outcome["hop_exit"] == 0, hop_log
+    # Issue 27 point 5: its logs went to stdout alone (serving/server/log4j2-console.xml), no file
+    # grew in the run dir (TorchServe's own config writes five .log files there).
+    assert not [path.name for path in run_dir.rglob("*.log*")], sorted(p.name for p in run_dir.rglob("*.log*"))
+    assert "ACCESS_LOG" in (run_dir / "run.out").read_text()

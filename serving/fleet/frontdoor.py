@@ -15,7 +15,7 @@ from pathlib import Path
 
 from serving.handler.artifact import MODEL_NAME
 from serving.fleet.topology import (CLIENT_TIMEOUT_S, CONNECTIONS_PER_ADDRESS, EXPENSIVE_PATHS, EXPLAIN_BURST,
-                                     EXPLAIN_CONCURRENCY, EXPLAIN_RATE_PER_S, KEEPALIVE_TIMEOUT_S, OPEN_PATHS,
+                                     EXPLAIN_CONCURRENCY, EXPLAIN_RATE_PER_S, HOP_PATHS, KEEPALIVE_TIMEOUT_S, OPEN_PATHS,
                                      WORKER_CONNECTIONS, Fleet, Replica)
 from serving.web import WEB_DIR
 
@@ -132,7 +132,8 @@ def hop_server(site: HopSite, response_timeout_s: int) -> str:
     block = BLOCK.search(TEMPLATE.read_text()).group(2)
     return fill(block, {"HOP_ADDRESS": site.address, "KEY_HOP_PORT": site.port,
                         "REPLICA_ADDRESS": f"127.0.0.1:{site.replica_port}", "INFERENCE_KEY": site.key or "no-key-yet",
-                        "READ_TIMEOUT_S": response_timeout_s + READ_TIMEOUT_MARGIN_S})
+                        "READ_TIMEOUT_S": response_timeout_s + READ_TIMEOUT_MARGIN_S,
+                        "HOP_PATHS": path_pattern(HOP_PATHS)})
 
 
 def hop_sites(fleet: Fleet, state: RotationState) -> list[HopSite]:

@@ -49,6 +49,12 @@ EXPENSIVE_PATHS = (f"/explanations/{MODEL_NAME}",)
 EXPLAIN_RATE_PER_S = 1
 EXPLAIN_BURST = 2
 EXPLAIN_CONCURRENCY = 1
+# TorchServe's frontend heartbeat (the replica pod's liveness probe goes through its key hop).
+HEARTBEAT_PATH = "/ping"
+# What a key hop forwards with the replica's key: the front door's paths and the heartbeat; every
+# other path answers 404 there too, so a local process (or, in a pod, anyone who reaches the hop)
+# gets no more with the key than a client gets through the front door.
+HOP_PATHS = OPEN_PATHS + (HEARTBEAT_PATH,)
 # Paths the front door must refuse: what tests try, and what a deployment must not expose.
 CLOSED_PATHS = ("/models", f"/models/{MODEL_NAME}", "/metrics", "/workflows", f"/wfpredict/{MODEL_NAME}",
                 "/api-description", "/ping", f"/v2/models/{MODEL_NAME}", "/token")
