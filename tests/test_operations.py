@@ -317,7 +317,9 @@ def test_plain_torchserve_start_in_an_activated_venv_serves(tmp_path, exported):
     try:
         answer = readiness.wait_until_answering(inference, 180, key_file=tmp_path / "key_file.json")
         assert answer["digit"] == 1
-        serving = ready(config, tmp_path)
+        # One worker answered; the other may still be loading (both CI runs of this stop saw
+        # "1 of 2 READY (READY, UNLOADING)" here in a full suite): wait as a probe would.
+        serving = ready(config, tmp_path, "--wait", "120")
         assert serving.returncode == 0 and serving.stdout.startswith("ready:"), serving
         elsewhere = ready(config, run_dir)   # no key_file.json there
         assert elsewhere.returncode == 1 and "no management key" in elsewhere.stderr, elsewhere
