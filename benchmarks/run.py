@@ -193,7 +193,9 @@ def main(data_dir, artifacts, repeats, serve_seconds, out_dir, report_only) -> N
 def run_bench(data_dir: str, artifacts: Path, repeats: int, serve_seconds: float, out_dir: Path,
               report_only: bool) -> str:
     """Measure (or, report_only, re-read results.json), write RESULTS.md, the plots and the README
-    block; returns RESULTS.md's text."""
+    block; returns RESULTS.md's text. TRUST.md and trust.json are written only by a measuring run
+    (`python -m benchmarks.trust` writes them too): a report from an older results.json must not
+    replace a newer trust measurement."""
     if report_only:
         if not (out_dir / "results.json").is_file():
             raise BenchError(f"{out_dir / 'results.json'} missing: run `make bench` first")
@@ -202,9 +204,8 @@ def run_bench(data_dir: str, artifacts: Path, repeats: int, serve_seconds: float
         results = measure_all(data_dir, artifacts, repeats, serve_seconds)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    plot(results, out_dir)
-    if results.get("trust"):
         write_trust(results["trust"], out_dir, results["command"])
+    plot(results, out_dir)
     report = markdown(results)
     (out_dir / "RESULTS.md").write_text(report)
     update_readme(results)

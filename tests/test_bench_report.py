@@ -1,0 +1,23 @@
+"""The bench's report step (benchmarks/run.py run_bench with report_only): it re-renders RESULTS.md,
+the plots and the README block from results.json and leaves the trust measurement alone."""
+import shutil
+from pathlib import Path
+
+from benchmarks import report, run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_report_only_run_keeps_the_trust_files_of_a_later_measurement(tmp_path, monkeypatch):
+    shutil.copy(REPO / "benchmarks" / "results.json", tmp_path / "results.json")
+    later = {"TRUST.md": "# a later `python -m benchmarks.trust` run\n", "trust.json": '{"later": true}\n'}
+    for name, text in later.items():
+        (tmp_path / name).write_text(text)
+    readme = tmp_path / "README.md"
+    shutil.copy(REPO / "README.md", readme)
+    monkeypatch.setattr(run, "update_readme", lambda results: report.update_readme(results, readme))
+
+    text = run.run_bench("unused", tmp_path, 1, 1.0, tmp_path, report_only=True)
+
+    assert (tmp_path / "RESULTS.md").read_text() == text and "| " in text
+    assert {name: (tmp_path / name).read_text() for name in later} == later
