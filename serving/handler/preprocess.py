@@ -236,11 +236,9 @@ def fit_native(ink: np.ndarray) -> Framed:
     resample = Image.LANCZOS if scale <= 1 else Image.BICUBIC
     digit = np.asarray(Image.fromarray(crop.astype(np.float32), mode="F").resize(new_size, resample))
     digit = np.clip(digit, 0.0, 1.0)
-    total = digit.sum()
-    if total <= 0:
+    if digit.sum() <= 0:
         raise ImageError("no_digit", "no digit found after scaling")
-    row_centre = (digit.sum(axis=1) * np.arange(digit.shape[0])).sum() / total
-    col_centre = (digit.sum(axis=0) * np.arange(digit.shape[1])).sum() / total
+    row_centre, col_centre = centre_of_mass(digit)
     # MNIST's centres of mass sit at (14.0, 14.0) in pixel indices (mean over the test set,
     # std 0.3), not at the geometric middle 13.5: match the data the model learned from.
     centre = MNIST_SIZE / 2
