@@ -12,16 +12,32 @@ from .workloads import (BATCH_SIZES, DEFAULT, FORWARD_MFLOP, MANY_CLIENTS, MNIST
 HERE = Path(__file__).resolve().parent
 
 
-def front_door_table(results: dict) -> list[str]:
-    rows = results.get("front_door")
-    if not rows:
-        return []
-    lines = [f"## Front door (`make fleet`: nginx in front of 2 replicas; wrk, {MANY_CLIENTS} keep-alive clients)", "",
-             "| path | requests/s | p50 ms | p99 ms | non-2xx | socket errors |", "|---|---:|---:|---:|---:|---:|"]
+def load_table(heading: str, first_column: str, rows: dict, closing: str) -> list[str]:
+    """A wrk load step's rows (front door, engines) as a markdown table under heading."""
+    lines = [heading, "", f"| {first_column} | requests/s | p50 ms | p99 ms | non-2xx | socket errors |",
+             "|---|---:|---:|---:|---:|---:|"]
     for row, run in rows.items():   # a results.json of an older make bench may name other rows
         lines.append(f"| {row} | {run['requests_per_s']:.0f} | {run['latency_ms'].get('p50', 0):.1f} | "
                      f"{run['latency_ms'].get('p99', 0):.1f} | {run['non_2xx']} | {run['socket_errors']} |")
-    return lines + ["", front_door_cost(rows), ""]
+    return lines + ["", closing, ""] if closing else lines + [""]
+
+
+def load_summary(label: str, rows: dict, closing: str) -> list[str]:
+    """The same rows as one README line: requests/s, p50 and p99 per row."""
+    return [f"| {label}: " + " / ".join(rows) + " | " +
+            " / ".join(f"{run['requests_per_s']:.0f} req/s (p50 {run['latency_ms'].get('p50', 0):.1f} ms, "
+                       f"p99 {run['latency_ms'].get('p99', 0):.1f} ms)" for run in rows.values()) +
+            (f"; {closing}" if closing else "") + " |"]
+
+
+FRONT_DOOR_HEADING = f"## Front door (`make fleet`: nginx in front of 2 replicas; wrk, {MANY_CLIENTS} keep-alive clients)"
+ENGINES_HEADING = (f"## Engines (docs/engines.md: the same TorchScript file; wrk, {MANY_CLIENTS} keep-alive clients, "
+                   "one engine after the other)")
+
+
+def front_door_table(results: dict) -> list[str]:
+    rows = results.get("front_door")
+    return load_table(FRONT_DOOR_HEADING, "path", rows, front_door_cost(rows)) if rows else []
 
 
 def front_door_cost(rows: dict) -> str:
@@ -39,24 +55,12 @@ def front_door_cost(rows: dict) -> str:
 
 def front_door_summary(results: dict) -> list[str]:
     rows = results.get("front_door")
-    if not rows:
-        return []
-    return [f"| {MANY_CLIENTS} clients: " + " / ".join(rows) + " | " +
-            " / ".join(f"{run['requests_per_s']:.0f} req/s (p99 {run['latency_ms'].get('p99', 0):.1f} ms)"
-                       for run in rows.values()) + " |"]
+    return load_summary(f"{MANY_CLIENTS} clients", rows, "") if rows else []
 
 
 def engines_table(results: dict) -> list[str]:
     rows = results.get("engines")
-    if not rows:
-        return []
-    lines = [f"## Engines (docs/engines.md: the same TorchScript file; wrk, {MANY_CLIENTS} keep-alive clients, "
-             "one engine after the other)", "",
-             "| engine | requests/s | p50 ms | p99 ms | non-2xx | socket errors |", "|---|---:|---:|---:|---:|---:|"]
-    for row, run in rows.items():
-        lines.append(f"| {row} | {run['requests_per_s']:.0f} | {run['latency_ms'].get('p50', 0):.1f} | "
-                     f"{run['latency_ms'].get('p99', 0):.1f} | {run['non_2xx']} | {run['socket_errors']} |")
-    return lines + ["", engines_comparison(rows), ""]
+    return load_table(ENGINES_HEADING, "engine", rows, engines_comparison(rows)) if rows else []
 
 
 def engines_comparison(rows: dict) -> str:
@@ -72,12 +76,7 @@ def engines_comparison(rows: dict) -> str:
 
 def engines_summary(results: dict) -> list[str]:
     rows = results.get("engines")
-    if not rows:
-        return []
-    return [f"| {MANY_CLIENTS} clients, same TorchScript file: " + " / ".join(rows) + " | " +
-            " / ".join(f"{run['requests_per_s']:.0f} req/s (p50 {run['latency_ms'].get('p50', 0):.1f} ms, "
-                       f"p99 {run['latency_ms'].get('p99', 0):.1f} ms)" for run in rows.values()) +
-            (f"; {engines_comparison(rows)}" if engines_comparison(rows) else "") + " |"]
+    return load_summary(f"{MANY_CLIENTS} clients, same TorchScript file", rows, engines_comparison(rows)) if rows else []
 
 
 def plot(results: dict, out_dir: Path) -> list[str]:
