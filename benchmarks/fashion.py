@@ -64,11 +64,12 @@ def served_sets(count: int, directory: Path | None = None) -> FashionSet:
     return FashionSet(kept, blank, len(images))
 
 
-def refused(fashion: FashionSet, is_digit) -> dict[str, float]:
-    """Share refused per polarity and in all: `is_digit(images) -> bool array` is the trust record's."""
+def refused(fashion: FashionSet, accepted: dict[str, np.ndarray]) -> dict[str, float]:
+    """Share refused per polarity and in all: `accepted[polarity]` is the trust record's is_digit
+    of the kept images (blank ones were refused before the model)."""
     shares, total = {}, 0
     for polarity in POLARITIES:
-        refused_here = int((~is_digit(fashion.images[polarity])).sum()) + fashion.blank[polarity]
+        refused_here = int((~accepted[polarity]).sum()) + fashion.blank[polarity]
         shares[polarity] = refused_here / fashion.sent
         total += refused_here
     shares["all"] = total / (fashion.sent * len(POLARITIES))
@@ -93,7 +94,7 @@ def measure_fashion(checkpoint: str, mnist_test_logits: np.ndarray, count: int =
     trust = Trust.from_metadata(saved)
     fashion = served_sets(count)
     logits = {polarity: model_logits(model, images) for polarity, images in fashion.images.items()}
-    shares = refused(fashion, lambda images: trust.is_digit(model_logits(model, images)))
+    shares = refused(fashion, {polarity: trust.is_digit(values) for polarity, values in logits.items()})
     digit_scores = trust.scores(mnist_test_logits)
     cut = float(np.quantile(digit_scores, 1 - TPR))
     fashion_scores = np.concatenate([trust.scores(values) for values in logits.values()])

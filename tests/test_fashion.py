@@ -38,11 +38,13 @@ def trained_trust(trained_checkpoint):
 
     model, checkpoint = load_model(trained_checkpoint)
     trust = Trust.from_metadata(checkpoint)
-    return lambda images: trust.is_digit(model_logits(model, images))
+    return lambda fashion: {polarity: trust.is_digit(model_logits(model, fashion.images[polarity]))
+                            for polarity in POLARITIES}
 
 
 def test_the_trained_model_refuses_fashion_mnist_in_both_polarities(trained_trust):
-    shares = refused(served_sets(SENT), trained_trust)
+    fashion = served_sets(SENT)
+    shares = refused(fashion, trained_trust(fashion))
     print(f"Fashion-MNIST refused by the test recipe's model: {shares}")
     assert all(shares[polarity] >= TRAINED_MIN_FASHION_REFUSED for polarity in POLARITIES), shares
 
@@ -59,8 +61,9 @@ def test_the_trust_benchmark_reports_fashion_with_fpr_at_95_tpr(trained_checkpoi
     trust = Trust.from_metadata(saved)
     test_logits = model_logits(model, mnist_digits.images[:2000])
     result = measure_fashion(str(trained_checkpoint), test_logits, count=SENT)
-    assert result["refused"] == refused(served_sets(SENT), lambda images: trust.is_digit(model_logits(model, images)))
     fashion = served_sets(SENT)
+    accepted = {polarity: trust.is_digit(model_logits(model, fashion.images[polarity])) for polarity in POLARITIES}
+    assert result["refused"] == refused(fashion, accepted)
     scores = np.concatenate([trust.scores(model_logits(model, fashion.images[p])) for p in POLARITIES])
     cut = np.sort(trust.scores(test_logits))[int(0.05 * len(test_logits))]
     assert abs(result["fpr_at_95_tpr"] - (scores >= cut).sum() / (2 * SENT)) <= 2 / SENT
