@@ -1,5 +1,5 @@
 """What the model sees of each kind of capture (issue 26, point 1): a contact sheet of real MNIST
-test digits captured the ways benchmarks/captures.py makes them, the image sent beside the 28x28
+test digits captured the ways training/captures.py makes them, the image sent beside the 28x28
 that preprocessing hands the model, and, with a checkpoint, how many of each kind are accepted
 as digits and read right.
 
@@ -16,7 +16,7 @@ import click
 import numpy as np
 from PIL import Image, ImageDraw
 
-from benchmarks.captures import CAPTURES, captured
+from training.captures import CAPTURES, captured
 from benchmarks.trust import cpu_name
 from serving.handler.artifact import Trust
 from serving.handler.preprocess import ImageError, decode_image, preprocess_bytes

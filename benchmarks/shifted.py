@@ -16,6 +16,7 @@ import numpy as np
 
 from serving.handler.artifact import Trust
 from serving.handler.preprocess import ImageError, preprocess_bytes
+from training.captures import differences
 from training.shifts import MNIST_C, VAL_PARAMS, ShiftedSet, ShiftParams, encode, shift_sets
 
 PER_SHIFT = 1000   # MNIST test digits per shift (the same digits for every shift)
@@ -96,8 +97,7 @@ def validation_differences() -> str:
     evaluation = ShiftParams()
     changed = [f"{name} severity {evaluation.severity[name]} -> {level}" for name, level in VAL_PARAMS.severity.items()
                if evaluation.severity[name] != level]
-    changed += [f"{key} {value} -> {getattr(VAL_PARAMS, key)}" for key, value in vars(evaluation).items()
-                if key != "severity" and getattr(VAL_PARAMS, key) != value]
+    changed += differences(evaluation.captures, VAL_PARAMS.captures)
     return "; ".join(changed)
 
 

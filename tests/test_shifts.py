@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from training.captures import EVAL, captured_with, differences
 from training.shifts import CAPTURES, MNIST_C, VAL_PARAMS, ShiftParams, apply_shift, pick_digits, shift_sets
 
 ALL = MNIST_C + CAPTURES
@@ -38,7 +39,7 @@ def test_each_shift_is_deterministic_in_range_and_changes_the_digit(name, digits
     else:
         assert first.encoded == again.encoded
         pictures = decoded(first)
-        assert all(p.shape[0] > 28 or name == "low_res_scaled_up" for p in pictures)
+        assert all(p.shape[0] > 28 or name == "low_resolution" for p in pictures)
         # dark ink on light paper, as a user sends: the border is the lighter side
         assert all(np.median(np.r_[p[0], p[-1]]) > p.min() + 0.1 for p in pictures)
         assert all(p.shape != (28, 28) for p in pictures)
@@ -46,7 +47,7 @@ def test_each_shift_is_deterministic_in_range_and_changes_the_digit(name, digits
 
 def test_the_validation_split_differs_from_the_evaluation_split(digits):
     images, labels = digits
-    for name in ("shot_noise", "rotate", "photo_uneven_light_jpeg"):
+    for name in ("shot_noise", "rotate", "photo", "low_resolution"):
         evaluation = apply_shift(name, images, labels, np.arange(COUNT), "eval")
         validation = apply_shift(name, images, labels, np.arange(COUNT), "val")
         if name in MNIST_C:
@@ -54,7 +55,19 @@ def test_the_validation_split_differs_from_the_evaluation_split(digits):
         else:
             assert evaluation.encoded != validation.encoded
     assert VAL_PARAMS != ShiftParams()
+    assert differences(ShiftParams().captures, VAL_PARAMS.captures)
     assert all(VAL_PARAMS.severity[name] != ShiftParams().severity[name] for name in VAL_PARAMS.severity)
+
+
+def test_the_shifts_captures_are_the_capture_module_s(digits):
+    """One definition: a capture shift is training/captures.py's capture with the split's seed."""
+    from training.shifts import shift_seed
+
+    images, labels = digits
+    assert set(CAPTURES) == {"photo", "thin_pen", "thick_marker", "low_resolution", "blurred", "grey_on_grey"}
+    for name in CAPTURES:
+        shifted = apply_shift(name, images, labels, np.arange(COUNT), "eval")
+        assert shifted.encoded == captured_with(name, images, np.random.default_rng(shift_seed(name, "eval")), EVAL)
 
 
 def test_the_splits_draw_from_different_files_and_shift_sets_record_their_sources(mnist_digits):

@@ -1,11 +1,11 @@
 """Digits captured in the wild (issue 26, point 1): photos under uneven light with JPEG, paper
 grain, small digits scaled up by the sender. Made from real MNIST test digits by
-benchmarks/captures.py, the module the contact sheet draws from."""
+training/captures.py, the module the contact sheet draws from."""
 import numpy as np
 import pytest
 import torch
 
-from benchmarks.captures import captured, light_gradient, paper_texture, to_jpeg
+from training.captures import captured, light_gradient, paper_texture, to_jpeg
 from serving.handler.artifact import Trust
 from serving.handler.photo import NO_BLOCKS, closing, find_blocks
 from serving.handler.preprocess import (ImageError, decode_image, normalize_in_place, preprocess_bytes, to_grayscale,
