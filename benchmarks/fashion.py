@@ -83,21 +83,33 @@ TPR = 0.95                    # FPR at this share of MNIST test digits accepted:
 ANCHOR = "outlier exposure's published MNIST model, FPR at 95% TPR on Fashion-MNIST 0.65% (as issue 26 quotes it)"
 
 
-def measure_fashion(checkpoint: str, mnist_test_logits: np.ndarray, count: int = FASHION_COUNT) -> dict:
+@dataclass(frozen=True)
+class FashionLogits:
+    """The served Fashion-MNIST sets and the model's logits for them, per polarity."""
+    fashion: FashionSet
+    logits: dict[str, np.ndarray]
+
+    def refused_before(self) -> int:
+        return sum(self.fashion.blank.values())
+
+
+def fashion_logits(model, count: int = FASHION_COUNT) -> FashionLogits:
+    from training.trust import model_logits
+
+    fashion = served_sets(count)
+    return FashionLogits(fashion, {polarity: model_logits(model, images) for polarity, images in fashion.images.items()})
+
+
+def measure_fashion(trust, scored: FashionLogits, mnist_test_logits: np.ndarray) -> dict:
     """Refused per polarity with the model's own trust record; AUROC and FPR at 95% TPR against
     MNIST test digits on its score. Blank images (refused before the model) count as refused."""
-    from export.artifacts import load_model
-    from serving.handler.artifact import Trust
-    from training.trust import auroc, model_logits
+    from training.trust import auroc
 
-    model, saved = load_model(checkpoint)
-    trust = Trust.from_metadata(saved)
-    fashion = served_sets(count)
-    logits = {polarity: model_logits(model, images) for polarity, images in fashion.images.items()}
-    shares = refused(fashion, {polarity: trust.is_digit(values) for polarity, values in logits.items()})
+    fashion = scored.fashion
+    shares = refused(fashion, {polarity: trust.is_digit(values) for polarity, values in scored.logits.items()})
     digit_scores = trust.scores(mnist_test_logits)
     cut = float(np.quantile(digit_scores, 1 - TPR))
-    fashion_scores = np.concatenate([trust.scores(values) for values in logits.values()])
+    fashion_scores = np.concatenate([trust.scores(values) for values in scored.logits.values()])
     sent = fashion.sent * len(POLARITIES)
     return {"sent_per_polarity": fashion.sent, "blank": fashion.blank, "refused": shares,
             "auroc": auroc(digit_scores, fashion_scores),

@@ -11,6 +11,8 @@ way, the 28x28 fed to the model as it is ("raw"), for comparison with published 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import click
 import numpy as np
 
@@ -45,16 +47,30 @@ def served_pixels(shifted: ShiftedSet) -> tuple[np.ndarray, np.ndarray]:
     return (np.stack(pixels).astype(np.float32) if pixels else empty), np.array(kept)
 
 
-def shift_row(model, trust: Trust, shifted: ShiftedSet) -> dict:
+@dataclass(frozen=True)
+class ServedShift:
+    """One shift as served: the model's logits [M, 10] for the images preprocessing kept, and
+    which those were (bool [N]); the refused ones count as refused and wrong."""
+    shifted: ShiftedSet
+    logits: np.ndarray
+    kept: np.ndarray
+
+
+def served_shift(model, shifted: ShiftedSet) -> ServedShift:
     from training.trust import model_logits
 
     pixels, kept = served_pixels(shifted)
+    return ServedShift(shifted, model_logits(model, pixels) if len(pixels) else np.zeros((0, 10)), kept)
+
+
+def shift_row(model, trust: Trust, served: ServedShift) -> dict:
+    from training.trust import model_logits
+
+    shifted, kept = served.shifted, served.kept
     accepted = np.zeros(len(shifted.labels), dtype=bool)
     correct = np.zeros(len(shifted.labels), dtype=bool)
-    if len(pixels):
-        logits = model_logits(model, pixels)
-        accepted[kept] = trust.is_digit(logits)
-        correct[kept] = logits.argmax(1) == shifted.labels[kept]
+    accepted[kept] = trust.is_digit(served.logits)
+    correct[kept] = served.logits.argmax(1) == shifted.labels[kept]
     row = {"kind": "mnist_c" if shifted.name in MNIST_C else "capture", "digits": len(shifted.labels),
            "preprocessing_refused": float((~kept).mean()), "accepted": float(accepted.mean()),
            "correct": float(correct.mean()), "error": float(1 - correct.mean()),
@@ -74,15 +90,23 @@ def split_digits(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray, int
     return images, labels, (len(images) - DEFAULT_VAL_IMAGES if split == "val" else 0)
 
 
-def measure_shifts(checkpoint_path: str, data_dir: str, per_shift: int = PER_SHIFT, split: str = "eval") -> dict:
-    """Every shift on per_shift digits of the split: rows, MNIST-C mean error (served and raw)."""
+def served_shifts(model, data_dir: str, per_shift: int = PER_SHIFT, split: str = "eval") -> dict[str, ServedShift]:
+    """Every shift on the same per_shift digits of the split, as served."""
+    images, labels, first = split_digits(data_dir, split)
+    return {name: served_shift(model, shifted)
+            for name, shifted in shift_sets(images, labels, split, per_shift, first).items()}
+
+
+def measure_shifts(checkpoint_path: str, data_dir: str, per_shift: int = PER_SHIFT, split: str = "eval",
+                   served: dict[str, ServedShift] | None = None) -> dict:
+    """Every shift on per_shift digits of the split (or the shifts already served with this
+    checkpoint): rows, MNIST-C mean error (served and raw)."""
     from export.artifacts import load_model
 
     model, saved = load_model(checkpoint_path)
     trust = Trust.from_metadata(saved)
-    images, labels, first = split_digits(data_dir, split)
-    rows = {name: shift_row(model, trust, shifted)
-            for name, shifted in shift_sets(images, labels, split, per_shift, first).items()}
+    served = served if served is not None else served_shifts(model, data_dir, per_shift, split)
+    rows = {name: shift_row(model, trust, one) for name, one in served.items()}
     mnist_c = [row for row in rows.values() if row["kind"] == "mnist_c"]
     return {"per_shift": per_shift, "split": split, "rows": rows,
             "mnist_c_mean_error": float(np.mean([row["error"] for row in mnist_c])),

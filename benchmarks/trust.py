@@ -29,16 +29,20 @@ import click
 import numpy as np
 
 from serving.handler.artifact import ARTIFACTS_DIR, CHECKPOINT_NAME, TRUST_SCORES, Trust, artifact_path, softmax
-from benchmarks.fashion import FashionMissing, measure_fashion
+from benchmarks.fashion import FashionMissing, fashion_logits, measure_fashion
 from benchmarks.fashion import markdown_lines as fashion_markdown
-from benchmarks.shifted import PER_SHIFT, measure_shifts
+from benchmarks.shifted import PER_SHIFT, measure_shifts, served_shifts
 from benchmarks.shifted import markdown_lines as shift_markdown
+from benchmarks.thresholds import RuleSets, Scored, measure_rules, scored_shifts
+from benchmarks.thresholds import markdown_lines as threshold_markdown
+from export.artifacts import load_model
 from training.data import DATA_DIR_ENV
 from training.trust import auroc
 
 HERE = Path(__file__).resolve().parent
 PER_CATEGORY = 300     # non-digits of each category (eval split)
 PER_STYLE = 400        # real-world digits of each style (eval split: the held-out part)
+VAL_PER_SHIFT = 300    # held-out training digits per shift (the shifts' validation split) the threshold rules see
 AIM_REFUSED, AIM_ACCEPTED = 0.98, 0.97
 # "before": the default recipe with training's trust additions off (training/config.py).
 BEFORE_FLAGS = ("--outlier-weight", "0", "--synthetic-digits", "0")
@@ -60,7 +64,6 @@ def held_out_count(checkpoint: dict) -> int:
 
 def model_outputs(checkpoint_path: str, data_dir: str, sets: dict) -> tuple[dict, dict]:
     """(logits per set name, the checkpoint) for MNIST val/test and the generated sets."""
-    from export.artifacts import load_model
     from training.data import load_mnist
     from training.trust import model_logits
 
@@ -156,11 +159,22 @@ def measure(data_dir: str, checkpoint: str = artifact_path(CHECKPOINT_NAME), bef
                "per_digit_errors_val": per_digit_errors(*outputs["real_world_val"],
                                                         sets["real_world_val"].categories)}
     results["reliability"] = reliability_bins(outputs, trust.temperature)
-    results["shifts"] = measure_shifts(checkpoint, data_dir, per_shift)
+    model, _ = load_model(checkpoint)
+    eval_shifts = served_shifts(model, data_dir, per_shift, "eval")
+    results["shifts"] = measure_shifts(checkpoint, data_dir, per_shift, served=eval_shifts)
+    fashion = None
     try:
-        results["fashion"] = measure_fashion(checkpoint, outputs["mnist_test"][0])
+        fashion = fashion_logits(model)
+        results["fashion"] = measure_fashion(trust, fashion, outputs["mnist_test"][0])
     except FashionMissing as error:
         results["fashion"] = {"missing": str(error)}
+    results["thresholds"] = measure_rules(trust.temperature, RuleSets(
+        val_clean=Scored(outputs["val"][0]),
+        val_shifts=scored_shifts(served_shifts(model, data_dir, min(per_shift, VAL_PER_SHIFT), "val")),
+        mnist_test=Scored(outputs["mnist_test"][0]), eval_shifts=scored_shifts(eval_shifts),
+        non_digits=Scored(outputs["non_digits"][0], sum(sets["non_digits"].blank.values())),
+        fashion=None if fashion is None else Scored(np.concatenate(list(fashion.logits.values())),
+                                                    fashion.refused_before())))
     if before:
         before_outputs, _ = model_outputs(before, data_dir, sets)
         results["before"] = {"checkpoint": before,
@@ -236,6 +250,7 @@ def markdown(results: dict, command: str, cpu: str) -> str:
     lines += ["", "Symbols and doodles are categories outlier exposure never trains on (training/synthetic.py).", ""]
     lines += shift_markdown(results["shifts"]) if "shifts" in results else []
     lines += fashion_markdown(results["fashion"]) if "fashion" in results else []
+    lines += threshold_markdown(results["thresholds"]) if "thresholds" in results else []
     lines += ["## Calibration (ECE, 15 bins)", "",
               "| set | T = 1 | fitted T | ECE at fitted T |", "|---|---:|---:|---:|"]
     for name, row in results["calibration"].items():

@@ -53,14 +53,14 @@ def test_the_trust_benchmark_reports_fashion_with_fpr_at_95_tpr(trained_checkpoi
     """benchmarks.trust's Fashion rows: refusal per polarity as `refused` counts it, and the FPR at
     95% TPR recomputed here from the scores (the share of Fashion scored at or above the score
     that 95% of MNIST test digits reach)."""
-    from benchmarks.fashion import markdown_lines, measure_fashion
+    from benchmarks.fashion import fashion_logits, markdown_lines, measure_fashion
     from export.artifacts import load_model
     from training.trust import model_logits
 
     model, saved = load_model(trained_checkpoint)
     trust = Trust.from_metadata(saved)
     test_logits = model_logits(model, mnist_digits.images[:2000])
-    result = measure_fashion(str(trained_checkpoint), test_logits, count=SENT)
+    result = measure_fashion(trust, fashion_logits(model, SENT), test_logits)
     fashion = served_sets(SENT)
     accepted = {polarity: trust.is_digit(model_logits(model, fashion.images[polarity])) for polarity in POLARITIES}
     assert result["refused"] == refused(fashion, accepted)

@@ -1,0 +1,77 @@
+"""The threshold rules of benchmarks/thresholds.py (issue 26 point 4): each chooses on validation
+data alone and accepts at least what it demands there; the shipped rule is the one training keeps;
+the table's shares are what the thresholds accept, images refused before the model included."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks.thresholds import RULES, RuleSets, Scored, measure_rules, rate_threshold, rule_threshold
+from serving.handler.artifact import Trust
+
+
+def logits_scoring(energies: np.ndarray) -> np.ndarray:
+    """Logits whose energy score (temperature 1) is the given value: ten equal logits e - log 10."""
+    return np.repeat((np.asarray(energies, dtype=np.float64) - np.log(10))[:, None], 10, axis=1)
+
+
+@pytest.fixture
+def sets() -> RuleSets:
+    rng = np.random.default_rng(0)
+    clean = Scored(logits_scoring(rng.normal(10, 1, 1000)))
+    # shifted digits score lower than clean ones; one shift had 5 of its 200 images refused before the model
+    val_shifts = [Scored(logits_scoring(rng.normal(7, 1.5, 200))), Scored(logits_scoring(rng.normal(6, 1.5, 195)), 5)]
+    return RuleSets(val_clean=clean, val_shifts=val_shifts, mnist_test=Scored(logits_scoring(rng.normal(10, 1, 500))),
+                    eval_shifts=[Scored(logits_scoring(rng.normal(6.5, 1.5, 300)), 10)],
+                    non_digits=Scored(logits_scoring(rng.normal(3, 1.5, 400)), 40),
+                    fashion=Scored(logits_scoring(rng.normal(2, 1, 300)), 5))
+
+
+def test_each_rule_accepts_at_least_what_it_demands_on_validation(sets):
+    unset = Trust("energy", 0.0, 1.0, 0.0, "val")
+    for rule in RULES:
+        trust = Trust("energy", rule_threshold(rule, unset, sets), 1.0, 0.0, "val")
+        if rule.clean is not None:
+            assert sets.val_clean.accepted(trust) >= rule.clean
+        if rule.shifted is not None:
+            accepted = sum(trust.is_digit(shift.logits).sum() for shift in sets.val_shifts)
+            assert accepted / sum(len(s.logits) + s.refused_before for s in sets.val_shifts) >= rule.shifted
+    # demanding shifted digits lowers the threshold below the clean-only one
+    assert rule_threshold(RULES[1], unset, sets) < rule_threshold(RULES[0], unset, sets)
+
+
+def test_a_rate_beyond_what_preprocessing_left_accepts_everything_the_model_saw():
+    scores = np.arange(10.0)
+    assert rate_threshold(scores, refused_before=5, rate=0.97) < scores.min()
+    assert (scores >= rate_threshold(scores, refused_before=0, rate=0.9)).mean() >= 0.9
+    assert (scores >= rate_threshold(scores, refused_before=2, rate=0.75)).sum() >= 0.75 * 12
+
+
+def test_the_table_counts_refusals_before_the_model_and_measures_on_evaluation_sets(sets):
+    table = measure_rules(1.0, sets)
+    assert len(table) == 2 * len(RULES)
+    row = table[f"energy: {RULES[0].name}"]
+    trust = Trust("energy", row["threshold"], 1.0, 0.0, "val")
+    assert row["mnist_test_accepted"] == pytest.approx(trust.is_digit(sets.mnist_test.logits).mean())
+    refused = (~trust.is_digit(sets.non_digits.logits)).sum() + 40
+    assert row["non_digits_refused"] == pytest.approx(refused / 440)
+    assert row["shifts_accepted"] == pytest.approx(trust.is_digit(sets.eval_shifts[0].logits).sum() / 310)
+    assert row["fashion_refused"] == pytest.approx(1 - trust.is_digit(sets.fashion.logits).sum() / 305)
+
+
+def test_the_shipped_rule_is_the_threshold_training_records(quick_checkpoint, data_dir):
+    """RULES[0] on the checkpoint's held-out validation digits gives its trust record's threshold (up to
+    the float rounding of training's own kernels: neighbouring scores lie much further apart)."""
+    from benchmarks.trust import held_out_count
+    from export.artifacts import load_model
+    from training.data import load_mnist
+    from training.trust import model_logits
+
+    model, saved = load_model(quick_checkpoint)
+    recorded = Trust.from_metadata(saved)
+    images, _ = load_mnist(data_dir, train=True)
+    val = Scored(model_logits(model, images[-held_out_count(saved):]))
+    unset = Trust(recorded.score, 0.0, recorded.temperature, 0.0, "val")
+    empty = Scored(np.zeros((0, 10)))
+    rule_sets = RuleSets(val, [], empty, [], empty, None)
+    assert rule_threshold(RULES[0], unset, rule_sets) == pytest.approx(recorded.threshold, abs=1e-4)
