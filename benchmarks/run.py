@@ -34,6 +34,7 @@ from .workloads import (BATCH_SIZES, DEFAULT, MANY_CLIENTS, OURS_TRAIN_IMAGES, S
 from .trust import measure as measure_trust, train_before, write as write_trust
 
 HERE = Path(__file__).resolve().parent
+DEFAULT_REPEATS, DEFAULT_SERVE_SECONDS = 3, 10.0   # make bench's: runs per training/inference figure, seconds per load
 
 
 def spread(values: list[float]) -> dict:
@@ -177,8 +178,8 @@ def engines(artifacts: Path, data_dir: str, serve_seconds: float) -> dict:
 @click.command()
 @click.option("--data-dir", envvar=DATA_DIR_ENV, required=True, help=f"MNIST copy (env {DATA_DIR_ENV}).")
 @click.option("--artifacts", default=ARTIFACTS_DIR, show_default=True, type=click.Path(file_okay=False))
-@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--serve-seconds", type=float, default=10.0, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=DEFAULT_REPEATS, show_default=True)
+@click.option("--serve-seconds", type=float, default=DEFAULT_SERVE_SECONDS, show_default=True)
 @click.option("--out-dir", default=str(HERE), show_default=True)
 @click.option("--report-only", is_flag=True, help="Rewrite RESULTS.md and the plots from results.json.")
 def main(data_dir, artifacts, repeats, serve_seconds, out_dir, report_only) -> None:
@@ -212,6 +213,14 @@ def run_bench(data_dir: str, artifacts: Path, repeats: int, serve_seconds: float
     return report
 
 
+def bench_command(data_dir: str, repeats: int, serve_seconds: float) -> str:
+    """The command that reproduces these figures: `make bench`, or the module with what differed."""
+    if (repeats, serve_seconds) == (DEFAULT_REPEATS, DEFAULT_SERVE_SECONDS):
+        return f"make bench DATA_DIR={data_dir}"
+    return (f"python -m benchmarks.run --data-dir {data_dir} --repeats {repeats} "
+            f"--serve-seconds {serve_seconds:g}")
+
+
 def measure_all(data_dir: str, artifacts: Path, repeats: int, serve_seconds: float) -> dict:
     for needed in (CHECKPOINT_NAME, TORCHSCRIPT_NAME, ONNX_NAME):
         if not (artifacts / needed).is_file():
@@ -219,7 +228,7 @@ def measure_all(data_dir: str, artifacts: Path, repeats: int, serve_seconds: flo
     images, _ = load_mnist(data_dir, train=False)
     inputs = normalized_images(images[:4096], preprocess_metadata())
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "repeats": repeats,
-               "command": f"make bench DATA_DIR={data_dir}"}
+               "command": bench_command(data_dir, repeats, serve_seconds)}
     steps = [("machine", machine), ("inference", lambda: inference(artifacts, inputs, repeats)),
              ("training", lambda: training(data_dir, repeats)),
              ("training_curve", lambda: training_curve(artifacts / METRICS_NAME)),

@@ -21,3 +21,9 @@ def test_a_report_only_run_keeps_the_trust_files_of_a_later_measurement(tmp_path
 
     assert (tmp_path / "RESULTS.md").read_text() == text and "| " in text
     assert {name: (tmp_path / name).read_text() for name in later} == later
+
+
+def test_the_figures_name_the_command_that_reproduces_them():
+    assert run.bench_command("../shared/mnist", run.DEFAULT_REPEATS, run.DEFAULT_SERVE_SECONDS) == \
+        "make bench DATA_DIR=../shared/mnist"
+    assert run.bench_command("d", 1, 5.0) == "python -m benchmarks.run --data-dir d --repeats 1 --serve-seconds 5"
