@@ -26,7 +26,7 @@ import click
 import yaml
 
 from deploy.layout import (API_KEYS_DIR, API_KEYS_FILE, API_KEYS_SECRET, APP_DIR, BASE_CONFIG, BIND_ALL, COUNTER,
-                           HOP_SECRET_DIR, HOP_SECRET_SECRET, IMAGE, POD_LOG_CONFIG, pinned_image,
+                           HOP_SECRET_DIR, HOP_SECRET_MODE, HOP_SECRET_SECRET, IMAGE, POD_LOG_CONFIG, pinned_image,
                            FRONTDOOR, FRONTDOOR_DIR, HEADROOM, IMAGE_MODEL_STORE, INFERENCE_SERVICE, LOOPBACK,
                            MEMORY_STEP_MIB, OUT_DIR, POD_REPLICA, PORTS, QUEUE_METRIC, QUEUE_TARGET, RATE_METRIC, RATE_WINDOW, REPLICA,
                            DOC, TARGET_CLIENTS, TARGET_SHARE, TLS_DIR, TLS_SECRET, ManifestError)
@@ -161,7 +161,7 @@ def manifests(measured: Measured, image: str = IMAGE) -> list[Manifest]:
                   "Beside it the key hop (`python -m serving.fleet.keyhop`, `make fleet`'s hop for one replica): nginx adding",
                   "the inference key TorchServe wrote into the shared run dir, a renewed key followed within 0.2 s,",
                   f"to requests carrying the front door's secret (the {HOP_SECRET_SECRET} Secret, {HOP_SECRET_FILE}: "
-                  "docs/kubernetes.md).",
+                  f"docs/kubernetes.md; defaultMode {HOP_SECRET_MODE} = {HOP_SECRET_MODE:#o}).",
                   *resources_why),
                  (replica_deployment(config_text, properties, memory, image),)),
         Manifest("inference-service.yaml",
@@ -175,7 +175,8 @@ def manifests(measured: Measured, image: str = IMAGE) -> list[Manifest]:
                  ("nginx in front: the same image, its config from the ConfigMap, its TLS key pair from the",
                   f"{TLS_SECRET} Secret (kubectl create secret tls {TLS_SECRET} --cert=... --key=...), the allowed",
                   f"client keys from the {API_KEYS_SECRET} Secret ({API_KEYS_FILE}: docs/kubernetes.md), the key hops'",
-                  f"secret from the {HOP_SECRET_SECRET} Secret ({HOP_SECRET_FILE})."),
+                  f"secret from the {HOP_SECRET_SECRET} Secret ({HOP_SECRET_FILE}; defaultMode {HOP_SECRET_MODE} = "
+                  f"{HOP_SECRET_MODE:#o}: the pods' group alone)."),
                  (frontdoor_deployment(nginx_text, fleet, image),)),
         Manifest("frontdoor-service.yaml", ("The way in: TLS alone (plain HTTP would carry client keys in the clear; nginx answers it 426).",),
                  (frontdoor_service(fleet),)),
