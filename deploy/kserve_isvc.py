@@ -23,9 +23,9 @@ def kserve_command() -> list[str]:
             "--config", str(IMAGE_CONFIG)]
 
 
-def kserve_inference_service() -> dict:
+def kserve_inference_service(image: str = IMAGE) -> dict:
     container = {
-        "name": KSERVE_CONTAINER, "image": IMAGE, "imagePullPolicy": "IfNotPresent", "command": kserve_command(),
+        "name": KSERVE_CONTAINER, "image": image, "imagePullPolicy": "IfNotPresent", "command": kserve_command(),
         "ports": [{"name": "http1", "containerPort": KSERVE_HTTP_PORT, "protocol": "TCP"}],
         "readinessProbe": {"httpGet": {"path": KSERVE_READY_PATH, "port": KSERVE_HTTP_PORT},
                            "periodSeconds": PROBE_PERIOD_S},

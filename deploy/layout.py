@@ -3,6 +3,7 @@ objects' names, the ports (serving/fleet/topology.py's replica-0), the autoscale
 memory rounding and the probes' timings (deploy/objects.py builds the objects from these)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path, PurePosixPath
 
 from serving.fleet.topology import HEARTBEAT_PATH, Replica, ReplicaPorts
@@ -14,8 +15,14 @@ MODEL_CONFIG = REPO_ROOT / "serving" / "handler" / "model-config.yaml"
 FOOTPRINT = REPO_ROOT / "benchmarks" / "footprint.json"
 DOC = REPO_ROOT / "docs" / "kubernetes.md"   # its k8s block: the figures below, written by the generator
 
-# The image (deploy/Dockerfile): where it puts things, and whom it runs as.
+# The image (deploy/Dockerfile): where it puts things, and whom it runs as. The committed manifests name
+# it by the local tag `docker build` gives it (a development rendering: `kind load docker-image`); a
+# production rendering names it by digest (`python -m deploy.manifests --image repo/digitserve@sha256:...`,
+# pinned_image): a tag may be moved to other bytes after the manifests were reviewed, a digest cannot.
 IMAGE = "digitserve:0.1.0"
+# name[:tag]@sha256:<64 hex>: docker's reference grammar, lowercase path components, an optional registry host[:port].
+PINNED_IMAGE = re.compile(r"(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
+                          r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?@sha256:[0-9a-f]{64}")
 PYTHON = "python"                                   # the image's interpreter, on its PATH
 APP_DIR = PurePosixPath("/app")                     # the repo's serving code, config and archive
 IMAGE_MODEL_STORE = APP_DIR / "model_store"         # mnist.mar, read-only: a new model is a new image
@@ -30,6 +37,11 @@ TLS_DIR = PurePosixPath("/etc/frontdoor/tls")       # the TLS Secret (kubernetes
 API_KEYS_DIR = PurePosixPath("/etc/frontdoor/api-keys")   # the client keys Secret: API_KEYS_FILE, nginx map entries
 API_KEYS_FILE = "client-keys.map"
 HOP_DIR = PurePosixPath("/srv/key-hop")             # emptyDir: the key hop's nginx config (it holds the key), pid, temp
+# The front door's secret for the key hops (serving/fleet/frontdoor.py HOP_SECRET_FILE): a Secret made in the
+# cluster (docs/kubernetes.md), mounted in both pods, included by both nginx configs; readable by the
+# pods' group alone (HOP_SECRET_MODE; the kubelet makes the files the fsGroup's).
+HOP_SECRET_DIR = PurePosixPath("/etc/digitserve/hop-secret")
+HOP_SECRET_MODE = 0o440
 
 NAME = "digitserve"
 REPLICA = f"{NAME}-replica"
@@ -37,11 +49,16 @@ FRONTDOOR = f"{NAME}-frontdoor"
 INFERENCE_SERVICE = f"{NAME}-inference"
 TLS_SECRET = f"{FRONTDOOR}-tls"
 API_KEYS_SECRET = f"{FRONTDOOR}-api-keys"
+HOP_SECRET_SECRET = f"{NAME}-hop-secret"
 # One replica's ports: the fleet's replica-0. Every pod has its own network namespace.
 PORTS = ReplicaPorts.derived(0)
 # A pod is one of the fleet's replicas: the same ports, its run dir an emptyDir, its config (the
 # ConfigMap's file) where the fleet keeps a replica's, so it runs and is probed as the fleet does.
 POD_REPLICA = Replica(REPLICA, PORTS, Path(RUN_DIR))
+# The cluster's DNS, the one place the front door reaches besides the key hops (its egress NetworkPolicy).
+DNS_NAMESPACE = "kube-system"
+DNS_LABELS = {"k8s-app": "kube-dns"}
+DNS_PORT = 53
 BIND_ALL = "0.0.0.0"   # the key hop and metrics listen on the pod's address; the NetworkPolicy says who may connect
 LOOPBACK = "127.0.0.1"  # TorchServe's inference and management: only the pod's own containers reach them
 
@@ -94,3 +111,12 @@ KSERVE_READY_PATH = "/v2/health/ready"         # KServe's readiness: the model l
 
 class ManifestError(Exception):
     """The manifests cannot be generated or checked; the message says why, in one line."""
+
+
+def pinned_image(reference: str) -> str:
+    """reference when it names the image by digest; ManifestError otherwise (a bare tag is refused)."""
+    if not PINNED_IMAGE.fullmatch(reference):
+        raise ManifestError(f"--image {reference!r} is not pinned by digest (name@sha256:<64 hex digits>): after the push, "
+                            "`docker buildx imagetools inspect <name:tag>` (or `docker inspect --format "
+                            "'{{index .RepoDigests 0}}' <name:tag>`) prints it")
+    return reference

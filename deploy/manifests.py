@@ -13,8 +13,8 @@ are benchmarks/footprint.json's. Nothing is typed here that those files already 
 
 Keys: TorchServe makes its own at each start and reads none from outside, so each replica pod
 runs `make fleet`'s key hop beside it (serving/fleet/keyhop.py: nginx adding the pod's current inference
-key); the Service targets the hop. Client API keys and the TLS pair are Secrets made in the
-cluster: no manifest holds a key.
+key to requests carrying the front door's secret header); the Service targets the hop. Client API keys,
+the TLS pair and the hop secret are Secrets made in the cluster: no manifest holds a key.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import click
 import yaml
 
 from deploy.layout import (API_KEYS_DIR, API_KEYS_FILE, API_KEYS_SECRET, APP_DIR, BASE_CONFIG, BIND_ALL, COUNTER,
-                           POD_LOG_CONFIG,
+                           HOP_SECRET_DIR, HOP_SECRET_MODE, HOP_SECRET_SECRET, IMAGE, POD_LOG_CONFIG, pinned_image,
                            FRONTDOOR, FRONTDOOR_DIR, HEADROOM, IMAGE_MODEL_STORE, INFERENCE_SERVICE, LOOPBACK,
                            MEMORY_STEP_MIB, OUT_DIR, POD_REPLICA, PORTS, QUEUE_METRIC, QUEUE_TARGET, RATE_METRIC, RATE_WINDOW, REPLICA,
                            DOC, TARGET_CLIENTS, TARGET_SHARE, TLS_DIR, TLS_SECRET, ManifestError)
@@ -35,7 +35,8 @@ from deploy.objects import (autoscaler, config_map, frontdoor_deployment, frontd
                             worker_cpus)
 from deploy.kserve_isvc import kserve_inference_service
 from serving.handler.artifact import ARCHIVE_NAME, MODEL_NAME
-from serving.fleet.frontdoor import KEEPALIVE_OFF, PLAIN_HTTP_REFUSED, RotationState, include_line, render
+from serving.fleet.frontdoor import (HOP_SECRET_FILE, KEEPALIVE_OFF, PLAIN_HTTP_REFUSED, RotationState, hop_secret_lines,
+                                     include_line, render)
 from serving.server.properties import parse_properties, read_properties, set_properties
 from serving.fleet.topology import DEFAULT_REPLICAS, Fleet, ReplicaConfig
 from serving.fleet.topology import replica_config as fleet_replica_config
@@ -111,6 +112,8 @@ def nginx_config(fleet: Fleet) -> str:
         # The allowed client keys: the API keys Secret, mounted; a request without one gets 401.
         "CLIENT_DEFAULT": 0,
         "CLIENT_KEYS": include_line(API_KEYS_DIR / API_KEYS_FILE) + f"   # the {API_KEYS_SECRET} Secret",
+        # The pods' key hops refuse a request without the secret: the Secret both pods mount, included.
+        "HOP_SECRET": hop_secret_lines(HOP_SECRET_DIR / HOP_SECRET_FILE),
         "USER": "# (runs as the image's model-server user: no `user` directive)",
         "WEB_DIR": APP_DIR / "serving" / "web",
         # The pod's log is its stdout (kubelet rotates it); a file would grow in an emptyDir until eviction.
@@ -134,7 +137,7 @@ class Measured:
         return cls(measured_memory(), measured_target())
 
 
-def manifests(measured: Measured) -> list[Manifest]:
+def manifests(measured: Measured, image: str = IMAGE) -> list[Manifest]:
     config_text = replica_config()
     properties = parse_properties(config_text)
     fleet = frontdoor_fleet(fleet_replica_config(properties, PurePosixPath(APP_DIR)))
@@ -156,9 +159,11 @@ def manifests(measured: Measured) -> list[Manifest]:
                   "probes them),",
                   "on config.production.properties: token auth on, inference and management on the pod's loopback.",
                   "Beside it the key hop (`python -m serving.fleet.keyhop`, `make fleet`'s hop for one replica): nginx adding",
-                  "the inference key TorchServe wrote into the shared run dir, a renewed key followed within 0.2 s.",
+                  "the inference key TorchServe wrote into the shared run dir, a renewed key followed within 0.2 s,",
+                  f"to requests carrying the front door's secret (the {HOP_SECRET_SECRET} Secret, {HOP_SECRET_FILE}: "
+                  f"docs/kubernetes.md; defaultMode {HOP_SECRET_MODE} = {HOP_SECRET_MODE:#o}).",
                   *resources_why),
-                 (replica_deployment(config_text, properties, memory),)),
+                 (replica_deployment(config_text, properties, memory, image),)),
         Manifest("inference-service.yaml",
                  ("The pods' key hops only: TorchServe's own ports listen on each pod's loopback.",),
                  (inference_service(),)),
@@ -169,12 +174,15 @@ def manifests(measured: Measured) -> list[Manifest]:
         Manifest("frontdoor-deployment.yaml",
                  ("nginx in front: the same image, its config from the ConfigMap, its TLS key pair from the",
                   f"{TLS_SECRET} Secret (kubectl create secret tls {TLS_SECRET} --cert=... --key=...), the allowed",
-                  f"client keys from the {API_KEYS_SECRET} Secret ({API_KEYS_FILE}: docs/kubernetes.md)."),
-                 (frontdoor_deployment(nginx_text, fleet),)),
+                  f"client keys from the {API_KEYS_SECRET} Secret ({API_KEYS_FILE}: docs/kubernetes.md), the key hops'",
+                  f"secret from the {HOP_SECRET_SECRET} Secret ({HOP_SECRET_FILE}; defaultMode {HOP_SECRET_MODE} = "
+                  f"{HOP_SECRET_MODE:#o}: the pods' group alone)."),
+                 (frontdoor_deployment(nginx_text, fleet, image),)),
         Manifest("frontdoor-service.yaml", ("The way in: TLS alone (plain HTTP would carry client keys in the clear; nginx answers it 426).",),
                  (frontdoor_service(fleet),)),
         Manifest("networkpolicy.yaml",
-                 ("Metrics stay inside the namespace; the key hops only from the front door.",),
+                 ("Metrics stay inside the namespace; the key hops only from the front door. Egress: the replicas",
+                  "reach nothing outside the pod; the front door only the replicas' key hops and the cluster's DNS."),
                  network_policies(fleet)),
         Manifest("hpa.yaml",
                  (f"Scales on a request RATE ({RATE_METRIC}: rate({COUNTER}[{RATE_WINDOW}]) per pod, served by",
@@ -188,7 +196,7 @@ def manifests(measured: Measured) -> list[Manifest]:
                  ("The second engine (docs/engines.md) on a cluster with KServe: a custom predictor running",
                   "`python -m serving.kserve run` on the same image and exported file; gRPC is served in the pod, not",
                   "routed (one port). No memory figures or scaling target: this engine is not measured yet."),
-                 (kserve_inference_service(),)),
+                 (kserve_inference_service(image),)),
     ]
 
 
@@ -217,8 +225,8 @@ def render_file(manifest: Manifest) -> str:
     return "\n".join(header) + "\n" + body
 
 
-def rendered(measured: Measured) -> dict[str, str]:
-    return {manifest.file: render_file(manifest) for manifest in manifests(measured)}
+def rendered(measured: Measured, image: str = IMAGE) -> dict[str, str]:
+    return {manifest.file: render_file(manifest) for manifest in manifests(measured, image)}
 
 
 # --- the figures in docs/kubernetes.md ---------------------------------------------------------------
@@ -245,9 +253,10 @@ def documented(doc: Path, measured: Measured) -> str:
     return f"{head}{DOC_BEGIN}\n{block}\n{DOC_END}{rest.split(DOC_END, 1)[1]}"
 
 
-def write(out_dir: Path = OUT_DIR, doc: Path = DOC) -> list[Path]:
+def write(out_dir: Path = OUT_DIR, doc: Path = DOC, image: str = IMAGE) -> list[Path]:
+    """The manifests into out_dir (image: the reference every pod runs) and the figures into doc."""
     measured = Measured.read()
-    files, doc_text = rendered(measured), documented(doc, measured)   # first: a failure writes nothing
+    files, doc_text = rendered(measured, image), documented(doc, measured)   # first: a failure writes nothing
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in set(path.name for path in out_dir.glob("*.yaml")) - set(files):
         (out_dir / stale).unlink()
@@ -275,9 +284,17 @@ def differences(out_dir: Path = OUT_DIR, doc: Path = DOC) -> list[str]:
 @click.option("--out-dir", default=str(OUT_DIR), show_default=True, type=click.Path(file_okay=False))
 @click.option("--doc", default=str(DOC), show_default=True, type=click.Path(dir_okay=False),
               help="The page whose k8s block gets the memory and autoscaling figures.")
-def main(check: bool, out_dir: str, doc: str) -> None:
+@click.option("--image", default=None, metavar="NAME@sha256:DIGEST",
+              help=f"A production rendering: the image pinned by digest (a bare tag is refused), written to "
+                   f"--out-dir, never over deploy/kubernetes (its development rendering runs {IMAGE}).")
+def main(check: bool, out_dir: str, doc: str, image: str | None) -> None:
     """Write deploy/kubernetes/*.yaml from serving/fleet/topology.py, the nginx template and the footprint."""
     try:
+        if image is not None:
+            pinned_image(image)
+            if check or Path(out_dir).resolve() == OUT_DIR.resolve():
+                raise ManifestError("--image writes a production rendering to another --out-dir: deploy/kubernetes "
+                                    f"holds the development one ({IMAGE}), which --check compares")
         if check:
             found = differences(Path(out_dir), Path(doc))
             if found:
@@ -286,7 +303,7 @@ def main(check: bool, out_dir: str, doc: str) -> None:
                 sys.exit(1)
             click.echo(f"{out_dir} matches serving/fleet/topology.py")
             return
-        written = write(Path(out_dir), Path(doc))
+        written = write(Path(out_dir), Path(doc), image or IMAGE)
     except ManifestError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"wrote {len(written)} manifests to {out_dir} and the figures into {doc}")

@@ -11,12 +11,13 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from deploy.layout import (API_KEYS_DIR, API_KEYS_SECRET, BENCH_RESULTS, BENCH_SERVING_ROW, BIND_ALL, COUNTER,
-                           FOOTPRINT, FRONTDOOR, HEADROOM, HOP_DIR, IMAGE, INFERENCE_SERVICE, LIVENESS_PATH,
+                           DNS_LABELS, DNS_NAMESPACE, DNS_PORT,
+                           FOOTPRINT, FRONTDOOR, HEADROOM, HOP_DIR, HOP_SECRET_DIR, HOP_SECRET_MODE, HOP_SECRET_SECRET, IMAGE, INFERENCE_SERVICE, LIVENESS_PATH,
                            MAX_REPLICAS, MEMORY_STEP_MIB, MODEL_CONFIG, NAME, POD_REPLICA, PORTS, PROBE_PERIOD_S,
                            PYTHON, QUEUE_COUNTER, QUEUE_METRIC, QUEUE_TARGET, RATE_METRIC, RATE_WINDOW, READY_TIMEOUT_S, REPLICA, SCALE_DOWN_WINDOW_S,
                            STARTUP_PERIOD_S, TARGET_CLIENTS, TARGET_SHARE, TLS_DIR, TLS_SECRET, TMP_DIR, USER_ID,
                            ManifestError)
-from serving.fleet.frontdoor import nginx_command
+from serving.fleet.frontdoor import HOP_SECRET_FILE, nginx_command
 from serving.fleet.topology import DEFAULT_REPLICAS, Fleet
 from serving.server import server
 
@@ -120,17 +121,27 @@ def in_image(command: list[str]) -> list[str]:
 
 def key_hop_command() -> list[str]:
     """serving/fleet/keyhop.py in the pod: the replica's config and run dir (its key file), the hop on
-    the pod's address at the fleet's hop port."""
+    the pod's address at the fleet's hop port, the front door's secret from the mounted Secret."""
     return [PYTHON, "-m", "serving.fleet.keyhop", "--config", str(POD_REPLICA.config), "--run-dir", str(POD_REPLICA.run_dir),
-            "--hop-dir", str(HOP_DIR), "--address", BIND_ALL, "--port", str(PORTS.key_hop)]
+            "--hop-dir", str(HOP_DIR), "--address", BIND_ALL, "--port", str(PORTS.key_hop),
+            "--secret-file", str(HOP_SECRET_DIR / HOP_SECRET_FILE)]
 
 
-def key_hop_container() -> dict:
+def hop_secret_volume() -> dict:
+    """The front door's secret for the key hops: made in the cluster (docs/kubernetes.md), no value here."""
+    return {"name": "hop-secret", "secret": {"secretName": HOP_SECRET_SECRET, "defaultMode": HOP_SECRET_MODE}}
+
+
+def hop_secret_mount() -> dict:
+    return {"name": "hop-secret", "mountPath": str(HOP_SECRET_DIR), "readOnly": True}
+
+
+def key_hop_container(image: str) -> dict:
     """nginx adding the pod's inference key (TorchServe writes it into the run dir, which this
     container mounts read-only), and the loop that renders a renewed key in."""
     heartbeat = {"httpGet": {"path": LIVENESS_PATH, "port": "key-hop"}}
     return {
-        "name": "key-hop", "image": IMAGE, "imagePullPolicy": "IfNotPresent", "command": key_hop_command(),
+        "name": "key-hop", "image": image, "imagePullPolicy": "IfNotPresent", "command": key_hop_command(),
         "ports": [{"name": "key-hop", "containerPort": PORTS.key_hop, "protocol": "TCP"}],
         # Ready once it forwards, with the key, to a TorchServe that answers its heartbeat.
         "readinessProbe": {**heartbeat, "periodSeconds": PROBE_PERIOD_S, "timeoutSeconds": 5},
@@ -141,15 +152,15 @@ def key_hop_container() -> dict:
         "volumeMounts": [{"name": "run", "mountPath": str(POD_REPLICA.run_dir), "readOnly": True},
                          {"name": "config", "mountPath": str(POD_REPLICA.config), "subPath": "config.properties",
                           "readOnly": True},
-                         {"name": "hop", "mountPath": str(HOP_DIR)}],
+                         {"name": "hop", "mountPath": str(HOP_DIR)}, hop_secret_mount()],
     }
 
 
-def replica_deployment(config_text: str, properties: dict, memory: Memory) -> dict:
+def replica_deployment(config_text: str, properties: dict, memory: Memory, image: str = IMAGE) -> dict:
     exec_ready = {"exec": {"command": in_image(POD_REPLICA.probe_command())}}
     startup_timeout_s = int(properties["default_startup_timeout"])
     container = {
-        "name": "torchserve", "image": IMAGE, "imagePullPolicy": "IfNotPresent",
+        "name": "torchserve", "image": image, "imagePullPolicy": "IfNotPresent",
         "command": in_image(POD_REPLICA.run_command()),
         # Its working dir is its run dir, as under the fleet: `ready` runs there too, and TorchServe
         # writes key_file.json there, where the key hop reads it.
@@ -179,9 +190,10 @@ def replica_deployment(config_text: str, properties: dict, memory: Memory) -> di
     pod = {"automountServiceAccountToken": False, "securityContext": pod_security(),
            # `run` gives Java STOP_TIMEOUT_S after SIGTERM, then kills it: Kubernetes waits a little longer.
            "terminationGracePeriodSeconds": int(server.STOP_TIMEOUT_S) + 10,
-           "containers": [container, key_hop_container()],
+           "containers": [container, key_hop_container(image)],
            "volumes": [{"name": "config", "configMap": {"name": f"{REPLICA}-config"}},
-                       empty_dir("run", "1Gi"), empty_dir("tmp", "256Mi"), empty_dir("hop", "64Mi")]}
+                       empty_dir("run", "1Gi"), empty_dir("tmp", "256Mi"), empty_dir("hop", "64Mi"),
+                       hop_secret_volume()]}
     annotations = {"checksum/config": checksum(config_text),
                    # Prometheus' usual kubernetes-pods job scrapes these (in this namespace: the NetworkPolicy).
                    "prometheus.io/scrape": "true", "prometheus.io/port": str(PORTS.metrics),
@@ -202,11 +214,11 @@ def inference_service() -> dict:
                                 "protocol": "TCP"}]}}
 
 
-def frontdoor_deployment(nginx_text: str, fleet: Fleet) -> dict:
+def frontdoor_deployment(nginx_text: str, fleet: Fleet, image: str = IMAGE) -> dict:
     door = fleet.front_door
     nginx_dir = PurePosixPath(fleet.nginx_dir)
     container = {
-        "name": "nginx", "image": IMAGE, "imagePullPolicy": "IfNotPresent",
+        "name": "nginx", "image": image, "imagePullPolicy": "IfNotPresent",
         "command": nginx_command(fleet.nginx_dir, "-g", "daemon off;"),
         "ports": [{"name": "http", "containerPort": door.http_port, "protocol": "TCP"},
                   {"name": "https", "containerPort": door.tls_port, "protocol": "TCP"}],
@@ -220,13 +232,14 @@ def frontdoor_deployment(nginx_text: str, fleet: Fleet) -> dict:
                          {"name": "config", "mountPath": str(nginx_dir / "nginx.conf"), "subPath": "nginx.conf",
                           "readOnly": True},
                          {"name": "tls", "mountPath": str(TLS_DIR), "readOnly": True},
-                         {"name": "api-keys", "mountPath": str(API_KEYS_DIR), "readOnly": True}],
+                         {"name": "api-keys", "mountPath": str(API_KEYS_DIR), "readOnly": True},
+                         hop_secret_mount()],
     }
     pod = {"automountServiceAccountToken": False, "securityContext": pod_security(), "containers": [container],
            "volumes": [empty_dir("nginx", "64Mi"), empty_dir("nginx-tmp", "256Mi"),
                        {"name": "config", "configMap": {"name": f"{FRONTDOOR}-config"}},
                        {"name": "tls", "secret": {"secretName": TLS_SECRET}},
-                       {"name": "api-keys", "secret": {"secretName": API_KEYS_SECRET}}]}
+                       {"name": "api-keys", "secret": {"secretName": API_KEYS_SECRET}}, hop_secret_volume()]}
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata(FRONTDOOR, "frontdoor"),
             "spec": {"replicas": 2, "selector": {"matchLabels": labels("frontdoor")},
                      "template": {"metadata": {"labels": labels("frontdoor"),
@@ -246,21 +259,38 @@ def tcp(port: int) -> dict:
     return {"port": port, "protocol": "TCP"}
 
 
+def dns_peer() -> dict:
+    """The cluster's DNS pods: kube-system's, labelled k8s-app=kube-dns (CoreDNS keeps kube-dns's label in
+    kubeadm, kind, GKE and EKS; kubernetes.io/metadata.name is set on every namespace since 1.21)."""
+    return {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": DNS_NAMESPACE}},
+            "podSelector": {"matchLabels": DNS_LABELS}}
+
+
 def network_policies(fleet: Fleet) -> tuple[dict, dict]:
-    """Replicas: the key hop from the front door's pods only, metrics from pods of this namespace
-    only (a podSelector without a namespaceSelector means this namespace); inference and management
-    listen on the pod's loopback. The front door: its TLS port, from anywhere (it is the way in);
-    its plain HTTP port answers only 426 and the kubelet's probes."""
+    """Ingress. Replicas: the key hop from the front door's pods only, metrics from pods of this
+    namespace only (a podSelector without a namespaceSelector means this namespace); inference and
+    management listen on the pod's loopback. The front door: its TLS port, from anywhere (it is the
+    way in); its plain HTTP port answers only 426 and the kubelet's probes.
+    Egress. Replicas: nothing (no rule): TorchServe fetches nothing (allowed_urls=^$, no per-model pip),
+    its workers and the key hop reach it over loopback and Unix sockets, which no policy sees. The
+    front door: the replica pods' key hop port (the Service's ClusterIP is translated to a pod's address
+    before the policy applies, in Calico and Cilium alike) and DNS (nginx resolves the Service's name
+    at start and reload)."""
     replica = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": metadata(REPLICA, "replica"),
-               "spec": {"podSelector": {"matchLabels": labels("replica")}, "policyTypes": ["Ingress"],
+               "spec": {"podSelector": {"matchLabels": labels("replica")}, "policyTypes": ["Ingress", "Egress"],
                         "ingress": [{"from": [{"podSelector": {"matchLabels": labels("frontdoor")}}],
                                      "ports": [tcp(PORTS.key_hop)]},
-                                    {"from": [{"podSelector": {}}], "ports": [tcp(PORTS.metrics)]}]}}
+                                    {"from": [{"podSelector": {}}], "ports": [tcp(PORTS.metrics)]}],
+                        "egress": []}}
     door = fleet.front_door
     frontdoor = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
                  "metadata": metadata(FRONTDOOR, "frontdoor"),
-                 "spec": {"podSelector": {"matchLabels": labels("frontdoor")}, "policyTypes": ["Ingress"],
-                          "ingress": [{"ports": [tcp(door.tls_port)]}]}}
+                 "spec": {"podSelector": {"matchLabels": labels("frontdoor")}, "policyTypes": ["Ingress", "Egress"],
+                          "ingress": [{"ports": [tcp(door.tls_port)]}],
+                          "egress": [{"to": [{"podSelector": {"matchLabels": labels("replica")}}],
+                                      "ports": [tcp(PORTS.key_hop)]},
+                                     {"to": [dns_peer()],
+                                      "ports": [{"port": DNS_PORT, "protocol": "UDP"}, tcp(DNS_PORT)]}]}}
     return replica, frontdoor
 
 

@@ -45,7 +45,7 @@ from serving.handler.artifact import MODEL_NAME, TORCHSCRIPT_NAME, read_metadata
 from serving.fleet.frontdoor import FrontDoorError, RotationState
 from serving.server.properties import listeners, read_properties, set_properties
 from serving.server.readiness import inference_key
-from serving.fleet.topology import CLIENT_TIMEOUT_S, CLOSED_PATHS, CONNECTIONS_PER_ADDRESS, Fleet
+from serving.fleet.topology import CLIENT_TIMEOUT_S, CLOSED_PATHS, CONNECTIONS_PER_ADDRESS, HOP_SECRET_HEADER, Fleet
 
 LISTED_ORIGIN = "http://localhost:3000"
 RATE_LIMIT = 40            # requests/s per client address; the paced loads below stay well under it
@@ -287,6 +287,52 @@ def test_the_key_owner_record_is_private(tmp_path):
 def test_the_access_log_is_not_world_readable(fleet):
     """Issue 27 point 12: nginx's access log (client addresses and paths) is 0640, not 0644."""
     assert ((fleet.nginx_dir / frontdoor.ACCESS_LOG).stat().st_mode & 0o777) == frontdoor.ACCESS_LOG_MODE == 0o640
+
+
+def torchserve_access_log(replica) -> str:
+    path = replica.run_dir / "logs" / "access_log.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+@server_test
+def test_a_key_hop_refuses_a_request_without_the_front_doors_secret(fleet, digit_7):
+    """Issue 27 point 11: a key hop added the replica's key to any request on its paths from
+    anyone who reached it (any local process; in a pod, anyone the NetworkPolicy lets in). It asks
+    for the fleet's secret header now, which the front door alone sends: without it, or with a
+    wrong one, 403 JSON from the hop and TorchServe never sees the request (its access log holds
+    no trace of it); with it, the hop answers, and the front door still does. The secret is in a
+    0600 file of the fleet's run dir and in no other file there."""
+    replica = fleet.replicas[0]
+    hop = f"http://127.0.0.1:{replica.ports.key_hop}/predictions/{MODEL_NAME}"
+    refused = f"refused-{os.getpid()}-{time.monotonic_ns()}"
+    for headers in ({}, {HOP_SECRET_HEADER: "0" * 64}, {HOP_SECRET_HEADER: ""}):
+        status, body = request(f"{hop}?marker={refused}", digit_7,
+                               headers={"Content-Type": "application/octet-stream", **headers})
+        assert status == 403 and json.loads(body)["code"] == "forbidden", (headers, status, body[:200])
+    secret_file = fleet.nginx_dir / frontdoor.HOP_SECRET_FILE
+    assert (secret_file.stat().st_mode & 0o777) == 0o600
+    secret = frontdoor.read_hop_secret(secret_file)
+    answered = f"answered-{os.getpid()}-{time.monotonic_ns()}"
+    status, body = request(f"{hop}?marker={answered}", digit_7,
+                           headers={"Content-Type": "application/octet-stream", HOP_SECRET_HEADER: secret})
+    assert status == 200 and json.loads(body)["digit"] == 7, body[:200]
+    status, body = request(front(fleet), digit_7)   # the front door sends it
+    assert status == 200 and json.loads(body)["digit"] == 7, body[:200]
+    # The access log shows the query: the answered request is there (so the refused ones could be).
+    wait_for(lambda: answered in torchserve_access_log(replica), 10, 0.2, "the answered request in the access log")
+    assert refused not in torchserve_access_log(replica)
+    assert request(f"http://127.0.0.1:{replica.ports.key_hop}/ping", method="GET")[0] == 200   # the kubelet's probe
+    holders = [path for path in fleet.run_dir.rglob("*") if path != secret_file and "model_store" not in path.parts
+               and secret.encode() in file_bytes(path)]
+    assert holders == [], holders
+
+
+def file_bytes(path: Path) -> bytes:
+    """A regular file's bytes; nothing for anything else, or a file gone since it was listed."""
+    try:
+        return path.read_bytes() if path.is_file() else b""
+    except OSError:
+        return b""
 
 
 def raw_request(port: int, target: str, headers: list[tuple[str, str]], body: bytes = b"",
@@ -694,10 +740,12 @@ def test_a_key_hop_forwards_only_the_front_doors_paths_and_strips_its_headers(ke
     explanation for `explain`. It forwards the front door's paths and the heartbeat alone now, with
     the front door's header stripping."""
     hop = f"http://127.0.0.1:{keyed_fleet.replicas[0].ports.key_hop}"
+    secret = frontdoor.read_hop_secret(keyed_fleet.nginx_dir / frontdoor.HOP_SECRET_FILE)   # as the front door sends it
 
     def through_hop(path: str, data=None, headers=None, method="POST"):
         """This fleet renews each key every 1.5 s; the front door routes around a replica while its
         hop reloads, a direct caller may land in that window (TorchServe: 400 InvalidKey): again."""
+        headers = {**(headers or ({"Content-Type": "application/octet-stream"} if data else {})), HOP_SECRET_HEADER: secret}
         for _ in range(20):
             status, body = request(f"{hop}{path}", data, method=method, headers=headers)
             if not (status == 400 and b"InvalidKeyException" in body):

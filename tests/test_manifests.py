@@ -31,10 +31,10 @@ from deploy import manifests as gen
 from serving.server.archive import build_archive
 from serving.handler.artifact import ARCHIVE_NAME, TORCHSCRIPT_NAME
 from serving.fleet import keyhop
-from serving.fleet.frontdoor import (CLIENT_KEYS_MAP, RotationState, client_keys_map, make_certificate, render,
-                                     write_config)
+from serving.fleet.frontdoor import (CLIENT_KEYS_MAP, HOP_SECRET_FILE, RotationState, client_keys_map, hop_secret_text,
+                                     make_certificate, read_hop_secret, render, write_config)
 from serving.server.properties import PRODUCTION_OVERRIDES, free_ports, read_properties, set_properties, token_auth_enabled
-from serving.fleet.topology import Fleet, FrontDoor, ReplicaPorts
+from serving.fleet.topology import HOP_SECRET_HEADER, Fleet, FrontDoor, ReplicaPorts
 
 import kserve_crd
 from repo import REPO_ROOT, subprocess_env
@@ -258,6 +258,34 @@ def test_the_docs_figures_are_the_generators_and_check_names_a_drifted_one(tmp_p
     assert result.exit_code == 1 and "kubernetes.md: its k8s block differs" in result.output, result.output
 
 
+PINNED = "registry.example:5000/team/digitserve:0.1.0@sha256:" + "0123456789abcdef" * 4
+
+
+def images(files: dict[str, list[dict]]) -> set[str]:
+    """Every container's image, in every object of the files."""
+    return set(re.findall(r'"image": "([^"]+)"', json.dumps(files)))
+
+
+def test_a_production_rendering_runs_the_image_pinned_by_digest_and_refuses_a_tag(tmp_path):
+    """Issue 27 point 14: the manifests named the image by a tag, which a push can move to other bytes.
+    `--image` takes a reference pinned by digest, and every container of every object runs it; a bare tag
+    is refused in one line, nothing written; deploy/kubernetes (the development rendering) is never its target."""
+    out, doc = tmp_path / "production", tmp_path / "kubernetes.md"
+    doc.write_text(DOC.read_text())
+    result = CliRunner().invoke(gen.main, ["--image", PINNED, "--out-dir", str(out), "--doc", str(doc)])
+    assert result.exit_code == 0, result.output
+    files = {path.name: list(yaml.safe_load_all(path.read_text())) for path in sorted(out.glob("*.yaml"))}
+    assert set(files) == set(load_all()) and images(files) == {PINNED}
+    assert images(load_all()) == {layout.IMAGE}   # the committed ones: the development tag
+    for tag in ("digitserve:0.1.0", "registry.example/digitserve", "digitserve@sha256:" + "0" * 63, "x@sha256:" + "G" * 64):
+        refused = CliRunner().invoke(gen.main, ["--image", tag, "--out-dir", str(tmp_path / "tag")])
+        assert refused.exit_code == 1 and "not pinned by digest" in refused.output, (tag, refused.output)
+        assert len(refused.output.strip().splitlines()) == 1 and not (tmp_path / "tag").exists()
+    over = CliRunner().invoke(gen.main, ["--image", PINNED])   # the default out dir: deploy/kubernetes
+    assert over.exit_code == 1 and "another --out-dir" in over.output, over.output
+    assert gen.differences() == []
+
+
 def test_the_autoscaling_target_is_a_share_of_the_measured_rate(tmp_path):
     results = json.loads(layout.BENCH_RESULTS.read_text())
     [row] = [name for name in results["serving"] if name.startswith(layout.BENCH_SERVING_ROW)]
@@ -351,6 +379,8 @@ def key_material(texts: dict[str, str]) -> list[str]:
             found.append(f"{name}: a Secret or PEM block")
         if re.search(r"Bearer [\w=-]", text):   # a key after it (config.production.properties' header shows `$(jq ...)`)
             found.append(f"{name}: an Authorization header with a key")
+        if re.search(rf'(\$hop_secret|{HOP_SECRET_HEADER})\s+"[^"]', text, re.I):   # the hop secret's value
+            found.append(f"{name}: the key hops' secret")
         for block in re.findall(r"map \$http_x_api_key \$client_allowed \{\n(.*?)\n\s*\}", text, re.S):
             entries = [line.split("#")[0].strip() for line in block.splitlines()]
             found += [f"{name}: map entry {entry}" for entry in entries
@@ -368,7 +398,7 @@ def test_no_manifest_holds_a_key(cluster):
     texts = manifest_texts()
     assert key_material(texts) == []
     secrets = {v["name"]: v["secret"]["secretName"] for v in pod_spec(cluster, layout.FRONTDOOR)["volumes"] if "secret" in v}
-    assert secrets == {"tls": layout.TLS_SECRET, "api-keys": layout.API_KEYS_SECRET}
+    assert secrets == {"tls": layout.TLS_SECRET, "api-keys": layout.API_KEYS_SECRET, "hop-secret": layout.HOP_SECRET_SECRET}
     mount = next(m for m in container(cluster, layout.FRONTDOOR)["volumeMounts"] if m["name"] == "api-keys")
     _, nginx_text = configmap_file(cluster, layout.FRONTDOOR, "config")
     assert f"include {mount['mountPath']}/{layout.API_KEYS_FILE};" in nginx_text and mount["readOnly"]
@@ -379,6 +409,29 @@ def test_no_manifest_holds_a_key(cluster):
         "default 0;", 'default 0;\n          "client-key-0123456789abcdef" 1;')}
     assert key_material(leaked) == ["frontdoor-config.yaml: map entry \"client-key-0123456789abcdef\" 1;"]
     assert key_material({"x.yaml": 'proxy_set_header Authorization "Bearer k";'}) != []
+    assert key_material({"x.yaml": hop_secret_text("0" * 64)}) != []
+    assert key_material({"x.yaml": f'proxy_set_header {HOP_SECRET_HEADER} "{"0" * 64}";'}) != []
+
+
+def test_both_pods_mount_the_hop_secret_and_no_config_map_holds_it(cluster):
+    """Issue 27 point 11: the pods' key hops (on the pod's address) require the front door's secret
+    header. The secret is a Secret made in the cluster (docs/kubernetes.md), mounted read-only in the
+    front door and in the replica's key hop (group-readable at most), included by both nginx configs:
+    the front door sends it, the hop command names the file; no ConfigMap holds a value."""
+    path = layout.HOP_SECRET_DIR / HOP_SECRET_FILE
+    for deployment, box in ((layout.FRONTDOOR, "nginx"), (layout.REPLICA, "key-hop")):
+        volumes = [v for v in pod_spec(cluster, deployment)["volumes"]
+                   if v.get("secret", {}).get("secretName") == layout.HOP_SECRET_SECRET]
+        assert len(volumes) == 1 and volumes[0]["secret"]["defaultMode"] & 0o337 == 0, (deployment, volumes)
+        mounts = [m for m in container(cluster, deployment, box)["volumeMounts"] if m["name"] == volumes[0]["name"]]
+        assert [(m["mountPath"], m["readOnly"]) for m in mounts] == [(str(layout.HOP_SECRET_DIR), True)], mounts
+    assert not [m for m in container(cluster, layout.REPLICA)["volumeMounts"] if m["mountPath"] == str(layout.HOP_SECRET_DIR)]
+    hop = container(cluster, layout.REPLICA, "key-hop")["command"]
+    assert hop[hop.index("--secret-file") + 1] == str(path)
+    _, nginx_text = configmap_file(cluster, layout.FRONTDOOR, "config")
+    assert f"include {path};" in nginx_text and f"proxy_set_header {HOP_SECRET_HEADER} $hop_secret;" in nginx_text
+    config_maps = {name: yaml.dump(obj["data"]) for (kind, name), obj in cluster.items() if kind == "ConfigMap"}
+    assert config_maps and key_material(config_maps) == []
 
 
 @pytest.mark.skipif(not Path("/usr/sbin/nginx").exists(), reason="needs nginx (make system)")
@@ -505,7 +558,7 @@ def test_management_and_metrics_stay_inside_the_namespace(cluster):
     policy = cluster[("NetworkPolicy", layout.REPLICA)]
     labels = cluster[("Deployment", layout.REPLICA)]["spec"]["template"]["metadata"]["labels"]
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
-    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert "Ingress" in policy["spec"]["policyTypes"]
     metrics = container_port(cluster, layout.REPLICA, "metrics")
     assert ports_open_outside_namespace(policy) == set()
     hop_rules = [rule for rule in policy["spec"]["ingress"]
@@ -523,6 +576,56 @@ def test_management_and_metrics_stay_inside_the_namespace(cluster):
     opened = copy.deepcopy(policy)   # the check can fail: one namespaceSelector opens them
     opened["spec"]["ingress"][1]["from"].append({"namespaceSelector": {}})
     assert metrics in ports_open_outside_namespace(opened)
+
+
+# The cluster's DNS pods as a peer, written out here (not read from deploy/): what kubeadm, kind, GKE and EKS label them.
+DNS_PEER = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}
+
+
+def egress_beyond(cluster: dict, deployment: str, allowed: list[tuple[dict, dict]]) -> list[str]:
+    """What the deployment's pods may reach beyond `allowed` (peer, port) pairs, by their policy."""
+    labels = cluster[("Deployment", deployment)]["spec"]["template"]["metadata"]["labels"]
+    policies = [policy for (kind, _), policy in cluster.items() if kind == "NetworkPolicy"
+                and policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+                and "Egress" in policy["spec"]["policyTypes"]]
+    if not policies:
+        return [f"{deployment}: no egress policy selects it: it may reach anything"]
+    found = []
+    for rule in (rule for policy in policies for rule in policy["spec"].get("egress", [])):
+        if "to" not in rule or "ports" not in rule:
+            found.append(f"{deployment}: a rule without `to` or `ports` opens every peer or port: {rule}")
+            continue
+        found += [f"{deployment}: {peer} port {port}" for peer in rule["to"] for port in rule["ports"]
+                  if (peer, port) not in allowed]
+    return found
+
+
+def allowed_egress(cluster: dict) -> dict[str, list[tuple[dict, dict]]]:
+    """Issue 27 point 14: the front door reaches the replica pods' key hop port and DNS; the replicas nothing."""
+    replica_pods = {"podSelector": {"matchLabels": cluster[("Deployment", layout.REPLICA)]["spec"]["selector"]["matchLabels"]}}
+    hop = {"port": container_port(cluster, layout.REPLICA, "key-hop"), "protocol": "TCP"}
+    dns = [(DNS_PEER, {"port": 53, "protocol": protocol}) for protocol in ("UDP", "TCP")]
+    return {layout.FRONTDOOR: [(replica_pods, hop), *dns], layout.REPLICA: []}
+
+
+def test_egress_the_front_door_reaches_the_key_hops_and_dns_the_replicas_nothing(cluster):
+    """Issue 27 point 14: no egress policy let a compromised pod reach anything (the cloud's metadata
+    service, the API server, the internet). The replicas fetch nothing (allowed_urls=^$; their key hop
+    and workers talk over loopback and Unix sockets, which `test_the_replica_serves_from_a_read_only_root_as_the_pod_does`
+    runs in a network namespace of loopback alone); the front door needs its upstream and the name of it."""
+    allowed = allowed_egress(cluster)
+    for deployment, pairs in allowed.items():
+        assert egress_beyond(cluster, deployment, pairs) == []
+
+    opened = copy.deepcopy(cluster)   # the check can fail: an open rule, a port more, a policy less
+    opened[("NetworkPolicy", layout.REPLICA)]["spec"]["egress"].append({"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]})
+    assert egress_beyond(opened, layout.REPLICA, allowed[layout.REPLICA]) != []
+    opened = copy.deepcopy(cluster)
+    opened[("NetworkPolicy", layout.FRONTDOOR)]["spec"]["egress"][0]["ports"].append({"port": 9081, "protocol": "TCP"})
+    assert egress_beyond(opened, layout.FRONTDOOR, allowed[layout.FRONTDOOR]) != []
+    opened[("NetworkPolicy", layout.FRONTDOOR)]["spec"]["policyTypes"] = ["Ingress"]
+    assert egress_beyond(opened, layout.FRONTDOOR, allowed[layout.FRONTDOOR]) != []
 
 
 # --- scaling and resources -------------------------------------------------------------------------
@@ -600,6 +703,15 @@ def test_the_dockerfile_builds_what_the_manifests_run(cluster):
     assert str(layout.HOP_DIR) in made.group(1).split() and str(layout.HOP_DIR) in made.group(2).split()
 
 
+def test_the_base_image_is_a_build_argument_the_docs_pin_by_digest():
+    """Issue 27 point 14: the base is a tag (no registry reachable here to read its digest, none invented);
+    `--build-arg BASE=...@sha256:...` pins it without editing the file, as docs/kubernetes.md says."""
+    steps = instructions(DOCKERFILE.read_text())
+    base = next(args for op, args in steps if op == "ARG" and args.startswith("BASE="))
+    assert steps.index(("FROM", "${BASE}")) > steps.index(("ARG", base)) and "@" not in base
+    assert re.search(r"--build-arg BASE=\S+@sha256:", DOC.read_text())
+
+
 NEEDS_NGINX = pytest.mark.skipif(shutil.which("openssl") is None or not Path("/usr/sbin/nginx").exists(),
                                  reason="needs nginx and openssl (make system)")
 
@@ -618,8 +730,11 @@ def pod_nginx_config(cluster: dict, tmp_path: Path, replace: dict[str, str] | No
     api_keys = tmp_path / "api-keys"          # the client keys Secret, as docs/kubernetes.md makes it
     api_keys.mkdir()
     (api_keys / layout.API_KEYS_FILE).write_text(client_keys_map(["client-key-0123456789abcdef"]))
+    hop_secret = tmp_path / "hop-secret"      # the hop secret, as docs/kubernetes.md makes it
+    hop_secret.mkdir()
+    (hop_secret / HOP_SECRET_FILE).write_text(hop_secret_text("0123456789abcdef" * 4))
     for old, new in {str(layout.FRONTDOOR_DIR): str(tmp_path / "frontdoor"), str(layout.TLS_DIR): str(tls),
-                     str(layout.API_KEYS_DIR): str(api_keys),
+                     str(layout.API_KEYS_DIR): str(api_keys), str(layout.HOP_SECRET_DIR): str(hop_secret),
                      f"{layout.INFERENCE_SERVICE}:": "127.0.0.1:", str(layout.APP_DIR): str(REPO_ROOT),
                      **(replace or {})}.items():
         text = text.replace(old, new)
@@ -676,6 +791,13 @@ def test_the_cluster_front_door_refuses_plain_http_and_opens_only_tls(cluster, t
     assert [port["port"] for rule in policy for port in rule["ports"]] == [door.tls_port], policy
 
 
+def hop_secret_file(tmp_path: Path) -> Path:
+    """A hop secret file as the Secret mounts it (docs/kubernetes.md makes one)."""
+    path = tmp_path / HOP_SECRET_FILE
+    path.write_text(hop_secret_text("0123456789abcdef" * 4))
+    return path
+
+
 def hop_config(tmp_path: Path, cluster: dict, token_auth: bool = True) -> Path:
     """The ConfigMap's config with the image's run dir under tmp_path (and token auth as asked)."""
     _, text = configmap_file(cluster, layout.REPLICA, "config")
@@ -694,9 +816,10 @@ def test_nginx_accepts_the_key_hop_the_pod_runs_and_it_adds_the_current_key(clus
     run_dir = tmp_path / "replica"
     run_dir.mkdir()
     config = hop_config(tmp_path, cluster)
-    hop = keyhop.plan(config, run_dir, tmp_path / "key-hop", int(port), address)
+    hop = keyhop.plan(config, run_dir, tmp_path / "key-hop", int(port), hop_secret_file(tmp_path), address)
     text = keyhop.write(hop, None).read_text()
     assert f"listen {address}:{port};" in text and 'Authorization "Bearer no-key-yet"' in text
+    assert f"include {hop.secret_file};" in text and "0123456789abcdef" not in text   # the secret stays in its file
     assert f"proxy_pass http://127.0.0.1:{ReplicaPorts.derived(0).inference};" in text
     text = keyhop.write(hop, "renewed-key").read_text()
     assert text.count('proxy_set_header Authorization "Bearer renewed-key";') == 1
@@ -707,9 +830,35 @@ def test_nginx_accepts_the_key_hop_the_pod_runs_and_it_adds_the_current_key(clus
 def test_the_key_hop_refuses_a_replica_without_token_auth_in_one_line(cluster, tmp_path):
     config = hop_config(tmp_path, cluster, token_auth=False)
     result = CliRunner().invoke(keyhop.main, ["--config", str(config), "--run-dir", str(tmp_path),
-                                              "--hop-dir", str(tmp_path / "hop"), "--port", "9086"])
+                                              "--hop-dir", str(tmp_path / "hop"), "--port", "9086",
+                                              "--secret-file", str(hop_secret_file(tmp_path))])
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert "turns token authorization off" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("text", ["", 'set $hop_secret "";\n', "0123456789abcdef" * 4 + "\n", None])
+def test_the_key_hop_refuses_an_empty_or_malformed_secret_in_one_line(cluster, tmp_path, text):
+    """An empty $hop_secret would equal the empty header of a request without one: refused before nginx starts."""
+    secret = tmp_path / HOP_SECRET_FILE
+    if text is not None:
+        secret.write_text(text)
+    result = CliRunner().invoke(keyhop.main, ["--config", str(hop_config(tmp_path, cluster)), "--run-dir", str(tmp_path),
+                                              "--hop-dir", str(tmp_path / "hop"), "--port", "9086",
+                                              "--secret-file", str(secret)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "hop secret" in result.output or "set $hop_secret" in result.output, result.output
+    assert not (tmp_path / "hop").exists()   # nothing rendered
+
+
+def test_the_docs_make_a_hop_secret_the_hop_accepts(tmp_path):
+    """docs/kubernetes.md's line that makes the Secret's file: run as written, one fresh 64-hex secret."""
+    [line] = [line for line in DOC.read_text().splitlines() if "openssl rand" in line and HOP_SECRET_FILE in line]
+    made = []
+    for _ in range(2):
+        (tmp_path / HOP_SECRET_FILE).unlink(missing_ok=True)
+        subprocess.run(["bash", "-c", line], cwd=tmp_path, check=True)
+        made.append(read_hop_secret(tmp_path / HOP_SECRET_FILE))
+    assert made[0] != made[1] and (tmp_path / HOP_SECRET_FILE).stat().st_mode & 0o077 == 0, made
 
 
 def test_without_a_footprint_the_generator_says_so_in_one_line(tmp_path, monkeypatch):
@@ -723,8 +872,10 @@ def test_without_a_footprint_the_generator_says_so_in_one_line(tmp_path, monkeyp
 # --- the pod's filesystem, for real ------------------------------------------------------------------
 # Inside a mount namespace of its own, every top-level directory but /tmp (the pod's /tmp emptyDir),
 # /dev, /proc and /sys is bound read-only onto itself: what a read-only root filesystem does to a writer.
+# And a network namespace of its own with loopback alone: what the replica's egress policy (none) leaves it.
 READ_ONLY_SETUP = r"""
 set -e
+ip link set lo up   # a network namespace of its own: loopback alone, as the replica's egress policy leaves it
 for top in /*; do
   case "$top" in /tmp|/dev|/proc|/sys) continue;; esac
   [ -d "$top" ] && [ ! -L "$top" ] || continue
@@ -737,13 +888,31 @@ exec "$@"
 # the pod's second container runs it); a prediction through the hop, the inference key renewed (as
 # `run` renews it), a prediction through the hop with the new key; then SIGTERM to both.
 POD_DRIVER = r"""
-import json, subprocess, sys, time, urllib.error
+import json, subprocess, sys, time, urllib.error, urllib.request
 from pathlib import Path
+from serving.fleet.frontdoor import read_hop_secret
 from serving.server.keys import KeyRenewer
-from serving.server.readiness import NotReady, check_ready, inference_key, probe_once, retry
-from serving.fleet.topology import Replica, ReplicaPorts
+from serving.server.readiness import NotReady, check_ready, inference_key, probe_image, probe_once, retry
+from serving.fleet.topology import HOP_SECRET_HEADER, Replica, ReplicaPorts
 run_dir, inference, management, hop_dir, hop_port = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4]), sys.argv[5]
 written = Path(sys.argv[6])   # somewhere read-only: writing it must fail
+secret_file = Path(sys.argv[7])   # the hop secret, where the Secret would mount it
+secret = read_hop_secret(secret_file)
+def through_hop(with_secret=True):   # the probe image to the hop, with the secret header or without
+    headers = {"Content-Type": "application/octet-stream", **({HOP_SECRET_HEADER: secret} if with_secret else {})}
+    sent = urllib.request.Request(f"http://127.0.0.1:{hop_port}/predictions/mnist", data=probe_image(), headers=headers)
+    try:
+        with urllib.request.urlopen(sent, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+    except (urllib.error.URLError, ConnectionError) as error:
+        raise NotReady(str(error)) from None
+def answered():
+    status, answer = through_hop()
+    if status != 200:
+        raise NotReady(f"{status}: {answer}")   # a reload with the renewed key in progress
+    return answer
 try:
     written.write_text("x")
     read_only = False
@@ -762,10 +931,11 @@ try:
     except NotReady as error:
         keyless = str(error)
     hop = subprocess.Popen([sys.executable, "-m", "serving.fleet.keyhop", "--config", str(replica.config), "--run-dir",
-                            str(run_dir), "--hop-dir", str(hop_dir), "--address", "127.0.0.1", "--port", hop_port],
+                            str(run_dir), "--hop-dir", str(hop_dir), "--address", "127.0.0.1", "--port", hop_port,
+                            "--secret-file", str(secret_file)],
                            stdout=open(run_dir / "hop.out", "wb"), stderr=subprocess.STDOUT)
-    hop_url = f"http://127.0.0.1:{hop_port}"
-    through_hop = retry(lambda: probe_once(hop_url), 30)
+    first = retry(answered, 30)
+    no_secret = through_hop(with_secret=False)
     old = inference_key(replica.key_file)
     KeyRenewer(replica.key_file, management, 3600, run_dir).renew("inference")
     new = inference_key(replica.key_file)
@@ -773,7 +943,7 @@ try:
         if f"Bearer {new}" not in (hop_dir / "nginx" / "nginx.conf").read_text():
             raise NotReady("the hop has not rendered the new key yet")
     retry(rendered, 10)
-    renewed = retry(lambda: probe_once(hop_url), 10)   # the old key is refused from the moment of renewal
+    renewed = retry(answered, 10)   # the old key is refused from the moment of renewal
 finally:
     if hop:
         hop.terminate()
@@ -781,17 +951,17 @@ finally:
     server.terminate()
     status = server.wait(60)
 print(json.dumps({"read_only": read_only, "ready": ready, "probe_rc": probe.returncode, "keyless": keyless,
-                  "digit": through_hop["digit"], "renewed": old != new and new is not None,
+                  "digit": first["digit"], "no_secret": no_secret, "renewed": old != new and new is not None,
                   "digit_renewed": renewed["digit"], "hop_exit": hop_exit, "exit": status}))
 """
 
 
 def can_make_mount_namespaces() -> str | None:
     """Why the pod's filesystem cannot be imitated here, or None."""
-    if shutil.which("unshare") is None or shutil.which("java") is None:
-        return "needs unshare and Java"
-    if subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True).returncode != 0:
-        return "cannot make a mount namespace (needs root, as CI is)"
+    if None in (shutil.which("unshare"), shutil.which("ip"), shutil.which("java")):
+        return "needs unshare, ip and Java"
+    if subprocess.run(["unshare", "-m", "-n", "--propagation", "private", "true"], capture_output=True).returncode != 0:
+        return "cannot make mount and network namespaces (needs root, as CI is)"
     return None
 
 
@@ -800,7 +970,9 @@ def can_make_mount_namespaces() -> str | None:
 def test_the_replica_serves_from_a_read_only_root_as_the_pod_does(cluster, exported, tmp_path):
     """The ConfigMap's config, run and probed with the pod's commands, with everything read-only but
     the run dir and /tmp: TorchServe, its workers, the probe and the key hop need no other place to
-    write; the hop answers with TorchServe's key, and again once that key is renewed.
+    write; the hop answers the front door's secret header with TorchServe's key (a request without it:
+    403), and again once that key is renewed. In a network namespace of loopback alone: the replica pod
+    needs no egress, not even DNS (issue 27 point 14).
     The only changes to the config: the image's paths, and free loopback ports for the pod's."""
 
     model_store = tmp_path / "model_store"
@@ -820,10 +992,10 @@ def test_the_replica_serves_from_a_read_only_root_as_the_pod_does(cluster, expor
     # and outside the checkout, which may itself sit under /tmp (a CI clone does).
     read_only_check = Path("/var/tmp") / f"digitserve-read-only-check-{os.getpid()}"
     read_only_check.unlink(missing_ok=True)
-    command = ["unshare", "-m", "--propagation", "private", "bash", "-c", READ_ONLY_SETUP, "bash",
+    command = ["unshare", "-m", "-n", "--propagation", "private", "bash", "-c", READ_ONLY_SETUP, "bash",
                sys.executable, "-c", POD_DRIVER, str(run_dir), loopback["inference_address"],
                loopback["management_address"], str(tmp_path / "key-hop"), str(ports[6]),
-               str(read_only_check)]
+               str(read_only_check), str(hop_secret_file(tmp_path))]
     # HOME on the writable side, as the image sets it to its /tmp emptyDir (ONNX Runtime writes ~/.cache).
     env = subprocess_env(HOME=str(tmp_path), PYTHONDONTWRITEBYTECODE="1")
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)
@@ -834,6 +1006,7 @@ def test_the_replica_serves_from_a_read_only_root_as_the_pod_does(cluster, expor
     assert outcome["ready"].startswith("ready: mnist") and outcome["probe_rc"] == 0
     assert outcome["keyless"] != "answered"   # token auth on: TorchServe refuses a request without the key
     assert outcome["digit"] == 1 and outcome["exit"] == 0   # the probe image is a drawn 1; SIGTERM: a clean stop
+    assert outcome["no_secret"] == [403, {"error": "this key hop serves the front door alone", "code": "forbidden"}]
     assert outcome["renewed"] and outcome["digit_renewed"] == 1 and outcome["hop_exit"] == 0, hop_log
     # Issue 27 point 5: its logs went to stdout alone (serving/server/log4j2-console.xml), no file
     # grew in the run dir (TorchServe's own config writes five .log files there).

@@ -116,6 +116,8 @@ def start(fleet: Fleet, archive: str | Path, timeout_s: float = START_TIMEOUT_S)
     write_state(fleet, state)
     try:
         frontdoor.make_certificate(fleet)
+        if fleet.token_auth:   # a fresh secret for the key hops at each start: an old one stops working
+            frontdoor.new_hop_secret(frontdoor.hop_secret_path(fleet))
         apply_front_door(fleet, state, reload=False)
     except FrontDoorError as error:
         raise FleetError(str(error)) from None

@@ -8,6 +8,7 @@ import ipaddress
 import os
 import pwd
 import re
+import secrets
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -15,8 +16,8 @@ from pathlib import Path
 
 from serving.handler.artifact import MODEL_NAME
 from serving.fleet.topology import (CLIENT_TIMEOUT_S, CONNECTIONS_PER_ADDRESS, EXPENSIVE_PATHS, EXPLAIN_BURST,
-                                     EXPLAIN_CONCURRENCY, EXPLAIN_RATE_PER_S, HOP_PATHS, KEEPALIVE_TIMEOUT_S, OPEN_PATHS,
-                                     WORKER_CONNECTIONS, Fleet, Replica)
+                                     EXPLAIN_CONCURRENCY, EXPLAIN_RATE_PER_S, HEARTBEAT_PATH, HOP_SECRET_HEADER,
+                                     KEEPALIVE_TIMEOUT_S, OPEN_PATHS, WORKER_CONNECTIONS, Fleet, Replica)
 from serving.web import WEB_DIR
 
 TEMPLATE = Path(__file__).resolve().with_name("nginx.conf.template")
@@ -44,6 +45,12 @@ PLAIN_HTTP_REFUSED = """        # Plain HTTP would carry client keys in the clea
         }"""
 ACCESS_LOG, ACCESS_LOG_MODE = "access.log", 0o640   # in nginx's dir (the template's access_log)
 CLIENT_KEYS_MAP = "client-keys.map"   # in nginx's dir: the allowed client keys as map entries, included
+# The secret the front door sends its key hops (HOP_SECRET_HEADER) as the one line nginx includes:
+# in the fleet a file of nginx's dir (0600, made afresh at each start), in a pod a Secret mounted in
+# both the front door's and the replica's pods. Never in a rendered config, never logged.
+HOP_SECRET_FILE = "hop-secret.conf"
+HOP_SECRET_LINE = re.compile(r'set \$hop_secret "([0-9a-f]{64})";\n?')
+HOP_SECRET_BYTES = 32   # 64 hex digits: 256 bits
 
 
 class FrontDoorError(Exception):
@@ -89,6 +96,45 @@ def include_line(path: object) -> str:
     return f"        include {path};"
 
 
+def hop_secret_text(secret: str) -> str:
+    """The hop secret file's one line: nginx's `set` of $hop_secret."""
+    return f'set $hop_secret "{secret}";\n'
+
+
+def new_hop_secret(path: Path) -> None:
+    """A fresh random secret into path (0600, replaced whole: a reload never reads half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    candidate = path.with_suffix(".new")
+    candidate.unlink(missing_ok=True)
+    write_private(candidate, hop_secret_text(secrets.token_hex(HOP_SECRET_BYTES)))
+    candidate.replace(path)
+
+
+def read_hop_secret(path: Path) -> str:
+    """The secret in a hop secret file; FrontDoorError when it is missing or not the one line
+    hop_secret_text writes (an empty secret would let a request without the header through)."""
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise FrontDoorError(f"cannot read the hop secret file {path}: {error.strerror}") from None
+    matched = HOP_SECRET_LINE.fullmatch(text)
+    if not matched:
+        raise FrontDoorError(f"{path} is not one line `set $hop_secret \"<64 hex digits>\";` "
+                             "(docs/kubernetes.md makes it)")
+    return matched.group(1)
+
+
+def hop_secret_lines(path: object) -> str:
+    """The front door's lines that send its hops the secret (in the location that proxies)."""
+    return (f"            include {path};   # set $hop_secret: the key hops refuse a request without it\n"
+            f"            proxy_set_header {HOP_SECRET_HEADER} $hop_secret;")
+
+
+def header_variable(header: str) -> str:
+    """nginx's variable for a request header: X-Hop-Secret -> $http_x_hop_secret."""
+    return "$http_" + header.lower().replace("-", "_")
+
+
 def check_origins(origins: tuple[str, ...]) -> None:
     for origin in origins:
         if not ORIGIN_PATTERN.fullmatch(origin):
@@ -118,12 +164,13 @@ def upstream_line(fleet: Fleet, replica: Replica, state: RotationState) -> str:
 
 @dataclass(frozen=True)
 class HopSite:
-    """One key hop's server block: where it listens, the replica's loopback port it reaches, and
-    the replica's current key (None: a placeholder TorchServe refuses)."""
+    """One key hop's server block: where it listens, the replica's loopback port it reaches, the
+    replica's current key (None: a placeholder TorchServe refuses), and the hop secret file it includes."""
     address: str
     port: int
     replica_port: int
     key: str | None
+    secret_file: Path
 
 
 def hop_server(site: HopSite, response_timeout_s: int) -> str:
@@ -133,14 +180,21 @@ def hop_server(site: HopSite, response_timeout_s: int) -> str:
     return fill(block, {"HOP_ADDRESS": site.address, "KEY_HOP_PORT": site.port,
                         "REPLICA_ADDRESS": f"127.0.0.1:{site.replica_port}", "INFERENCE_KEY": site.key or "no-key-yet",
                         "READ_TIMEOUT_S": response_timeout_s + READ_TIMEOUT_MARGIN_S,
-                        "HOP_PATHS": path_pattern(HOP_PATHS)})
+                        "OPEN_PATHS": path_pattern(OPEN_PATHS), "HEARTBEAT_PATH": HEARTBEAT_PATH,
+                        "HOP_SECRET_FILE": site.secret_file, "HOP_SECRET_HEADER": HOP_SECRET_HEADER,
+                        "HOP_SECRET_VARIABLE": header_variable(HOP_SECRET_HEADER)})
+
+
+def hop_secret_path(fleet: Fleet) -> Path:
+    return fleet.nginx_dir / HOP_SECRET_FILE
 
 
 def hop_sites(fleet: Fleet, state: RotationState) -> list[HopSite]:
     """The per-replica hop that adds its key: one per replica with token auth, none without."""
     if not fleet.token_auth:
         return []
-    return [HopSite("127.0.0.1", replica.ports.key_hop, replica.ports.inference, state.inference_keys.get(replica.name))
+    return [HopSite("127.0.0.1", replica.ports.key_hop, replica.ports.inference, state.inference_keys.get(replica.name),
+                    hop_secret_path(fleet))
             for replica in fleet.replicas]
 
 
@@ -170,6 +224,8 @@ def render(fleet: Fleet, state: RotationState, overrides: dict[str, object] | No
         "VARY": "        add_header Vary Origin always;" if door.origins else "",
         "CLIENT_DEFAULT": 0 if client_keys else 1,
         "CLIENT_KEYS": include_line(fleet.nginx_dir / CLIENT_KEYS_MAP) if client_keys else "",   # write_config writes it
+        # The upstreams are the key hops (token auth): they want the secret (write_config makes it).
+        "HOP_SECRET": hop_secret_lines(hop_secret_path(fleet)) if fleet.token_auth else "",
         "UPSTREAM_SERVERS": "\n".join(upstream_line(fleet, replica, state) for replica in fleet.replicas),
         "ADDRESS": door.address, "HTTP_PORT": door.http_port, "TLS_PORT": door.tls_port,
         "TLS_CERT": door.tls_cert or fleet.tls_dir / "cert.pem", "TLS_KEY": door.tls_key or fleet.tls_dir / "key.pem",
@@ -238,6 +294,8 @@ def install(nginx_dir: Path, text: str) -> Path:
 def write_config(fleet: Fleet, state: RotationState) -> Path:
     """The fleet's front door rendered and installed, with the client keys' map file it includes."""
     text = render(fleet, state)
+    if fleet.token_auth and not hop_secret_path(fleet).exists():   # start() makes a fresh one
+        new_hop_secret(hop_secret_path(fleet))
     if fleet.front_door.api_keys_file:   # what render's `include` names
         fleet.nginx_dir.mkdir(parents=True, exist_ok=True)
         write_private(fleet.nginx_dir / CLIENT_KEYS_MAP, client_keys_map(read_client_keys(fleet.front_door.api_keys_file)))

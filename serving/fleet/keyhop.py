@@ -3,14 +3,15 @@ key to every request it forwards, and the loop that keeps that key current. depl
 it as the replica pod's second container, on the same image:
 
     python -m serving.fleet.keyhop --config /srv/replica/config.properties --run-dir /srv/replica \\
-        --hop-dir /srv/key-hop --address 0.0.0.0 --port 9086
+        --hop-dir /srv/key-hop --address 0.0.0.0 --port 9086 --secret-file /etc/digitserve/hop-secret/hop-secret.conf
     key hop 0.0.0.0:9086 -> 127.0.0.1:9080, its key from /srv/replica/key_file.json
 
 The whole key-renewal path of a pod reads here: plan (the replica's config parsed once, its run dir,
 where the hop listens), render (the fleet's own hop server block, serving/fleet/frontdoor.py
 hop_server, inside nginx-key-hop.conf.template), write (`nginx -t`, then in place), follow (a new
 key in the key file: render, reload, and return once no old worker accepts, serving/fleet/rotation.py
-reloaded_workers). TorchServe
+reloaded_workers). It forwards only requests carrying the front door's secret header (the
+Secret both pods mount, included by nginx; checked here before nginx starts). TorchServe
 writes its keys into its working dir (the run dir, an emptyDir both containers mount) and
 `serving.server run` renews them at half their lifetime; the hop follows the file within
 KEY_POLL_S. The keys never leave the pod.
@@ -45,18 +46,21 @@ class KeyHopError(Exception):
 @dataclass(frozen=True)
 class KeyHop:
     """A replica pod's hop: the replica's config (parsed once), the replica itself (its run dir
-    holds the key file), where the hop listens, and nginx's own dir."""
+    holds the key file), where the hop listens, nginx's own dir, and the hop secret file nginx includes."""
     config: ReplicaConfig
     replica: Replica
     address: str
     nginx_dir: Path
+    secret_file: Path
 
     def site(self, key: str | None) -> HopSite:
-        return HopSite(self.address, self.replica.ports.key_hop, self.replica.ports.inference, key)
+        return HopSite(self.address, self.replica.ports.key_hop, self.replica.ports.inference, key, self.secret_file)
 
 
-def plan(config: Path, run_dir: Path, hop_dir: Path, port: int, address: str = "0.0.0.0") -> KeyHop:
-    """The hop for the replica config runs in run_dir; nginx's files go to hop_dir/nginx."""
+def plan(config: Path, run_dir: Path, hop_dir: Path, port: int, secret_file: Path, address: str = "0.0.0.0") -> KeyHop:
+    """The hop for the replica config runs in run_dir; nginx's files go to hop_dir/nginx; secret_file:
+    the front door's secret (frontdoor.hop_secret_text's line), checked here (FrontDoorError)."""
+    frontdoor.read_hop_secret(secret_file)
     properties = read_properties(config)
     inference = urlsplit(properties["inference_address"])
     parsed = replica_config(properties, config.resolve().parent)
@@ -66,7 +70,8 @@ def plan(config: Path, run_dir: Path, hop_dir: Path, port: int, address: str = "
         raise KeyHopError(f"{config}: inference_address {properties['inference_address']} is not loopback: "
                           "a client could go round the hop")
     ports = replace(ReplicaPorts.derived(0), inference=inference.port, key_hop=port)
-    return KeyHop(parsed, Replica("replica", ports, run_dir.resolve()), address, hop_dir.resolve() / "nginx")
+    return KeyHop(parsed, Replica("replica", ports, run_dir.resolve()), address, hop_dir.resolve() / "nginx",
+                  secret_file.resolve())
 
 
 def render(hop: KeyHop, key: str | None) -> str:
@@ -116,10 +121,12 @@ def run(hop: KeyHop, poll_s: float = KEY_POLL_S) -> int:
 @click.option("--hop-dir", required=True, type=click.Path(file_okay=False), help="Where nginx writes (hop-dir/nginx).")
 @click.option("--address", default="0.0.0.0", show_default=True, help="Where the hop listens.")
 @click.option("--port", required=True, type=click.IntRange(1, 65535))
-def main(config: str, run_dir: str, hop_dir: str, address: str, port: int) -> None:
-    """nginx that adds the replica's current inference key; exits when nginx does."""
+@click.option("--secret-file", required=True, type=click.Path(dir_okay=False),
+              help="The front door's secret, one `set $hop_secret \"...\";` line (a mounted Secret).")
+def main(config: str, run_dir: str, hop_dir: str, address: str, port: int, secret_file: str) -> None:
+    """nginx that adds the replica's current inference key to the front door's requests; exits when nginx does."""
     try:
-        hop = plan(Path(config), Path(run_dir), Path(hop_dir), port, address)
+        hop = plan(Path(config), Path(run_dir), Path(hop_dir), port, Path(secret_file), address)
         click.echo(f"key hop {address}:{port} -> {hop.replica.inference_url}, its key from {hop.replica.key_file}")
         status = run(hop)
     except (KeyHopError, FrontDoorError, FleetError, OSError) as error:

@@ -51,10 +51,11 @@ EXPLAIN_BURST = 2
 EXPLAIN_CONCURRENCY = 1
 # TorchServe's frontend heartbeat (the replica pod's liveness probe goes through its key hop).
 HEARTBEAT_PATH = "/ping"
-# What a key hop forwards with the replica's key: the front door's paths and the heartbeat; every
-# other path answers 404 there too, so a local process (or, in a pod, anyone who reaches the hop)
-# gets no more with the key than a client gets through the front door.
-HOP_PATHS = OPEN_PATHS + (HEARTBEAT_PATH,)
+# A key hop forwards the front door's paths (OPEN_PATHS) with the replica's key only to a request
+# carrying the fleet's secret in this header, which the front door alone adds (and the hop strips);
+# the heartbeat without it (the kubelet probes it). Every other path answers 404 there too, so a
+# local process (or, in a pod, anyone who reaches the hop) gets no prediction with the key at all.
+HOP_SECRET_HEADER = "X-Hop-Secret"
 # Paths the front door must refuse: what tests try, and what a deployment must not expose.
 CLOSED_PATHS = ("/models", f"/models/{MODEL_NAME}", "/metrics", "/workflows", f"/wfpredict/{MODEL_NAME}",
                 "/api-description", "/ping", f"/v2/models/{MODEL_NAME}", "/token")
