@@ -46,7 +46,7 @@ Result = TypeVar("Result")
 
 
 class Busy(Exception):
-    """Every worker answers and the queue is full: refuse now rather than hold the body."""
+    """Every worker is busy and the queue is full: refuse now rather than hold the body."""
 
     def body(self) -> dict:
         return {"error": str(self), "code": "busy"}
@@ -90,7 +90,7 @@ class AnswerPool:
 class DigitModel(kserve.Model):
     """The exported ONNX or TorchScript file with its model card; ready once loaded."""
 
-    def __init__(self, path: str, threads: int = 1, workers: int = 2, queue_size: int = 100):
+    def __init__(self, path: str, threads: int, workers: int, queue_size: int):
         super().__init__(MODEL_NAME)
         self.path, self.threads = path, threads
         self.pool = AnswerPool(workers, queue_size)
