@@ -160,11 +160,13 @@ def test_a_form_encoded_image_gets_the_same_hint(running_server, kserve_engine, 
 
 
 # The trust threshold decides is_digit; the 1,000 digits alone leave a gap around it (the nearest
-# of them scored 0.01 from it with the test recipe's model: a threshold moved by less goes
+# of them scored 0.0105 from it with a model of the test recipe: a threshold moved by less goes
 # unseen). Images made to score just above and just below it close that gap to STRADDLE_GAP.
 STRADDLE_GAP = 2e-3
 NOISE_MARGIN = 1e-5   # far above the engines' float differences (probabilities within 1e-6)
-STRADDLE_SIDE = 112   # blended at 4x MNIST's size: the 28x28 input averages 16 pixels, finer steps
+STRADDLE_PAIRS = ((0, 1), (2, 3), (1, 0), (3, 2))   # MNIST test images blended, tried in turn
+BISECTIONS = 24       # the blend weight to 2**-24: past the steps of 8-bit pixels
+STRADDLE_SIDE = 280   # blended at 10x MNIST's size: each of the 28x28 inputs averages 100 pixels, finer steps
 
 
 def blend(first: np.ndarray, second: np.ndarray, weight: float) -> bytes:
@@ -177,8 +179,8 @@ def blend(first: np.ndarray, second: np.ndarray, weight: float) -> bytes:
 
 def threshold_straddlers(artifact, first: np.ndarray, second: np.ndarray) -> dict[bool, tuple[bytes, float]]:
     """{True: (a PNG scoring just above the trust threshold, its distance), False: one just below}:
-    bisection on the blend of a digit (accepted) with another (their half-half mix is refused),
-    scored in this process with the artifact both engines load."""
+    bisection on the blend of a digit (accepted) with another (their half-half mix refused), scored
+    in this process with the artifact both engines load; {} when the two ends are not so."""
     from serving.handler.artifact import Trust, load
     from serving.handler.preprocess import preprocess_bytes
 
@@ -190,9 +192,10 @@ def threshold_straddlers(artifact, first: np.ndarray, second: np.ndarray) -> dic
         return float(trust.scores(run(pixels.astype(np.float32)))[0]) - trust.threshold
 
     accepted, refused = 0.0, 0.5
-    assert distance(blend(first, second, accepted)) > 0 > distance(blend(first, second, refused))
+    if not distance(blend(first, second, accepted)) > 0 > distance(blend(first, second, refused)):
+        return {}
     nearest: dict[bool, tuple[bytes, float]] = {}
-    for _ in range(40):
+    for _ in range(BISECTIONS):
         weight = (accepted + refused) / 2
         data = blend(first, second, weight)
         gap = distance(data)
@@ -204,9 +207,15 @@ def threshold_straddlers(artifact, first: np.ndarray, second: np.ndarray) -> dic
 
 
 def test_images_at_the_trust_threshold_get_the_same_is_digit(running_server, kserve_engine, exported, mnist_digits):
-    straddlers = threshold_straddlers(exported / TORCHSCRIPT_NAME, mnist_digits.images[0], mnist_digits.images[1])
-    gaps = {side: gap for side, (_, gap) in straddlers.items()}
-    assert gaps.keys() == {True, False} and max(gaps.values()) <= STRADDLE_GAP, gaps
+    tried = {}
+    for first, second in STRADDLE_PAIRS:   # the first pair whose blends come close enough on both sides
+        straddlers = threshold_straddlers(exported / TORCHSCRIPT_NAME, mnist_digits.images[first],
+                                          mnist_digits.images[second])
+        tried[first, second] = gaps = {side: gap for side, (_, gap) in straddlers.items()}
+        if gaps.keys() == {True, False} and max(gaps.values()) <= STRADDLE_GAP:
+            break
+    else:
+        pytest.fail(f"no blend of {STRADDLE_PAIRS} came within {STRADDLE_GAP} of the threshold: {tried}")
     for is_digit, (image, gap) in straddlers.items():
         (status, torchserve), (kserve_status, kserve) = both(running_server, kserve_engine,
                                                              f"/predictions/{MODEL_NAME}", image, OCTET)
