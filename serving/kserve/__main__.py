@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from .launcher import EngineError, start, stop
+from .launcher import DEFAULT_WORKERS, EngineError, start, stop
 
 ARTIFACT = click.option("--artifact", required=True, type=click.Path(exists=True, dir_okay=False),
                         help="What `make export` wrote: the .torchscript.pt, .onnx or .int8.onnx file.")
@@ -19,6 +19,8 @@ PORT = click.option("--port", default=8085, show_default=True, type=int, help="R
 GRPC_PORT = click.option("--grpc-port", default=8086, show_default=True, type=int,
                          help="Open Inference Protocol gRPC port (on the same address).")
 THREADS = click.option("--threads", default=1, show_default=True, type=int, help="Inference threads.")
+WORKERS = click.option("--workers", default=DEFAULT_WORKERS, show_default=True, type=click.IntRange(min=1),
+                       help="Requests answered at once, off the event loop; job_queue_size more wait (--config).")
 CONFIG = click.option("--config", default="config.properties", show_default=True,
                       type=click.Path(exists=True, dir_okay=False),
                       help="The TorchServe config whose request limits this engine keeps too.")
@@ -36,13 +38,14 @@ def main() -> None:
 @PORT
 @GRPC_PORT
 @THREADS
+@WORKERS
 @CONFIG
 @RUN_DIR
-def start_command(artifact: str, address: str, port: int, grpc_port: int, threads: int, config: str,
+def start_command(artifact: str, address: str, port: int, grpc_port: int, threads: int, workers: int, config: str,
                   run_dir: str) -> None:
     """Start in the background; return once ready."""
     try:
-        engine = start(artifact, run_dir, address, port, threads, config, grpc_port=grpc_port)
+        engine = start(artifact, run_dir, address, port, threads, config, grpc_port=grpc_port, workers=workers)
     except EngineError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"KServe ready on {engine.address} (pid {engine.pid}): POST /predictions/mnist, /v2/models/mnist/infer; "
@@ -62,12 +65,14 @@ def stop_command(run_dir: str) -> None:
 @PORT
 @GRPC_PORT
 @THREADS
+@WORKERS
 @CONFIG
-def run_command(artifact: str, address: str, port: int, grpc_port: int, threads: int, config: str) -> None:
+def run_command(artifact: str, address: str, port: int, grpc_port: int, threads: int, workers: int,
+                config: str) -> None:
     """Serve in the foreground until SIGTERM."""
     del sys.argv[1:]   # kserve.model_server parses sys.argv when imported: ours are not its flags
     from .server import serve
-    serve(artifact, address, port, grpc_port, threads, config)
+    serve(artifact, address, port, grpc_port, threads, workers, config)
 
 
 main()

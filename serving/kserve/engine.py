@@ -8,12 +8,22 @@ artifact.predictions and answer_body, the same functions the TorchServe handler 
 answers, is_digit, error codes and 4xx JSON are those of docs/serving.md. What KServe's own
 pydantic v2 route would answer differently (a 422 of FastAPI's shape for a bad envelope) never
 runs for this model.
+
+Each answer (decoding, preprocessing, the model) runs in the model's AnswerPool, off uvicorn's
+event loop, which also serves gRPC, readiness and metrics: one slow request holds one worker,
+not the server. A request that finds every worker busy and the queue full is refused at once with
+503 {"code": "busy"}, as TorchServe answers 503 past its job_queue_size.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import kserve
 import numpy as np
@@ -31,6 +41,15 @@ logger = logging.getLogger(__name__)
 DIGITS = Counter("digitserve_digit_predictions", "Answered images, by digit", ["digit"])
 NOT_DIGITS = Counter("digitserve_not_digit_images", "Answered images judged not a digit, by best guess", ["digit"])
 REJECTED = Counter("digitserve_requests_rejected", "Refused requests or images, by error code", ["code"])
+BUSY_STATUS = 503   # TorchServe's answer past job_queue_size; gRPC: UNAVAILABLE (grpc_server.STATUS_BY_HTTP)
+Result = TypeVar("Result")
+
+
+class Busy(Exception):
+    """Every worker is busy and the queue is full: refuse now rather than hold the body."""
+
+    def body(self) -> dict:
+        return {"error": str(self), "code": "busy"}
 
 
 @dataclass(frozen=True)
@@ -40,12 +59,41 @@ class Reply:
     body: dict
 
 
+class AnswerPool:
+    """Threads that answer requests off the event loop: `workers` at once, `queue_size` more
+    waiting (each holding its body, up to max_request_size), past that Busy. Decoding (Pillow),
+    numpy and torch release the GIL for their heavy parts, so the loop keeps answering meanwhile.
+    Slots are counted on the event loop's thread only (REST and gRPC share that loop): no lock."""
+
+    def __init__(self, workers: int, queue_size: int):
+        self.workers, self.queue_size = workers, queue_size
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="answer")
+        self.taken = 0
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold one of workers + queue_size places for a request's lifetime; Busy when none is left."""
+        if self.taken >= self.workers + self.queue_size:
+            REJECTED.labels("busy").inc()
+            raise Busy(f"the server is busy: {self.workers} requests in progress and {self.queue_size} "
+                       "waiting; try again shortly")
+        self.taken += 1
+        try:
+            yield
+        finally:
+            self.taken -= 1
+
+    async def run(self, function: Callable[..., Result], *args) -> Result:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+
+
 class DigitModel(kserve.Model):
     """The exported ONNX or TorchScript file with its model card; ready once loaded."""
 
-    def __init__(self, path: str, threads: int = 1):
+    def __init__(self, path: str, threads: int, workers: int, queue_size: int):
         super().__init__(MODEL_NAME)
         self.path, self.threads = path, threads
+        self.pool = AnswerPool(workers, queue_size)
 
     def load(self) -> bool:
         if is_onnx(self.path):
@@ -112,11 +160,18 @@ def add_routes(app, model: DigitModel, max_body_bytes: int) -> None:
     async def infer(request: Request) -> JSONResponse:
         if not model.ready:
             return JSONResponse({"error": "the model is still loading", "code": "not_ready"}, status_code=503)
+        try:
+            with model.pool.slot():   # taken before the body is read: a refused body is never read
+                return await answer(request)
+        except Busy as busy:
+            return JSONResponse(busy.body(), status_code=BUSY_STATUS)
+
+    async def answer(request: Request) -> JSONResponse:
         torchserve = await torchserve_request(request, max_body_bytes)
         if isinstance(torchserve, ImageError):
             REJECTED.labels(torchserve.code).inc()
             return JSONResponse(error_body(torchserve), status_code=http_status(torchserve))
-        reply = model.answer(torchserve, dict(request.headers))
+        reply = await model.pool.run(model.answer, torchserve, dict(request.headers))
         return JSONResponse(reply.body, status_code=reply.status)
 
     for path in (f"/predictions/{MODEL_NAME}", f"/v2/models/{MODEL_NAME}/infer"):

@@ -25,7 +25,7 @@ from kserve.utils.utils import to_headers
 
 from serving.handler.artifact import MODEL_NAME
 
-from .engine import DigitModel
+from .engine import BUSY_STATUS, Busy, DigitModel, Reply
 
 # The REST status of a refusal -> its gRPC status (the mapping of KServe's and Triton's v2 servers).
 STATUS_BY_HTTP = {400: grpc.StatusCode.INVALID_ARGUMENT, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -88,11 +88,19 @@ class DigitServicer(InferenceServicer):
         if not self.model.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 json.dumps({"error": "the model is still loading", "code": "not_ready"}))
-        reply = self.model.answer({"body": v2_document(request)}, to_headers(context))
+        try:
+            with self.model.pool.slot():
+                reply = await self.model.pool.run(self.answer, request, to_headers(context))
+        except Busy as busy:
+            reply = Reply(BUSY_STATUS, busy.body())
         if reply.status != 200:
             await context.abort(STATUS_BY_HTTP.get(reply.status, grpc.StatusCode.INVALID_ARGUMENT),
                                 json.dumps(reply.body))
         return infer_response(reply.body)
+
+    def answer(self, request: pb.ModelInferRequest, headers: dict) -> Reply:
+        """In the model's pool: base64 of up to max_request_size bytes is work for it too."""
+        return self.model.answer({"body": v2_document(request)}, headers)
 
 
 class DigitGrpcServer:

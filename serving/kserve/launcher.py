@@ -23,6 +23,7 @@ from serving.server.pids import our_process
 
 PID_NAME, LOG_NAME = "kserve.pid", "kserve.log"
 COMMAND_MARK = "serving.kserve run"   # what our process's command line holds
+DEFAULT_WORKERS = 2   # requests answered at once (engine.AnswerPool); docs/engines.md has the measurement
 
 
 class EngineError(Exception):
@@ -59,7 +60,7 @@ def ready(address: str) -> bool:
 
 def start(artifact: str | os.PathLike, run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8085,
           threads: int = 1, config: str | os.PathLike = "config.properties", timeout_s: float = 120.0,
-          grpc_port: int = 8086) -> Engine:
+          grpc_port: int = 8086, workers: int = DEFAULT_WORKERS) -> Engine:
     """Start the engine on host:port (gRPC on host:grpc_port) serving artifact; return once
     /v2/health/ready says so and the gRPC port takes connections."""
     run_dir = Path(run_dir)
@@ -67,7 +68,8 @@ def start(artifact: str | os.PathLike, run_dir: str | os.PathLike, host: str = "
         raise EngineError(f"KServe already runs from {run_dir} (pid {process.pid}): `make stop` first")
     run_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "serving.kserve", "run", "--artifact", str(artifact), "--address", host,
-               "--port", str(port), "--grpc-port", str(grpc_port), "--threads", str(threads), "--config", str(config)]
+               "--port", str(port), "--grpc-port", str(grpc_port), "--threads", str(threads), "--workers", str(workers),
+               "--config", str(config)]
     with open(run_dir / LOG_NAME, "ab") as log:
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  start_new_session=True)

@@ -49,13 +49,13 @@ def allow_page_origin(properties: dict) -> None:
                            allow_headers=properties.get("cors_allowed_headers", "").split(","))
 
 
-def serve(artifact: str, host: str, port: int, grpc_port: int, threads: int, config: str) -> None:
-    """Load the artifact, then serve it until SIGTERM or SIGINT, with the request limits and page
-    origin of the TorchServe config file (max_request_size, cors_*), so that both engines refuse
-    the same bodies and answer the same page."""
+def serve(artifact: str, host: str, port: int, grpc_port: int, threads: int, workers: int, config: str) -> None:
+    """Load the artifact, then serve it until SIGTERM or SIGINT, with the request limits, queue and
+    page origin of the TorchServe config file (max_request_size, job_queue_size, cors_*), so that
+    both engines refuse the same bodies, answer 503 past the same queue and answer the same page."""
     properties = read_properties(config)
     max_body_bytes = int(properties["max_request_size"])
-    model = DigitModel(artifact, threads)
+    model = DigitModel(artifact, threads, workers, int(properties["job_queue_size"]))
     model.load()
     add_routes(app, model, max_body_bytes)
     allow_page_origin(properties)
