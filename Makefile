@@ -191,7 +191,7 @@ serve: serve-$(ENGINE) ## Everything above as needed, then start TorchServe (or 
 serve-torchserve: java $(MAR) $(SAMPLES)/letter_k.png
 	$(BIN)/python -m serving.server start --config config.properties --run-dir $(RUN_DIR)
 
-serve-kserve: $(KSERVE_INSTALLED) $(SERVE_MODEL)
+serve-kserve: $(KSERVE_INSTALLED) $(SERVE_MODEL) $(SAMPLES)/letter_k.png
 	$(BIN)/python -m serving.kserve start --artifact $(SERVE_MODEL) --port $(KSERVE_PORT) \
 	    --grpc-port $(KSERVE_GRPC_PORT) --run-dir $(KSERVE_DIR)
 

@@ -82,6 +82,20 @@ def test_a_serve_model_whose_archive_fails_is_taken_back(tmp_path):
     assert archived(calls) == ["artifacts/mnist_cnn.int8.onnx", "artifacts/bad.onnx"], "nothing to rebuild"
 
 
+def test_both_engines_write_the_sample_images_the_readme_sends(tmp_path):
+    """`make serve` and `make serve ENGINE=kserve` each write samples/ (the README and docs/engines.md
+    send samples/digit_7.png next); the KServe one did not."""
+    for engine in ("torchserve", "kserve"):
+        (tmp_path / engine).mkdir()
+        work, venv, calls = scratch_copy(tmp_path / engine), fake_venv(tmp_path / engine), tmp_path / engine / "calls"
+        (venv / ".kserve-installed").touch()
+        (work / "requirements-kserve.lock").touch()
+        os.utime(work / "requirements-kserve.lock", (time.time() - 3600,) * 2)
+        exported_artifacts(work)
+        make(work, "serve", f"ENGINE={engine}", "DATA_DIR=data", venv=venv, env={"CALLS": str(calls)})
+        assert "training.samples" in calls.read_text(), (engine, calls.read_text())
+
+
 def test_a_first_serve_model_that_fails_leaves_the_default(tmp_path):
     work, venv, calls = scratch_copy(tmp_path), fake_venv(tmp_path), tmp_path / "calls"
     exported_artifacts(work)
