@@ -97,15 +97,17 @@ def served_shifts(model, data_dir: str, per_shift: int = PER_SHIFT, split: str =
             for name, shifted in shift_sets(images, labels, split, per_shift, first).items()}
 
 
-def measure_shifts(checkpoint_path: str, data_dir: str, per_shift: int = PER_SHIFT, split: str = "eval",
-                   served: dict[str, ServedShift] | None = None) -> dict:
-    """Every shift on per_shift digits of the split (or the shifts already served with this
-    checkpoint): rows, MNIST-C mean error (served and raw)."""
+def measure_shifts(checkpoint_path: str, data_dir: str, per_shift: int = PER_SHIFT, split: str = "eval") -> dict:
+    """Every shift on per_shift digits of the split: rows, MNIST-C mean error (served and raw)."""
     from export.artifacts import load_model
 
     model, saved = load_model(checkpoint_path)
-    trust = Trust.from_metadata(saved)
-    served = served if served is not None else served_shifts(model, data_dir, per_shift, split)
+    return shift_table(model, Trust.from_metadata(saved), served_shifts(model, data_dir, per_shift, split),
+                       per_shift, split)
+
+
+def shift_table(model, trust: Trust, served: dict[str, ServedShift], per_shift: int, split: str) -> dict:
+    """The rows and means of shifts already served with this model."""
     rows = {name: shift_row(model, trust, one) for name, one in served.items()}
     mnist_c = [row for row in rows.values() if row["kind"] == "mnist_c"]
     return {"per_shift": per_shift, "split": split, "rows": rows,

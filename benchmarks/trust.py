@@ -31,7 +31,7 @@ import numpy as np
 from serving.handler.artifact import ARTIFACTS_DIR, CHECKPOINT_NAME, TRUST_SCORES, Trust, artifact_path, softmax
 from benchmarks.fashion import FashionMissing, fashion_logits, measure_fashion
 from benchmarks.fashion import markdown_lines as fashion_markdown
-from benchmarks.shifted import PER_SHIFT, measure_shifts, served_shifts
+from benchmarks.shifted import PER_SHIFT, served_shifts, shift_table
 from benchmarks.shifted import markdown_lines as shift_markdown
 from benchmarks.thresholds import RuleSets, Scored, measure_rules, scored_shifts
 from benchmarks.thresholds import markdown_lines as threshold_markdown
@@ -161,7 +161,7 @@ def measure(data_dir: str, checkpoint: str = artifact_path(CHECKPOINT_NAME), bef
     results["reliability"] = reliability_bins(outputs, trust.temperature)
     model, _ = load_model(checkpoint)
     eval_shifts = served_shifts(model, data_dir, per_shift, "eval")
-    results["shifts"] = measure_shifts(checkpoint, data_dir, per_shift, served=eval_shifts)
+    results["shifts"] = shift_table(model, trust, eval_shifts, per_shift, "eval")
     fashion = None
     try:
         fashion = fashion_logits(model)
