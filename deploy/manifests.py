@@ -106,8 +106,8 @@ def nginx_config(fleet: Fleet) -> str:
         # its retries cannot reach another pod: a pod that fails its probe leaves the Service instead.
         "UPSTREAM_SERVERS": f"        server {INFERENCE_SERVICE}:{PORTS.key_hop};   # the Service: the pods' key hops",
         "TRIES": 1,
-        # As in the fleet: a kept-alive connection could outlive a hop's reload with a renewed key;
-        # and kube-proxy balances connections, not requests.
+        # kube-proxy balances connections, not requests: kept-alive ones would stay with the pods
+        # the front door met first (a pod's own hop keeps its connections to its replica alive).
         "KEEPALIVE": KEEPALIVE_OFF,
         # The allowed client keys: the API keys Secret, mounted; a request without one gets 401.
         "CLIENT_DEFAULT": 0,

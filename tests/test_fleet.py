@@ -374,6 +374,36 @@ def test_describe_and_explain_headers_from_a_client_never_reach_a_replica(fleet,
         assert status == 200 and set(answer) == set(plain) and answer["digit"] == 7, (headers, body[:300])
 
 
+def closed_connections(ports: set[int]) -> int:
+    """TCP sockets in TIME_WAIT with either end on one of ports (/proc/net/tcp*: state 06): what a
+    connection opened for one request and closed leaves behind for a minute."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, remote, state = line.split()[1:4]
+            if state == "06" and {int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16)} & ports:
+                count += 1
+    return count
+
+
+@server_test
+def test_the_front_door_keeps_its_connections_to_hops_and_replicas_alive(fleet, digit_7):
+    """Issue 27 (the front door must be cheap): a connection per request to each key hop and from
+    each hop to its replica cost a third of the front door's throughput. 30 requests one after
+    another leave (nearly) no closed connection on the hops' or the replicas' ports."""
+    ports = {port for replica in fleet.replicas for port in (replica.ports.key_hop, replica.ports.inference)}
+    before = closed_connections(ports)
+    client = http.client.HTTPConnection("127.0.0.1", fleet.front_door.http_port, timeout=30)
+    try:
+        for _ in range(30):
+            client.request("POST", f"/predictions/{MODEL_NAME}", digit_7, {"Content-Type": "application/octet-stream"})
+            response = client.getresponse()
+            assert response.status == 200 and json.loads(response.read())["digit"] == 7
+    finally:
+        client.close()
+    assert closed_connections(ports) - before <= 4
+
+
 @server_test
 def test_idle_connections_from_one_address_leave_the_door_open_to_another(fleet, digit_7):
     """Issue 27 point 4: more idle connections from 127.0.0.1 than the per-address limit and than

@@ -820,7 +820,8 @@ def test_nginx_accepts_the_key_hop_the_pod_runs_and_it_adds_the_current_key(clus
     text = keyhop.write(hop, None).read_text()
     assert f"listen {address}:{port};" in text and 'Authorization "Bearer no-key-yet"' in text
     assert f"include {hop.secret_file};" in text and "0123456789abcdef" not in text   # the secret stays in its file
-    assert f"proxy_pass http://127.0.0.1:{ReplicaPorts.derived(0).inference};" in text
+    inference = ReplicaPorts.derived(0).inference   # through an upstream that keeps its connections alive
+    assert f"server 127.0.0.1:{inference};" in text and f"proxy_pass http://replica_{port};" in text
     text = keyhop.write(hop, "renewed-key").read_text()
     assert text.count('proxy_set_header Authorization "Bearer renewed-key";') == 1
     assert (hop.nginx_dir / "nginx.conf").stat().st_mode & 0o077 == 0   # it holds the key

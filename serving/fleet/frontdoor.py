@@ -31,10 +31,14 @@ PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 READ_TIMEOUT_MARGIN_S = 30
 
 
+# Kept-alive connections to the replicas, or to their key hops: a new connection per request cost
+# the front door a third of its throughput (make bench's front-door rows). Safe across a key's
+# renewal: serving/fleet/rotation.py takes a replica whose key changes out of rotation for one
+# reload, so no worker of the config that still held the old key is left to reach its hop.
 KEEPALIVE_ON = "        keepalive 32;           # reuse connections to the replicas (needs HTTP/1.1 below)"
-# With the key hops, a kept-alive connection to a hop could outlive a reload: its far end stays in
-# an old nginx worker, which goes on sending the replica's old key. A new connection each time.
-KEEPALIVE_OFF = "        # no keepalive: each request reaches a hop of the current config (frontdoor.py)"
+# Kubernetes (deploy/manifests.py): kube-proxy balances connections, not requests; kept-alive
+# connections would pin the front door to the pods it met first. A new connection each time.
+KEEPALIVE_OFF = "        # no keepalive: kube-proxy spreads connections, so each request is one (deploy/manifests.py)"
 # Plain HTTP: the fleet (loopback) serves it as TLS; a front door reached over a network refuses
 # it (deploy/manifests.py): the client's key would cross in the clear. 426, nothing proxied.
 PLAIN_HTTP_SERVED = "        # plain HTTP served as TLS is: loopback (the cluster's front door refuses it)"
@@ -232,7 +236,7 @@ def render(fleet: Fleet, state: RotationState, overrides: dict[str, object] | No
         "WEB_DIR": WEB_DIR, "OPEN_PATHS": path_pattern(OPEN_PATHS), "EXPENSIVE_PATHS": path_pattern(EXPENSIVE_PATHS),
         "EXPLAIN_RATE_PER_S": EXPLAIN_RATE_PER_S, "EXPLAIN_BURST": EXPLAIN_BURST,
         "EXPLAIN_CONCURRENCY": EXPLAIN_CONCURRENCY,
-        "KEEPALIVE": KEEPALIVE_OFF if fleet.token_auth else KEEPALIVE_ON,
+        "KEEPALIVE": KEEPALIVE_ON,
         "WORKER_CONNECTIONS": WORKER_CONNECTIONS, "WORKER_FILES": 2 * WORKER_CONNECTIONS + 64,
         "CONNECTIONS_PER_ADDRESS": CONNECTIONS_PER_ADDRESS,
         "CLIENT_TIMEOUT_S": CLIENT_TIMEOUT_S, "KEEPALIVE_TIMEOUT_S": KEEPALIVE_TIMEOUT_S,
