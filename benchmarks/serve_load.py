@@ -182,11 +182,25 @@ def fleet_on_free_ports(workdir: Path, replicas: int, base_config: Path) -> Flee
                       tls_port=ports[-1], rate_limit_per_s=NO_RATE_LIMIT)
 
 
+FRONT_DOOR_WARM_UP_S = 5.0   # per row, at full load, discarded: the replicas' Java is still compiling for a minute
+FRONT_DOOR_ROUNDS = 2        # the rows measured in turn, twice: a drift of the machine touches each row alike
+
+
+def merged(results: list[LoadResult]) -> LoadResult:
+    """Runs of one row (the same load, in turn with the others) as one: requests added, the rate
+    their mean, each percentile the highest of the runs' (an upper bound of the whole's)."""
+    return LoadResult(results[0].connections, sum(r.duration_s for r in results), sum(r.requests for r in results),
+                      sum(r.requests_per_s for r in results) / len(results),
+                      {p: max(r.latency_ms.get(p, 0.0) for r in results) for p in results[0].latency_ms},
+                      sum(r.non_2xx for r in results), sum(r.socket_errors for r in results))
+
+
 def measure_front_door(serialized_file: str, connections: int = 16, duration_s: float = 5.0,
                        data_dir: str | None = None, replicas: int = 2,
                        base_config: Path = REPO_ROOT / "config.properties") -> dict[str, LoadResult]:
     """wrk at `connections` clients through a fleet's front door (HTTP, TLS) and straight to its
-    replicas (the clients spread over them), one row each (FRONT_DOOR_ROWS)."""
+    replicas (the clients spread over them), one row each (FRONT_DOOR_ROWS): after a warm-up of
+    each, the three measured in turn FRONT_DOOR_ROUNDS times, duration_s each time."""
     if shutil.which("wrk") is None:
         raise LoadToolMissing("wrk is not installed: apt-get install wrk")
     with tempfile.TemporaryDirectory(prefix="front_door_") as temp:
@@ -197,14 +211,19 @@ def measure_front_door(serialized_file: str, connections: int = 16, duration_s: 
         fleet_stage.start(fleet, archive)
         path = f"/predictions/{MODEL_NAME}"
         direct = [Target(f"{replica.inference_url}{path}", replica_headers(replica)) for replica in fleet.replicas]
+        loads = {FRONT_DOOR_ROWS[0]: lambda seconds: run_wrk(f"{fleet.front_door.http_url}{path}", image,
+                                                             connections, seconds, workdir),
+                 FRONT_DOOR_ROWS[1]: lambda seconds: run_wrk(f"{fleet.front_door.https_url}{path}", image,
+                                                             connections, seconds, workdir),
+                 FRONT_DOOR_ROWS[2]: lambda seconds: run_wrk_spread(direct, image, connections, seconds, workdir)}
         try:
-            results = {}
-            for row, url in zip(FRONT_DOOR_ROWS, (fleet.front_door.http_url, fleet.front_door.https_url)):
-                run_wrk(f"{url}{path}", image, 4, 2, workdir)   # warm-up, discarded
-                results[row] = run_wrk(f"{url}{path}", image, connections, duration_s, workdir)
-            run_wrk_spread(direct, image, 4, 2, workdir)
-            results[FRONT_DOOR_ROWS[2]] = run_wrk_spread(direct, image, connections, duration_s, workdir)
-            return results
+            for load in loads.values():
+                load(FRONT_DOOR_WARM_UP_S)
+            runs = {row: [] for row in loads}
+            for _ in range(FRONT_DOOR_ROUNDS):
+                for row, load in loads.items():
+                    runs[row].append(load(duration_s))
+            return {row: merged(results) for row, results in runs.items()}
         finally:
             fleet_stage.stop(fleet)
 

@@ -405,6 +405,21 @@ def test_the_front_door_keeps_its_connections_to_hops_and_replicas_alive(fleet, 
 
 
 @server_test
+def test_each_request_is_logged_once_by_the_front_door_not_again_by_its_hop(fleet, digit_7):
+    """The key hops log nothing: the front door's line names the hop (so the replica) that answered.
+    A second line per request, from the hop, cost a write each (the log is buffered: flushed within 1 s)."""
+    log = fleet.nginx_dir / frontdoor.ACCESS_LOG
+    lines = lambda: log.read_text().count(f"POST /predictions/{MODEL_NAME} ")
+    time.sleep(1.5)   # earlier tests' lines flushed
+    before = lines()
+    for _ in range(5):
+        assert request(front(fleet), digit_7)[0] == 200
+    wait_for(lambda: lines() >= before + 5, 10, 0.2, "five lines in the access log")
+    time.sleep(1.5)   # past the flush: a hop's lines would be there too
+    assert lines() == before + 5
+
+
+@server_test
 def test_idle_connections_from_one_address_leave_the_door_open_to_another(fleet, digit_7):
     """Issue 27 point 4: more idle connections from 127.0.0.1 than the per-address limit and than
     the old worker_connections (1,024); a client on 127.0.0.2 (loopback too) is still answered,
@@ -638,7 +653,7 @@ def raw_answer(url: str) -> tuple[int, dict, bytes]:
 
 # --- faults under bounded load ----------------------------------------------------------------------
 def answered_by(fleet: Fleet, port: int, after_offset: int) -> bool:
-    """nginx's access log shows a 200 from the replica on port since after_offset."""
+    """nginx's access log shows a 200 from the upstream on port (a replica's key hop) since after_offset."""
     with open(fleet.nginx_dir / "access.log", "rb") as log:
         log.seek(after_offset)
         return any(f"upstream=127.0.0.1:{port} upstream_status=200" in line
@@ -655,7 +670,7 @@ def test_a_killed_replica_loses_no_request_and_comes_back_into_rotation(fleet, d
         back = wait_for(lambda: (s := replicas_module.replica_status(victim))["ready"] and s["java_pid"] != killed and s,
                         240, what=f"{victim.name} restarted by supervisord")
         offset = (fleet.nginx_dir / "access.log").stat().st_size
-        wait_for(lambda: answered_by(fleet, victim.ports.inference, offset), 60,
+        wait_for(lambda: answered_by(fleet, victim.ports.key_hop, offset), 60,
                  what=f"nginx sending {victim.name} traffic again")
     report = load.report
     print(f"killed {victim.name}'s Java (pid {killed}); back as pid {back['java_pid']}; {report.sent} requests: "
