@@ -53,3 +53,16 @@ def test_the_key_follows_the_code_and_the_request(tmp_path):
     source.write_text("CLOSING_SHARE = 0.3\n")
     assert set_cache.set_key(request, set_cache.sources_digest([source]), []) != key
     assert {Path(s).name for s in synthetic.SOURCES} >= {"photo.py", "preprocess.py", "synthetic.py", "drawing.py"}
+
+
+def test_a_write_that_fails_midway_leaves_no_file_and_no_temp_file(cache, monkeypatch):
+    """A full disk mid-write: the set is still returned (the cache skipped), and neither the
+    final name nor a temp file is left in the cache (store reimplemented write_atomic without its clean-up)."""
+    def full_disk(out, **arrays):
+        out.write(b"PK\x03\x04 half a zip")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(set_cache.np, "savez", full_disk)
+    path = cache / "set-x.npz"
+    set_cache.store(path, {"images": np.zeros((2, 28, 28), np.uint8)}, {"n": 2})
+    assert list(cache.iterdir()) == []

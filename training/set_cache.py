@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import PIL
+
+from .durable import write_atomic
 
 CACHE_ENV = "DIGITSERVE_CACHE"
 OFF = "off"
@@ -69,14 +70,11 @@ def load(path: Path) -> tuple[dict[str, np.ndarray], dict] | None:
 
 
 def store(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
-    """Write atomically: concurrent ranks may race to store the same set; each renames a
-    complete file into place. A cache that cannot be written (read-only home) is skipped."""
+    """Write atomically (durable.write_atomic): concurrent ranks may race to store the same set;
+    each renames a complete file into place, and a failed write leaves no temp file behind. A
+    cache that cannot be written (read-only home) is skipped."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(handle, "wb") as out:
-            np.savez(out, meta=np.array(json.dumps(meta)), **arrays)
-        os.replace(temporary, path)
+        write_atomic(path, lambda out: np.savez(out, meta=np.array(json.dumps(meta)), **arrays))
     except OSError:
         return
 
