@@ -107,6 +107,18 @@ def test_the_template_renders_a_config_nginx_accepts_default_and_production(tmp_
     assert (production.nginx_dir / "nginx.conf").stat().st_mode & 0o077 == 0   # it holds keys
 
 
+def test_a_config_is_private_even_over_a_candidate_a_failed_run_left(tmp_path):
+    """nginx.conf holds the replicas' keys: 0600. A world-readable nginx.conf.new left behind (a
+    run killed between writing and renaming it) kept its mode under touch, and the config took it."""
+    plan = plan_on_free_ports(tmp_path / "fleet", REPO_ROOT / "config.properties")
+    stale = frontdoor.config_path(plan.nginx_dir).with_suffix(".new")
+    stale.parent.mkdir(parents=True)
+    stale.write_text("left behind")
+    stale.chmod(0o644)
+    nginx_accepts(plan, RotationState(inference_keys={"replica-0": "key-zero"}))
+    assert frontdoor.config_path(plan.nginx_dir).stat().st_mode & 0o077 == 0 and not stale.exists()
+
+
 @pytest.mark.parametrize("version", ["../../x", "1.0/../../mnist", "1.0?x=1", "", 2.0])
 def test_a_rollout_refuses_an_archive_whose_version_is_no_path_segment(tmp_path, version):
     """Issue 27 point 13: the version becomes a file name and a management API path; checked as

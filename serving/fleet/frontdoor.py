@@ -108,10 +108,7 @@ def hop_secret_text(secret: str) -> str:
 def new_hop_secret(path: Path) -> None:
     """A fresh random secret into path (0600, replaced whole: a reload never reads half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    candidate = path.with_suffix(".new")
-    candidate.unlink(missing_ok=True)
-    write_private(candidate, hop_secret_text(secrets.token_hex(HOP_SECRET_BYTES)))
-    candidate.replace(path)
+    private_candidate(path, hop_secret_text(secrets.token_hex(HOP_SECRET_BYTES))).replace(path)
 
 
 def read_hop_secret(path: Path) -> str:
@@ -278,6 +275,16 @@ def write_private(path: Path, text: str) -> None:
     path.write_text(text)
 
 
+def private_candidate(path: Path, text: str) -> Path:
+    """text in a new 0600 file beside path (path.new), for the caller to check and rename over
+    path: a reader never sees half a file. A candidate left by a failed run is made afresh (touch
+    would keep its mode)."""
+    candidate = path.with_suffix(".new")
+    candidate.unlink(missing_ok=True)
+    write_private(candidate, text)
+    return candidate
+
+
 def install(nginx_dir: Path, text: str) -> Path:
     """Write text as nginx_dir's config (private: it may hold the replicas' keys) once `nginx -t`
     accepts it; the config in place stays when it does not."""
@@ -285,8 +292,7 @@ def install(nginx_dir: Path, text: str) -> Path:
         raise FrontDoorError(f"no nginx at {NGINX}: `make nginx` installs it (apt-get install nginx)")
     prepare_dirs(nginx_dir)
     path = config_path(nginx_dir)
-    candidate = path.with_suffix(".new")
-    write_private(candidate, text)
+    candidate = private_candidate(path, text)
     checked = subprocess.run([NGINX, "-t", "-q", "-p", str(nginx_dir), "-c", str(candidate)],
                              capture_output=True, text=True)
     if checked.returncode != 0:
