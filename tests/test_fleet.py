@@ -117,6 +117,11 @@ def test_a_config_is_private_even_over_a_candidate_a_failed_run_left(tmp_path):
     stale.chmod(0o644)
     nginx_accepts(plan, RotationState(inference_keys={"replica-0": "key-zero"}))
     assert frontdoor.config_path(plan.nginx_dir).stat().st_mode & 0o077 == 0 and not stale.exists()
+    keys = tmp_path / "client-keys.map"   # any private file written over one that was readable
+    keys.write_text("old")
+    keys.chmod(0o644)
+    frontdoor.write_private(keys, "new")
+    assert keys.stat().st_mode & 0o077 == 0 and keys.read_text() == "new"
 
 
 @pytest.mark.parametrize("version", ["../../x", "1.0/../../mnist", "1.0?x=1", "", 2.0])

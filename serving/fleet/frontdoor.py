@@ -271,7 +271,9 @@ def prepare_dirs(nginx_dir: Path) -> None:
 
 
 def write_private(path: Path, text: str) -> None:
+    """text into path, readable by its owner alone (0600), whatever mode a file already there had."""
     path.touch(mode=0o600)
+    path.chmod(0o600)   # touch keeps an existing file's mode
     path.write_text(text)
 
 
