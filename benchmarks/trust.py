@@ -56,25 +56,40 @@ def train_before(data_dir: str, out: str = BEFORE_CHECKPOINT) -> str:
     return out
 
 
-def held_out_count(checkpoint: dict) -> int:
+def saved_config(checkpoint: dict):
+    """The checkpoint's TrainConfig (keys this code no longer knows left out)."""
     from training.config import TrainConfig
-    saved = {key: value for key, value in checkpoint["train_config"].items() if key in TrainConfig.__annotations__}
-    return TrainConfig(**saved).held_out_images
+    return TrainConfig(**{key: value for key, value in checkpoint["train_config"].items()
+                          if key in TrainConfig.__annotations__})
 
 
-def model_outputs(checkpoint_path: str, data_dir: str, sets: dict) -> tuple[dict, dict]:
-    """(logits per set name, the checkpoint) for MNIST val/test and the generated sets."""
+def held_out_count(checkpoint: dict) -> int:
+    return saved_config(checkpoint).held_out_images
+
+
+def recipe_summary(checkpoint: dict) -> dict:
+    """What TRUST.md's header says of the model's training: each setting as the run used it (a
+    setting left to the recipe's default is stored as None; here it is the value it stood for)."""
+    config = saved_config(checkpoint)
+    return {"epochs": config.epochs, "train_subset": config.train_subset,
+            "outlier_weight": config.outlier_loss_weight, "outlier_images": config.outlier_pool_images,
+            "synthetic_digits": config.synthetic_digit_count, "max_stroke_change": config.max_stroke_change,
+            "shift_share": config.shift_share, "val_images": config.held_out_images, "select_by": config.select_by}
+
+
+def model_outputs(model, checkpoint: dict, data_dir: str, sets: dict) -> dict:
+    """(logits, labels) per set name for MNIST val/test and the generated sets, from a model
+    load_model gave with its checkpoint."""
     from training.data import load_mnist
     from training.trust import model_logits
 
-    model, checkpoint = load_model(checkpoint_path)
     train_images, train_labels = load_mnist(data_dir, train=True)
     test_images, test_labels = load_mnist(data_dir, train=False)
     held_out = held_out_count(checkpoint)
     labelled = {"val": (train_images[-held_out:], train_labels[-held_out:].numpy()),
                 "mnist_test": (test_images, test_labels.numpy()),
                 **{name: (made.images, made.labels) for name, made in sets.items()}}
-    return {name: (model_logits(model, images), labels) for name, (images, labels) in labelled.items()}, checkpoint
+    return {name: (model_logits(model, images), labels) for name, (images, labels) in labelled.items()}
 
 
 def score_table(outputs: dict, sets: dict) -> dict:
@@ -143,12 +158,10 @@ def measure(data_dir: str, checkpoint: str = artifact_path(CHECKPOINT_NAME), bef
             per_category: int = PER_CATEGORY, per_style: int = PER_STYLE, per_shift: int = PER_SHIFT) -> dict:
     started = time.perf_counter()
     sets = generated_sets(per_category, per_style)
-    outputs, saved = model_outputs(checkpoint, data_dir, sets)
+    model, saved = load_model(checkpoint)
+    outputs = model_outputs(model, saved, data_dir, sets)
     trust = Trust.from_metadata(saved)
-    results = {"checkpoint": checkpoint, "trust": trust.as_dict(),
-               "train_config": {key: saved["train_config"].get(key) for key in
-                                ("epochs", "train_subset", "outlier_weight", "outlier_images", "synthetic_digits",
-                                 "max_stroke_change", "shift_share", "val_images", "select_by")},
+    results = {"checkpoint": checkpoint, "trust": trust.as_dict(), "train_config": recipe_summary(saved),
                "mnist_test_acc": float((outputs["mnist_test"][0].argmax(1) == outputs["mnist_test"][1]).mean()),
                "set_sizes": {name: len(made.images) for name, made in sets.items()},
                "blank": {name: made.blank for name, made in sets.items()},
@@ -159,7 +172,6 @@ def measure(data_dir: str, checkpoint: str = artifact_path(CHECKPOINT_NAME), bef
                "per_digit_errors_val": per_digit_errors(*outputs["real_world_val"],
                                                         sets["real_world_val"].categories)}
     results["reliability"] = reliability_bins(outputs, trust.temperature)
-    model, _ = load_model(checkpoint)
     eval_shifts = served_shifts(model, data_dir, per_shift, "eval")
     results["shifts"] = shift_table(model, trust, eval_shifts, per_shift, "eval")
     fashion = None
@@ -176,7 +188,7 @@ def measure(data_dir: str, checkpoint: str = artifact_path(CHECKPOINT_NAME), bef
         fashion=None if fashion is None else Scored(np.concatenate(list(fashion.logits.values())),
                                                     fashion.refused_before())))
     if before:
-        before_outputs, _ = model_outputs(before, data_dir, sets)
+        before_outputs = model_outputs(*load_model(before), data_dir, sets)
         results["before"] = {"checkpoint": before,
                              "per_digit_errors": per_digit_errors(*before_outputs["real_world"],
                                                                   sets["real_world"].categories),

@@ -246,3 +246,17 @@ def test_training_without_the_fonts_says_how_to_install_them(monkeypatch, tmp_pa
                                        "--out", str(tmp_path / "m.pt")])
     assert result.exit_code == 1, result.output
     assert "make fonts" in result.output and "Traceback" not in result.output
+
+
+def test_trust_md_names_the_recipe_as_run_never_null():
+    """TRUST.md's header printed null for every setting left to the recipe's default (outlier
+    weight and pool, synthetic digits, held-out images): it names the values the run used."""
+    from dataclasses import asdict
+
+    from benchmarks.trust import recipe_summary
+    from training.config import DEFAULT_OUTLIER_WEIGHT, DEFAULT_VAL_IMAGES, TrainConfig
+
+    summary = recipe_summary({"train_config": {**asdict(TrainConfig()), "a_setting_since_removed": 1}})
+    assert None not in summary.values(), summary
+    assert summary["val_images"] == DEFAULT_VAL_IMAGES and summary["outlier_weight"] == DEFAULT_OUTLIER_WEIGHT
+    assert recipe_summary({"train_config": asdict(TrainConfig(val_images=500))})["val_images"] == 500
