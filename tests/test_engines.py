@@ -455,3 +455,19 @@ def test_make_bench_writes_both_engines_rows_and_their_ratio_into_the_readme_blo
     assert "0.75x TorchServe's requests/s (slower" in block
     table = report.markdown(results)
     assert f"| {ENGINE_ROWS[1]} | 300 | 50.0 | 90.0 | 0 | 0 |" in table
+
+
+def test_the_engine_runs_torchscript_on_the_threads_it_is_given(exported):
+    """--threads reached ONNX Runtime only: a TorchScript file ran on torch's default (every
+    core) in each of the engine's answer threads, which oversubscribed the cores."""
+    import torch
+
+    from serving.kserve.engine import DigitModel
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        DigitModel(str(exported / TORCHSCRIPT_NAME), threads=1, workers=DEFAULT_WORKERS, queue_size=4).load()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

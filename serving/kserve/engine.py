@@ -27,6 +27,7 @@ from typing import TypeVar
 
 import kserve
 import numpy as np
+import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter
@@ -98,7 +99,9 @@ class DigitModel(kserve.Model):
     def load(self) -> bool:
         if is_onnx(self.path):
             self.run_model, self.metadata = load(self.path, "cpu", self.threads)
-        else:
+        else:   # as TorchServe's handler does: torch's threads per process, workers x threads = cores
+            if self.threads > 0:
+                torch.set_num_threads(self.threads)
             module, self.metadata = load_torchscript_module(self.path, "cpu")
             self.run_model = torch_runner(module, "cpu")
         self.mean, self.std = float(self.metadata["mean"]), float(self.metadata["std"])
