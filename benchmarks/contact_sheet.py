@@ -8,7 +8,6 @@ as digits and read right.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from training.captures import CAPTURES, captured
+from benchmarks.report import replace_block
 from benchmarks.trust import cpu_name
 from serving.handler.artifact import Trust
 from serving.handler.preprocess import ImageError, decode_image, preprocess_bytes
@@ -117,9 +117,7 @@ def markdown_block(results: list[KindResult], count: int, checkpoint: str, comma
 
 
 def write_block(block: str, page: Path = PAGE) -> None:
-    text = page.read_text()
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    page.write_text(pattern.sub(lambda _: block, text))
+    replace_block(page, BEGIN, END, block)
 
 
 @click.command()

@@ -1,8 +1,6 @@
 """Where the front door holds request bodies: nginx's memory or its body temp files (issue 27).
 
-    python -m benchmarks.nginx_bodies
-    client_body_buffer_size 16k (default): 64 bodies of 4,194,304 bytes held: worker RSS 4 -> 6 MiB, body temp files 256 MiB
-    client_body_buffer_size 4194304: 64 bodies of 4,194,304 bytes held: worker RSS 4 -> 261 MiB, body temp files 0 MiB
+    python -m benchmarks.nginx_bodies [--docs]   # --docs: its lines into docs/kubernetes.md too
 
 One client address sends CONNECTIONS_PER_ADDRESS bodies of max_request_size at once (what the front
 door lets one address hold in progress) through a real nginx (one worker) to an upstream that answers
@@ -94,16 +92,33 @@ http {{ access_log off; client_body_temp_path {temp_dir}; proxy_temp_path {root}
     return before / MIB, peak / MIB, held / MIB
 
 
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "kubernetes.md"
+BEGIN, END = "<!-- nginx-bodies:start -->", "<!-- nginx-bodies:end -->"
+
+
 @click.command()
 @click.option("--bodies", default=CONNECTIONS_PER_ADDRESS, show_default=True, help="Bodies held at once.")
 @click.option("--hold-s", default=3.0, show_default=True, help="How long the upstream holds each.")
-def main(bodies: int, hold_s: float) -> None:
+@click.option("--docs", "write_docs", is_flag=True, help=f"Also write the lines into {DOCS.name}'s block.")
+def main(bodies: int, hold_s: float, write_docs: bool) -> None:
     """Print nginx's memory and temp files with bodies buffered to files (default) and in memory."""
+    from benchmarks.report import replace_block
+    from benchmarks.trust import cpu_name
+
     body_bytes = int(read_properties(Path("config.properties"))["max_request_size"])
+    lines = []
     for buffer, name in (("16k", "16k (default)"), (str(body_bytes), str(body_bytes))):
         before, peak, held = measure(buffer, bodies, body_bytes, hold_s)
-        click.echo(f"client_body_buffer_size {name}: {bodies} bodies of {body_bytes:,} bytes held: worker RSS "
-                   f"{before:.0f} -> {peak:.0f} MiB, body temp files {held:.0f} MiB")
+        lines.append(f"client_body_buffer_size {name}: {bodies} bodies of {body_bytes:,} bytes held: worker RSS "
+                     f"{before:.0f} -> {peak:.0f} MiB, body temp files {held:.0f} MiB")
+        click.echo(lines[-1])
+    if write_docs:
+        heading = (f"  Written by `python -m benchmarks.nginx_bodies --docs` on {cpu_name()} "
+                   f"({len(os.sched_getaffinity(0))} cores), {time.strftime('%Y-%m-%d')}: one address holding "
+                   f"{bodies} requests in progress (`CONNECTIONS_PER_ADDRESS`, without the spool caps below) with "
+                   f"bodies of `max_request_size` to an upstream that answers after {hold_s:g} s:")
+        replace_block(DOCS, BEGIN, END, "\n".join([BEGIN, heading, *(f"  - {line}" for line in lines), END]))
+        click.echo(f"wrote {DOCS}")
 
 
 if __name__ == "__main__":

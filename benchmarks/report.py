@@ -2,6 +2,7 @@
 (benchmarks/run.py measures; `python -m benchmarks.run --report-only` rewrites from the file)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .serve_load import ENGINE_ROWS, FRONT_DOOR_ROWS
@@ -196,6 +197,15 @@ def markdown(results: dict) -> str:
 
 
 README = HERE.parent / "README.md"
+def replace_block(page: Path, begin: str, end: str, block: str) -> None:
+    """page's text from the begin marker to the end marker (both kept in block) replaced by block."""
+    text = page.read_text()
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise BenchError(f"{page} has no {begin} ... {end} block to fill")
+    page.write_text(pattern.sub(lambda _: block, text))
+
+
 README_BEGIN, README_END = "<!-- bench:begin (written by make bench) -->", "<!-- bench:end -->"
 
 
