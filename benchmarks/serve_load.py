@@ -175,6 +175,7 @@ NO_RATE_LIMIT = 1_000_000   # requests/s: wrk from one address must measure ngin
 
 
 def fleet_on_free_ports(workdir: Path, replicas: int, base_config: Path) -> Fleet:
+    workdir.chmod(0o711)   # a TemporaryDirectory is 0700: nginx's workers (nobody, under root) must enter it
     per_replica = len(fields(ReplicaPorts))
     ports = free_ports(replicas * per_replica + 2)
     replica_ports = [ReplicaPorts(*ports[i * per_replica:(i + 1) * per_replica]) for i in range(replicas)]

@@ -18,7 +18,7 @@ from deploy.layout import (API_KEYS_DIR, API_KEYS_SECRET, BENCH_RESULTS, BENCH_S
                            STARTUP_PERIOD_S, TARGET_CLIENTS, TARGET_SHARE, TLS_DIR, TLS_SECRET, TMP_DIR, USER_ID,
                            ManifestError)
 from serving.fleet.frontdoor import HOP_SECRET_FILE, nginx_command
-from serving.fleet.topology import DEFAULT_REPLICAS, Fleet
+from serving.fleet.topology import BODY_SPOOL_BYTES, DEFAULT_REPLICAS, Fleet
 from serving.server import server
 
 
@@ -236,7 +236,7 @@ def frontdoor_deployment(nginx_text: str, fleet: Fleet, image: str = IMAGE) -> d
                          hop_secret_mount()],
     }
     pod = {"automountServiceAccountToken": False, "securityContext": pod_security(), "containers": [container],
-           "volumes": [empty_dir("nginx", "64Mi"), empty_dir("nginx-tmp", "256Mi"),
+           "volumes": [empty_dir("nginx", "64Mi"), empty_dir("nginx-tmp", f"{BODY_SPOOL_BYTES // 2 ** 20}Mi"),
                        {"name": "config", "configMap": {"name": f"{FRONTDOOR}-config"}},
                        {"name": "tls", "secret": {"secretName": TLS_SECRET}},
                        {"name": "api-keys", "secret": {"secretName": API_KEYS_SECRET}}, hop_secret_volume()]}

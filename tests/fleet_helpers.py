@@ -14,13 +14,23 @@ from pathlib import Path
 
 from serving.handler.artifact import MODEL_NAME
 from serving.server.properties import free_ports
+from serving.fleet import frontdoor
 from serving.fleet.topology import Fleet, ReplicaPorts
 
 PORTS_PER_REPLICA = len(ReplicaPorts.__dataclass_fields__)
 
 
+def open_to_workers(run_dir: Path) -> None:
+    """o+x (enter, not list) on run_dir's parents that lack it, as the fleet asks (frontdoor.closed_parent)."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    while (closed := frontdoor.closed_parent(Path(run_dir) / "x")) is not None:
+        closed.chmod(closed.stat().st_mode | 0o001)
+
+
 def plan_on_free_ports(run_dir: Path, base_config: Path, replicas: int = 2, **front_door) -> Fleet:
-    """A fleet whose every port is free now (never the default 8088/8443/9080...)."""
+    """A fleet whose every port is free now (never the default 8088/8443/9080...), in a run dir
+    nginx's workers (nobody) may enter: pytest's temp dirs are closed to other users (0700)."""
+    open_to_workers(run_dir)
     ports = free_ports(replicas * PORTS_PER_REPLICA + 2)
     replica_ports = [ReplicaPorts(*ports[i * PORTS_PER_REPLICA:(i + 1) * PORTS_PER_REPLICA]) for i in range(replicas)]
     return Fleet.plan(replicas, run_dir, base_config, replica_ports=replica_ports,

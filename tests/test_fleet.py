@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import http.client
+import io
 import json
+import math
 import os
 import re
 import signal
@@ -30,7 +32,9 @@ from dataclasses import astuple
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
+from imaging import encode
 from fleet_helpers import PacedLoad, plan_on_free_ports, predictions, wait_for
 from http_client import request
 from repo import REPO_ROOT, subprocess_env
@@ -45,7 +49,8 @@ from serving.handler.artifact import MODEL_NAME, TORCHSCRIPT_NAME, read_metadata
 from serving.fleet.frontdoor import FrontDoorError, RotationState
 from serving.server.properties import listeners, read_properties, set_properties
 from serving.server.readiness import inference_key
-from serving.fleet.topology import CLIENT_TIMEOUT_S, CLOSED_PATHS, CONNECTIONS_PER_ADDRESS, HOP_SECRET_HEADER, Fleet
+from serving.fleet.topology import (CLIENT_TIMEOUT_S, CLOSED_PATHS, CONNECTIONS_PER_ADDRESS, HOP_SECRET_HEADER,
+                                     SPOOLED_BODIES_PER_ADDRESS, SPOOLED_BODY_BYTES, Fleet)
 
 LISTED_ORIGIN = "http://localhost:3000"
 RATE_LIMIT = 40            # requests/s per client address; the paced loads below stay well under it
@@ -460,6 +465,47 @@ def test_idle_connections_from_one_address_leave_the_door_open_to_another(fleet,
             sock.close()
 
 
+def spooling(port: int, source: str, length: int = 1_000_000) -> socket.socket:
+    """A request whose large body is still arriving: header and its first KiB sent, the rest never."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    sock.sendall(f"POST /predictions/{MODEL_NAME} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 f"Content-Type: application/octet-stream\r\nContent-Length: {length}\r\n\r\n".encode() + bytes(1024))
+    return sock
+
+
+@server_test
+def test_large_bodies_in_progress_are_capped_per_address_and_in_all(fleet, digit_7):
+    """Issue 27 point 5: nginx spools every body past 16 KiB to its temp files until the answer; in
+    a pod those fill the nginx-tmp emptyDir, and one address holding its 64 requests with 4 MiB
+    bodies filled its 256 MiB and had the pod evicted. Bodies of SPOOLED_BODY_BYTES or more count:
+    SPOOLED_BODIES_PER_ADDRESS per address, spooled_bodies() in all; past either, 429 JSON, while
+    a small body from the same address is still answered."""
+    port = fleet.front_door.http_port
+    large = encode(Image.open(io.BytesIO(digit_7)).convert("RGB").resize((80, 80)), "BMP")   # a digit, as a body over SPOOLED_BODY_BYTES
+    assert len(large) >= SPOOLED_BODY_BYTES > len(digit_7)
+    send = lambda body, source: raw_request(port, f"/predictions/{MODEL_NAME}",
+                                            [("Content-Type", "application/octet-stream")], body, source=source)
+    total = frontdoor.spooled_bodies(fleet.config.max_body_bytes)
+    sources = [f"127.0.0.{20 + index}" for index in range(math.ceil(total / SPOOLED_BODIES_PER_ADDRESS) + 1)]
+    held = []
+    try:
+        held += [spooling(port, sources[0]) for _ in range(SPOOLED_BODIES_PER_ADDRESS)]
+        time.sleep(0.5)
+        status, body = send(large, sources[0])
+        assert status == 429 and json.loads(body)["code"] == "rate_limited", (status, body[:200])
+        assert send(digit_7, sources[0])[0] == 200      # small bodies are not counted
+        assert send(large, sources[1])[0] == 200        # another address still sends large ones
+        for source in sources[1:]:                       # fill the front door's spool from other addresses
+            held += [spooling(port, source) for _ in range(min(SPOOLED_BODIES_PER_ADDRESS, total - len(held)))]
+        time.sleep(0.5)
+        assert len(held) == total
+        assert send(large, sources[-1])[0] == 429
+        assert send(digit_7, sources[-1])[0] == 200
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def cors_headers(url: str, origin: str, image: bytes, key: str | None = None) -> dict:
     headers = {"Origin": origin, "Content-Type": "application/octet-stream"}
     if key:
@@ -863,3 +909,16 @@ def test_the_page_from_the_front_door_gets_an_answer_with_no_cors(fleet):
             assert page.text_content("#answer").strip() == "1"
         finally:
             browser.close()
+
+
+def test_a_fleet_under_a_directory_its_nginx_workers_cannot_enter_is_refused_in_one_line(tmp_path):
+    """Started as root, nginx's workers run as nobody and spool every body past 16 KiB under the
+    fleet's run dir: below a 0700 directory (pytest's own, a home) each such body got a 500 while
+    small ones passed. The fleet refuses to start there, naming the directory."""
+    closed = tmp_path / "closed"
+    plan = plan_on_free_ports(closed / "fleet", REPO_ROOT / "config.properties")
+    closed.chmod(0o700)
+    if os.geteuid() != 0:
+        pytest.skip("only a root-started nginx hands its work to nobody")
+    with pytest.raises(FrontDoorError, match=f"{closed} is closed to other users"):
+        nginx_accepts(plan)

@@ -37,6 +37,7 @@ from serving.server.properties import PRODUCTION_OVERRIDES, free_ports, read_pro
 from serving.fleet.topology import HOP_SECRET_HEADER, Fleet, FrontDoor, ReplicaPorts
 
 import kserve_crd
+from fleet_helpers import plan_on_free_ports
 from repo import REPO_ROOT, subprocess_env
 
 KUBERNETES_VERSION = "1.33.0"   # the one version the manifests are checked against (strict: no unknown fields)
@@ -440,9 +441,7 @@ def test_the_fleets_nginx_config_includes_its_client_keys_as_the_cluster_does(tm
     and holds no key itself; `nginx -t` (in write_config) accepts both."""
     keys = tmp_path / "client-keys.txt"
     keys.write_text("# allowed clients\nclient-key-0123456789abcdef\n")
-    fleet = Fleet.plan(1, run_dir=tmp_path / "fleet", base_config=REPO_ROOT / "config.properties",
-                       replica_ports=[ReplicaPorts(*free_ports(7))], http_port=free_ports(1)[0],
-                       tls_port=free_ports(1)[0], api_keys_file=keys)
+    fleet = plan_on_free_ports(tmp_path / "fleet", REPO_ROOT / "config.properties", replicas=1, api_keys_file=keys)
     make_certificate(fleet)
     text = write_config(fleet, RotationState()).read_text()
     included = fleet.nginx_dir / CLIENT_KEYS_MAP

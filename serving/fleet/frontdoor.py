@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving.handler.artifact import MODEL_NAME
-from serving.fleet.topology import (CLIENT_TIMEOUT_S, CONNECTIONS_PER_ADDRESS, EXPENSIVE_PATHS, EXPLAIN_BURST,
-                                     EXPLAIN_CONCURRENCY, EXPLAIN_RATE_PER_S, HEARTBEAT_PATH, HOP_SECRET_HEADER,
-                                     KEEPALIVE_TIMEOUT_S, OPEN_PATHS, WORKER_CONNECTIONS, Fleet, Replica)
+from serving.fleet.topology import (BODY_SPOOL_BYTES, CLIENT_TIMEOUT_S, CONNECTIONS_PER_ADDRESS, EXPENSIVE_PATHS,
+                                     EXPLAIN_BURST, EXPLAIN_CONCURRENCY, EXPLAIN_RATE_PER_S, HEARTBEAT_PATH,
+                                     HOP_SECRET_HEADER, KEEPALIVE_TIMEOUT_S, OPEN_PATHS, SPOOLED_BODIES_PER_ADDRESS,
+                                     SPOOLED_BODY_BYTES, WORKER_CONNECTIONS, Fleet, Replica)
 from serving.web import WEB_DIR
 
 TEMPLATE = Path(__file__).resolve().with_name("nginx.conf.template")
@@ -199,6 +200,12 @@ def hop_sites(fleet: Fleet, state: RotationState) -> list[HopSite]:
             for replica in fleet.replicas]
 
 
+def spooled_bodies(max_body_bytes: int) -> int:
+    """Bodies the front door spools at once, in all: what fits in BODY_SPOOL_BYTES at the largest
+    body, a quarter left for the headroom a filesystem needs."""
+    return max(1, BODY_SPOOL_BYTES * 3 // 4 // max_body_bytes)
+
+
 def path_pattern(paths: tuple[str, ...]) -> str:
     """An anchored nginx regex matching exactly these paths."""
     return "^(" + "|".join(re.escape(path) for path in paths) + ")$"
@@ -236,6 +243,8 @@ def render(fleet: Fleet, state: RotationState, overrides: dict[str, object] | No
         "KEEPALIVE": KEEPALIVE_ON,
         "WORKER_CONNECTIONS": WORKER_CONNECTIONS, "WORKER_FILES": 2 * WORKER_CONNECTIONS + 64,
         "CONNECTIONS_PER_ADDRESS": CONNECTIONS_PER_ADDRESS,
+        "SPOOLED_BODIES_PER_ADDRESS": SPOOLED_BODIES_PER_ADDRESS, "SPOOLED_BODY_BYTES": SPOOLED_BODY_BYTES,
+        "SPOOLED_BODIES": spooled_bodies(fleet.config.max_body_bytes),
         "CLIENT_TIMEOUT_S": CLIENT_TIMEOUT_S, "KEEPALIVE_TIMEOUT_S": KEEPALIVE_TIMEOUT_S,
         "TRIES": len(fleet.replicas) + 1, "NEXT_UPSTREAM_S": timeout_s + READ_TIMEOUT_MARGIN_S,
         **(overrides or {}),
@@ -252,6 +261,14 @@ def config_path(nginx_dir: Path) -> Path:
 
 def nginx_command(nginx_dir: Path, *args: str) -> list[str]:
     return [NGINX, "-p", str(nginx_dir), "-c", str(config_path(nginx_dir)), *args]
+
+
+def closed_parent(path: Path) -> Path | None:
+    """The first directory above path that other users may not enter (no o+x), or None."""
+    for parent in Path(path).resolve().parents:
+        if not parent.stat().st_mode & 0o001:
+            return parent
+    return None
 
 
 def prepare_dirs(nginx_dir: Path) -> None:
@@ -304,7 +321,14 @@ def install(nginx_dir: Path, text: str) -> Path:
 
 
 def write_config(fleet: Fleet, state: RotationState) -> Path:
-    """The fleet's front door rendered and installed, with the client keys' map file it includes."""
+    """The fleet's front door rendered and installed, with the client keys' map file it includes.
+    Started as root, its workers run as nobody: under a directory nobody may not enter, every body
+    past 16 KiB (spooled to nginx's temp dir) would be answered 500, so that is refused here."""
+    nginx_tmp = fleet.nginx_dir / "tmp"
+    nginx_tmp.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0 and (closed := closed_parent(nginx_tmp / "body")):
+        raise FrontDoorError(f"nginx's workers run as nobody and cannot reach {nginx_tmp}, where they keep request "
+                             f"bodies: {closed} is closed to other users (chmod o+x it, or run the fleet elsewhere)")
     text = render(fleet, state)
     if fleet.token_auth and not hop_secret_path(fleet).exists():   # start() makes a fresh one
         new_hop_secret(hop_secret_path(fleet))

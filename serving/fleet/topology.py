@@ -35,6 +35,15 @@ DEFAULT_RATE_LIMIT = 100
 # before CLIENT_TIMEOUT_S closes them. Both the fleet and the Kubernetes front door render these.
 CONNECTIONS_PER_ADDRESS = 64
 WORKER_CONNECTIONS = 8192
+# Bodies past nginx's client_body_buffer_size (16k) are spooled to its body temp files until the
+# answer (a retry may need them); in a pod those fill the nginx-tmp emptyDir, whose limit evicts the
+# pod. So every body of SPOOLED_BODY_BYTES or more (or of unknown length: chunked) counts against two
+# caps: at most SPOOLED_BODIES_PER_ADDRESS per client address, and at most what fits in
+# BODY_SPOOL_BYTES (the emptyDir's sizeLimit, deploy/objects.py) at max_request_size each, in all.
+# Past either, 429; small bodies (a digit's PNG) are never counted.
+SPOOLED_BODY_BYTES = 10_000      # five digits of Content-Length: the nginx map's pattern
+SPOOLED_BODIES_PER_ADDRESS = 8
+BODY_SPOOL_BYTES = 256 * 2 ** 20
 CLIENT_TIMEOUT_S = 10       # to send a request's header, each piece of its body, or read an answer
 KEEPALIVE_TIMEOUT_S = 15    # an idle kept-alive client connection
 # What the front door forwards (nginx regexes, anchored); every other path answers 404:
