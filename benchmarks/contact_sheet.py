@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from training.captures import CAPTURES, captured
 from benchmarks.report import replace_block
-from benchmarks.trust import cpu_name
+from benchmarks.host import cpu_name
 from serving.handler.artifact import Trust
 from serving.handler.preprocess import ImageError, decode_image, preprocess_bytes
 from training.data import DATA_DIR_ENV, MNIST_MEAN, MNIST_STD, load_mnist

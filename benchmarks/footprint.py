@@ -28,6 +28,7 @@ import click
 import psutil
 import torch
 
+from benchmarks.host import cpu_name
 from serving.server import server
 from serving.server.archive import ArchiveError, build_archive
 from serving.handler.artifact import TORCHSCRIPT_NAME, artifact_path
@@ -129,8 +130,7 @@ def ready_probe_rss(replica: Replica) -> float:
 
 
 def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
+    model = cpu_name()
     java = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()
     return {"cpu": model, "cores": len(os.sched_getaffinity(0)),
             "memory_gib": round(psutil.virtual_memory().total / 1024 ** 3, 1),

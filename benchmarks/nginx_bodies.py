@@ -103,7 +103,7 @@ BEGIN, END = "<!-- nginx-bodies:start -->", "<!-- nginx-bodies:end -->"
 def main(bodies: int, hold_s: float, write_docs: bool) -> None:
     """Print nginx's memory and temp files with bodies buffered to files (default) and in memory."""
     from benchmarks.report import replace_block
-    from benchmarks.trust import cpu_name
+    from benchmarks.host import cpu_name
 
     body_bytes = int(read_properties(Path("config.properties"))["max_request_size"])
     lines = []

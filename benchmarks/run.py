@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from serving.handler.artifact import (ARTIFACTS_DIR, CHECKPOINT_NAME, INT8_NAME,
                                       load, time_batched, torch_runner)
 from training.data import DATA_DIR_ENV, load_mnist, preprocess_metadata
 
+from .host import cpu_name
 from .serve_load import SERVING_ERRORS, ServeSettings, measure as measure_serving, measure_engines, measure_front_door
 from .report import BenchError, markdown, plot, update_readme
 from .workloads import (BATCH_SIZES, DEFAULT, MANY_CLIENTS, OURS_TRAIN_IMAGES, SERVE_CLIENTS, TEXTBOOK,
@@ -42,8 +42,7 @@ def spread(values: list[float]) -> dict:
 
 
 def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
+    model = cpu_name()
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(cores)
     gemm = {}

@@ -29,6 +29,7 @@ import click
 import numpy as np
 
 from serving.handler.artifact import ARTIFACTS_DIR, CHECKPOINT_NAME, TRUST_SCORES, Trust, artifact_path, softmax
+from benchmarks.host import cpu_name
 from benchmarks.fashion import FashionMissing, fashion_logits, measure_fashion
 from benchmarks.fashion import markdown_lines as fashion_markdown
 from benchmarks.shifted import PER_SHIFT, served_shifts, shift_table
@@ -295,11 +296,6 @@ def readme_lines(results: dict) -> list[str]:
             f"| ECE (15 bins) MNIST test / real-world, T=1 -> T={t:g} | "
             f"{calibration['mnist_test']['ece_t1']:.4f} / {calibration['real_world']['ece_t1']:.4f} -> "
             f"{calibration['mnist_test'][f'ece_t{t:g}']:.4f} / {calibration['real_world'][f'ece_t{t:g}']:.4f} |"]
-
-
-def cpu_name() -> str:
-    return next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")), "unknown CPU")
 
 
 def write(results: dict, out_dir: Path, command: str) -> None:
