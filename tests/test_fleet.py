@@ -478,14 +478,14 @@ def test_large_bodies_in_progress_are_capped_per_address_and_in_all(fleet, digit
     """Issue 27 point 5: nginx spools every body past 16 KiB to its temp files until the answer; in
     a pod those fill the nginx-tmp emptyDir, and one address holding its 64 requests with 4 MiB
     bodies filled its 256 MiB and had the pod evicted. Bodies of SPOOLED_BODY_BYTES or more count:
-    SPOOLED_BODIES_PER_ADDRESS per address, spooled_bodies() in all; past either, 429 JSON, while
+    SPOOLED_BODIES_PER_ADDRESS per address, ReplicaConfig.spooled_bodies in all; past either, 429 JSON, while
     a small body from the same address is still answered."""
     port = fleet.front_door.http_port
     large = encode(Image.open(io.BytesIO(digit_7)).convert("RGB").resize((80, 80)), "BMP")   # a digit, as a body over SPOOLED_BODY_BYTES
     assert len(large) >= SPOOLED_BODY_BYTES > len(digit_7)
     send = lambda body, source: raw_request(port, f"/predictions/{MODEL_NAME}",
                                             [("Content-Type", "application/octet-stream")], body, source=source)
-    total = frontdoor.spooled_bodies(fleet.config.max_body_bytes)
+    total = fleet.config.spooled_bodies
     sources = [f"127.0.0.{20 + index}" for index in range(math.ceil(total / SPOOLED_BODIES_PER_ADDRESS) + 1)]
     held = []
     try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving.handler.artifact import MODEL_NAME
-from serving.fleet.topology import (BODY_SPOOL_BYTES, CLIENT_TIMEOUT_S, CONNECTIONS_PER_ADDRESS, EXPENSIVE_PATHS,
+from serving.fleet.topology import (CLIENT_TIMEOUT_S, CONNECTIONS_PER_ADDRESS, EXPENSIVE_PATHS,
                                      EXPLAIN_BURST, EXPLAIN_CONCURRENCY, EXPLAIN_RATE_PER_S, HEARTBEAT_PATH,
                                      HOP_SECRET_HEADER, KEEPALIVE_TIMEOUT_S, OPEN_PATHS, SPOOLED_BODIES_PER_ADDRESS,
                                      SPOOLED_BODY_BYTES, WORKER_CONNECTIONS, Fleet, Replica)
@@ -32,10 +32,8 @@ PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 READ_TIMEOUT_MARGIN_S = 30
 
 
-# Kept-alive connections to the replicas, or to their key hops: a new connection per request cost
-# the front door a third of its throughput (make bench's front-door rows). Safe across a key's
-# renewal: serving/fleet/rotation.py takes a replica whose key changes out of rotation for one
-# reload, so no worker of the config that still held the old key is left to reach its hop.
+# Kept-alive connections to the replicas or their key hops (one per request cost a third of the
+# throughput). Safe across a key's renewal: rotation.py takes the replica out for one reload.
 KEEPALIVE_ON = "        keepalive 32;           # reuse connections to the replicas (needs HTTP/1.1 below)"
 # Kubernetes (deploy/manifests.py): kube-proxy balances connections, not requests; kept-alive
 # connections would pin the front door to the pods it met first. A new connection each time.
@@ -200,12 +198,6 @@ def hop_sites(fleet: Fleet, state: RotationState) -> list[HopSite]:
             for replica in fleet.replicas]
 
 
-def spooled_bodies(max_body_bytes: int) -> int:
-    """Bodies the front door spools at once, in all: what fits in BODY_SPOOL_BYTES at the largest
-    body, a quarter left for the headroom a filesystem needs."""
-    return max(1, BODY_SPOOL_BYTES * 3 // 4 // max_body_bytes)
-
-
 def path_pattern(paths: tuple[str, ...]) -> str:
     """An anchored nginx regex matching exactly these paths."""
     return "^(" + "|".join(re.escape(path) for path in paths) + ")$"
@@ -244,7 +236,7 @@ def render(fleet: Fleet, state: RotationState, overrides: dict[str, object] | No
         "WORKER_CONNECTIONS": WORKER_CONNECTIONS, "WORKER_FILES": 2 * WORKER_CONNECTIONS + 64,
         "CONNECTIONS_PER_ADDRESS": CONNECTIONS_PER_ADDRESS,
         "SPOOLED_BODIES_PER_ADDRESS": SPOOLED_BODIES_PER_ADDRESS, "SPOOLED_BODY_BYTES": SPOOLED_BODY_BYTES,
-        "SPOOLED_BODIES": spooled_bodies(fleet.config.max_body_bytes),
+        "SPOOLED_BODIES": fleet.config.spooled_bodies,
         "CLIENT_TIMEOUT_S": CLIENT_TIMEOUT_S, "KEEPALIVE_TIMEOUT_S": KEEPALIVE_TIMEOUT_S,
         "TRIES": len(fleet.replicas) + 1, "NEXT_UPSTREAM_S": timeout_s + READ_TIMEOUT_MARGIN_S,
         **(overrides or {}),
@@ -296,8 +288,7 @@ def write_private(path: Path, text: str) -> None:
 
 def private_candidate(path: Path, text: str) -> Path:
     """text in a new 0600 file beside path (path.new), for the caller to check and rename over
-    path: a reader never sees half a file. A candidate left by a failed run is made afresh (touch
-    would keep its mode)."""
+    path: a reader never sees half a file."""
     candidate = path.with_suffix(".new")
     candidate.unlink(missing_ok=True)
     write_private(candidate, text)

@@ -102,6 +102,12 @@ class ReplicaConfig:
     response_timeout_s: int       # default_response_timeout, which the front door waits a little longer than
     metrics_config: str | None    # absolute: a replica's own config lives in its run dir
 
+    @property
+    def spooled_bodies(self) -> int:
+        """Large bodies the front door holds at once, in all: what fits in three quarters of
+        BODY_SPOOL_BYTES at max_body_bytes each (a filesystem needs headroom)."""
+        return max(1, BODY_SPOOL_BYTES * 3 // 4 // self.max_body_bytes)
+
 
 def replica_config(properties: dict, directory: str | os.PathLike) -> ReplicaConfig:
     """properties: a config.properties's; directory: where its relative paths start."""
