@@ -141,8 +141,13 @@ def run_wrk_spread(targets: list[Target], image: Path, connections: int, duratio
         if run.returncode:
             raise subprocess.CalledProcessError(run.returncode, run.args, output)
         results.append(parse_wrk(output, share, duration_s))
-    return LoadResult(share * len(targets), duration_s, sum(r.requests for r in results),
-                      sum(r.requests_per_s for r in results),
+    return combined(results, share * len(targets), duration_s, sum(r.requests_per_s for r in results))
+
+
+def combined(results: list[LoadResult], connections: int, duration_s: float, requests_per_s: float) -> LoadResult:
+    """wrk runs as one result: requests and errors added, each percentile the highest of the
+    runs' (an upper bound of the whole's); the caller says what the rate and duration are."""
+    return LoadResult(connections, duration_s, sum(r.requests for r in results), requests_per_s,
                       {p: max(r.latency_ms.get(p, 0.0) for r in results) for p in results[0].latency_ms},
                       sum(r.non_2xx for r in results), sum(r.socket_errors for r in results))
 
@@ -188,12 +193,9 @@ FRONT_DOOR_ROUNDS = 2        # the rows measured in turn, twice: a drift of the 
 
 
 def merged(results: list[LoadResult]) -> LoadResult:
-    """Runs of one row (the same load, in turn with the others) as one: requests added, the rate
-    their mean, each percentile the highest of the runs' (an upper bound of the whole's)."""
-    return LoadResult(results[0].connections, sum(r.duration_s for r in results), sum(r.requests for r in results),
-                      sum(r.requests_per_s for r in results) / len(results),
-                      {p: max(r.latency_ms.get(p, 0.0) for r in results) for p in results[0].latency_ms},
-                      sum(r.non_2xx for r in results), sum(r.socket_errors for r in results))
+    """Runs of one row (the same load, in turn with the others) as one: the rate their mean."""
+    return combined(results, results[0].connections, sum(r.duration_s for r in results),
+                    sum(r.requests_per_s for r in results) / len(results))
 
 
 def measure_front_door(serialized_file: str, connections: int = 16, duration_s: float = 5.0,

@@ -290,7 +290,6 @@ def private_candidate(path: Path, text: str) -> Path:
     """text in a new 0600 file beside path (path.new), for the caller to check and rename over
     path: a reader never sees half a file."""
     candidate = path.with_suffix(".new")
-    candidate.unlink(missing_ok=True)
     write_private(candidate, text)
     return candidate
 
