@@ -148,7 +148,7 @@ def manifests(measured: Measured, image: str = IMAGE) -> list[Manifest]:
                      f"(benchmarks/footprint.json: {memory.source});",
                      f"limits {memory.limit_mib}Mi = {HEADROOM:g}x that: a flood of large bodies may grow Java's heap "
                      "to its -Xmx1g (deploy/manifests.py HEADROOM).",
-                     f"CPU: requests {worker_cpus()} = workers x threads (serving/handler/model-config.yaml); no CPU limit "
+                     f"CPU: requests {worker_cpus()} = workers (default_workers_per_model) x threads (serving/handler/model-config.yaml); no CPU limit "
                      "(throttling adds latency).")
     return [
         Manifest("replica-config.yaml", ("config.properties with the cluster's addresses and the image's paths.",),
@@ -237,7 +237,7 @@ def doc_block(memory: Memory, target: Target) -> str:
     return (f"From benchmarks/footprint.json ({memory.source}): the replica peaked at {memory.measured_mib:,.0f} MiB with its probe "
             f"({memory.parts}). The memory request is that rounded up to {MEMORY_STEP_MIB} MiB, "
             f"{memory.request_mib}Mi; the limit is {HEADROOM:g} times that rounded up, {memory.limit_mib}Mi. The CPU request is "
-            f"workers x threads from serving/handler/model-config.yaml, {worker_cpus()}.\n\n"
+            f"workers (config.production.properties' default_workers_per_model) x threads (serving/handler/model-config.yaml), {worker_cpus()}.\n\n"
             f"The HPA's target is {target.per_pod} requests/s a pod: {TARGET_SHARE:.0%} of the "
             f"{target.measured:,.0f} requests/s one replica answered at {TARGET_CLIENTS} clients (benchmarks/results.json: "
             f"{target.source}).")

@@ -11,7 +11,7 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from deploy.layout import (API_KEYS_DIR, API_KEYS_SECRET, BENCH_RESULTS, BENCH_SERVING_ROW, BIND_ALL, COUNTER,
-                           DNS_LABELS, DNS_NAMESPACE, DNS_PORT,
+                           BASE_CONFIG, DNS_LABELS, DNS_NAMESPACE, DNS_PORT,
                            FOOTPRINT, FRONTDOOR, HEADROOM, HOP_DIR, HOP_SECRET_DIR, HOP_SECRET_MODE, HOP_SECRET_SECRET, IMAGE, INFERENCE_SERVICE, LIVENESS_PATH,
                            MAX_REPLICAS, MEMORY_STEP_MIB, MODEL_CONFIG, NAME, POD_REPLICA, PORTS, PROBE_PERIOD_S,
                            PYTHON, QUEUE_COUNTER, QUEUE_METRIC, QUEUE_TARGET, RATE_METRIC, RATE_WINDOW, READY_TIMEOUT_S, REPLICA, SCALE_DOWN_WINDOW_S,
@@ -20,6 +20,7 @@ from deploy.layout import (API_KEYS_DIR, API_KEYS_SECRET, BENCH_RESULTS, BENCH_S
 from serving.fleet.frontdoor import HOP_SECRET_FILE, nginx_command
 from serving.fleet.topology import BODY_SPOOL_BYTES, DEFAULT_REPLICAS, Fleet
 from serving.server import server
+from serving.server.properties import read_properties
 
 
 # --- resources ---------------------------------------------------------------------------------
@@ -76,9 +77,10 @@ def measured_target(results: Path | None = None) -> Target:
 
 
 def worker_cpus() -> int:
-    """Cores the replica's workers use: workers x threads (serving/handler/model-config.yaml)."""
-    model_config = yaml.safe_load(MODEL_CONFIG.read_text())
-    return model_config["maxWorkers"] * model_config["handler"]["threads"]
+    """Cores the replica's workers use: workers (the base config's default_workers_per_model: the
+    archive names none) x threads (serving/handler/model-config.yaml)."""
+    workers = int(read_properties(BASE_CONFIG)["default_workers_per_model"])
+    return workers * yaml.safe_load(MODEL_CONFIG.read_text())["handler"]["threads"]
 
 
 # --- objects -----------------------------------------------------------------------------------

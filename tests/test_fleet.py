@@ -32,6 +32,7 @@ from dataclasses import astuple
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 from imaging import encode
@@ -50,7 +51,8 @@ from serving.fleet.frontdoor import FrontDoorError, RotationState
 from serving.server.properties import listeners, read_properties, set_properties
 from serving.server.readiness import inference_key
 from serving.fleet.topology import (CLIENT_TIMEOUT_S, CLOSED_PATHS, CONNECTIONS_PER_ADDRESS, HOP_SECRET_HEADER,
-                                     SPOOLED_BODIES_PER_ADDRESS, SPOOLED_BODY_BYTES, Fleet)
+                                     SPOOLED_BODIES_PER_ADDRESS, SPOOLED_BODY_BYTES, Fleet, TopologyError,
+                                     workers_per_replica)
 
 LISTED_ORIGIN = "http://localhost:3000"
 RATE_LIMIT = 40            # requests/s per client address; the paced loads below stay well under it
@@ -176,6 +178,24 @@ def test_default_replica_ports_stay_clear_of_make_serve_and_prometheus(tmp_path)
         "9090: Prometheus' default, which docs/operating.md runs"
 
 
+def test_replicas_share_the_cores_in_workers_and_their_config_says_so(tmp_path):
+    """The archive names no worker count (TorchServe 0.12 lets an archive's minWorkers win over any
+    config): each replica's config does, its share of the cores, so that the replicas' workers
+    together never outnumber them."""
+    archive_config = yaml.safe_load((REPO_ROOT / "serving/handler/model-config.yaml").read_text())
+    assert not {"minWorkers", "maxWorkers"} & set(archive_config)
+    assert [workers_per_replica(replicas, cores=2) for replicas in (1, 2, 3)] == [2, 1, 1]
+    assert workers_per_replica(2, cores=16) == 8
+    plan = Fleet.plan(2, tmp_path, REPO_ROOT / "config.properties")
+    assert plan.workers_per_replica == max(1, len(os.sched_getaffinity(0)) // 2)
+    assert Fleet.from_json(plan.to_json()) == plan
+    chosen = Fleet.plan(2, tmp_path, REPO_ROOT / "config.properties", workers=3)
+    settings = chosen.replicas[1].settings(chosen.config, chosen.workers_per_replica)
+    assert settings["default_workers_per_model"] == "3"
+    with pytest.raises(TopologyError, match="at least one worker"):
+        Fleet.plan(2, tmp_path, REPO_ROOT / "config.properties", workers=0)
+
+
 def test_a_pid_file_naming_another_process_is_never_taken_for_ours(tmp_path):
     """A pid file outlives its process, and its number may go to any other: every "is this pid
     ours" check (the server's Java, the fleet's supervisord and nginx, the page server) holds the
@@ -244,6 +264,18 @@ def test_front_door_answers_a_7_with_its_model_version_rest_and_v2(fleet, digit_
     status, body = request(front(fleet, f"/v2/models/{MODEL_NAME}/infer"), json.dumps(v2).encode(),
                            headers={"Content-Type": "application/json"})
     assert status == 200 and json.loads(body)["model_version"] == manifest_version(archives["first"]), body
+
+
+def served_workers(replica, version: str | None = None) -> int:
+    path = f"/models/{MODEL_NAME}" + (f"/{version}" if version else "")
+    return len(replicas_module.management_call(replica, path)[0]["workers"])
+
+
+@server_test
+def test_each_replica_runs_its_share_of_the_cores_in_workers(fleet):
+    """Two replicas on a 2-core machine ran 2 workers each (the archive's count) before."""
+    assert [served_workers(replica) for replica in fleet.replicas] == [fleet.workers_per_replica] * 2
+    assert fleet.workers_per_replica == max(1, len(os.sched_getaffinity(0)) // 2)
 
 
 @server_test
@@ -796,6 +828,8 @@ def test_a_rollout_under_load_loses_no_request_and_rollback_returns(fleet, digit
     assert newer.returncode == 0 and "rolling it out" in newer.stdout, newer
     assert served_versions(fleet) == ["3.0", "3.0"]
     assert [replicas_module.registered_versions(replica) for replica in fleet.replicas] == [{first, "3.0"}] * 2
+    # A version registered by a rollout runs the replica's share of the cores too.
+    assert [served_workers(replica, "3.0") for replica in fleet.replicas] == [fleet.workers_per_replica] * 2
     same = fleet_cli(fleet, "start", "--archive", str(third))
     assert same.returncode == 0 and "already running" in same.stdout, same
 

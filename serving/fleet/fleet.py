@@ -84,7 +84,7 @@ def supervisord_process(fleet: Fleet) -> psutil.Process | None:
 def prepare_replica(fleet: Fleet, replica: Replica, archive: Path, served: ServedArchive) -> None:
     replica.model_store.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(archive, replica.model_store / served.file)
-    text = set_properties(fleet.base_config.read_text(), replica.settings(fleet.config, served.file))
+    text = set_properties(fleet.base_config.read_text(), replica.settings(fleet.config, fleet.workers_per_replica, served.file))
     replica.config.write_text(text)
 
 
@@ -220,6 +220,8 @@ RUN_DIR_OPTION = click.option("--run-dir", default=str(FLEET_DIR), show_default=
 @main.command("start")
 @click.option("--archive", default="model_store/mnist.mar", show_default=True)
 @click.option("--replicas", type=click.IntRange(min=1), default=2, show_default=True, envvar="REPLICAS")
+@click.option("--workers", type=click.IntRange(min=1), default=None, envvar="FLEET_WORKERS",
+              help="Workers per replica [the cores this machine gives, shared by the replicas].")
 @click.option("--config", default="config.properties", show_default=True, type=click.Path(exists=True, dir_okay=False))
 @RUN_DIR_OPTION
 @click.option("--origins", envvar="FLEET_ORIGINS", default="", help="Comma-separated origins allowed by CORS.")
@@ -234,7 +236,7 @@ RUN_DIR_OPTION = click.option("--run-dir", default=str(FLEET_DIR), show_default=
 @click.option("--http-port", type=int, default=None, help="Front door HTTP port [8088].")
 @click.option("--tls-port", type=int, default=None, help="Front door TLS port [8443].")
 @click.option("--base-port", type=int, default=None, help="First replica port [9080].")
-def start_command(archive, replicas, config, run_dir, origins, rate_limit, trusted_proxies, api_keys, tls_cert, tls_key,
+def start_command(archive, replicas, workers, config, run_dir, origins, rate_limit, trusted_proxies, api_keys, tls_cert, tls_key,
                   http_port, tls_port, base_port) -> None:
     """Start the replicas and the front door; exit 0 once a probe image is answered through it."""
     door = {key: value for key, value in
@@ -246,7 +248,8 @@ def start_command(archive, replicas, config, run_dir, origins, rate_limit, trust
     if bool(tls_cert) != bool(tls_key):
         raise click.ClickException("give both FLEET_TLS_CERT and FLEET_TLS_KEY, or neither")
     try:
-        fleet = Fleet.plan(replicas, run_dir, config, **({"base_port": base_port} if base_port else {}), **door)
+        fleet = Fleet.plan(replicas, run_dir, config, workers=workers,
+                           **({"base_port": base_port} if base_port else {}), **door)
         served = start(fleet, archive)
     except FleetRunning:
         try:
@@ -256,7 +259,8 @@ def start_command(archive, replicas, config, run_dir, origins, rate_limit, trust
     except fleet_errors() as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"fleet is up: {fleet.front_door.http_url} and {fleet.front_door.https_url} "
-               f"({len(fleet.replicas)} replicas serving {served.version}); logs: {run_dir}/logs")
+               f"({len(fleet.replicas)} replicas of {fleet.workers_per_replica} workers serving {served.version}); "
+               f"logs: {run_dir}/logs")
 
 
 def serve_on(run_dir: str, archive: str) -> None:

@@ -72,6 +72,14 @@ CLOSED_PATHS = ("/models", f"/models/{MODEL_NAME}", "/metrics", "/workflows", f"
 FLEET_FILE = "fleet.json"   # in the fleet's run dir: the plan `start` used, read by the other commands
 
 
+def workers_per_replica(replicas: int, cores: int | None = None) -> int:
+    """Single-threaded workers each replica runs: the cores this process may use, shared by the
+    replicas (at least one each). More workers than cores make each one's batches smaller and
+    every request dearer, most of all behind the front door (docs/fleet.md)."""
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    return max(1, cores // replicas)
+
+
 class TopologyError(Exception):
     """A fleet that cannot be planned as asked; the message says why, in one line."""
 
@@ -143,9 +151,12 @@ class Replica:
     def management_url(self) -> str:
         return f"http://127.0.0.1:{self.ports.management}"
 
-    def settings(self, config: ReplicaConfig, archive: str = ARCHIVE_NAME) -> dict[str, str]:
-        """What this replica's config.properties changes in the project's config."""
+    def settings(self, config: ReplicaConfig, workers: int, archive: str = ARCHIVE_NAME) -> dict[str, str]:
+        """What this replica's config.properties changes in the project's config; workers: its
+        share of the cores (workers_per_replica). The archive names no worker count, so TorchServe
+        starts this many, and a rollout's registration through the management API does too."""
         settings = {"inference_address": self.inference_url, "management_address": self.management_url,
+                    "default_workers_per_model": str(workers),
                     "metrics_address": f"http://127.0.0.1:{self.ports.metrics}",
                     "grpc_inference_port": str(self.ports.grpc_inference),
                     "grpc_management_port": str(self.ports.grpc_management),
@@ -209,17 +220,20 @@ class Fleet:
     replicas: tuple[Replica, ...]
     config: ReplicaConfig         # base_config parsed, once
     front_door: FrontDoor = field(default_factory=FrontDoor)
+    workers_per_replica: int = 1  # Replica.settings; plan: the machine's cores / replicas
 
     @classmethod
     def plan(cls, replicas: int = DEFAULT_REPLICAS, run_dir: str | os.PathLike = FLEET_DIR,
              base_config: str | os.PathLike = BASE_CONFIG, base_port: int = REPLICA_BASE_PORT,
              replica_ports: list[ReplicaPorts] | None = None, config: ReplicaConfig | None = None,
-             **front_door) -> Fleet:
+             workers: int | None = None, **front_door) -> Fleet:
         """replicas named replica-0..N-1 on ports derived from base_port (or replica_ports, one
         record each: tests take free ports); config: base_config parsed (parsed here when not
-        given); front_door: FrontDoor's fields."""
+        given); workers per replica (None: workers_per_replica); front_door: FrontDoor's fields."""
         if replicas < 1:
             raise TopologyError(f"a fleet needs at least one replica, not {replicas}")
+        if workers is not None and workers < 1:
+            raise TopologyError(f"a replica needs at least one worker, not {workers}")
         if replica_ports is not None and len(replica_ports) != replicas:
             raise TopologyError(f"{len(replica_ports)} port sets for {replicas} replicas")
         run_dir = Path(run_dir).resolve()
@@ -229,7 +243,8 @@ class Fleet:
         base_config = Path(base_config).resolve()
         config = config or replica_config(read_properties(base_config), base_config.parent)
         config = replace(config, token_auth=True)   # every replica runs token auth (Replica.settings)
-        return cls(run_dir, base_config, members, config, FrontDoor(**front_door))
+        return cls(run_dir, base_config, members, config, FrontDoor(**front_door),
+                   workers or workers_per_replica(replicas))
 
     @property
     def token_auth(self) -> bool:
@@ -260,4 +275,5 @@ class Fleet:
         door = paths(data["front_door"], ("api_keys_file", "tls_cert", "tls_key"))
         return cls(Path(data["run_dir"]), Path(data["base_config"]), replicas, ReplicaConfig(**data["config"]),
                    FrontDoor(**{**door, "origins": tuple(door["origins"]),
-                                     "trusted_proxies": tuple(door.get("trusted_proxies", ()))}))
+                                     "trusted_proxies": tuple(door.get("trusted_proxies", ()))}),
+                   data.get("workers_per_replica", 1))
