@@ -103,6 +103,8 @@ def test_the_template_renders_a_config_nginx_accepts_default_and_production(tmp_
     text = nginx_accepts(plain, RotationState(down=frozenset({"replica-1"})))
     assert "{{" not in text and f'"{LISTED_ORIGIN}" "{LISTED_ORIGIN}";' in text
     assert "real_ip" not in text   # no proxy trusted unless named
+    upstream = text[text.index("upstream replicas {"):]
+    assert upstream.index("least_conn;") < upstream.index("keepalive 32;")   # nginx -t passed above
     behind = plan_on_free_ports(tmp_path / "behind", REPO_ROOT / "config.properties", trusted_proxies=("10.0.0.0/8",))
     assert "set_real_ip_from 10.0.0.0/8;" in nginx_accepts(behind)
     # Every fleet runs token auth (management must need a key): nginx reaches each replica's hop.
