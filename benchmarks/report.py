@@ -196,7 +196,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-README = HERE.parent / "README.md"
 def replace_block(page: Path, begin: str, end: str, block: str) -> None:
     """page's text from the begin marker to the end marker (both kept in block) replaced by block."""
     text = page.read_text()
@@ -206,6 +205,7 @@ def replace_block(page: Path, begin: str, end: str, block: str) -> None:
     page.write_text(pattern.sub(lambda _: block, text))
 
 
+README = HERE.parent / "README.md"
 README_BEGIN, README_END = "<!-- bench:begin (written by make bench) -->", "<!-- bench:end -->"
 
 

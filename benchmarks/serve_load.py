@@ -23,7 +23,7 @@ import yaml
 
 from serving.fleet import fleet as fleet_stage
 from serving.server import server
-from serving.server.properties import free_ports, instance_config, read_properties
+from serving.server.properties import free_ports, instance_config, read_properties, workers_per_model
 from serving.server.readiness import inference_key
 from serving.handler.artifact import MODEL_NAME, TORCHSCRIPT_NAME, artifact_path
 from serving.server.archive import SHIPPED_DIR, ArchiveError, build_archive
@@ -67,7 +67,7 @@ class ServeSettings:
         """The settings `make serve` runs: the archive's (serving/handler/model-config.yaml) and
         config.properties' worker count (the archive names none)."""
         config = yaml.safe_load((SHIPPED_DIR / "model-config.yaml").read_text())
-        workers = int(read_properties(REPO_ROOT / "config.properties")["default_workers_per_model"])
+        workers = workers_per_model(read_properties(REPO_ROOT / "config.properties"))
         return cls(workers, config["handler"]["threads"], config["batchSize"], config["maxBatchDelay"])
 
 

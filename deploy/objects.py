@@ -20,7 +20,7 @@ from deploy.layout import (API_KEYS_DIR, API_KEYS_SECRET, BENCH_RESULTS, BENCH_S
 from serving.fleet.frontdoor import HOP_SECRET_FILE, nginx_command
 from serving.fleet.topology import BODY_SPOOL_BYTES, DEFAULT_REPLICAS, Fleet
 from serving.server import server
-from serving.server.properties import read_properties
+from serving.server.properties import read_properties, workers_per_model
 
 
 # --- resources ---------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def measured_target(results: Path | None = None) -> Target:
 def worker_cpus() -> int:
     """Cores the replica's workers use: workers (the base config's default_workers_per_model: the
     archive names none) x threads (serving/handler/model-config.yaml)."""
-    workers = int(read_properties(BASE_CONFIG)["default_workers_per_model"])
+    workers = workers_per_model(read_properties(BASE_CONFIG))
     return workers * yaml.safe_load(MODEL_CONFIG.read_text())["handler"]["threads"]
 
 

@@ -41,7 +41,7 @@ from serving.server.readiness import NotReady, check_ready, probe_image, reason,
 from serving.fleet.rotation import (FleetError, FleetState, ServedArchive, apply_front_door, archive_version, follow_keys,
                                     load_fleet, nginx_master, read_state, write_state)
 from serving.server.server import ServerError
-from serving.fleet.topology import FLEET_DIR, FLEET_FILE, Fleet, Replica, TopologyError
+from serving.fleet.topology import DEFAULT_REPLICAS, FLEET_DIR, FLEET_FILE, Fleet, Replica, TopologyError
 from serving.fleet.replicas import replica_status, rollout
 
 SUPERVISORD = Path(sys.executable).with_name("supervisord")
@@ -219,7 +219,7 @@ RUN_DIR_OPTION = click.option("--run-dir", default=str(FLEET_DIR), show_default=
 
 @main.command("start")
 @click.option("--archive", default="model_store/mnist.mar", show_default=True)
-@click.option("--replicas", type=click.IntRange(min=1), default=2, show_default=True, envvar="REPLICAS")
+@click.option("--replicas", type=click.IntRange(min=1), default=DEFAULT_REPLICAS, show_default=True, envvar="REPLICAS")
 @click.option("--workers", type=click.IntRange(min=1), default=None, envvar="FLEET_WORKERS",
               help="Workers per replica [the cores this machine gives, shared by the replicas].")
 @click.option("--config", default="config.properties", show_default=True, type=click.Path(exists=True, dir_okay=False))

@@ -67,6 +67,11 @@ def token_auth_enabled(properties: dict) -> bool:
     return properties.get("disable_token_authorization", "false").lower() != "true"
 
 
+def workers_per_model(properties: dict) -> int:
+    """The workers a server starts for a model: the archive names none (serving/handler/model-config.yaml)."""
+    return int(properties["default_workers_per_model"])
+
+
 @dataclass(frozen=True)
 class Listener:
     """One socket the server will listen on, and the config key that sets its port."""
