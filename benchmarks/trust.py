@@ -38,13 +38,13 @@ from benchmarks.thresholds import RuleSets, Scored, measure_rules, scored_shifts
 from benchmarks.thresholds import markdown_lines as threshold_markdown
 from export.artifacts import load_model
 from training.data import DATA_DIR_ENV
-from training.trust import auroc
+from training.trust import ACCEPT_RATE, auroc
 
 HERE = Path(__file__).resolve().parent
 PER_CATEGORY = 300     # non-digits of each category (eval split)
 PER_STYLE = 400        # real-world digits of each style (eval split: the held-out part)
 VAL_PER_SHIFT = 300    # held-out training digits per shift (the shifts' validation split) the threshold rules see
-AIM_REFUSED, AIM_ACCEPTED = 0.98, 0.97
+AIM_REFUSED, AIM_ACCEPTED = 0.97, 0.99   # issue 26's targets
 # "before": the default recipe with training's trust additions off (training/config.py).
 BEFORE_FLAGS = ("--outlier-weight", "0", "--synthetic-digits", "0")
 BEFORE_CHECKPOINT = artifact_path(CHECKPOINT_NAME, Path(ARTIFACTS_DIR) / "before")
@@ -94,7 +94,7 @@ def model_outputs(model, checkpoint: dict, data_dir: str, sets: dict) -> dict:
 
 
 def score_table(outputs: dict, sets: dict) -> dict:
-    """Per score: threshold chosen on val (97%), MNIST test and real-world acceptance, refusal
+    """Per score: threshold chosen on val (ACCEPT_RATE), MNIST test and real-world acceptance, refusal
     per non-digit category, AUROC non-digit vs MNIST test."""
     from training.trust import fit_trust
 
@@ -251,7 +251,7 @@ def markdown(results: dict, command: str, cpu: str) -> str:
              f"| real-world digits accepted | {served['real_world_accepted']:.2%} |",
              f"| real-world digits correct (accepted or not) | {served['real_world_accuracy']:.2%} |",
              f"| real-world digits accepted and correct | {served['real_world_accepted_and_correct']:.2%} |", "",
-             "## Refusal per category, per score (threshold: 97% of validation digits accepted)", ""]
+             f"## Refusal per category, per score (threshold: {ACCEPT_RATE:.0%} of validation digits accepted)", ""]
     categories = list(served["refused_by_category"])
     lines += ["| score | AUROC | MNIST test accepted | real-world accepted | " + " | ".join(categories) + " | all |",
               "|---|---:|---:|---:|" + "---:|" * (len(categories) + 1)]

@@ -38,3 +38,21 @@ def test_the_share_is_the_share_and_the_generator_decides(digits):
 def test_the_share_is_validated():
     with pytest.raises(ConfigError, match="shift share"):
         validate(TrainConfig(shift_share=1.5))
+
+
+def test_warp_also_rotates_as_a_camera_or_a_slanted_page_does():
+    """MNIST-C's rotate turns digits by up to 57 degrees; the base augmentation by 10. A horizontal
+    bar stays horizontal under scale and shear alone: the warp family must tilt it, both ways."""
+    bars = torch.zeros(64, 1, 28, 28)
+    bars[:, :, 13:15, 4:24] = 1
+    warped = SHIFTS["warp"](bars, generator())
+    ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    mass = warped[:, 0].flatten(1).sum(1)
+    mean_x = (warped[:, 0] * xs).flatten(1).sum(1) / mass
+    mean_y = (warped[:, 0] * ys).flatten(1).sum(1) / mass
+    covariance = (warped[:, 0] * (xs - mean_x[:, None, None]) * (ys - mean_y[:, None, None])).flatten(1).sum(1) / mass
+    slope = covariance / ((warped[:, 0] * (xs - mean_x[:, None, None]) ** 2).flatten(1).sum(1) / mass)
+    angles = torch.rad2deg(torch.atan(slope))
+    assert float(angles.abs().max()) > 20, f"steepest tilt {float(angles.abs().max()):.1f} degrees"
+    assert bool((angles > 10).any() and (angles < -10).any())
+    assert float(angles.abs().max()) < 45

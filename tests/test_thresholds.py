@@ -75,3 +75,25 @@ def test_the_shipped_rule_is_the_threshold_training_records(quick_checkpoint, da
     empty = Scored(np.zeros((0, 10)))
     rule_sets = RuleSets(val, [], empty, [], empty, None)
     assert rule_threshold(RULES[0], unset, rule_sets) == pytest.approx(recorded.threshold, abs=1e-4)
+
+
+def test_a_recipe_is_compared_at_the_threshold_that_accepts_its_share_of_clean_validation_digits():
+    """benchmarks/choose.py: each rate refits the threshold on the clean validation digits; what
+    preprocessing refused counts as refused, and the never-trained categories get their own share."""
+    from benchmarks.choose import ValidationSets, row
+
+    rng = np.random.default_rng(1)
+    clean = Scored(logits_scoring(rng.normal(10, 1, 1000)), 0, np.zeros(1000, dtype=int))
+    shifts = [Scored(logits_scoring(rng.normal(8, 2, 300)), 0, np.zeros(300, dtype=int))]
+    energies = np.concatenate([rng.normal(3, 1, 100), rng.normal(8.5, 1, 100)])   # doodles look more like digits
+    sets = ValidationSets(clean, shifts, Scored(logits_scoring(energies), 20),
+                          np.array(["symbols"] * 100 + ["doodles"] * 100))
+    trust = Trust("energy", 0.0, 1.0, 0.97, "val")
+    strict, lenient = row(sets, trust, 0.97), row(sets, trust, 0.99)
+    assert strict["clean_accuracy"] == 1.0
+    assert strict["shifts_accepted"] < lenient["shifts_accepted"]
+    assert strict["non_digits_refused"] > lenient["non_digits_refused"]
+    assert strict["symbols_refused"] > 0.95 and strict["doodles_refused"] < 0.9
+    at_97 = Trust("energy", float(np.sort(trust.scores(clean.logits))[30]), 1.0, 0.97, "val")
+    refused_seen = 1 - at_97.is_digit(sets.non_digits.logits).mean()
+    assert strict["non_digits_refused"] == pytest.approx((refused_seen * 200 + 20) / 220)

@@ -62,12 +62,12 @@ def test_an_artifact_without_a_trust_record_is_refused_with_what_to_do():
 
 
 def test_the_threshold_accepts_the_asked_share_of_validation_digits():
-    from training.trust import fit_trust
+    from training.trust import ACCEPT_RATE, fit_trust
 
     logits = np.random.default_rng(0).normal(size=(1000, 10)) * 3
     trust = fit_trust(logits, None, chosen_on="val: synthetic")
     accepted = trust.is_digit(logits).mean()
-    assert 0.97 <= accepted < 0.972 and trust.accept_rate == accepted
+    assert ACCEPT_RATE <= accepted < ACCEPT_RATE + 0.002 and trust.accept_rate == accepted
     assert trust.chosen_on == "val: synthetic" and trust.temperature == 1.0
 
 
@@ -116,7 +116,8 @@ def test_the_generated_sets_are_deterministic_and_their_splits_disjoint():
     first, again = non_digits("eval", 6), non_digits("eval", 6)
     np.testing.assert_array_equal(first.images, again.images)
     assert first.images.shape[1:] == (28, 28) and first.images.dtype == np.float32
-    assert set(first.categories) == {"letters", "words", "symbols", "doodles", "scribbles", "textures", "noise"}
+    assert set(first.categories) == {"letters", "words", "symbols", "doodles", "scribbles", "textures", "noise",
+                                     "glyphs", "shapes"}
     other = non_digits("train", 6)
     assert not any(np.array_equal(a, b) for a in first.images for b in other.images)
     assert not set(font_paths("train")) & set(font_paths("eval"))
@@ -127,6 +128,21 @@ def test_the_generated_sets_are_deterministic_and_their_splits_disjoint():
     assert digits.labels.tolist() == [index % 10 for index in range(20)] * 3
     # What the server's preprocessing makes: white ink on black, a 20x20 box in 28x28.
     assert digits.images.max() == pytest.approx(1.0, abs=0.05) and digits.images[:, :3].max() < 0.05
+
+
+def test_outlier_exposure_trains_on_glyphs_and_shapes_but_never_on_symbols_or_doodles():
+    """Cyrillic glyphs and overlapping outlines widen what "not a digit" looks like in training;
+    symbols and doodles stay unseen, so their refusal still measures categories never trained on.
+    A glyph that reads as a digit (З 3, О 0, б 6, Ч 4, ...) would teach refusing real digits."""
+    from training.synthetic import CYRILLIC, SEED_NAMES, TRAINED_CATEGORIES, image_rng
+
+    assert {"glyphs", "shapes"} <= set(TRAINED_CATEGORIES)
+    assert not {"symbols", "doodles"} & set(TRAINED_CATEGORIES)
+    assert not set("ЗзОоБбЧчУуЬьЪъТтГгЭэ") & set(CYRILLIC)
+    # Seeds follow SEED_NAMES, append only: the sets made before the new categories are unchanged.
+    assert SEED_NAMES[:10] == ("letters", "words", "symbols", "doodles", "scribbles", "textures", "noise",
+                               "typed", "drawn", "photographed")
+    assert image_rng("eval", "typed", 3).random() == np.random.default_rng([2_000, 7, 3]).random()
 
 
 def test_outlier_exposure_pushes_towards_uniform_and_rides_behind_the_digits(data_dir):
@@ -184,9 +200,10 @@ def test_auroc_and_ece_on_cases_worked_by_hand():
 # --- the tests' trained model ----------------------------------------------------------------------
 # The test recipe (conftest.TEST_RECIPE: 2 epochs on 16,384 images, outlier exposure on) refused
 # REFUSED_MEASURED of these non-digits and accepted ACCEPTED_MEASURED of MNIST test digits; the bars
-# keep a margin below that (the aim for `make train` is 98% / 97%, benchmarks/TRUST.md).
-TRAINED_MIN_REFUSED = 0.85
-TRAINED_MIN_ACCEPTED = 0.93
+# keep a margin below that (the aim for `make train` is 97% / 99%, benchmarks/TRUST.md). Measured
+# with the threshold at 99% of validation digits (2026-12-04): 81.4% refused, 98.8% accepted.
+TRAINED_MIN_REFUSED = 0.75
+TRAINED_MIN_ACCEPTED = 0.96
 
 
 def refusal_and_acceptance(trust: Trust, non_digit_logits: np.ndarray, digit_logits: np.ndarray) -> tuple[float, float]:

@@ -150,8 +150,9 @@ def test_a_28x28_sent_off_centre_is_moved_back_whole(mnist_digits):
 # (corruption, its MNIST-C dataset severity, read right and accepted: at least after, under before).
 # Measured on the test recipe's model: brightness 97% vs 0%, fog 65% vs 0% (a quarter of the fogged
 # digits have too little contrast left and are refused before the model, both ways), translate 98%
-# vs 43%.
-MOVED_OR_GREYED = [("brightness", 5, 0.85, 0.3), ("fog", 5, 0.5, 0.2), ("translate", 3, 0.85, 0.65)]
+# vs 43%. Since training shifts a quarter of each batch and rotates in its warp (2026-12-04), the
+# model reads more of them even the old way: brightness 88% vs 42%, translate 67% the old way.
+MOVED_OR_GREYED = [("brightness", 5, 0.85, 0.55), ("fog", 5, 0.5, 0.2), ("translate", 3, 0.85, 0.8)]
 
 
 @pytest.mark.parametrize("name, severity, after, before", MOVED_OR_GREYED)

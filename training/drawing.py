@@ -101,3 +101,67 @@ DIGIT_STROKES: dict[int, list[list[np.ndarray]]] = {
     9: [[ellipse(0.5, 0.3, 0.26, 0.24, 0, 1.0), pts(0.76, 0.3, 0.74, 0.95)],
         [ellipse(0.5, 0.3, 0.26, 0.24, 0, 1.0), pts(0.76, 0.3, 0.72, 0.7, 0.45, 0.95)]],
 }
+
+
+# --- non-digit strokes, in the unit box (training/synthetic.py draws them) ---------------------
+def polygon(rng) -> np.ndarray:
+    corners = int(rng.integers(3, 7))
+    angles = np.sort(rng.uniform(0, 2 * math.pi, corners))
+    radius = rng.uniform(0.5, 1.0, corners)
+    outline = np.stack([radius * np.cos(angles), radius * np.sin(angles)], axis=1)
+    return np.vstack([outline, outline[:1]])
+
+
+def shape_outline(rng) -> np.ndarray:
+    """A polygon or a circle, at a random place and size in the unit box."""
+    unit = polygon(rng) if rng.random() < 0.6 else ellipse(0, 0, 1.0, rng.uniform(0.5, 1.0), 0, 1.0, 16)
+    size, centre = rng.uniform(0.15, 0.35), rng.uniform(0.3, 0.7, 2)
+    return centre + size * unit
+
+
+def star(rng) -> list[np.ndarray]:
+    spikes = int(rng.integers(5, 8))
+    t = np.linspace(-math.pi / 2, 1.5 * math.pi, 2 * spikes + 1)
+    radius = np.where(np.arange(2 * spikes + 1) % 2 == 0, 0.48, rng.uniform(0.15, 0.3))
+    return [np.stack([0.5 + radius * np.cos(t), 0.5 + radius * np.sin(t)], axis=1)]
+
+
+def house(rng) -> list[np.ndarray]:
+    return [pts(0.15, 0.45, 0.5, 0.08, 0.85, 0.45, 0.85, 0.95, 0.15, 0.95, 0.15, 0.45, 0.85, 0.45),
+            pts(0.42, 0.95, 0.42, 0.7, 0.58, 0.7, 0.58, 0.95)]
+
+
+def smiley(rng) -> list[np.ndarray]:
+    return [ellipse(0.5, 0.5, 0.45, 0.45, 0, 1.0, 20), ellipse(0.35, 0.38, 0.04, 0.05, 0, 1.0, 6),
+            ellipse(0.65, 0.38, 0.04, 0.05, 0, 1.0, 6), ellipse(0.5, 0.55, 0.22, 0.2, 0.2, 0.38, 8)]
+
+
+def spiral(rng) -> list[np.ndarray]:
+    t = np.linspace(0, rng.uniform(3, 5) * math.pi, 40)
+    radius = 0.45 * t / t[-1]
+    return [np.stack([0.5 + radius * np.cos(t), 0.5 + radius * np.sin(t)], axis=1)]
+
+
+def grid(rng) -> list[np.ndarray]:
+    lines = np.linspace(0.1, 0.9, int(rng.integers(3, 5)))
+    return [pts(x, 0.05, x, 0.95) for x in lines] + [pts(0.05, y, 0.95, y) for y in lines]
+
+
+def zigzag(rng) -> list[np.ndarray]:
+    count = int(rng.integers(4, 9))
+    return [np.stack([np.linspace(0.05, 0.95, count), np.where(np.arange(count) % 2, 0.2, 0.8)], axis=1)]
+
+
+def sun(rng) -> list[np.ndarray]:
+    rays = [pts(0.5 + 0.28 * math.cos(a), 0.5 + 0.28 * math.sin(a), 0.5 + 0.48 * math.cos(a),
+                0.5 + 0.48 * math.sin(a)) for a in np.linspace(0, 2 * math.pi, 9)[:-1]]
+    return [ellipse(0.5, 0.5, 0.2, 0.2, 0, 1.0, 12)] + rays
+
+
+def heart(rng) -> list[np.ndarray]:
+    t = np.linspace(0, 2 * math.pi, 30)
+    x, y = 16 * np.sin(t) ** 3, -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+    return [np.stack([0.5 + x / 36, 0.45 + y / 36], axis=1)]
+
+
+DOODLES = (star, house, smiley, spiral, grid, zigzag, sun, heart)

@@ -14,7 +14,7 @@ severities: the evaluation set is never reproduced, and the validation split of 
     lines:  a straight, dotted or zigzag stroke across the image
     edges:  the outline of the strokes only (morphological gradient: canny-like)
     fog:    a smooth brightness field added (fog, brightness)
-    warp:   scale and shear (rotation and translation are the base augmentation's)
+    warp:   scale, shear and a rotation up to 40 degrees (translation is the base augmentation's)
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 FAMILIES = ("noise", "blur", "lines", "edges", "fog", "warp")
+MAX_WARP_ROTATION = 0.7   # radians (40 degrees); the base augmentation's rotation stays small
 
 
 def uniform(n: int, low: float, high: float, generator: torch.Generator, device) -> torch.Tensor:
@@ -130,8 +131,11 @@ def warp(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     device = images.device
     scale = 1 / (0.6 + 0.7 * torch.rand(n, generator=generator, device=device))   # digit 0.6x .. 1.3x
     shear = (torch.rand(n, generator=generator, device=device) * 2 - 1) * 0.5
-    zero = torch.zeros(n, device=device)
-    theta = torch.stack([torch.stack([scale, shear * scale, zero], 1), torch.stack([zero, scale, zero], 1)], 1)
+    angle = (torch.rand(n, generator=generator, device=device) * 2 - 1) * MAX_WARP_ROTATION
+    cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros(n, device=device)
+    # rotation @ [[scale, shear * scale], [0, scale]]
+    theta = torch.stack([torch.stack([cos * scale, (cos * shear - sin) * scale, zero], 1),
+                         torch.stack([sin * scale, (sin * shear + cos) * scale, zero], 1)], 1)
     grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 

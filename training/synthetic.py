@@ -5,12 +5,14 @@ Every image is drawn as a user would send it (dark ink on light paper, any size,
 and then goes through the server's own preprocessing (serving.handler.preprocess: invert, crop, fit
 into 20x20, centre of mass), so what the model sees here is what the served model sees.
 
-Two disjoint splits, by fonts and by seeds:
+Disjoint splits, by fonts and by seeds:
     "train": outlier exposure during training (training/outliers.py) and the real-world
              VALIDATION digits (the augmentations are chosen on them);
     "eval":  the evaluation sets the bench reports, never trained on or chosen by;
     "fit":   labelled digits that training may mix in (--synthetic-digits): the "train" fonts,
-             other seeds.
+             other seeds;
+    "val":   non-digits a training recipe is chosen on (benchmarks/choose.py), never trained on:
+             the "train" fonts, other seeds.
 Outlier exposure trains on TRAINED_CATEGORIES only: symbols and doodles are never trained on,
 in any split, so their refusal measures categories the model has never seen.
 
@@ -34,15 +36,16 @@ from serving.handler import photo, preprocess
 from serving.handler.preprocess import ImageError, to_grayscale, to_mnist
 
 from . import drawing, model, set_cache
-from .drawing import DIGIT_STROKES, draw_strokes, draw_text, ellipse, pts
+from .drawing import DIGIT_STROKES, DOODLES, draw_strokes, draw_text, shape_outline
 from .model import NUM_CLASSES
 
 FONT_DIRS = ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/truetype/liberation")
-SPLITS = ("train", "eval", "fit")
+SPLITS = ("train", "eval", "fit", "val")
 # Disjoint seed ranges: no image is in two splits. "fit" (labelled digits mixed into training,
-# --synthetic-digits) draws with the "train" split's fonts but its own seeds.
-SPLIT_SEEDS = {"train": 1_000, "eval": 2_000, "fit": 3_000}
-SPLIT_FONTS = {"train": 0, "eval": 1, "fit": 0}   # which half of the fonts
+# --synthetic-digits) and "val" (non-digits that recipes are chosen on, benchmarks/choose.py) draw
+# with the "train" split's fonts but their own seeds.
+SPLIT_SEEDS = {"train": 1_000, "eval": 2_000, "fit": 3_000, "val": 4_000}
+SPLIT_FONTS = {"train": 0, "eval": 1, "fit": 0, "val": 0}   # which half of the fonts
 
 # Letters that ARE digits in many fonts (O/0, l/1, Z/2, S/5, B/8, G/6, g/q/9, ...) are left out:
 # no model can refuse them without refusing real digits.
@@ -51,9 +54,17 @@ WORDS = ("cat", "dog", "the", "and", "hello", "yes", "ok", "hi", "sun", "tree", 
          "word", "test", "mama", "help", "stop", "text", "ink", "pen", "map", "key", "data", "run")
 # Symbols a 20x20 crop would turn into a plain stroke (| / \ ! ( ) [ ] { } -) look like a 1: left out.
 SYMBOLS = "+=#%&@$?*~^<>§¶€£¥©®→←↑↓∞π∑√µΩ÷×"
-NON_DIGIT_CATEGORIES = ("letters", "words", "symbols", "doodles", "scribbles", "textures", "noise")
-TRAINED_CATEGORIES = ("letters", "words", "scribbles", "textures", "noise")   # outlier exposure uses these
+# Cyrillic letters, for glyph shapes Latin lacks; those that look like a digit or a Latin letter
+# left out above (З Э 3, О 0, Б б 6, Ч ч У 4, Ь Ъ b, Т Г 7) are left out too.
+CYRILLIC = "АВДЕЖИЙКЛМНПРСФХЦШЩЫЮЯджийклмнпфцшщыюя"
+NON_DIGIT_CATEGORIES = ("letters", "words", "symbols", "doodles", "scribbles", "textures", "noise", "glyphs",
+                        "shapes")
+# Outlier exposure uses these; symbols and doodles stay unseen.
+TRAINED_CATEGORIES = ("letters", "words", "scribbles", "textures", "noise", "glyphs", "shapes")
 DIGIT_STYLES = ("typed", "drawn", "photographed")
+# An image's seed holds its category's place here: append only, or every set made before changes.
+SEED_NAMES = ("letters", "words", "symbols", "doodles", "scribbles", "textures", "noise",
+              "typed", "drawn", "photographed", "glyphs", "shapes")
 # The code that makes a set's images: a change to any of these files is a new cache key.
 SOURCES = tuple(Path(module.__file__) for module in (drawing, model, photo, preprocess)) + (Path(__file__),)
 SOURCES_DIGEST = set_cache.sources_digest(SOURCES)
@@ -144,52 +155,16 @@ def symbol(rng, fonts) -> Image.Image:
     return draw_text(rng, fonts, SYMBOLS[int(rng.integers(len(SYMBOLS)))])
 
 
-def star(rng) -> list[np.ndarray]:
-    spikes = int(rng.integers(5, 8))
-    t = np.linspace(-math.pi / 2, 1.5 * math.pi, 2 * spikes + 1)
-    radius = np.where(np.arange(2 * spikes + 1) % 2 == 0, 0.48, rng.uniform(0.15, 0.3))
-    return [np.stack([0.5 + radius * np.cos(t), 0.5 + radius * np.sin(t)], axis=1)]
+def glyph(rng, fonts) -> Image.Image:
+    return draw_text(rng, fonts, CYRILLIC[int(rng.integers(len(CYRILLIC)))])
 
 
-def house(rng) -> list[np.ndarray]:
-    return [pts(0.15, 0.45, 0.5, 0.08, 0.85, 0.45, 0.85, 0.95, 0.15, 0.95, 0.15, 0.45, 0.85, 0.45),
-            pts(0.42, 0.95, 0.42, 0.7, 0.58, 0.7, 0.58, 0.95)]
+def shapes(rng, fonts) -> Image.Image:
+    """Two to four overlapping outlines (one alone could be a 0)."""
+    return draw_strokes(rng, [shape_outline(rng) for _ in range(int(rng.integers(2, 5)))],
+                        width_share=(0.02, 0.08), jitter=0.01)
 
 
-def smiley(rng) -> list[np.ndarray]:
-    return [ellipse(0.5, 0.5, 0.45, 0.45, 0, 1.0, 20), ellipse(0.35, 0.38, 0.04, 0.05, 0, 1.0, 6),
-            ellipse(0.65, 0.38, 0.04, 0.05, 0, 1.0, 6), ellipse(0.5, 0.55, 0.22, 0.2, 0.2, 0.38, 8)]
-
-
-def spiral(rng) -> list[np.ndarray]:
-    t = np.linspace(0, rng.uniform(3, 5) * math.pi, 40)
-    radius = 0.45 * t / t[-1]
-    return [np.stack([0.5 + radius * np.cos(t), 0.5 + radius * np.sin(t)], axis=1)]
-
-
-def grid(rng) -> list[np.ndarray]:
-    lines = np.linspace(0.1, 0.9, int(rng.integers(3, 5)))
-    return [pts(x, 0.05, x, 0.95) for x in lines] + [pts(0.05, y, 0.95, y) for y in lines]
-
-
-def zigzag(rng) -> list[np.ndarray]:
-    count = int(rng.integers(4, 9))
-    return [np.stack([np.linspace(0.05, 0.95, count), np.where(np.arange(count) % 2, 0.2, 0.8)], axis=1)]
-
-
-def sun(rng) -> list[np.ndarray]:
-    rays = [pts(0.5 + 0.28 * math.cos(a), 0.5 + 0.28 * math.sin(a), 0.5 + 0.48 * math.cos(a),
-                0.5 + 0.48 * math.sin(a)) for a in np.linspace(0, 2 * math.pi, 9)[:-1]]
-    return [ellipse(0.5, 0.5, 0.2, 0.2, 0, 1.0, 12)] + rays
-
-
-def heart(rng) -> list[np.ndarray]:
-    t = np.linspace(0, 2 * math.pi, 30)
-    x, y = 16 * np.sin(t) ** 3, -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
-    return [np.stack([0.5 + x / 36, 0.45 + y / 36], axis=1)]
-
-
-DOODLES = (star, house, smiley, spiral, grid, zigzag, sun, heart)
 
 
 def doodle(rng, fonts) -> Image.Image:
@@ -245,7 +220,8 @@ def noise(rng, fonts) -> Image.Image:
 
 
 NON_DIGIT_MAKERS: dict[str, Callable] = {"letters": letter, "words": word, "symbols": symbol, "doodles": doodle,
-                                         "scribbles": scribble, "textures": texture, "noise": noise}
+                                         "scribbles": scribble, "textures": texture, "noise": noise,
+                                         "glyphs": glyph, "shapes": shapes}
 
 
 # --- the sets ----------------------------------------------------------------------------------
@@ -259,8 +235,7 @@ def served(image: Image.Image) -> np.ndarray | None:
 
 def image_rng(split: str, category: str, index: int) -> np.random.Generator:
     """One generator per image: an image does not change when a set is made larger or smaller."""
-    names = NON_DIGIT_CATEGORIES + DIGIT_STYLES
-    return np.random.default_rng([SPLIT_SEEDS[split], names.index(category), index])
+    return np.random.default_rng([SPLIT_SEEDS[split], SEED_NAMES.index(category), index])
 
 
 def build_set(split: str, per_category: dict[str, int], make_one: Callable) -> SyntheticSet:

@@ -11,10 +11,12 @@ from serving.handler.preprocess import normalize_in_place
 
 from .data import MNIST_MEAN, MNIST_STD
 
-# The share of validation digits the threshold accepts: the issue's aim is >= 97% of MNIST
-# test digits accepted, and a threshold at exactly that share of validation digits is the
-# simplest choice that a reader can check.
-ACCEPT_RATE = 0.97
+# The share of validation digits the threshold accepts: issue 26 asks for >= 99% of MNIST test
+# digits accepted while >= 97% of non-digits stay refused. Chosen on validation data alone
+# (python -m benchmarks.choose, docs/trust.md): on the make-train model 99% of clean validation
+# digits accepted refused 97.3% of the validation non-digits (97%: 99.2%) and accepted 83.9% of the
+# shifted validation digits (97%: 74.2%); a threshold at exactly that share is one a reader can check.
+ACCEPT_RATE = 0.99
 # Chosen by measurement (python -m benchmarks.trust compares both): on the test recipe's model with
 # outlier exposure (2 epochs on 16,384 images) energy refused 95.1% of the generated non-digits at
 # 96.9% of MNIST test digits accepted, max_softmax 93.9% at 96.6% (AUROC 0.9923 vs 0.9922); without
