@@ -191,7 +191,15 @@ def fleet_on_free_ports(workdir: Path, replicas: int, base_config: Path) -> Flee
 
 
 FRONT_DOOR_WARM_UP_S = 5.0   # per row, at full load, discarded: the replicas' Java is still compiling for a minute
-FRONT_DOOR_ROUNDS = 2        # the rows measured in turn, twice: a drift of the machine touches each row alike
+# The rows measured in turn, forwards then backwards (HTTP, TLS, direct, direct, TLS, HTTP): each
+# row's mean position in time is the same, so a steady drift of the machine (Java still getting
+# faster) touches each row alike. In plain turns the last row (direct) was always measured latest.
+FRONT_DOOR_ROUNDS = 2
+
+
+def round_order(rows: list[str], round_index: int) -> list[str]:
+    """The rows in the order round_index measures them: forwards in even rounds, backwards in odd ones."""
+    return list(rows) if round_index % 2 == 0 else list(reversed(rows))
 
 
 def merged(results: list[LoadResult]) -> LoadResult:
@@ -205,7 +213,7 @@ def measure_front_door(serialized_file: str, connections: int = 16, duration_s: 
                        base_config: Path = REPO_ROOT / "config.properties") -> dict[str, LoadResult]:
     """wrk at `connections` clients through a fleet's front door (HTTP, TLS) and straight to its
     replicas (the clients spread over them), one row each (FRONT_DOOR_ROWS): after a warm-up of
-    each, the three measured in turn FRONT_DOOR_ROUNDS times, duration_s each time."""
+    each, the three measured in turn FRONT_DOOR_ROUNDS times (round_order), duration_s each time."""
     if shutil.which("wrk") is None:
         raise LoadToolMissing("wrk is not installed: apt-get install wrk")
     with tempfile.TemporaryDirectory(prefix="front_door_") as temp:
@@ -225,9 +233,9 @@ def measure_front_door(serialized_file: str, connections: int = 16, duration_s: 
             for load in loads.values():
                 load(FRONT_DOOR_WARM_UP_S)
             runs = {row: [] for row in loads}
-            for _ in range(FRONT_DOOR_ROUNDS):
-                for row, load in loads.items():
-                    runs[row].append(load(duration_s))
+            for round_index in range(FRONT_DOOR_ROUNDS):
+                for row in round_order(list(loads), round_index):
+                    runs[row].append(loads[row](duration_s))
             return {row: merged(results) for row, results in runs.items()}
         finally:
             fleet_stage.stop(fleet)

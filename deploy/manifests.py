@@ -109,6 +109,9 @@ def nginx_config(fleet: Fleet) -> str:
         # kube-proxy balances connections, not requests: kept-alive ones would stay with the pods
         # the front door met first (a pod's own hop keeps its connections to its replica alive).
         "KEEPALIVE": KEEPALIVE_OFF,
+        # One worker: the pod asks a tenth of a core (deploy/objects.py), and nginx's `auto` would
+        # count the node's cores, not the pod's. More front door means more pods.
+        "NGINX_WORKERS": 1,
         # The allowed client keys: the API keys Secret, mounted; a request without one gets 401.
         "CLIENT_DEFAULT": 0,
         "CLIENT_KEYS": include_line(API_KEYS_DIR / API_KEYS_FILE) + f"   # the {API_KEYS_SECRET} Secret",

@@ -51,8 +51,8 @@ from serving.fleet.frontdoor import FrontDoorError, RotationState
 from serving.server.properties import listeners, read_properties, set_properties
 from serving.server.readiness import inference_key
 from serving.fleet.topology import (CLIENT_TIMEOUT_S, CLOSED_PATHS, CONNECTIONS_PER_ADDRESS, HOP_SECRET_HEADER,
-                                     SPOOLED_BODIES_PER_ADDRESS, SPOOLED_BODY_BYTES, Fleet, TopologyError,
-                                     workers_per_replica)
+                                     NGINX_PRIORITY, SPOOLED_BODIES_PER_ADDRESS, SPOOLED_BODY_BYTES, Fleet,
+                                     TopologyError, nginx_workers, workers_per_replica)
 
 LISTED_ORIGIN = "http://localhost:3000"
 RATE_LIMIT = 40            # requests/s per client address; the paced loads below stay well under it
@@ -340,6 +340,32 @@ def test_the_key_owner_record_is_private(tmp_path):
 
 
 @server_test
+def nginx_worker_pids(fleet) -> list[int]:
+    """The front door's nginx workers: the children of the master its pid file names."""
+    master = (fleet.nginx_dir / "nginx.pid").read_text().strip()
+    children = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.rindex(")") + 2:].split()[1] == master:
+            children.append(int(pid))
+    return children
+
+
+def test_the_front_door_runs_one_nginx_worker_per_sixteen_cores_ahead_of_the_replicas(fleet):
+    """Issue 27, the front door's cost: nginx's `auto` ran one worker per core, each splitting the
+    clients and waking apart from the other, on the cores the replicas' workers use: the replicas'
+    batches closed at ~6 requests, not ~7.7 (docs/fleet.md). One worker per 16 cores, forwarding
+    ahead of the replicas' workers (a higher priority, where root may give it)."""
+    assert [nginx_workers(cores) for cores in (1, 2, 15, 16, 32, 64)] == [1, 1, 1, 1, 2, 4]
+    workers = nginx_worker_pids(fleet)
+    assert len(workers) == nginx_workers() == max(1, len(os.sched_getaffinity(0)) // 16)
+    if os.geteuid() == 0:   # CI runs as root; lowering a priority needs it
+        assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in workers} == {NGINX_PRIORITY}
+
+
 def test_the_access_log_is_not_world_readable(fleet):
     """Issue 27 point 12: nginx's access log (client addresses and paths) is 0640, not 0644."""
     assert ((fleet.nginx_dir / frontdoor.ACCESS_LOG).stat().st_mode & 0o777) == frontdoor.ACCESS_LOG_MODE == 0o640

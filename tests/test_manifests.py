@@ -461,6 +461,14 @@ def test_the_front_door_pod_logs_to_stdout_and_never_the_query_string(cluster):
     assert "$uri" in log_format and not re.search(r"\$(request|request_uri|args|query_string)\b", log_format), log_format
 
 
+def test_the_front_door_pod_runs_one_nginx_worker_whatever_cores_the_node_has(cluster):
+    """nginx's `auto` counts the node's cores, not the pod's tenth of one: a 64-core node would get 64
+    workers. One, at the default priority (the pod runs as a user that may not raise it)."""
+    _, text = configmap_file(cluster, layout.FRONTDOOR, "config")
+    assert re.findall(r"^\s*worker_processes\s+(\S+);", text, re.M) == ["1"]
+    assert "worker_priority" not in text
+
+
 def test_the_replica_pods_torchserve_logs_to_stdout_and_no_file(cluster, tmp_path):
     """Issue 27 point 5: TorchServe 0.12's own log4j2.xml writes five rolling files of up to 100 MB
     (plus a compressed one per day, never deleted) under LOG_LOCATION, the run dir's emptyDir. The

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving.handler.artifact import MODEL_NAME
-from serving.fleet.topology import (CLIENT_TIMEOUT_S, CONNECTIONS_PER_ADDRESS, EXPENSIVE_PATHS,
-                                     EXPLAIN_BURST, EXPLAIN_CONCURRENCY, EXPLAIN_RATE_PER_S, HEARTBEAT_PATH,
-                                     HOP_SECRET_HEADER, KEEPALIVE_TIMEOUT_S, OPEN_PATHS, SPOOLED_BODIES_PER_ADDRESS,
-                                     SPOOLED_BODY_BYTES, WORKER_CONNECTIONS, Fleet, Replica)
+from serving.fleet.topology import (CLIENT_TIMEOUT_S, CONNECTIONS_PER_ADDRESS, EXPENSIVE_PATHS, EXPLAIN_BURST,
+                                     EXPLAIN_CONCURRENCY, EXPLAIN_RATE_PER_S, HEARTBEAT_PATH, HOP_SECRET_HEADER,
+                                     KEEPALIVE_TIMEOUT_S, NGINX_PRIORITY, OPEN_PATHS, SPOOLED_BODIES_PER_ADDRESS,
+                                     SPOOLED_BODY_BYTES, WORKER_CONNECTIONS, Fleet, Replica, nginx_workers)
 from serving.web import WEB_DIR
 
 TEMPLATE = Path(__file__).resolve().with_name("nginx.conf.template")
@@ -30,7 +30,6 @@ BLOCK = re.compile(r"\{\{#(\w+)\}\}\n(.*?)\{\{/\1\}\}\n", re.S)
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 # TorchServe's own response timeout (config.properties), plus the margin a queued request waits.
 READ_TIMEOUT_MARGIN_S = 30
-
 
 # Kept-alive connections to the replicas or their key hops (one per request cost a third of the
 # throughput). Safe across a key's renewal: rotation.py takes the replica out for one reload.
@@ -204,8 +203,9 @@ def path_pattern(paths: tuple[str, ...]) -> str:
 
 
 def worker_user() -> str:
-    """nginx started as root runs its workers as nobody (its own default, named so it is seen)."""
-    return "user nobody nogroup;" if os.geteuid() == 0 else "# (not root: the workers run as this user)"
+    """As root: the workers as nobody (nginx's own default, named), at NGINX_PRIORITY (root alone may)."""
+    return (f"user nobody nogroup;\nworker_priority {NGINX_PRIORITY};   # topology.py NGINX_PRIORITY"
+            if os.geteuid() == 0 else "# (not root: the workers run as this user, at the default priority)")
 
 
 def render(fleet: Fleet, state: RotationState, overrides: dict[str, object] | None = None) -> str:
@@ -233,6 +233,7 @@ def render(fleet: Fleet, state: RotationState, overrides: dict[str, object] | No
         "EXPLAIN_RATE_PER_S": EXPLAIN_RATE_PER_S, "EXPLAIN_BURST": EXPLAIN_BURST,
         "EXPLAIN_CONCURRENCY": EXPLAIN_CONCURRENCY,
         "KEEPALIVE": KEEPALIVE_ON,
+        "NGINX_WORKERS": nginx_workers(),
         "WORKER_CONNECTIONS": WORKER_CONNECTIONS, "WORKER_FILES": 2 * WORKER_CONNECTIONS + 64,
         "CONNECTIONS_PER_ADDRESS": CONNECTIONS_PER_ADDRESS,
         "SPOOLED_BODIES_PER_ADDRESS": SPOOLED_BODIES_PER_ADDRESS, "SPOOLED_BODY_BYTES": SPOOLED_BODY_BYTES,

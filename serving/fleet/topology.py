@@ -35,6 +35,17 @@ DEFAULT_RATE_LIMIT = 100
 # before CLIENT_TIMEOUT_S closes them. Both the fleet and the Kubernetes front door render these.
 CONNECTIONS_PER_ADDRESS = 64
 WORKER_CONNECTIONS = 8192
+# nginx workers: the front door spends ~0.08 CPU-ms forwarding a prediction that costs the replicas
+# ~1.5 (benchmarks/serve_load.py --front-door, 2-core AMD EPYC), so one worker keeps up with the
+# replicas of CORES_PER_NGINX_WORKER cores. More workers on cores the replicas use only split the
+# clients and add wake-ups: on 2 cores, one worker instead of two (nginx's `auto`) made the
+# replicas' batches larger (6.2 requests a batch, not 5.5) and the front door cheaper (docs/fleet.md).
+CORES_PER_NGINX_WORKER = 16
+# ... and it runs before them: woken by a request or an answer, it forwards at once instead of
+# waiting out a worker's time slice (on 2 cores, p99 24-27 ms through the front door in 6 runs of
+# 6 s, 26-41 ms at the default priority). It uses a twentieth of what they do, so it starves none.
+# Lowering a priority needs root: a fleet started by another user keeps the default.
+NGINX_PRIORITY = -10
 # Bodies past nginx's client_body_buffer_size (16k) are spooled to its body temp files until the
 # answer (a retry may need them); in a pod those fill the nginx-tmp emptyDir, whose limit evicts the
 # pod. So every body of SPOOLED_BODY_BYTES or more (or of unknown length: chunked) counts against two
@@ -78,6 +89,12 @@ def workers_per_replica(replicas: int, cores: int | None = None) -> int:
     every request dearer, most of all behind the front door (docs/fleet.md)."""
     cores = cores if cores is not None else len(os.sched_getaffinity(0))
     return max(1, cores // replicas)
+
+
+def nginx_workers(cores: int | None = None) -> int:
+    """The front door's nginx worker processes: one per CORES_PER_NGINX_WORKER cores, at least one."""
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    return max(1, cores // CORES_PER_NGINX_WORKER)
 
 
 class TopologyError(Exception):
