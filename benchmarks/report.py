@@ -48,7 +48,8 @@ def front_door_cost(rows: dict) -> str:
     if direct is None or any(row not in rows for row in FRONT_DOOR_ROWS[:2]):   # an older make bench's rows
         return "Direct: one replica of the same fleet, its other replica idle."
     return "Direct: the same replicas called without nginx, the clients spread evenly over them (one wrk each; " \
-           "p50/p99: the higher replica's). The front door's cost: " + "; ".join(
+           "p50/p99: the higher replica's). Each row: rounds in turn, forwards and backwards; requests/s their " \
+           "mean, p50/p99 their median. The front door's cost: " + "; ".join(
         f"{row.split(', ')[1]} {1 - rows[row]['requests_per_s'] / direct['requests_per_s']:.0%} of requests/s, "
         f"{rows[row]['latency_ms'].get('p99', 0) - direct['latency_ms'].get('p99', 0):+.1f} ms p99"
         for row in FRONT_DOOR_ROWS[:2]) + "."
