@@ -147,11 +147,14 @@ def run_wrk_spread(targets: list[Target], image: Path, connections: int, duratio
     return combined(results, share * len(targets), duration_s, sum(r.requests_per_s for r in results))
 
 
-def combined(results: list[LoadResult], connections: int, duration_s: float, requests_per_s: float) -> LoadResult:
-    """wrk runs as one result: requests and errors added, each percentile the highest of the
-    runs' (an upper bound of the whole's); the caller says what the rate and duration are."""
+def combined(results: list[LoadResult], connections: int, duration_s: float, requests_per_s: float,
+             percentile=max) -> LoadResult:
+    """wrk runs as one result: requests and errors added, each percentile `percentile` of the runs'
+    (by default the highest: an upper bound of the whole's); the caller says what the rate and
+    duration are."""
     return LoadResult(connections, duration_s, sum(r.requests for r in results), requests_per_s,
-                      {p: max(r.latency_ms.get(p, 0.0) for r in results) for p in results[0].latency_ms},
+                      {p: float(percentile([r.latency_ms.get(p, 0.0) for r in results]))
+                       for p in results[0].latency_ms},
                       sum(r.non_2xx for r in results), sum(r.socket_errors for r in results))
 
 
@@ -210,11 +213,8 @@ def round_order(rows: list[str], round_index: int) -> list[str]:
 def merged(results: list[LoadResult]) -> LoadResult:
     """Runs of one row (the same load, in turn with the others) as one: requests and errors added,
     the rate their mean, each latency percentile their median."""
-    return LoadResult(results[0].connections, sum(r.duration_s for r in results), sum(r.requests for r in results),
-                      sum(r.requests_per_s for r in results) / len(results),
-                      {p: float(statistics.median(r.latency_ms.get(p, 0.0) for r in results))
-                       for p in results[0].latency_ms},
-                      sum(r.non_2xx for r in results), sum(r.socket_errors for r in results))
+    return combined(results, results[0].connections, sum(r.duration_s for r in results),
+                    sum(r.requests_per_s for r in results) / len(results), percentile=statistics.median)
 
 
 def measure_front_door(serialized_file: str, connections: int = 16, duration_s: float = 5.0,

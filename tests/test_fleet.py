@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from PIL import Image
@@ -340,18 +341,9 @@ def test_the_key_owner_record_is_private(tmp_path):
 
 
 @server_test
-def nginx_worker_pids(fleet) -> list[int]:
+def nginx_workers_running(fleet) -> list[psutil.Process]:
     """The front door's nginx workers: the children of the master its pid file names."""
-    master = (fleet.nginx_dir / "nginx.pid").read_text().strip()
-    children = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        if stat[stat.rindex(")") + 2:].split()[1] == master:
-            children.append(int(pid))
-    return children
+    return psutil.Process(int((fleet.nginx_dir / "nginx.pid").read_text())).children()
 
 
 def test_the_front_door_runs_one_nginx_worker_per_sixteen_cores_ahead_of_the_replicas(fleet):
@@ -360,10 +352,10 @@ def test_the_front_door_runs_one_nginx_worker_per_sixteen_cores_ahead_of_the_rep
     batches closed at ~6 requests, not ~7.7 (docs/fleet.md). One worker per 16 cores, forwarding
     ahead of the replicas' workers (a higher priority, where root may give it)."""
     assert [nginx_workers(cores) for cores in (1, 2, 15, 16, 32, 64)] == [1, 1, 1, 1, 2, 4]
-    workers = nginx_worker_pids(fleet)
+    workers = nginx_workers_running(fleet)
     assert len(workers) == nginx_workers() == max(1, len(os.sched_getaffinity(0)) // 16)
     if os.geteuid() == 0:   # CI runs as root; lowering a priority needs it
-        assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in workers} == {NGINX_PRIORITY}
+        assert {worker.nice() for worker in workers} == {NGINX_PRIORITY}
 
 
 def test_the_access_log_is_not_world_readable(fleet):

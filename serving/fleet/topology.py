@@ -39,7 +39,7 @@ WORKER_CONNECTIONS = 8192
 # ~1.5 (benchmarks/serve_load.py --front-door, 2-core AMD EPYC), so one worker keeps up with the
 # replicas of CORES_PER_NGINX_WORKER cores. More workers on cores the replicas use only split the
 # clients and add wake-ups: on 2 cores, one worker instead of two (nginx's `auto`) made the
-# replicas' batches larger (6.2 requests a batch, not 5.5) and the front door cheaper (docs/fleet.md).
+# replicas' batches larger (7.6 requests a batch, not 6.5) and the front door cheaper (docs/fleet.md).
 CORES_PER_NGINX_WORKER = 16
 # ... and it runs before them: woken by a request or an answer, it forwards at once instead of
 # waiting out a worker's time slice (on 2 cores, p99 24-27 ms through the front door in 6 runs of
@@ -83,18 +83,22 @@ CLOSED_PATHS = ("/models", f"/models/{MODEL_NAME}", "/metrics", "/workflows", f"
 FLEET_FILE = "fleet.json"   # in the fleet's run dir: the plan `start` used, read by the other commands
 
 
-def workers_per_replica(replicas: int, cores: int | None = None) -> int:
-    """Single-threaded workers each replica runs: the cores this process may use, shared by the
-    replicas (at least one each). More workers than cores make each one's batches smaller and
-    every request dearer, most of all behind the front door (docs/fleet.md)."""
+def share_of_cores(parts: int, cores: int | None = None) -> int:
+    """The cores this process may use (or `cores`) divided into `parts`, at least one."""
     cores = cores if cores is not None else len(os.sched_getaffinity(0))
-    return max(1, cores // replicas)
+    return max(1, cores // parts)
+
+
+def workers_per_replica(replicas: int, cores: int | None = None) -> int:
+    """Single-threaded workers each replica runs: the cores shared by the replicas (at least one
+    each). More workers than cores make each one's batches smaller and every request dearer, most
+    of all behind the front door (docs/fleet.md)."""
+    return share_of_cores(replicas, cores)
 
 
 def nginx_workers(cores: int | None = None) -> int:
     """The front door's nginx worker processes: one per CORES_PER_NGINX_WORKER cores, at least one."""
-    cores = cores if cores is not None else len(os.sched_getaffinity(0))
-    return max(1, cores // CORES_PER_NGINX_WORKER)
+    return share_of_cores(CORES_PER_NGINX_WORKER, cores)
 
 
 class TopologyError(Exception):
