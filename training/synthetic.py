@@ -142,8 +142,13 @@ DIGIT_MAKERS: dict[str, Callable] = {"typed": typed_digit, "drawn": drawn_digit,
 
 
 # --- non-digits --------------------------------------------------------------------------------
+def character(rng, fonts, characters: str) -> Image.Image:
+    """One of characters, typed."""
+    return draw_text(rng, fonts, characters[int(rng.integers(len(characters)))])
+
+
 def letter(rng, fonts) -> Image.Image:
-    return draw_text(rng, fonts, LETTERS[int(rng.integers(len(LETTERS)))])
+    return character(rng, fonts, LETTERS)
 
 
 def word(rng, fonts) -> Image.Image:
@@ -152,19 +157,17 @@ def word(rng, fonts) -> Image.Image:
 
 
 def symbol(rng, fonts) -> Image.Image:
-    return draw_text(rng, fonts, SYMBOLS[int(rng.integers(len(SYMBOLS)))])
+    return character(rng, fonts, SYMBOLS)
 
 
 def glyph(rng, fonts) -> Image.Image:
-    return draw_text(rng, fonts, CYRILLIC[int(rng.integers(len(CYRILLIC)))])
+    return character(rng, fonts, CYRILLIC)
 
 
 def shapes(rng, fonts) -> Image.Image:
     """Two to four overlapping outlines (one alone could be a 0)."""
     return draw_strokes(rng, [shape_outline(rng) for _ in range(int(rng.integers(2, 5)))],
                         width_share=(0.02, 0.08), jitter=0.01)
-
-
 
 
 def doodle(rng, fonts) -> Image.Image:
