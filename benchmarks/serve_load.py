@@ -199,9 +199,9 @@ FRONT_DOOR_WARM_UP_S = 5.0   # per row, at full load, discarded: the replicas' J
 # row's mean position in time is the same, so a steady drift of the machine (Java still getting
 # faster) touches each row alike. In plain turns the last row (direct) was always measured latest.
 # Four rounds: a row's rate is their mean, each latency percentile their median. A 5 s run's p99 is
-# ~50 requests, and one pause of a replica's Java (tens of ms) lifts it by 30-60 ms in whichever row
-# it falls (on 2 cores: 27-92 ms in runs of one fleet minutes apart); the highest of the rounds'
-# reported that pause, not the row.
+# ~50 requests, and one stall of the machine lifts it by tens of ms in whichever row it falls
+# (docs/fleet.md: the HTTP row's p99 from 59 to 92 ms between runs on 2 cores); the highest of the
+# rounds' reported that stall, not the row.
 FRONT_DOOR_ROUNDS = 4
 
 

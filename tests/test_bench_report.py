@@ -40,8 +40,8 @@ def test_the_front_door_rows_are_measured_forwards_then_backwards():
 
 
 def test_a_front_door_row_reports_its_rounds_median_latency_not_one_pause():
-    """One pause of a replica's Java lifted one 5 s run's p99 by 30-60 ms; the highest of the rounds
-    (what a row reported before) was that pause. Rates are the rounds' mean, requests their sum."""
+    """One stall of the machine lifts one 5 s run's p99 by tens of ms; the highest of the rounds
+    (what a row reported before) was that stall. Rates are the rounds' mean, requests their sum."""
     rounds = [serve_load.LoadResult(16, 5.0, requests, rate, {"p50": 13.0 + i, "p99": p99}, 0, 0)
               for i, (requests, rate, p99) in enumerate([(5000, 1000.0, 30.0), (6000, 1200.0, 90.0),
                                                          (5500, 1100.0, 31.0), (5400, 1080.0, 29.0)])]

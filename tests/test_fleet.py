@@ -349,7 +349,7 @@ def nginx_workers_running(fleet) -> list[psutil.Process]:
 def test_the_front_door_runs_one_nginx_worker_per_sixteen_cores_ahead_of_the_replicas(fleet):
     """Issue 27, the front door's cost: nginx's `auto` ran one worker per core, each splitting the
     clients and waking apart from the other, on the cores the replicas' workers use: the replicas'
-    batches closed at ~6 requests, not ~7.7 (docs/fleet.md). One worker per 16 cores, forwarding
+    batches closed early (docs/fleet.md). One worker per 16 cores, forwarding
     ahead of the replicas' workers (a higher priority, where root may give it)."""
     assert [nginx_workers(cores) for cores in (1, 2, 15, 16, 32, 64)] == [1, 1, 1, 1, 2, 4]
     workers = nginx_workers_running(fleet)

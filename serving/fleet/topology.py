@@ -35,15 +35,13 @@ DEFAULT_RATE_LIMIT = 100
 # before CLIENT_TIMEOUT_S closes them. Both the fleet and the Kubernetes front door render these.
 CONNECTIONS_PER_ADDRESS = 64
 WORKER_CONNECTIONS = 8192
-# nginx workers: the front door spends ~0.08 CPU-ms forwarding a prediction that costs the replicas
-# ~1.5 (benchmarks/serve_load.py --front-door, 2-core AMD EPYC), so one worker keeps up with the
-# replicas of CORES_PER_NGINX_WORKER cores. More workers on cores the replicas use only split the
-# clients and add wake-ups: on 2 cores, one worker instead of two (nginx's `auto`) made the
-# replicas' batches larger (7.6 requests a batch, not 6.5) and the front door cheaper (docs/fleet.md).
+# nginx workers: forwarding a prediction costs nginx a small fraction of what the replicas spend
+# on it, so one worker keeps up with the replicas of CORES_PER_NGINX_WORKER cores. More workers on
+# cores the replicas use only split the clients and add wake-ups: on 2 cores, nginx's `auto` (two)
+# made the replicas' batches smaller and the front door dearer than one (docs/fleet.md).
 CORES_PER_NGINX_WORKER = 16
 # ... and it runs before them: woken by a request or an answer, it forwards at once instead of
-# waiting out a worker's time slice (on 2 cores, p99 24-27 ms through the front door in 6 runs of
-# 6 s, 26-41 ms at the default priority). It uses a twentieth of what they do, so it starves none.
+# waiting out a worker's time slice; it uses a small share of the CPU, so it starves none.
 # Lowering a priority needs root: a fleet started by another user keeps the default.
 NGINX_PRIORITY = -10
 # Bodies past nginx's client_body_buffer_size (16k) are spooled to its body temp files until the
