@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .serve_load import ENGINE_ROWS, FRONT_DOOR_ROWS
+from .front_door import FRONT_DOOR_ROWS, cost_text
+from .serve_load import ENGINE_ROWS
 from .trust import readme_lines as trust_readme_lines
 from .workloads import (BATCH_SIZES, DEFAULT, FORWARD_MFLOP, MANY_CLIENTS, MNIST_TRAIN_IMAGES, OURS_TRAIN_IMAGES,
                         TEXTBOOK, TEXTBOOK_TRAIN_IMAGES, TRAIN_MFLOP)
@@ -47,12 +48,21 @@ def front_door_cost(rows: dict) -> str:
     direct = rows.get(FRONT_DOOR_ROWS[2])
     if direct is None or any(row not in rows for row in FRONT_DOOR_ROWS[:2]):   # an older make bench's rows
         return "Direct: one replica of the same fleet, its other replica idle."
+    paired = all(rows[row].get("round_rates") for row in FRONT_DOOR_ROWS)   # older rows: the means' ratio
+    how = ("the median of the rounds' own costs (each round measures the three rows within seconds of one "
+           "another)" if paired else "from the rows' requests/s")
     return "Direct: the same replicas called without nginx, the clients spread evenly over them (one wrk each; " \
            "p50/p99: the higher replica's). Each row: rounds in turn, forwards and backwards; requests/s their " \
-           "mean, p50/p99 their median. The front door's cost: " + "; ".join(
-        f"{row.split(', ')[1]} {1 - rows[row]['requests_per_s'] / direct['requests_per_s']:.0%} of requests/s, "
+           f"mean, p50/p99 their median. The front door's cost, {how}: " + "; ".join(
+        f"{row.split(', ')[1]} {row_cost(rows[row], direct, paired)} of requests/s, "
         f"{rows[row]['latency_ms'].get('p99', 0) - direct['latency_ms'].get('p99', 0):+.1f} ms p99"
         for row in FRONT_DOOR_ROWS[:2]) + "."
+
+
+def row_cost(row: dict, direct: dict, paired: bool) -> str:
+    if paired:
+        return cost_text(row["round_rates"], direct["round_rates"])
+    return f"{1 - row['requests_per_s'] / direct['requests_per_s']:.0%}"
 
 
 def front_door_summary(results: dict) -> list[str]:

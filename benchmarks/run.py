@@ -27,7 +27,8 @@ from serving.handler.artifact import (ARTIFACTS_DIR, CHECKPOINT_NAME, INT8_NAME,
 from training.data import DATA_DIR_ENV, load_mnist, preprocess_metadata
 
 from .host import cpu_name
-from .serve_load import SERVING_ERRORS, ServeSettings, measure as measure_serving, measure_engines, measure_front_door
+from .front_door import measure_front_door
+from .serve_load import SERVING_ERRORS, ServeSettings, measure as measure_serving, measure_engines
 from .report import BenchError, markdown, plot, update_readme
 from .workloads import (BATCH_SIZES, DEFAULT, MANY_CLIENTS, OURS_TRAIN_IMAGES, SERVE_CLIENTS, TEXTBOOK,
                         TEXTBOOK_BATCH, TEXTBOOK_TRAIN_IMAGES, TEXTBOOK_WORKERS, MNIST_TRAIN_IMAGES)

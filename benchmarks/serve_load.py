@@ -1,31 +1,27 @@
 """Serving load test: a real TorchServe on free loopback ports, loaded by wrk with keep-alive.
 
     python -m benchmarks.serve_load --batch-size 16 --max-batch-delay 5 --connections 16
-    python -m benchmarks.serve_load --front-door --connections 16 --duration 5   # nginx's cost
 
 builds an archive with the given batching/worker settings, starts the server, POSTs a real
 MNIST test digit for --duration seconds per connection count, and prints (and with --json
 writes) requests/s, latency percentiles and non-2xx counts. wrk must be installed
-(`apt-get install wrk`); requests only go to 127.0.0.1.
+(`apt-get install wrk`); requests only go to 127.0.0.1. The front door's rows: benchmarks/front_door.py.
 """
 from __future__ import annotations
 
 import json
 import re
 import shutil
-import statistics
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import click
 import yaml
 
-from serving.fleet import fleet as fleet_stage
 from serving.server import server
 from serving.server.properties import free_ports, instance_config, read_properties, workers_per_model
-from serving.server.readiness import inference_key
 from serving.handler.artifact import MODEL_NAME, TORCHSCRIPT_NAME, artifact_path
 from serving.server.archive import SHIPPED_DIR, ArchiveError, build_archive
 from serving.fleet.fleet import FleetError
@@ -33,7 +29,6 @@ from serving.fleet.frontdoor import FrontDoorError
 from serving.server.server import ServerError
 from serving.kserve.launcher import EngineError
 from serving.kserve import launcher as kserve_engine
-from serving.fleet.topology import Fleet, ReplicaPorts
 from training.samples import write_samples
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +79,7 @@ class LoadResult:
     latency_ms: dict
     non_2xx: int
     socket_errors: int
+    round_rates: tuple = ()   # a merged row's requests/s in each of its rounds, in order (merged)
 
 
 def model_config_for(settings: ServeSettings, path: Path) -> Path:
@@ -179,77 +175,6 @@ def measure(settings: ServeSettings, connection_counts=(1, 16), duration_s: floa
             server.stop(workdir / "run")
 
 
-# The front door's rows: nginx (HTTP, then TLS) in front of the fleet's replicas, and the same
-# replicas called directly, the clients spread over them: what the proxy costs at equal capacity.
-FRONT_DOOR_ROWS = ("front door, HTTP", "front door, TLS", "direct to the replicas")
-NO_RATE_LIMIT = 1_000_000   # requests/s: wrk from one address must measure nginx, not its limit
-
-
-def fleet_on_free_ports(workdir: Path, replicas: int, base_config: Path) -> Fleet:
-    workdir.chmod(0o711)   # a TemporaryDirectory is 0700: nginx's workers (nobody, under root) must enter it
-    per_replica = len(fields(ReplicaPorts))
-    ports = free_ports(replicas * per_replica + 2)
-    replica_ports = [ReplicaPorts(*ports[i * per_replica:(i + 1) * per_replica]) for i in range(replicas)]
-    return Fleet.plan(replicas, workdir / "fleet", base_config, replica_ports=replica_ports, http_port=ports[-2],
-                      tls_port=ports[-1], rate_limit_per_s=NO_RATE_LIMIT)
-
-
-FRONT_DOOR_WARM_UP_S = 5.0   # per row, at full load, discarded: the replicas' Java is still compiling for a minute
-# The rows measured in turn, forwards then backwards (HTTP, TLS, direct, direct, TLS, HTTP): each
-# row's mean position in time is the same, so a steady drift of the machine (Java still getting
-# faster) touches each row alike. In plain turns the last row (direct) was always measured latest.
-# Four rounds: a row's rate is their mean, each latency percentile their median. A 5 s run's p99 is
-# ~50 requests, and one stall of the machine lifts it by tens of ms in whichever row it falls
-# (docs/fleet.md: the HTTP row's p99 from 59 to 92 ms between runs on 2 cores); the highest of the
-# rounds' reported that stall, not the row.
-FRONT_DOOR_ROUNDS = 4
-
-
-def round_order(rows: list[str], round_index: int) -> list[str]:
-    """The rows in the order round_index measures them: forwards in even rounds, backwards in odd ones."""
-    return list(rows) if round_index % 2 == 0 else list(reversed(rows))
-
-
-def merged(results: list[LoadResult]) -> LoadResult:
-    """Runs of one row (the same load, in turn with the others) as one: requests and errors added,
-    the rate their mean, each latency percentile their median."""
-    return combined(results, results[0].connections, sum(r.duration_s for r in results),
-                    sum(r.requests_per_s for r in results) / len(results), percentile=statistics.median)
-
-
-def measure_front_door(serialized_file: str, connections: int = 16, duration_s: float = 5.0,
-                       data_dir: str | None = None, replicas: int = 2,
-                       base_config: Path = REPO_ROOT / "config.properties") -> dict[str, LoadResult]:
-    """wrk at `connections` clients through a fleet's front door (HTTP, TLS) and straight to its
-    replicas (the clients spread over them), one row each (FRONT_DOOR_ROWS): after a warm-up of
-    each, the three measured in turn FRONT_DOOR_ROUNDS times (round_order), duration_s each time."""
-    if shutil.which("wrk") is None:
-        raise LoadToolMissing("wrk is not installed: apt-get install wrk")
-    with tempfile.TemporaryDirectory(prefix="front_door_") as temp:
-        workdir = Path(temp)
-        archive = build_archive(serialized_file, workdir / "model_store")
-        image = write_samples(data_dir, workdir / "samples")[7]
-        fleet = fleet_on_free_ports(workdir, replicas, base_config)
-        fleet_stage.start(fleet, archive)
-        path = f"/predictions/{MODEL_NAME}"
-        direct = [Target(f"{replica.inference_url}{path}", replica_headers(replica)) for replica in fleet.replicas]
-        loads = {FRONT_DOOR_ROWS[0]: lambda seconds: run_wrk(f"{fleet.front_door.http_url}{path}", image,
-                                                             connections, seconds, workdir),
-                 FRONT_DOOR_ROWS[1]: lambda seconds: run_wrk(f"{fleet.front_door.https_url}{path}", image,
-                                                             connections, seconds, workdir),
-                 FRONT_DOOR_ROWS[2]: lambda seconds: run_wrk_spread(direct, image, connections, seconds, workdir)}
-        try:
-            for load in loads.values():
-                load(FRONT_DOOR_WARM_UP_S)
-            runs = {row: [] for row in loads}
-            for round_index in range(FRONT_DOOR_ROUNDS):
-                for row in round_order(list(loads), round_index):
-                    runs[row].append(loads[row](duration_s))
-            return {row: merged(results) for row, results in runs.items()}
-        finally:
-            fleet_stage.stop(fleet)
-
-
 # The engines' rows (docs/engines.md): the same exported file on TorchServe (its archive, the shipped
 # model-config.yaml) and on the KServe engine (python -m serving.kserve), loaded in turn by the same wrk.
 ENGINE_ROWS = ("TorchServe (archive, serving/handler/model-config.yaml)", "KServe engine (python -m serving.kserve)")
@@ -283,13 +208,6 @@ def measure_kserve(serialized_file: str, connections: int = 16, duration_s: floa
             kserve_engine.stop(workdir / "kserve")
 
 
-def replica_headers(replica) -> dict[str, str]:
-    """Every fleet replica runs token auth (serving/fleet/topology.py): called directly, it
-    needs its inference key, which the front door otherwise adds."""
-    key = inference_key(replica.key_file)
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
 def format_results(settings: ServeSettings, results: list[LoadResult]) -> str:
     lines = [f"workers={settings.workers} threads/worker={settings.threads_per_worker} "
              f"batch={settings.batch_size} delay={settings.max_batch_delay_ms}ms",
@@ -313,17 +231,11 @@ def format_results(settings: ServeSettings, results: list[LoadResult]) -> str:
 @click.option("--duration", type=float, default=10.0, show_default=True, help="Seconds per client count.")
 @click.option("--data-dir", envvar="MNIST_DATA_DIR", default=None)
 @click.option("--json", "json_path", default=None, help="Also write the results here.")
-@click.option("--front-door", is_flag=True, help="Instead: a fleet's front door (HTTP, TLS) against its replicas "
-              "called directly, at the largest --connections count.")
-def main(connections, duration, data_dir, json_path, front_door, **settings) -> None:
+def main(connections, duration, data_dir, json_path, **settings) -> None:
     """Load-test TorchServe with the given batching and worker settings."""
     settings = ServeSettings(**settings)
     counts = [int(c) for c in connections.split(",")]
     try:
-        if front_door:
-            rows = measure_front_door(settings.serialized_file, max(counts), duration, data_dir)
-            click.echo(format_front_door(rows, max(counts), duration))
-            return
         results = measure(settings, counts, duration, data_dir)
     except SERVING_ERRORS as error:
         raise click.ClickException(str(error)) from None
@@ -331,13 +243,6 @@ def main(connections, duration, data_dir, json_path, front_door, **settings) -> 
     if json_path:
         Path(json_path).write_text(json.dumps({"settings": asdict(settings),
                                                "results": [asdict(r) for r in results]}, indent=1) + "\n")
-
-
-def format_front_door(rows: dict[str, LoadResult], connections: int, duration_s: float) -> str:
-    return (f"{connections} clients, {duration_s:g} s each\n" + "\n".join(
-        f"{row:<22} {r.requests_per_s:>8.0f} req/s  p50 {r.latency_ms.get('p50', 0):6.2f} ms  "
-        f"p99 {r.latency_ms.get('p99', 0):6.2f} ms  non-2xx {r.non_2xx}  socket errors {r.socket_errors}"
-        for row, r in rows.items()))
 
 
 if __name__ == "__main__":
