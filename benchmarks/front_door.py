@@ -4,18 +4,21 @@
 
 starts a fleet of two replicas (serving/fleet) on free loopback ports, warms each row up, then
 measures the three rows in turn for FRONT_DOOR_ROUNDS rounds and prints each row's requests/s,
-p50/p99 and the front door's cost per round and in all (paired_cost). `make bench` writes the same
-rows into benchmarks/RESULTS.md. wrk must be installed; requests only go to 127.0.0.1.
+p50/p99, the front door's cost per round and in all (paired_cost), and where the CPU went: each
+process kind's CPU time per request and the machine's idle share (CpuUse). `make bench` writes the
+same rows into benchmarks/RESULTS.md. wrk must be installed; requests only go to 127.0.0.1.
 """
 from __future__ import annotations
 
+import resource
 import shutil
 import statistics
 import tempfile
-from dataclasses import fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import click
+import psutil
 
 from serving.fleet import fleet as fleet_stage
 from serving.fleet.topology import Fleet, ReplicaPorts
@@ -60,9 +63,8 @@ def round_order(rows: list[str], round_index: int) -> list[str]:
 def merged(results: list[LoadResult]) -> LoadResult:
     """Runs of one row (the same load, in turn with the others) as one: requests and errors added,
     the rate their mean, each latency percentile their median."""
-    row = combined(results, results[0].connections, sum(r.duration_s for r in results),
-                   sum(r.requests_per_s for r in results) / len(results), percentile=statistics.median)
-    return replace(row, round_rates=tuple(r.requests_per_s for r in results))
+    return combined(results, results[0].connections, sum(r.duration_s for r in results),
+                    sum(r.requests_per_s for r in results) / len(results), percentile=statistics.median)
 
 
 def round_costs(rates: list[float], direct_rates: list[float]) -> list[float]:
@@ -83,9 +85,100 @@ def cost_text(rates: list[float], direct_rates: list[float]) -> str:
             + " ".join(f"{cost:.0%}" for cost in round_costs(rates, direct_rates)) + ")")
 
 
+# Where a row's CPU went: the fleet's processes by kind (supervisord's descendants), and wrk (this
+# process's waited-for children). Their CPU times are read around each run.
+PROCESS_KINDS = ("nginx", "TorchServe Java", "TorchServe workers", "wrk")
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """CPU seconds per process kind over some runs, and the machine's idle and total core-seconds."""
+    seconds: dict
+    idle_s: float
+    machine_s: float
+
+    def __sub__(self, earlier: CpuSample) -> CpuSample:
+        return CpuSample({kind: self.seconds[kind] - earlier.seconds[kind] for kind in PROCESS_KINDS},
+                         self.idle_s - earlier.idle_s, self.machine_s - earlier.machine_s)
+
+    def __add__(self, other: CpuSample) -> CpuSample:
+        return CpuSample({kind: self.seconds[kind] + other.seconds[kind] for kind in PROCESS_KINDS},
+                         self.idle_s + other.idle_s, self.machine_s + other.machine_s)
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """A row's CPU: milliseconds of CPU time per request for each process kind, and the share of
+    the machine's core time that stayed idle while it ran."""
+    ms_per_request: dict
+    idle_share: float
+
+
+def process_kind(process: psutil.Process) -> str | None:
+    name = process.name()
+    if name in ("nginx", "java"):
+        return PROCESS_KINDS[0] if name == "nginx" else PROCESS_KINDS[1]
+    return PROCESS_KINDS[2] if any("model_service_worker" in part for part in process.cmdline()) else None
+
+
+def fleet_processes(fleet: Fleet) -> dict[str, list[psutil.Process]]:
+    """The fleet's running processes of each kind whose CPU a row counts (wrk's is read apart)."""
+    found = {kind: [] for kind in PROCESS_KINDS[:3]}
+    for process in fleet_stage.supervisord_process(fleet).children(recursive=True):
+        try:
+            kind = process_kind(process)
+        except psutil.Error:   # gone since the listing
+            continue
+        if kind:
+            found[kind].append(process)
+    return found
+
+
+def cpu_sample(fleet: Fleet) -> CpuSample:
+    """The fleet's processes' CPU seconds so far, by kind; wrk's (waited-for children); the machine's."""
+    seconds = dict.fromkeys(PROCESS_KINDS, 0.0)
+    for kind, processes in fleet_processes(fleet).items():
+        for process in processes:
+            try:
+                times = process.cpu_times()
+            except psutil.Error:   # gone since the listing: its time is not counted
+                continue
+            seconds[kind] += times.user + times.system
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    seconds[PROCESS_KINDS[3]] = children.ru_utime + children.ru_stime
+    machine = psutil.cpu_times()
+    idle = machine.idle + getattr(machine, "iowait", 0.0)
+    return CpuSample(seconds, idle, sum(machine))
+
+
+def cpu_use(sample: CpuSample, requests: int) -> CpuUse:
+    return CpuUse({kind: 1000 * seconds / max(1, requests) for kind, seconds in sample.seconds.items()},
+                  sample.idle_s / sample.machine_s if sample.machine_s > 0 else 0.0)
+
+
+@dataclass(frozen=True)
+class FrontDoorRow:
+    """One row: its rounds merged (merged), each round's requests/s in order, and its CPU."""
+    load: LoadResult
+    round_rates: tuple
+    cpu: CpuUse
+
+    def as_json(self) -> dict:
+        """The row as results.json keeps it: the load's fields, with the rounds' rates and the CPU."""
+        return {**asdict(self.load), "round_rates": list(self.round_rates), "cpu": asdict(self.cpu)}
+
+
+def measured_row(runs: list[LoadResult], samples: list[CpuSample]) -> FrontDoorRow:
+    load = merged(runs)
+    total = samples[0]
+    for sample in samples[1:]:
+        total = total + sample
+    return FrontDoorRow(load, tuple(run.requests_per_s for run in runs), cpu_use(total, load.requests))
+
+
 def measure_front_door(serialized_file: str, connections: int = 16, duration_s: float = 5.0,
                        data_dir: str | None = None, replicas: int = 2,
-                       base_config: Path = REPO_ROOT / "config.properties") -> dict[str, LoadResult]:
+                       base_config: Path = REPO_ROOT / "config.properties") -> dict[str, FrontDoorRow]:
     """wrk at `connections` clients through a fleet's front door (HTTP, TLS) and straight to its
     replicas (the clients spread over them), one row each (FRONT_DOOR_ROWS): after a warm-up of
     each, the three measured in turn FRONT_DOOR_ROUNDS times (round_order), duration_s each time."""
@@ -107,16 +200,15 @@ def measure_front_door(serialized_file: str, connections: int = 16, duration_s: 
         try:
             for load in loads.values():
                 load(FRONT_DOOR_WARM_UP_S)
-            runs = {row: [] for row in loads}
+            runs, samples = {row: [] for row in loads}, {row: [] for row in loads}
             for round_index in range(FRONT_DOOR_ROUNDS):
                 for row in round_order(list(loads), round_index):
+                    before = cpu_sample(fleet)
                     runs[row].append(loads[row](duration_s))
-            return {row: merged(results) for row, results in runs.items()}
+                    samples[row].append(cpu_sample(fleet) - before)
+            return {row: measured_row(runs[row], samples[row]) for row in loads}
         finally:
             fleet_stage.stop(fleet)
-
-
-
 
 def replica_headers(replica) -> dict[str, str]:
     """Every fleet replica runs token auth (serving/fleet/topology.py): called directly, it
@@ -124,16 +216,22 @@ def replica_headers(replica) -> dict[str, str]:
     key = inference_key(replica.key_file)
     return {"Authorization": f"Bearer {key}"} if key else {}
 
+def cpu_text(cpu: dict) -> str:
+    """A row's CPU as one phrase (cpu: CpuUse as results.json keeps it)."""
+    return (", ".join(f"{kind} {ms:.2f}" for kind, ms in cpu["ms_per_request"].items())
+            + f" ms a request; machine idle {cpu['idle_share']:.1%}")
 
 
-
-def format_front_door(rows: dict[str, LoadResult], connections: int, duration_s: float) -> str:
+def format_front_door(rows: dict[str, FrontDoorRow], connections: int, duration_s: float) -> str:
     direct = rows[FRONT_DOOR_ROWS[2]].round_rates
-    return (f"{connections} clients, {duration_s:g} s each, {FRONT_DOOR_ROUNDS} rounds\n" + "\n".join(
-        f"{row:<22} {r.requests_per_s:>8.0f} req/s  p50 {r.latency_ms.get('p50', 0):6.2f} ms  "
-        f"p99 {r.latency_ms.get('p99', 0):6.2f} ms  non-2xx {r.non_2xx}  socket errors {r.socket_errors}"
-        + (f"  cost {cost_text(r.round_rates, direct)}" if row != FRONT_DOOR_ROWS[2] else "")
-        for row, r in rows.items()))
+    lines = [f"{connections} clients, {duration_s:g} s each, {FRONT_DOOR_ROUNDS} rounds"]
+    for name, row in rows.items():
+        r = row.load
+        lines.append(f"{name:<22} {r.requests_per_s:>8.0f} req/s  p50 {r.latency_ms.get('p50', 0):6.2f} ms  "
+                     f"p99 {r.latency_ms.get('p99', 0):6.2f} ms  non-2xx {r.non_2xx}  socket errors {r.socket_errors}"
+                     + (f"  cost {cost_text(row.round_rates, direct)}" if name != FRONT_DOOR_ROWS[2] else ""))
+        lines.append(f"{'':<22} CPU: {cpu_text(asdict(row.cpu))}")
+    return "\n".join(lines)
 
 
 @click.command()

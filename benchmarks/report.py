@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .front_door import FRONT_DOOR_ROWS, cost_text
+from .front_door import FRONT_DOOR_ROWS, cost_text, cpu_text
 from .serve_load import ENGINE_ROWS
 from .trust import readme_lines as trust_readme_lines
 from .workloads import (BATCH_SIZES, DEFAULT, FORWARD_MFLOP, MANY_CLIENTS, MNIST_TRAIN_IMAGES, OURS_TRAIN_IMAGES,
@@ -56,7 +56,16 @@ def front_door_cost(rows: dict) -> str:
            f"mean, p50/p99 their median. The front door's cost, {how}: " + "; ".join(
         f"{row.split(', ')[1]} {row_cost(rows[row], direct, paired)} of requests/s, "
         f"{rows[row]['latency_ms'].get('p99', 0) - direct['latency_ms'].get('p99', 0):+.1f} ms p99"
-        for row in FRONT_DOOR_ROWS[:2]) + "."
+        for row in FRONT_DOOR_ROWS[:2]) + "." + front_door_cpu(rows)
+
+
+def front_door_cpu(rows: dict) -> str:
+    """Where each row's CPU went (rows of an older make bench have no CPU: nothing said)."""
+    if not all("cpu" in rows[row] for row in FRONT_DOOR_ROWS):
+        return ""
+    return (" CPU time per request by process (from each process's CPU time around the runs) and the share of "
+            "the machine's core time left idle: " + "; ".join(f"{row}: {cpu_text(rows[row]['cpu'])}"
+                                                               for row in FRONT_DOOR_ROWS) + ".")
 
 
 def row_cost(row: dict, direct: dict, paired: bool) -> str:

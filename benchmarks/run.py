@@ -166,7 +166,7 @@ def front_door(artifacts: Path, data_dir: str, serve_seconds: float) -> dict:
     """`make fleet`'s front door (nginx, HTTP and TLS) against one of its replicas called directly."""
     runs = measure_front_door(str(artifacts / TORCHSCRIPT_NAME), MANY_CLIENTS, min(serve_seconds, FRONT_DOOR_SECONDS),
                               data_dir)
-    return {row: run.__dict__ for row, run in runs.items()}
+    return {name: row.as_json() for name, row in runs.items()}
 
 
 def engines(artifacts: Path, data_dir: str, serve_seconds: float) -> dict:

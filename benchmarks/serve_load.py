@@ -79,7 +79,6 @@ class LoadResult:
     latency_ms: dict
     non_2xx: int
     socket_errors: int
-    round_rates: tuple = ()   # a merged row's requests/s in each of its rounds, in order (merged)
 
 
 def model_config_for(settings: ServeSettings, path: Path) -> Path:

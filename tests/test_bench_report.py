@@ -50,7 +50,6 @@ def test_a_front_door_row_reports_its_rounds_median_latency_not_one_pause():
     row = front_door.merged(rounds)
     assert row.latency_ms == {"p50": 14.5, "p99": 30.5}
     assert (row.requests, row.requests_per_s, row.duration_s) == (21900, 1095.0, 20.0)
-    assert row.round_rates == (1000.0, 1200.0, 1100.0, 1080.0)
 
 
 def test_the_front_doors_cost_pairs_each_round_so_one_stalled_run_moves_one_round_not_the_figure():
@@ -72,3 +71,25 @@ def test_the_front_doors_cost_pairs_each_round_so_one_stalled_run_moves_one_roun
     assert "HTTP 14% of requests/s" in report.front_door_cost(older)
     with pytest.raises(ValueError):
         front_door.paired_cost(http, direct[:4])
+
+
+def test_a_front_door_row_charges_its_cpu_per_request_and_keeps_the_machines_idle_share():
+    """Where the proxy's cost goes (issue 27: find it by measurement): each row's CPU time per
+    request by process kind and the share of the machine's core time left idle, summed over its
+    rounds, written into results.json and RESULTS.md beside the cost."""
+    kinds = front_door.PROCESS_KINDS
+    runs = [serve_load.LoadResult(16, 5.0, 5000, 1000.0, {"p50": 12.0, "p99": 25.0}, 0, 0),
+            serve_load.LoadResult(16, 5.0, 7000, 1400.0, {"p50": 11.0, "p99": 24.0}, 0, 0)]
+    samples = [front_door.CpuSample(dict(zip(kinds, (0.4, 1.0, 5.0, 0.1))), idle_s=0.5, machine_s=10.0),
+               front_door.CpuSample(dict(zip(kinds, (0.56, 1.4, 7.0, 0.1))), idle_s=0.7, machine_s=10.0)]
+    row = front_door.measured_row(runs, samples)
+    assert row.round_rates == (1000.0, 1400.0)
+    assert {kind: round(ms, 3) for kind, ms in row.cpu.ms_per_request.items()} == \
+        {"nginx": 0.08, "TorchServe Java": 0.2, "TorchServe workers": 1.0, "wrk": 0.017}
+    assert round(row.cpu.idle_share, 3) == 0.06
+    saved = row.as_json()
+    assert saved["requests"] == 12000 and saved["round_rates"] == [1000.0, 1400.0]
+    rows = {name: saved for name in front_door.FRONT_DOOR_ROWS}
+    text = report.front_door_cost(rows)
+    assert "front door, HTTP: nginx 0.08, TorchServe Java 0.20, TorchServe workers 1.00, wrk 0.02 ms a request; " \
+           "machine idle 6.0%" in text, text

@@ -40,6 +40,7 @@ from imaging import encode
 from fleet_helpers import PacedLoad, plan_on_free_ports, predictions, wait_for
 from http_client import request
 from repo import REPO_ROOT, subprocess_env
+from benchmarks import front_door as front_door_bench
 from serving.fleet import fleet as fleet_module
 from serving.fleet import frontdoor, rotation
 from serving.server import keys, server
@@ -356,6 +357,19 @@ def test_the_front_door_runs_one_nginx_worker_per_sixteen_cores_ahead_of_the_rep
     assert len(workers) == nginx_workers() == max(1, len(os.sched_getaffinity(0)) // 16)
     if os.geteuid() == 0:   # CI runs as root; lowering a priority needs it
         assert {worker.nice() for worker in workers} == {NGINX_PRIORITY}
+
+
+def test_the_front_door_bench_counts_the_cpu_of_every_process_of_the_fleet(fleet):
+    """benchmarks/front_door.py charges each row's CPU to nginx, TorchServe's Java and its workers
+    by walking the fleet's process tree: a kind it missed would read 0 ms a request, and the
+    breakdown in benchmarks/RESULTS.md would put the front door's cost in the wrong place."""
+    found = front_door_bench.fleet_processes(fleet)
+    assert len(found["nginx"]) == 1 + nginx_workers()   # the master and its workers
+    assert len(found["TorchServe Java"]) == len(fleet.replicas)
+    assert len(found["TorchServe workers"]) == len(fleet.replicas) * fleet.workers_per_replica
+    sample = front_door_bench.cpu_sample(fleet)
+    assert all(sample.seconds[kind] > 0 for kind in ("TorchServe Java", "TorchServe workers")), sample
+    assert 0 < sample.idle_s < sample.machine_s
 
 
 def test_the_access_log_is_not_world_readable(fleet):
