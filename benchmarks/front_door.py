@@ -10,6 +10,8 @@ same rows into benchmarks/RESULTS.md. wrk must be installed; requests only go to
 """
 from __future__ import annotations
 
+import functools
+import operator
 import resource
 import shutil
 import statistics
@@ -114,10 +116,12 @@ class CpuUse:
     idle_share: float
 
 
+KIND_BY_NAME = {"nginx": PROCESS_KINDS[0], "java": PROCESS_KINDS[1]}
+
+
 def process_kind(process: psutil.Process) -> str | None:
-    name = process.name()
-    if name in ("nginx", "java"):
-        return PROCESS_KINDS[0] if name == "nginx" else PROCESS_KINDS[1]
+    if process.name() in KIND_BY_NAME:
+        return KIND_BY_NAME[process.name()]
     return PROCESS_KINDS[2] if any("model_service_worker" in part for part in process.cmdline()) else None
 
 
@@ -170,10 +174,8 @@ class FrontDoorRow:
 
 def measured_row(runs: list[LoadResult], samples: list[CpuSample]) -> FrontDoorRow:
     load = merged(runs)
-    total = samples[0]
-    for sample in samples[1:]:
-        total = total + sample
-    return FrontDoorRow(load, tuple(run.requests_per_s for run in runs), cpu_use(total, load.requests))
+    return FrontDoorRow(load, tuple(run.requests_per_s for run in runs),
+                        cpu_use(functools.reduce(operator.add, samples), load.requests))
 
 
 def measure_front_door(serialized_file: str, connections: int = 16, duration_s: float = 5.0,
