@@ -163,7 +163,7 @@ FRONT_DOOR_SECONDS = 5.0   # per row: a few seconds each, the three rows in one 
 
 
 def front_door(artifacts: Path, data_dir: str, serve_seconds: float) -> dict:
-    """`make fleet`'s front door (nginx, HTTP and TLS) against one of its replicas called directly."""
+    """`make fleet`'s front door (nginx, HTTP and TLS) against the same replicas called directly."""
     runs = measure_front_door(str(artifacts / TORCHSCRIPT_NAME), MANY_CLIENTS, min(serve_seconds, FRONT_DOOR_SECONDS),
                               data_dir)
     return {name: row.as_json() for name, row in runs.items()}
