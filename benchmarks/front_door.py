@@ -99,13 +99,16 @@ class CpuSample:
     idle_s: float
     machine_s: float
 
+    def joined(self, other: CpuSample, op) -> CpuSample:
+        """op (operator.add or operator.sub) applied to each figure of the two samples."""
+        return CpuSample({kind: op(self.seconds[kind], other.seconds[kind]) for kind in PROCESS_KINDS},
+                         op(self.idle_s, other.idle_s), op(self.machine_s, other.machine_s))
+
     def __sub__(self, earlier: CpuSample) -> CpuSample:
-        return CpuSample({kind: self.seconds[kind] - earlier.seconds[kind] for kind in PROCESS_KINDS},
-                         self.idle_s - earlier.idle_s, self.machine_s - earlier.machine_s)
+        return self.joined(earlier, operator.sub)
 
     def __add__(self, other: CpuSample) -> CpuSample:
-        return CpuSample({kind: self.seconds[kind] + other.seconds[kind] for kind in PROCESS_KINDS},
-                         self.idle_s + other.idle_s, self.machine_s + other.machine_s)
+        return self.joined(other, operator.add)
 
 
 @dataclass(frozen=True)
@@ -212,11 +215,13 @@ def measure_front_door(serialized_file: str, connections: int = 16, duration_s: 
         finally:
             fleet_stage.stop(fleet)
 
+
 def replica_headers(replica) -> dict[str, str]:
     """Every fleet replica runs token auth (serving/fleet/topology.py): called directly, it
     needs its inference key, which the front door otherwise adds."""
     key = inference_key(replica.key_file)
     return {"Authorization": f"Bearer {key}"} if key else {}
+
 
 def cpu_text(cpu: dict) -> str:
     """A row's CPU as one phrase (cpu: CpuUse as results.json keeps it)."""
