@@ -341,12 +341,12 @@ def test_the_key_owner_record_is_private(tmp_path):
     assert ((tmp_path / keys.KEY_OWNER).stat().st_mode & 0o777) == 0o600
 
 
-@server_test
 def nginx_workers_running(fleet) -> list[psutil.Process]:
     """The front door's nginx workers: the children of the master its pid file names."""
     return psutil.Process(int((fleet.nginx_dir / "nginx.pid").read_text())).children()
 
 
+@server_test
 def test_the_front_door_runs_one_nginx_worker_per_sixteen_cores_ahead_of_the_replicas(fleet):
     """Issue 27, the front door's cost: nginx's `auto` ran one worker per core, each splitting the
     clients and waking apart from the other, on the cores the replicas' workers use: the replicas'
@@ -359,6 +359,7 @@ def test_the_front_door_runs_one_nginx_worker_per_sixteen_cores_ahead_of_the_rep
         assert {worker.nice() for worker in workers} == {NGINX_PRIORITY}
 
 
+@server_test
 def test_the_front_door_bench_counts_the_cpu_of_every_process_of_the_fleet(fleet):
     """benchmarks/front_door.py charges each row's CPU to nginx, TorchServe's Java and its workers
     by walking the fleet's process tree: a kind it missed would read 0 ms a request, and the
@@ -372,6 +373,7 @@ def test_the_front_door_bench_counts_the_cpu_of_every_process_of_the_fleet(fleet
     assert 0 < sample.idle_s < sample.machine_s
 
 
+@server_test
 def test_the_access_log_is_not_world_readable(fleet):
     """Issue 27 point 12: nginx's access log (client addresses and paths) is 0640, not 0644."""
     assert ((fleet.nginx_dir / frontdoor.ACCESS_LOG).stat().st_mode & 0o777) == frontdoor.ACCESS_LOG_MODE == 0o640
