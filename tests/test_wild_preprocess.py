@@ -152,7 +152,10 @@ def test_a_28x28_sent_off_centre_is_moved_back_whole(mnist_digits):
 # digits have too little contrast left and are refused before the model, both ways), translate 98%
 # vs 43%. Since training shifts a quarter of each batch and rotates in its warp (2026-12-04), the
 # model reads more of them even the old way: brightness 88% vs 42%, translate 67% the old way.
-MOVED_OR_GREYED = [("brightness", 5, 0.85, 0.55), ("fog", 5, 0.5, 0.2), ("translate", 3, 0.85, 0.8)]
+# Since the ink's side decides the polarity (ink_is_darker, 2026-12-05): brightness 98% vs 22%,
+# fog 98% vs 12% (a fogged black background lies over 0.5 in about half the digits: taken for
+# paper, the digit was lost), translate 98% vs 57%.
+MOVED_OR_GREYED = [("brightness", 5, 0.85, 0.55), ("fog", 5, 0.85, 0.2), ("translate", 3, 0.85, 0.8)]
 
 
 @pytest.mark.parametrize("name, severity, after, before", MOVED_OR_GREYED)
@@ -168,24 +171,82 @@ def test_a_brightened_fogged_or_moved_28x28_is_read_right_and_accepted(trained_c
     model, saved = load_model(trained_checkpoint)
     trust = Trust.from_metadata(saved)
     sent = mnist_c(name, mnist_digits.images[DIGITS], severity)
-
-    def answers() -> tuple[float, float]:
-        """(read right, read right and accepted); a refusal before the model (no_digit) is neither."""
-        inputs = {}
-        for index, data in enumerate(sent):
-            try:
-                inputs[index] = preprocess_bytes(data, MEAN, STD)
-            except ImageError:
-                pass
-        with torch.no_grad():
-            logits = model(torch.from_numpy(np.stack(list(inputs.values())))).float().numpy()
-        right = logits.argmax(axis=1) == mnist_digits.labels[DIGITS][list(inputs)]
-        return float(right.sum()) / len(sent), float((right & trust.is_digit(logits)).sum()) / len(sent)
-
-    right, accepted_right = answers()
+    labels = mnist_digits.labels[DIGITS]
+    right, accepted_right = read_right_and_accepted(model, trust, sent, labels)
     assert accepted_right >= after, (right, accepted_right)
-    monkeypatch.setattr(preprocess, "MNIST_FORM_BORDER", 0.5)          # the rule before
+    monkeypatch.setattr(preprocess, "MNIST_FORM_BORDER", 0.5)          # the rules before
     monkeypatch.setattr(preprocess, "recentred", lambda gray: preprocess.Framed(gray.astype(np.float32),
                                                                               preprocess.UNIT_FRAME))
-    before_right, before_accepted_right = answers()
+    monkeypatch.setattr(preprocess, "ink_is_darker", lambda gray: preprocess.border_level(gray) > 0.5)
+    before_right, before_accepted_right = read_right_and_accepted(model, trust, sent, labels)
+    assert before_accepted_right < before, (before_right, before_accepted_right)
+
+
+def read_right_and_accepted(model, trust: Trust, sent: list[bytes], labels: np.ndarray) -> tuple[float, float]:
+    """(read right, read right and accepted) as shares of all sent; a refusal before the model
+    (no_digit) is neither."""
+    inputs = {}
+    for index, data in enumerate(sent):
+        try:
+            inputs[index] = preprocess_bytes(data, MEAN, STD)
+        except ImageError:
+            pass
+    if not inputs:
+        return 0.0, 0.0
+    with torch.no_grad():
+        logits = model(torch.from_numpy(np.stack(list(inputs.values())))).float().numpy()
+    right = logits.argmax(axis=1) == labels[list(inputs)]
+    return float(right.sum()) / len(sent), float((right & trust.is_digit(logits)).sum()) / len(sent)
+
+
+def test_a_background_in_two_tones_is_taken_from_the_border():
+    """Bands across the image (MNIST-C's stripe) under a linear light: the border's Coons patch
+    is the background exactly; grain, noise and one tone are not two tones."""
+    from serving.handler.photo import border_background, two_tone_border
+
+    bands = np.zeros((28, 40), dtype=np.float32)
+    bands[:, :9] = bands[:, 30:] = 0.9
+    lit = bands + np.linspace(0.0, 0.08, 28, dtype=np.float32)[:, None]
+    assert two_tone_border(lit)
+    assert np.allclose(border_background(lit), lit, atol=1e-5)
+    rng = np.random.default_rng(0)
+    assert not two_tone_border((rng.random((28, 28)) > 0.5).astype(np.float32))   # noise: many changes
+    assert not two_tone_border(np.full((28, 28), 0.9, dtype=np.float32))          # plain paper
+    assert not two_tone_border(np.zeros((28, 28), dtype=np.float32))               # MNIST's black
+
+
+def grey_paper_in_dim_light(images: np.ndarray) -> list[bytes]:
+    """Grey ink on grey paper darker than mid-grey (a photo in dim light), JPEG."""
+    from dataclasses import replace
+
+    from training.captures import EVAL
+
+    return captured("grey_on_grey", images, params=replace(EVAL, grey_paper=(0.42, 0.48)))
+
+
+# (what is sent, read right and accepted: at least after, under before). Measured on the test
+# recipe's model (2026-12-05): stripe 98% vs 0%, grey paper under mid-grey 98% vs 7% (read right
+# before: 15%; the paper was taken for a black background, the ink for holes in it).
+TWO_TONES_OR_DIM = [("stripe", lambda images: mnist_c("stripe", images, 1), 0.85, 0.2),
+                    ("grey paper in dim light", grey_paper_in_dim_light, 0.85, 0.2)]
+
+
+@pytest.mark.parametrize("name, send, after, before", TWO_TONES_OR_DIM, ids=[case[0] for case in TWO_TONES_OR_DIM])
+def test_a_striped_background_or_dim_grey_paper_is_read_right_and_accepted(trained_checkpoint, mnist_digits,
+                                                                          monkeypatch, name, send, after, before):
+    """A background in two tones is read against the border's tones, and the ink's side (darker
+    or lighter) is the one the image reaches further on, so grey paper under 0.5 is not taken for
+    a black background. The rules before (one border level; paper is light when over 0.5) read
+    neither."""
+    from export.artifacts import load_model
+    from serving.handler import preprocess
+
+    model, saved = load_model(trained_checkpoint)
+    trust = Trust.from_metadata(saved)
+    sent, labels = send(mnist_digits.images[DIGITS]), mnist_digits.labels[DIGITS]
+    right, accepted_right = read_right_and_accepted(model, trust, sent, labels)
+    assert accepted_right >= after, (right, accepted_right)
+    monkeypatch.setattr(preprocess, "two_tone_border", lambda gray: False)            # the rules before
+    monkeypatch.setattr(preprocess, "ink_is_darker", lambda gray: preprocess.border_level(gray) > 0.5)
+    before_right, before_accepted_right = read_right_and_accepted(model, trust, sent, labels)
     assert before_accepted_right < before, (before_right, before_accepted_right)

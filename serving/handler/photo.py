@@ -7,6 +7,12 @@ come in MNIST's own form (issue 26, point 1).
   than a blurred copy divided out (docs/preprocessing.md).
 - JPEG noise and paper texture stay paper: a noise floor measured on the image itself (median +
   a few robust deviations of the ink map, which is mostly paper) is subtracted before stretching.
+- A background in two flat tones (MNIST-C's stripe, a shadow's edge across the paper: the border
+  shows both tones, in a few runs) is interpolated from the border into the middle (a Coons
+  patch), and ink is what differs from it, darker or lighter.
+- Dark ink or light: the ink lies on the side (darker or lighter) the image reaches clearly
+  further on from its border level; only when neither side does, the border's own tone decides
+  (grey paper in dim light lies under mid-grey, a fogged black background over it).
 - A digit the sender enlarged by pixel replication (a 10 px digit sent as 50 px of blocks) is
   taken back to its native pixels, so it is resampled smoothly like any small digit.
 
@@ -38,6 +44,15 @@ MAX_BLOCK = 12
 # A patch of ink apart from the rest (empty rows or columns between) holding under this share of
 # all the ink is a speck of grain or dirt, not part of the digit: the crop leaves it out.
 SPECK_SHARE = 0.02
+# A border in two tones: at least TWO_TONE_SHARE of it at or under TWO_TONE_DARK and as much at
+# or over TWO_TONE_LIGHT, TWO_TONE_FLAT of it at one of the two, changing tone at most
+# MAX_TONE_CHANGES times around the frame (bands, not grain or noise).
+TWO_TONE_DARK, TWO_TONE_LIGHT = 0.25, 0.75
+TWO_TONE_SHARE = 0.15
+TWO_TONE_FLAT = 0.9
+MAX_TONE_CHANGES = 8
+EXTREME_PERCENTILE = 0.5  # the image's darkest and lightest, one hot JPEG pixel aside
+TONE_MARGIN = 2.0         # how much further the ink's side must reach to overrule the border's tone
 MIN_STEPS = 8              # rows and columns where a blocky image steps, together, before it is called blocky
 
 
@@ -107,6 +122,68 @@ def ink_map(gray: np.ndarray, light_paper: bool) -> np.ndarray:
         return np.clip(1.0 - gray / np.maximum(paper_level(gray), 1e-3), -1.0, 1.0)
     inverted = 1.0 - gray
     return np.clip(paper_level(inverted) - inverted, -1.0, 1.0)
+
+
+def border_level(gray: np.ndarray) -> float:
+    """Median of the outermost pixels: the background, for any digit that leaves a margin."""
+    frame = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    return float(np.median(frame))
+
+
+def ink_is_darker(gray: np.ndarray) -> bool:
+    """Whether the ink is darker than the background (dark on light paper) rather than lighter.
+    When the image reaches TONE_MARGIN times further from its border level on one side than on
+    the other, that side is the ink's (grey paper in dim light lies under mid-grey, a fogged
+    black background over it); else the border's own tone decides."""
+    level = border_level(gray)
+    darkest, lightest = np.percentile(gray, [EXTREME_PERCENTILE, 100 - EXTREME_PERCENTILE])
+    darker, lighter = level - float(darkest), float(lightest) - level
+    if darker > TONE_MARGIN * lighter or lighter > TONE_MARGIN * darker:
+        return darker > lighter
+    return level > 0.5
+
+
+def frame_ring(gray: np.ndarray) -> np.ndarray:
+    """The outermost pixels once around the image: top row, right column, bottom row and left
+    column, each corner once."""
+    return np.concatenate([gray[0, :-1], gray[:-1, -1], gray[-1, :0:-1], gray[:0:-1, 0]])
+
+
+def two_tone_border(gray: np.ndarray) -> bool:
+    """Whether the background comes in two flat tones: see TWO_TONE_SHARE."""
+    if min(gray.shape) < 3:            # no middle to interpolate into
+        return False
+    ring = frame_ring(gray)
+    dark, light = ring <= TWO_TONE_DARK, ring >= TWO_TONE_LIGHT
+    tone_changes = int(np.count_nonzero(np.diff(np.append(ring, ring[0]) >= 0.5)))
+    return (dark.mean() >= TWO_TONE_SHARE and light.mean() >= TWO_TONE_SHARE
+            and (dark | light).mean() >= TWO_TONE_FLAT and tone_changes <= MAX_TONE_CHANGES)
+
+
+def median3(values: np.ndarray) -> np.ndarray:
+    """Running median of three, ends repeated: one odd pixel on the border is not a band."""
+    padded = np.concatenate([values[:1], values, values[-1:]])
+    return np.median(np.stack([padded[:-2], padded[1:-1], padded[2:]]), axis=0)
+
+
+def border_background(gray: np.ndarray) -> np.ndarray:
+    """The background inside, interpolated from the four sides (a Coons patch: each side's
+    profile carried across, the corners' bilinear blend taken once). A background in bands
+    that cross the image, or a linear light, is reproduced exactly."""
+    height, width = gray.shape
+    top, bottom, left, right = (median3(side) for side in (gray[0], gray[-1], gray[:, 0], gray[:, -1]))
+    v = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None]
+    u = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :]
+    corners = ((1 - u) * (1 - v) * top[0] + u * (1 - v) * top[-1]
+               + (1 - u) * v * bottom[0] + u * v * bottom[-1])
+    return ((1 - v) * top[None, :] + v * bottom[None, :]
+            + (1 - u) * left[:, None] + u * right[:, None] - corners)
+
+
+def banded_ink(gray: np.ndarray) -> np.ndarray:
+    """The ink map on a two-tone background: how far each pixel lies from the background, dark
+    ink on the light tone and light ink on the dark one alike."""
+    return np.abs(gray - border_background(gray)).astype(np.float32)
 
 
 def noise_floor(ink: np.ndarray) -> float:

@@ -26,9 +26,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 if __package__:  # imported from the source tree
-    from .photo import Blocks, find_blocks, ink_map, ink_span, ink_peak, noise_floor, unblock
+    from .photo import (Blocks, banded_ink, border_level, find_blocks, ink_is_darker, ink_map, ink_span, ink_peak,
+                        noise_floor, two_tone_border, unblock)
 else:            # inside the model archive, beside the handler
-    from photo import Blocks, find_blocks, ink_map, ink_span, ink_peak, noise_floor, unblock
+    from photo import (Blocks, banded_ink, border_level, find_blocks, ink_is_darker, ink_map, ink_span, ink_peak,
+                       noise_floor, two_tone_border, unblock)
 
 MNIST_SIZE = 28
 DIGIT_BOX = 20             # MNIST scaled each digit to fit 20x20 ...
@@ -187,16 +189,14 @@ def to_grayscale(image: Image.Image) -> np.ndarray:
     return luma * alpha + background * (1.0 - alpha)
 
 
-def border_level(gray: np.ndarray) -> float:
-    """Median of the outermost pixels: the background, for any digit that leaves a margin."""
-    frame = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    return float(np.median(frame))
-
-
 def to_white_on_black(gray: np.ndarray) -> np.ndarray:
-    """The ink map (photo.py: light divided out, light or dark paper), less the paper's noise
-    floor, stretched so that paper is 0 and ink 1."""
-    ink = ink_map(gray, light_paper=border_level(gray) > 0.5)
+    """The ink map (photo.py: light divided out, light or dark paper; on a background in two
+    tones, the distance from it), less the paper's noise floor, stretched so that paper is 0 and
+    ink 1."""
+    if two_tone_border(gray):
+        ink = banded_ink(gray)
+    else:
+        ink = ink_map(gray, light_paper=ink_is_darker(gray))
     floor = noise_floor(ink)
     peak = ink_peak(ink, floor)
     if peak - floor < MIN_INK_CONTRAST:
