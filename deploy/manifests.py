@@ -117,7 +117,7 @@ def nginx_config(fleet: Fleet) -> str:
         "CLIENT_KEYS": include_line(API_KEYS_DIR / API_KEYS_FILE) + f"   # the {API_KEYS_SECRET} Secret",
         # The pods' key hops refuse a request without the secret: the Secret both pods mount, included.
         "HOP_SECRET": hop_secret_lines(HOP_SECRET_DIR / HOP_SECRET_FILE),
-        "USER": "# (runs as the image's model-server user: no `user` directive)",
+        "WORKER_PROCESSES_AS": "# (runs as the image's model-server user: no `user` directive)",
         "WEB_DIR": APP_DIR / "serving" / "web",
         # The pod's log is its stdout (kubelet rotates it); a file would grow in an emptyDir until eviction.
         "ACCESS_LOG": "/dev/stdout",

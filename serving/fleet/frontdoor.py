@@ -202,7 +202,7 @@ def path_pattern(paths: tuple[str, ...]) -> str:
     return "^(" + "|".join(re.escape(path) for path in paths) + ")$"
 
 
-def worker_user() -> str:
+def workers_as() -> str:
     """As root: the workers as nobody (nginx's own default, named), at NGINX_PRIORITY (root alone may)."""
     return (f"user nobody nogroup;\nworker_priority {NGINX_PRIORITY};   # topology.py NGINX_PRIORITY"
             if os.geteuid() == 0 else "# (not root: the workers run as this user, at the default priority)")
@@ -216,7 +216,7 @@ def render(fleet: Fleet, state: RotationState, overrides: dict[str, object] | No
     client_keys = read_client_keys(door.api_keys_file) if door.api_keys_file else []
     timeout_s = fleet.config.response_timeout_s
     values = {
-        "READ_TIMEOUT_S": timeout_s + READ_TIMEOUT_MARGIN_S, "USER": worker_user(), "NGINX_DIR": fleet.nginx_dir,
+        "READ_TIMEOUT_S": timeout_s + READ_TIMEOUT_MARGIN_S, "WORKER_PROCESSES_AS": workers_as(), "NGINX_DIR": fleet.nginx_dir,
         "ACCESS_LOG": fleet.nginx_dir / ACCESS_LOG, "MAX_BODY_BYTES": fleet.config.max_body_bytes,
         "RATE_LIMIT": door.rate_limit_per_s, "MODEL": MODEL_NAME,
         "REAL_IP": real_ip_lines(door.trusted_proxies), "PLAIN_HTTP": PLAIN_HTTP_SERVED,
