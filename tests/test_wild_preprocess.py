@@ -177,9 +177,16 @@ def test_a_brightened_fogged_or_moved_28x28_is_read_right_and_accepted(trained_c
     monkeypatch.setattr(preprocess, "MNIST_FORM_BORDER", 0.5)          # the rules before
     monkeypatch.setattr(preprocess, "recentred", lambda gray: preprocess.Framed(gray.astype(np.float32),
                                                                               preprocess.UNIT_FRAME))
-    monkeypatch.setattr(preprocess, "ink_is_darker", lambda gray: preprocess.border_level(gray) > 0.5)
+    monkeypatch.setattr(preprocess, "ink_is_darker", border_tone_is_light)
     before_right, before_accepted_right = read_right_and_accepted(model, trust, sent, labels)
     assert before_accepted_right < before, (before_right, before_accepted_right)
+
+
+def border_tone_is_light(gray: np.ndarray) -> bool:
+    """The polarity rule before ink_is_darker: paper is light when the border is over 0.5."""
+    from serving.handler.photo import border_level
+
+    return border_level(gray) > 0.5
 
 
 def read_right_and_accepted(model, trust: Trust, sent: list[bytes], labels: np.ndarray) -> tuple[float, float]:
@@ -247,6 +254,6 @@ def test_a_striped_background_or_dim_grey_paper_is_read_right_and_accepted(train
     right, accepted_right = read_right_and_accepted(model, trust, sent, labels)
     assert accepted_right >= after, (right, accepted_right)
     monkeypatch.setattr(preprocess, "two_tone_border", lambda gray: False)            # the rules before
-    monkeypatch.setattr(preprocess, "ink_is_darker", lambda gray: preprocess.border_level(gray) > 0.5)
+    monkeypatch.setattr(preprocess, "ink_is_darker", border_tone_is_light)
     before_right, before_accepted_right = read_right_and_accepted(model, trust, sent, labels)
     assert before_accepted_right < before, (before_right, before_accepted_right)
